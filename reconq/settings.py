@@ -1,0 +1,77 @@
+"""The one settings class, read from ``RECONQ_*`` environment variables.
+
+Entry points build a :class:`Settings` with :func:`load_settings` and pass it down; nothing in ReconQ
+builds one at import time. A ``RECONQ_`` variable that names no setting is an error, so a mistyped
+setting is never silently dropped.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "RECONQ_"
+
+
+class SettingsError(ValueError):
+    """A setting is unknown or has a value that cannot be used."""
+
+
+class Settings(BaseSettings):
+    """Every tunable of ReconQ. Environment variables are ``RECONQ_<NAME>`` (upper case)."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True)
+
+    data_dir: Path = Field(Path("reconq-data"), description="Root of scans, results and the private Redis")
+    redis_url: str | None = Field(
+        None, description="Redis to use; when unset, `reconq up`/`demo` start a private redis-server"
+    )
+    redis_server_bin: str = Field("redis-server", description="redis-server binary for the private Redis")
+
+    mrd_host: str = Field("127.0.0.1", description="Address the MRD gateway listens on")
+    mrd_port: int = Field(9002, ge=0, le=65535, description="MRD gateway TCP port (0: any free port)")
+    http_host: str = Field("127.0.0.1", description="Address of the HTTP API")
+    http_port: int = Field(9080, ge=0, le=65535, description="HTTP API port")
+
+    default_pipeline: str = Field("cartesian", description="Pipeline for sessions that name no config")
+    retrieve_configs: list[str] = Field(
+        default_factory=lambda: ["retrieve", "reconq_retrieve"],
+        description="Config names that make a session a retrieval scan",
+    )
+    retrieve_wait_s: float = Field(600.0, ge=0, description="How long a retrieval scan waits for a job")
+    retrieve_poll_s: float = Field(2.0, gt=0, description="Progress TEXT interval while a retrieval waits")
+
+    write_batch_bytes: int = Field(8 << 20, ge=1 << 16, description="Raw-file writer batch size")
+    max_header_bytes: int = Field(16 << 20, ge=1024, description="Largest HEADER/CONFIG_TEXT accepted")
+    max_text_bytes: int = Field(1 << 20, ge=1024, description="Largest TEXT accepted")
+    max_acquisition_bytes: int = Field(64 << 20, ge=1024, description="Largest single readout accepted")
+    max_connections: int = Field(64, ge=1, description="Concurrent MRD sessions")
+    idle_timeout_s: float = Field(300.0, gt=0, description="A silent client is dropped after this")
+    min_free_bytes: int = Field(1 << 30, ge=0, description="Refuse new scans below this free space")
+
+    queue: str = Field("routine", description="Queue for scans from the scanner")
+    visibility_timeout_s: int = Field(
+        6 * 3600, ge=60, description="Redis broker visibility timeout; above the longest recon"
+    )
+    worker_concurrency: int = Field(1, ge=1, description="Worker processes started by `reconq worker`")
+    job_time_limit_s: int = Field(4 * 3600, ge=1, description="Hard time limit of one recon task")
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Build the settings from the environment and explicit overrides (which win).
+
+    Raises :class:`SettingsError` naming every ``RECONQ_`` variable that is not a setting.
+    """
+    known = {name.upper() for name in Settings.model_fields}
+    unknown = sorted(
+        key for key in os.environ if key.startswith(ENV_PREFIX) and key[len(ENV_PREFIX) :] not in known
+    )
+    if unknown:
+        raise SettingsError(
+            f"unknown setting(s) {', '.join(unknown)}; known settings are "
+            + ", ".join(ENV_PREFIX + k for k in sorted(known))
+        )
+    return Settings(**overrides)  # type: ignore[arg-type]
