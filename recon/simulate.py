@@ -11,8 +11,10 @@ References:
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import ismrmrd
 import ismrmrd.xsd as xsd
@@ -135,9 +137,12 @@ def _plan(ny, nx, nz, nslices, os_, fov_mm, slice_gap, dirs, rotation, position)
 def _object(plan: _Plan, ncoil: int) -> tuple[np.ndarray, np.ndarray]:
     """Truth ``(nslices or nz, ny, nx)`` float32 and coil maps complex64."""
     is3d = plan.nz > 1
-    n = plan.nz if is3d else plan.nslices
-    shape = (n, plan.ny, plan.nx) if n > 1 else (plan.ny, plan.nx)
-    truth = np.abs(sp.shepp_logan(shape)).astype(np.float32).reshape(n, plan.ny, plan.nx)
+    if is3d or plan.nslices == 1:
+        shape = (plan.nz, plan.ny, plan.nx) if is3d else (plan.ny, plan.nx)
+        truth = np.abs(sp.shepp_logan(shape)).reshape(-1, plan.ny, plan.nx)
+    else:  # slices strictly inside the 3D phantom (its end planes are empty)
+        truth = np.abs(sp.shepp_logan((plan.nslices + 2, plan.ny, plan.nx)))[1:-1]
+    truth = truth.astype(np.float32)
     mshape = (ncoil, plan.nz, plan.ny, plan.nx) if is3d else (ncoil, plan.ny, plan.nx)
     mps = sigpy.mri.birdcage_maps(mshape).astype(np.complex64)
     return truth, mps
@@ -254,3 +259,13 @@ def _slice_acquisitions(ksp, plan, s, noise, rng) -> list[ismrmrd.Acquisition]:
     acqs[0].set_flag(ismrmrd.ACQ_FIRST_IN_SLICE)
     acqs[-1].set_flag(ismrmrd.ACQ_LAST_IN_SLICE)
     return acqs
+
+
+def write_mrd(scan: SyntheticScan, path: str | os.PathLike) -> Path:
+    """Write ``scan`` as a raw MRD HDF5 file (``ismrmrd.Dataset`` layout); returns the path."""
+    path = Path(path)
+    with ismrmrd.Dataset(str(path), "dataset", create_if_needed=True) as dataset:
+        dataset.write_xml_header(xsd.ToXML(scan.header))
+        for acq in scan.acquisitions:
+            dataset.append_acquisition(acq)
+    return path
