@@ -1,0 +1,204 @@
+"""The MRD (ISMRMRD) streaming protocol: message ids, wire formats, and one read/write pair per family.
+
+Every message starts with a little-endian ``uint16`` id. Byte layouts are quoted from the MRD
+streaming-protocol specification above each reader. Readers take a :class:`MessageSource` (anything
+with ``read_exactly``) and a :class:`Limits`; lengths are checked against the limits *before* any
+buffer is allocated. Acquisitions and waveforms are returned as raw bytes so that the gateway can
+store them without building Python objects per readout.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Protocol
+
+import ismrmrd
+import ismrmrd.hdf5
+
+ID = struct.Struct("<H")
+LENGTH = struct.Struct("<I")
+ATTRIBUTE_LENGTH = struct.Struct("<Q")
+CONFIG_FILE_SIZE = 1024
+
+ACQ_HEADER_SIZE = ismrmrd.hdf5.acquisition_header_dtype.itemsize  # 340
+IMAGE_HEADER_SIZE = ismrmrd.hdf5.image_header_dtype.itemsize  # 198
+WAVEFORM_HEADER_SIZE = ismrmrd.hdf5.waveform_header_dtype.itemsize  # 40
+
+# The three AcquisitionHeader fields that size the rest of the message (offsets from ismrmrd's layout).
+_ACQ_SIZES = struct.Struct("<HHH")  # number_of_samples, available_channels, active_channels
+_ACQ_SIZES_AT = ismrmrd.hdf5.acquisition_header_dtype.fields["number_of_samples"][1]
+_ACQ_TRAJ_DIMS = struct.Struct("<H")
+_ACQ_TRAJ_DIMS_AT = ismrmrd.hdf5.acquisition_header_dtype.fields["trajectory_dimensions"][1]
+_WAV_SIZES = struct.Struct("<HH")  # number_of_samples, channels
+_WAV_SIZES_AT = ismrmrd.hdf5.waveform_header_dtype.fields["number_of_samples"][1]
+_IMG_MATRIX = struct.Struct("<3H")
+_IMG_MATRIX_AT = ismrmrd.hdf5.image_header_dtype.fields["matrix_size"][1]
+_IMG_CHANNELS = struct.Struct("<H")
+_IMG_CHANNELS_AT = ismrmrd.hdf5.image_header_dtype.fields["channels"][1]
+_IMG_DATA_TYPE = struct.Struct("<H")
+_IMG_DATA_TYPE_AT = ismrmrd.hdf5.image_header_dtype.fields["data_type"][1]
+_IMG_ITEM_SIZE = {1: 2, 2: 2, 3: 4, 4: 4, 5: 4, 6: 8, 7: 8, 8: 16}
+
+
+class MessageId(IntEnum):
+    CONFIG_FILE = 1
+    CONFIG_TEXT = 2
+    HEADER = 3
+    CLOSE = 4
+    TEXT = 5
+    QUERY = 6  # Gadgetron's; not part of MRD
+    ACQUISITION = 1008
+    IMAGE = 1022
+    WAVEFORM = 1026
+
+
+class ProtocolError(Exception):
+    """The peer sent something that is not valid MRD; the message says what."""
+
+
+class StreamClosed(ProtocolError):
+    """The peer closed the connection (EOF) where a message or part of one was due."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Largest lengths accepted, checked before allocating."""
+
+    max_header_bytes: int = 16 << 20
+    max_text_bytes: int = 1 << 20
+    max_acquisition_bytes: int = 64 << 20
+    max_image_bytes: int = 1 << 30
+
+
+class MessageSource(Protocol):
+    def read_exactly(self, n: int) -> bytes: ...
+
+
+def read_message_id(src: MessageSource) -> int:
+    """Read the 2-byte id of the next message; raises :class:`StreamClosed` at EOF."""
+    return int(ID.unpack(src.read_exactly(ID.size))[0])
+
+
+# ID 1 CONFIG_FILE | 2 bytes id | 1024 bytes: null-terminated UTF-8 file name
+def read_config_file(src: MessageSource) -> str:
+    raw = src.read_exactly(CONFIG_FILE_SIZE)
+    return raw.split(b"\0", 1)[0].decode("utf-8", errors="replace")
+
+
+def write_config_file(name: str) -> bytes:
+    encoded = name.encode("utf-8")
+    if len(encoded) >= CONFIG_FILE_SIZE:
+        raise ValueError(f"config file name longer than {CONFIG_FILE_SIZE - 1} bytes")
+    return ID.pack(MessageId.CONFIG_FILE) + encoded.ljust(CONFIG_FILE_SIZE, b"\0")
+
+
+# ID 2 CONFIG_TEXT, 3 HEADER, 5 TEXT | 2 bytes id | uint32 length | length bytes UTF-8
+def read_length_prefixed(src: MessageSource, limit: int, what: str) -> str:
+    (length,) = LENGTH.unpack(src.read_exactly(LENGTH.size))
+    if length > limit:
+        raise ProtocolError(f"{what} of {length} bytes exceeds the limit of {limit} bytes")
+    return src.read_exactly(length).rstrip(b"\0").decode("utf-8", errors="replace")
+
+
+def write_length_prefixed(msg_id: MessageId, text: str) -> bytes:
+    encoded = text.encode("utf-8")
+    return ID.pack(msg_id) + LENGTH.pack(len(encoded)) + encoded
+
+
+def write_text(text: str) -> bytes:
+    return write_length_prefixed(MessageId.TEXT, text)
+
+
+# ID 4 CLOSE | 2 bytes id, nothing else
+def write_close() -> bytes:
+    return ID.pack(MessageId.CLOSE)
+
+
+# ID 1008 ACQUISITION | 2 bytes id | 340 bytes AcquisitionHeader
+#   | number_of_samples * trajectory_dimensions * 4 bytes float trajectory
+#   | active_channels * number_of_samples * 8 bytes complex float data
+def acquisition_payload_size(head: bytes) -> int:
+    """Bytes of trajectory plus data that follow an acquisition header."""
+    samples, _available, channels = _ACQ_SIZES.unpack_from(head, _ACQ_SIZES_AT)
+    (traj_dims,) = _ACQ_TRAJ_DIMS.unpack_from(head, _ACQ_TRAJ_DIMS_AT)
+    return samples * traj_dims * 4 + channels * samples * 8
+
+
+def read_acquisition(src: MessageSource, limits: Limits) -> tuple[bytes, bytes]:
+    """Return (header bytes, trajectory+data bytes) of one readout."""
+    head = src.read_exactly(ACQ_HEADER_SIZE)
+    size = acquisition_payload_size(head)
+    if size > limits.max_acquisition_bytes:
+        raise ProtocolError(
+            f"acquisition of {size} bytes (samples x channels x 8 + trajectory) exceeds the limit of "
+            f"{limits.max_acquisition_bytes} bytes"
+        )
+    return head, src.read_exactly(size)
+
+
+# ID 1026 WAVEFORM | 2 bytes id | 40 bytes WaveformHeader | channels * number_of_samples * 4 bytes uint32
+def read_waveform(src: MessageSource, limits: Limits) -> tuple[bytes, bytes]:
+    head = src.read_exactly(WAVEFORM_HEADER_SIZE)
+    samples, channels = _WAV_SIZES.unpack_from(head, _WAV_SIZES_AT)
+    size = samples * channels * 4
+    if size > limits.max_acquisition_bytes:
+        raise ProtocolError(f"waveform of {size} bytes exceeds the limit of {limits.max_acquisition_bytes}")
+    return head, src.read_exactly(size)
+
+
+# ID 1022 IMAGE | 2 bytes id | 198 bytes ImageHeader | uint64 attribute length | attribute XML
+#   | matrix_size[0] * matrix_size[1] * matrix_size[2] * channels * sizeof(data_type) bytes
+def read_image(src: MessageSource, limits: Limits) -> ismrmrd.Image:
+    head = src.read_exactly(IMAGE_HEADER_SIZE)
+    (data_type,) = _IMG_DATA_TYPE.unpack_from(head, _IMG_DATA_TYPE_AT)
+    if data_type not in _IMG_ITEM_SIZE:
+        raise ProtocolError(f"image with unknown data_type {data_type}")
+    (nx, ny, nz), (channels,) = _IMG_MATRIX.unpack_from(head, _IMG_MATRIX_AT), _IMG_CHANNELS.unpack_from(
+        head, _IMG_CHANNELS_AT
+    )
+    size = nx * ny * nz * channels * _IMG_ITEM_SIZE[data_type]
+    (attr_len,) = ATTRIBUTE_LENGTH.unpack(src.read_exactly(ATTRIBUTE_LENGTH.size))
+    if size > limits.max_image_bytes or attr_len > limits.max_text_bytes:
+        raise ProtocolError(f"image of {size} bytes with {attr_len} bytes of attributes exceeds the limits")
+    attributes = src.read_exactly(attr_len)
+    data = src.read_exactly(size)
+    parts = iter((ATTRIBUTE_LENGTH.pack(attr_len), attributes, data))
+    return ismrmrd.Image.deserialize_from_with_header(head, lambda _n: next(parts))
+
+
+def write_image(image: ismrmrd.Image) -> bytes:
+    chunks: list[bytes] = [ID.pack(MessageId.IMAGE)]
+    image.serialize_into(lambda b: chunks.append(bytes(b)))
+    return b"".join(chunks)
+
+
+def write_acquisition(acq: ismrmrd.Acquisition) -> bytes:
+    chunks: list[bytes] = [ID.pack(MessageId.ACQUISITION)]
+    acq.serialize_into(lambda b: chunks.append(bytes(b)))
+    return b"".join(chunks)
+
+
+def write_waveform(wav: ismrmrd.Waveform) -> bytes:
+    chunks: list[bytes] = [ID.pack(MessageId.WAVEFORM)]
+    wav.serialize_into(lambda b: chunks.append(bytes(b)))
+    return b"".join(chunks)
+
+
+class SocketSource:
+    """Reads exact byte counts from a socket, with one reusable receive buffer per call size."""
+
+    def __init__(self, sock, bufsize: int = 1 << 20) -> None:  # noqa: ANN001 - socket.socket
+        self._file = sock.makefile("rb", buffering=bufsize)
+        self.bytes_read = 0
+
+    def read_exactly(self, n: int) -> bytes:
+        data = self._file.read(n) if n else b""
+        if len(data) < n:
+            raise StreamClosed(f"connection closed after {len(data)} of {n} expected bytes")
+        self.bytes_read += n
+        return data
+
+    def close(self) -> None:
+        self._file.close()

@@ -1,0 +1,98 @@
+"""Retrieval scans: find the finished job of this patient, study and protocol and send its images.
+
+The retrieval session's own data (a short dummy scan) is read and dropped. A job still queued or
+running is waited for, up to ``retrieve_wait_s``, with ``INF`` progress TEXT every
+``retrieve_poll_s``. The session never ends silently: no match, a failed job or a time-out each get a
+TEXT that says why, then CLOSE.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from gateway import protocol as p
+from gateway.session import Opening, identity, text
+from reconq.constants import JobState
+from reconq.jobs import Job
+from workers.results import read_images
+
+if TYPE_CHECKING:
+    from gateway.session import Session
+
+log = logging.getLogger(__name__)
+
+
+class Retrieval:
+    def __init__(self, session: Session, opening: Opening, params: dict[str, Any]) -> None:
+        self.session = session
+        self.opening = opening
+        self.params = params
+
+    def run(self) -> None:
+        s = self.session
+        s.read_until_close(self._drop_handlers())
+        who = identity(self.opening.header)
+        protocol = str(self.params.get("protocol") or who["protocol"])
+        job = self._find(who, protocol)
+        if job is None:
+            s.send(text("WRN", f"no reconstruction found for this patient, study and protocol {protocol!r}"),
+                   p.write_close())
+            log.info("retrieval from %s: no job for protocol %r", s.peer, protocol)
+            s.gw.jobs.record_retrieval(False)
+            return
+        job = self._wait(job)
+        if job.state is JobState.DONE:
+            self._send_images(job)
+            s.gw.jobs.record_retrieval(True)
+            return
+        s.gw.jobs.record_retrieval(False)
+        if job.state is JobState.FAILED:
+            s.send(text("ERR", f"job {job.id} failed: {job.error}"), p.write_close())
+        elif job.state is JobState.CANCELLED:
+            s.send(text("WRN", f"job {job.id} was cancelled"), p.write_close())
+        else:
+            s.send(text("WRN", f"job {job.id} is still {job.state.value} ({100 * job.progress:.0f} %) after "
+                               f"{s.gw.settings.retrieve_wait_s:g} s; run the retrieval scan again later"),
+                   p.write_close())
+
+    def _find(self, who: dict[str, str], protocol: str) -> Job | None:
+        jobs = self.session.gw.jobs
+        job_id = self.params.get("job") or self.params.get("job_id")
+        if job_id:
+            return jobs.get(str(job_id))
+        return jobs.find_for_retrieval(who["patient_id"], who["study_uid"], protocol)
+
+    def _drop_handlers(self) -> dict[int, Any]:
+        src, limits = self.session.src, self.session.limits
+        return {
+            p.MessageId.ACQUISITION: lambda: p.read_acquisition(src, limits),
+            p.MessageId.WAVEFORM: lambda: p.read_waveform(src, limits),
+            p.MessageId.IMAGE: lambda: p.read_image(src, limits),
+            p.MessageId.TEXT: lambda: p.read_length_prefixed(src, limits.max_text_bytes, "TEXT"),
+        }
+
+    def _wait(self, job: Job) -> Job:
+        s = self.session
+        settings = s.gw.settings
+        deadline = time.monotonic() + settings.retrieve_wait_s
+        next_report = 0.0
+        while not job.state.finished and time.monotonic() < deadline:
+            now = time.monotonic()
+            if now >= next_report:
+                stage = f", {job.stage}" if job.stage else ""
+                s.send(text("INF", f"job {job.id} {job.state.value} {100 * job.progress:.0f} %{stage}; waiting"))
+                next_report = now + settings.retrieve_poll_s
+            time.sleep(min(0.2, max(0.0, deadline - now)))
+            job = s.gw.jobs.get(job.id) or job
+        return job
+
+    def _send_images(self, job: Job) -> None:
+        s = self.session
+        images = read_images(Path(job.result_path))
+        for image in images:
+            s.send(p.write_image(image))
+        s.send(text("INF", f"{len(images)} images of job {job.id} sent"), p.write_close())
+        log.info("retrieval from %s: %d images of job %s sent", s.peer, len(images), job.id)

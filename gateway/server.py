@@ -1,0 +1,115 @@
+"""The MRD gateway: a TCP server with one thread per session and a bound on concurrent sessions."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+from collections.abc import Collection
+
+from celery import Celery
+
+from gateway import protocol as p
+from gateway.session import Session, text
+from gateway.submit import reconcile, submit_scan
+from reconq.jobs import Job, JobStore
+from reconq.settings import Settings
+from reconq.storage import ScanRecord, ScanStore
+
+log = logging.getLogger(__name__)
+
+
+class Gateway:
+    """Listens for MRD sessions; :meth:`start` serves in a background thread, :meth:`serve_forever` here."""
+
+    def __init__(self, settings: Settings, jobs: JobStore, celery: Celery, pipelines: Collection[str]) -> None:
+        self.settings = settings
+        self.jobs = jobs
+        self.celery = celery
+        self.pipelines = frozenset(pipelines)
+        self.scans = ScanStore(settings.data_dir)
+        self.limits = p.Limits(
+            max_header_bytes=settings.max_header_bytes,
+            max_text_bytes=settings.max_text_bytes,
+            max_acquisition_bytes=settings.max_acquisition_bytes,
+        )
+        self._slots = threading.BoundedSemaphore(settings.max_connections)
+        self._submit_lock = threading.Lock()
+        self._listener: socket.socket | None = None
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        assert self._listener is not None, "gateway not started"
+        host, port = self._listener.getsockname()[:2]
+        return host, port
+
+    def submit(self, record: ScanRecord) -> Job:
+        with self._submit_lock:  # Celery's producer is not meant to be shared between threads unguarded
+            return submit_scan(self.jobs, self.celery, record, self.settings.queue)
+
+    def bind(self) -> tuple[str, int]:
+        """Reconcile disk with Redis, then open the listening socket."""
+        with self._submit_lock:
+            requeued = reconcile(self.scans, self.jobs, self.celery, self.settings.queue)
+        if requeued:
+            log.warning("start-up: %d complete scan(s) without a job were queued again", len(requeued))
+        listener = socket.create_server((self.settings.mrd_host, self.settings.mrd_port), reuse_port=False,
+                                        backlog=128)
+        listener.settimeout(0.5)
+        self._listener = listener
+        log.info("MRD gateway listening on %s:%d, data in %s", *self.address, self.settings.data_dir)
+        return self.address
+
+    def start(self) -> tuple[str, int]:
+        address = self.bind()
+        self._thread = threading.Thread(target=self.serve_forever, name="mrd-accept", daemon=True)
+        self._thread.start()
+        return address
+
+    def serve_forever(self) -> None:
+        if self._listener is None:
+            self.bind()
+        assert self._listener is not None
+        while not self._stopping.is_set():
+            try:
+                sock, addr = self._listener.accept()
+            except (TimeoutError, socket.timeout):
+                continue
+            except OSError:
+                if self._stopping.is_set():
+                    break
+                raise
+            self._dispatch(sock, f"{addr[0]}:{addr[1]}")
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        if self._listener is not None:
+            self._listener.close()
+
+    def _dispatch(self, sock: socket.socket, peer: str) -> None:
+        sock.settimeout(self.settings.idle_timeout_s)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if not self._slots.acquire(blocking=False):
+            log.warning("refused %s: %d sessions already open", peer, self.settings.max_connections)
+            try:
+                sock.sendall(text("ERR", f"gateway busy: {self.settings.max_connections} sessions already "
+                                         "open; try again shortly") + p.write_close())
+            finally:
+                sock.close()
+            return
+        threading.Thread(target=self._serve, args=(sock, peer), name=f"mrd-{peer}", daemon=True).start()
+
+    def _serve(self, sock: socket.socket, peer: str) -> None:
+        try:
+            Session(self, sock, peer).run()
+        finally:
+            self._slots.release()
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()

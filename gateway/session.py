@@ -1,0 +1,267 @@
+"""One MRD session on the wire: config, header, then data until the client's CLOSE.
+
+An acquisition scan is written to disk as it arrives and, after the client's CLOSE, made durable,
+recorded and queued; then the gateway answers with a TEXT naming the job and its own CLOSE. A
+retrieval scan is handed to :mod:`gateway.retrieval`. Errors go back to the scanner as an ``ERR``
+TEXT, then CLOSE; what was received is kept and marked incomplete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import ismrmrd.xsd
+
+from gateway import protocol as p
+from gateway.rawfile import RawFileWriter
+from reconq.storage import ScanRecord, ScanState
+
+if TYPE_CHECKING:
+    from gateway.server import Gateway
+
+log = logging.getLogger(__name__)
+
+
+class SessionError(Exception):
+    """A session cannot go on; the message is sent to the scanner as an ERR TEXT."""
+
+
+@dataclass
+class Opening:
+    """What came before the data: the config and the header."""
+
+    config_file: str | None
+    config_text: str | None
+    xml: str
+    header: ismrmrd.xsd.ismrmrdHeader
+
+
+def text(level: str, message: str) -> bytes:
+    """A TEXT message with the level prefix the scanner's log viewer expects (DBG/INF/WRN/ERR)."""
+    return p.write_text(f"{level} {message}")
+
+
+def identity(header: ismrmrd.xsd.ismrmrdHeader) -> dict[str, str]:
+    """Patient, study, protocol and measurement identifiers of a header ('' where absent)."""
+    subject, study, meas = header.subjectInformation, header.studyInformation, header.measurementInformation
+    return {
+        "patient_id": str(getattr(subject, "patientID", None) or ""),
+        "study_uid": str(getattr(study, "studyInstanceUID", None) or getattr(study, "studyID", None) or ""),
+        "protocol": str(getattr(meas, "protocolName", None) or ""),
+        "measurement_id": str(getattr(meas, "measurementID", None) or ""),
+    }
+
+
+def config_name(opening: Opening) -> tuple[str | None, dict[str, Any]]:
+    """The config name and any parameters carried in CONFIG_TEXT (a name, or JSON ``{"pipeline": ...}``)."""
+    if opening.config_file is not None:
+        name = opening.config_file.strip()
+        if not name or "/" in name or "\\" in name or ".." in name:
+            raise SessionError(f"config file name {name!r} is not a plain name (no paths, no '..')")
+        return name.removesuffix(".xml"), {}
+    if opening.config_text is None:
+        return None, {}
+    body = opening.config_text.strip()
+    if body.startswith("{"):
+        try:
+            data = json.loads(body)
+        except json.JSONDecodeError as e:
+            raise SessionError(f"CONFIG_TEXT is not valid JSON: {e}") from e
+        name = data.pop("pipeline", None) or data.pop("config", None)
+        return name, dict(data.pop("parameters", {}), **data)
+    if body and body.replace("_", "").replace("-", "").isalnum():
+        return body, {}
+    raise SessionError("CONFIG_TEXT must be a pipeline name or JSON {\"pipeline\": NAME, \"parameters\": {...}}")
+
+
+class Session:
+    """Serves one connection; :meth:`run` never raises."""
+
+    def __init__(self, gateway: Gateway, sock: socket.socket, peer: str) -> None:
+        self.gw = gateway
+        self.sock = sock
+        self.peer = peer
+        self.src = p.SocketSource(sock)
+        self.limits = gateway.limits
+
+    def send(self, *messages: bytes) -> None:
+        self.sock.sendall(b"".join(messages))
+
+    def run(self) -> None:
+        try:
+            opening = self.read_opening()
+            if opening is None:  # header-less session (Gadgetron's dependency queries)
+                self.send(p.write_close())
+                return
+            name, params = config_name(opening)
+            if name is not None and name in self.gw.settings.retrieve_configs:
+                from gateway.retrieval import Retrieval
+
+                Retrieval(self, opening, params).run()
+            else:
+                self.receive_scan(opening, name, params)
+        except p.StreamClosed as e:
+            if self.src.bytes_read == 0:  # a port probe (health check), not a session
+                log.debug("connection from %s closed before any message", self.peer)
+            else:
+                log.warning("session from %s cut off: %s", self.peer, e)
+        except (SessionError, p.ProtocolError) as e:
+            self.fail(str(e))
+        except (TimeoutError, socket.timeout):
+            self.fail(f"no data from the client for {self.gw.settings.idle_timeout_s:g} s; session ended")
+        except OSError as e:
+            log.warning("session from %s: connection error: %s", self.peer, e)
+        except Exception:
+            log.exception("session from %s: internal error", self.peer)
+            self.fail("internal error in the gateway; the data received so far is kept")
+        finally:
+            self.src.close()
+
+    def fail(self, message: str) -> None:
+        log.warning("session from %s refused: %s", self.peer, message)
+        try:
+            self.send(text("ERR", message), p.write_close())
+        except OSError:
+            pass
+
+    def read_opening(self) -> Opening | None:
+        config_file = config_text = None
+        msg = p.read_message_id(self.src)
+        if msg == p.MessageId.CONFIG_FILE:
+            config_file = p.read_config_file(self.src)
+            msg = p.read_message_id(self.src)
+        elif msg == p.MessageId.CONFIG_TEXT:
+            config_text = p.read_length_prefixed(self.src, self.limits.max_header_bytes, "CONFIG_TEXT")
+            msg = p.read_message_id(self.src)
+        if msg == p.MessageId.CLOSE:
+            return None
+        if msg != p.MessageId.HEADER:
+            raise p.ProtocolError(f"expected HEADER after the config, got message id {msg}")
+        xml = p.read_length_prefixed(self.src, self.limits.max_header_bytes, "HEADER")
+        try:
+            header = ismrmrd.xsd.CreateFromDocument(xml)
+        except Exception as e:  # the xsd binding raises several unrelated types
+            raise p.ProtocolError(f"HEADER is not a valid MRD XML header: {e}") from e
+        return Opening(config_file, config_text, xml, header)
+
+    def read_until_close(self, handlers: dict[int, Callable[[], None]]) -> None:
+        """Dispatch messages to ``handlers`` by id until the client's CLOSE."""
+        while True:
+            msg = p.read_message_id(self.src)
+            if msg == p.MessageId.CLOSE:
+                return
+            handler = handlers.get(msg)
+            if handler is None:
+                raise p.ProtocolError(self.unexpected(msg))
+            handler()
+
+    @staticmethod
+    def unexpected(msg: int) -> str:
+        if msg == p.MessageId.HEADER:
+            return "a second HEADER in one session"
+        if msg in (p.MessageId.CONFIG_FILE, p.MessageId.CONFIG_TEXT):
+            return "a config message after the HEADER"
+        if msg == p.MessageId.QUERY:
+            return "Gadgetron QUERY messages are not supported"
+        return f"unknown message id {msg}"
+
+    # -- acquisition scans ------------------------------------------------------------------------
+
+    def receive_scan(self, opening: Opening, name: str | None, params: dict[str, Any]) -> None:
+        gw = self.gw
+        pipeline = name or gw.settings.default_pipeline
+        refusal = None if pipeline in gw.pipelines else (
+            f"unknown pipeline {pipeline!r}; known: {', '.join(sorted(gw.pipelines))}. "
+            "The scan is stored but no job is made"
+        )
+        if gw.scans.free_bytes() < gw.settings.min_free_bytes:
+            raise SessionError(
+                f"not enough free disk space in the data folder ({gw.scans.free_bytes() >> 20} MiB free, "
+                f"{gw.settings.min_free_bytes >> 20} MiB required); scan refused"
+            )
+        record = ScanRecord(
+            scan_id=gw.scans.new_scan_id(), client=self.peer, config=name,
+            pipeline=None if refusal else pipeline, params=params, **identity(opening.header),
+        )
+        gw.scans.create(record)
+        writer = RawFileWriter(gw.scans.raw_path(record.scan_id), gw.settings.write_batch_bytes)
+        log.info("scan %s from %s: config %s, protocol %r", record.scan_id, self.peer, name, record.protocol)
+        if refusal:
+            self.send(text("ERR", refusal))
+        try:
+            writer.write_header(opening.xml)
+            writer.write_config(opening.config_file, opening.config_text)
+            self._receive_data(writer, record)
+            t_close = time.perf_counter()
+            writer.finish()
+        except BaseException as e:
+            writer.abort()
+            self._mark_incomplete(record, writer, e)
+            raise
+        self._complete(record, writer, refusal, t_close)
+
+    def _receive_data(self, writer: RawFileWriter, record: ScanRecord) -> None:
+        src, limits = self.src, self.limits
+        seen_data = False
+
+        def acquisition() -> None:
+            nonlocal seen_data
+            seen_data = True
+            writer.add_acquisition(*p.read_acquisition(src, limits))
+
+        def waveform() -> None:
+            writer.add_waveform(*p.read_waveform(src, limits))
+
+        def image() -> None:
+            writer.add_image(p.read_image(src, limits))
+
+        def text_message() -> None:
+            body = p.read_length_prefixed(src, limits.max_text_bytes, "TEXT")
+            if not seen_data and body.lstrip().startswith("{"):
+                try:
+                    record.params.update(json.loads(body))
+                    return
+                except json.JSONDecodeError as e:
+                    raise SessionError(f"parameter TEXT is not valid JSON: {e}") from e
+            log.info("scan %s: client says: %.200s", record.scan_id, body)
+
+        self.read_until_close({
+            p.MessageId.ACQUISITION: acquisition, p.MessageId.WAVEFORM: waveform,
+            p.MessageId.IMAGE: image, p.MessageId.TEXT: text_message,
+        })
+
+    def _mark_incomplete(self, record: ScanRecord, writer: RawFileWriter, error: BaseException) -> None:
+        record.state, record.error = ScanState.INCOMPLETE, str(error) or type(error).__name__
+        self._count(record, writer)
+        try:
+            self.gw.scans.save(record)
+        except OSError:
+            log.exception("scan %s: could not record it as incomplete", record.scan_id)
+        log.warning("scan %s incomplete (%s); kept, not queued", record.scan_id, record.error)
+
+    def _count(self, record: ScanRecord, writer: RawFileWriter) -> None:
+        record.acquisitions, record.waveforms, record.images = writer.acquisitions, writer.waveforms, writer.images
+        record.bytes_received = self.src.bytes_read
+
+    def _complete(self, record: ScanRecord, writer: RawFileWriter, refusal: str | None, t_close: float) -> None:
+        gw = self.gw
+        record.state, record.completed_at = ScanState.COMPLETE, time.time()
+        self._count(record, writer)
+        gw.scans.save(record)
+        if refusal:
+            self.send(text("ERR", f"scan {record.scan_id} stored; no job made: {refusal}"), p.write_close())
+            return
+        job = gw.submit(record)
+        self.send(
+            text("INF", f"job {job.id} queued: pipeline {job.pipeline}, {record.acquisitions} readouts stored"),
+            p.write_close(),
+        )
+        log.info("scan %s complete: %d readouts, %.1f MB; job %s; ack %.1f ms", record.scan_id,
+                 record.acquisitions, record.bytes_received / 1e6, job.id, 1e3 * (time.perf_counter() - t_close))
+

@@ -1,0 +1,70 @@
+"""Job submission: record a job for a stored scan and put its id on a Celery queue.
+
+Also the start-up reconciler: files on disk are the truth, so a complete scan whose job Redis lost is
+queued again, exactly once.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from celery import Celery
+
+from reconq.constants import RUN_JOB_TASK, JobState
+from reconq.jobs import Job, JobStore
+from reconq.storage import ScanRecord, ScanState, ScanStore
+
+log = logging.getLogger(__name__)
+
+
+def first_job_id(scan_id: str) -> str:
+    """The id of the job made when a scan arrives (stable: the same scan never gets a second one)."""
+    return f"{scan_id}-j1"
+
+
+def enqueue(store: JobStore, celery: Celery, job: Job) -> None:
+    """Mark ``job`` queued and send its id to its queue (the task id is the job id plus attempt)."""
+    store.set_state(job.id, JobState.QUEUED, queue=job.queue)
+    celery.send_task(RUN_JOB_TASK, args=[job.id], queue=job.queue, task_id=f"{job.id}.{job.attempts}")
+    log.info("job %s queued on %s (pipeline %s)", job.id, job.queue, job.pipeline)
+
+
+def job_for_scan(record: ScanRecord, job_id: str, queue: str, pipeline: str | None = None,
+                 params: dict | None = None) -> Job:
+    return Job(
+        id=job_id,
+        scan_id=record.scan_id,
+        pipeline=pipeline or record.pipeline or "",
+        params=dict(record.params if params is None else params),
+        queue=queue,
+        patient_id=record.patient_id,
+        study_uid=record.study_uid,
+        protocol=record.protocol,
+        measurement_id=record.measurement_id,
+    )
+
+
+def submit_scan(store: JobStore, celery: Celery, record: ScanRecord, queue: str) -> Job:
+    """Create and enqueue the scan's first job; a scan already submitted gets its existing job back."""
+    job = job_for_scan(record, first_job_id(record.scan_id), queue)
+    if store.create(job):
+        enqueue(store, celery, job)
+        return job
+    existing = store.get(job.id)
+    assert existing is not None
+    log.info("job %s exists already (%s); not queued again", job.id, existing.state)
+    return existing
+
+
+def reconcile(scans: ScanStore, store: JobStore, celery: Celery, queue: str) -> list[str]:
+    """Queue every complete scan that has no job in Redis; returns the job ids queued."""
+    queued = []
+    for record in scans.scans():
+        if record.state is not ScanState.COMPLETE or not record.pipeline:
+            continue
+        if store.jobs_for_scan(record.scan_id) or store.get(first_job_id(record.scan_id)):
+            continue
+        job = submit_scan(store, celery, record, queue)
+        log.warning("job %s re-queued from disk: Redis had no job for complete scan %s", job.id, record.scan_id)
+        queued.append(job.id)
+    return queued

@@ -1,0 +1,206 @@
+"""The ``reconq`` command: every entry point builds the settings once and passes them down."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from reconq.settings import Settings, SettingsError, load_settings
+
+log = logging.getLogger("reconq")
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _pipelines() -> list[str]:
+    from recon.pipelines import pipeline_names
+
+    return pipeline_names()
+
+
+def cmd_gateway(settings: Settings, args: argparse.Namespace) -> int:
+    from gateway.server import Gateway
+    from reconq.jobs import JobStore
+    from reconq.redisconn import connect
+    from workers.app import make_celery
+
+    gw = Gateway(settings, JobStore(connect(settings)), make_celery(settings), _pipelines())
+    gw.bind()
+    signal.signal(signal.SIGTERM, lambda *_: gw.stop())
+    try:
+        gw.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        gw.stop()
+    return 0
+
+
+def cmd_api(settings: Settings, args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from gateway.api import make_api
+    from reconq.redisconn import connect
+
+    uvicorn.run(make_api(settings, connect(settings)), host=settings.http_host, port=settings.http_port,
+                log_level="info")
+    return 0
+
+
+def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
+    from workers.launcher import run_worker
+
+    run_worker(settings, concurrency=args.concurrency or settings.worker_concurrency)
+    return 0
+
+
+def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
+    from reconq.stack import Stack
+
+    stack = Stack(settings, workers=args.workers)
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        eff = stack.start()
+        print(f"ReconQ up: MRD on {eff.mrd_host}:{eff.mrd_port}, API on http://{eff.http_host}:{eff.http_port}, "
+              f"Redis {eff.redis_url}, data in {eff.data_dir}. Ctrl-C stops.", flush=True)
+        return stack.wait()
+    except KeyboardInterrupt:
+        print("stopping ...", flush=True)
+        return 0
+    finally:
+        stack.stop()
+
+
+def _print_reply(reply: Any) -> int:
+    for t in reply.texts:
+        print(t)
+    return 1 if reply.errors() or not reply.closed else 0
+
+
+def cmd_send(settings: Settings, args: argparse.Namespace) -> int:
+    from gateway.client import send_file
+
+    params = json.loads(args.params) if args.params else None
+    reply = send_file(args.host or settings.mrd_host, args.port or settings.mrd_port, Path(args.file),
+                      config=args.config, params=params)
+    return _print_reply(reply)
+
+
+def cmd_retrieve(settings: Settings, args: argparse.Namespace) -> int:
+    import ismrmrd
+
+    from gateway import client
+    from workers.results import write_images
+
+    if args.from_file:
+        with ismrmrd.Dataset(args.from_file, "dataset", create_if_needed=False, mode="r") as dset:
+            xml = dset.read_xml_header()
+        header = xml.decode() if isinstance(xml, bytes) else xml
+    else:
+        if not (args.patient and args.protocol):
+            print("reconq retrieve: give --from-file RAW.h5, or --patient and --protocol (and --study)")
+            return 2
+        header = client.retrieval_header(args.patient, args.study or "", args.protocol)
+    params = {"job": args.job} if args.job else None
+    reply = client.retrieve(args.host or settings.mrd_host, args.port or settings.mrd_port, header,
+                            params=params)
+    code = _print_reply(reply)
+    if reply.images:
+        write_images(Path(args.out), reply.images)
+        print(f"{len(reply.images)} images written to {args.out}")
+    return code if reply.images else 1
+
+
+def cmd_jobs(settings: Settings, args: argparse.Namespace) -> int:
+    from reconq.constants import JobState
+    from reconq.jobs import JobStore
+    from reconq.redisconn import connect
+
+    store = JobStore(connect(settings))
+    jobs = store.list(limit=args.limit, state=JobState(args.state) if args.state else None)
+    print(f"{'job':34} {'state':15} {'progress':>8}  {'pipeline':12} {'protocol':20} stage / error")
+    for j in jobs:
+        print(f"{j.id:34} {j.state.value:15} {100 * j.progress:7.0f}%  {j.pipeline:12} {j.protocol[:20]:20} "
+              f"{j.error or j.stage}")
+    print(f"({len(jobs)} of {store.count()} jobs)")
+    return 0
+
+
+def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
+    from reconq.demo import run_demo
+
+    if not args.verbose:  # the demo prints its own steps; the services log to files
+        logging.getLogger().setLevel(logging.WARNING)
+    return run_demo(settings, Path(args.out))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="reconq", description="Asynchronous inline MRI reconstruction")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, func: Callable[[Settings, argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help)
+        p.set_defaults(func=func)
+        return p
+
+    p = add("up", cmd_up, "run Redis (private if RECONQ_REDIS_URL is unset), gateway, API and workers")
+    p.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    add("gateway", cmd_gateway, "run the MRD gateway")
+    add("api", cmd_api, "run the HTTP API")
+    p = add("worker", cmd_worker, "run a recon worker")
+    p.add_argument("--concurrency", type=int, default=0, help="processes (default: the setting)")
+    for name, func, help in (("send", cmd_send, "stream an MRD file to the gateway as a scanner would"),
+                             ("retrieve", cmd_retrieve, "run a retrieval scan and save the images")):
+        p = add(name, func, help)
+        p.add_argument("--host", default=None)
+        p.add_argument("--port", type=int, default=None)
+    p = sub.choices["send"]
+    p.add_argument("file", help="raw MRD (ISMRMRD HDF5) file")
+    p.add_argument("--config", default=None, help="pipeline / config name (default: the gateway's default)")
+    p.add_argument("--params", default=None, help="JSON parameters sent as a TEXT after the header")
+    p = sub.choices["retrieve"]
+    p.add_argument("--from-file", default=None, help="take patient, study and protocol from this MRD file")
+    p.add_argument("--patient", default=None)
+    p.add_argument("--study", default=None)
+    p.add_argument("--protocol", default=None)
+    p.add_argument("--job", default=None, help="ask for this job id instead of matching")
+    p.add_argument("--out", required=True, help="MRD file to write the images to")
+    p = add("jobs", cmd_jobs, "list jobs, newest first")
+    p.add_argument("--state", default=None)
+    p.add_argument("--limit", type=int, default=20)
+    p = add("demo", cmd_demo, "a synthetic scan through the whole flow, on a private Redis and CPU workers")
+    p.add_argument("--out", default="reconq-demo", help="output folder (default ./reconq-demo)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        settings = load_settings()
+    except (SettingsError, ValueError) as e:
+        print(f"reconq: {e}", file=sys.stderr)
+        return 2
+    try:
+        return int(args.func(settings, args))
+    except SettingsError as e:
+        print(f"reconq: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

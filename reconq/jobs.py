@@ -1,0 +1,215 @@
+"""Job records in Redis: create (idempotently), update, list, and find the job a retrieval scan wants.
+
+A job is a Redis hash ``reconq:job:<id>``; every change is also published on ``reconq:events`` so the
+dashboard and waiting retrieval sessions hear of it at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import redis
+
+from reconq.constants import (
+    EVENTS_CHANNEL,
+    JOB_KEY,
+    JOB_LOG,
+    JOBS_INDEX,
+    MATCH_INDEX,
+    RETRIEVALS,
+    SCAN_JOBS,
+    JobState,
+)
+
+log = logging.getLogger(__name__)
+
+_JSON_FIELDS = {"params"}
+_FLOAT_FIELDS = {"progress", "created_at", "queued_at", "started_at", "finished_at"}
+_INT_FIELDS = {"attempts"}
+_LOG_LINES_KEPT = 500
+
+
+@dataclass
+class Job:
+    """One reconstruction of one stored scan. Ids only, never patient data, travel in Celery messages."""
+
+    id: str
+    scan_id: str
+    pipeline: str
+    params: dict[str, Any] = field(default_factory=dict)
+    state: JobState = JobState.QUEUED
+    queue: str = "routine"
+    progress: float = 0.0
+    stage: str = ""
+    attempts: int = 0
+    created_at: float = field(default_factory=time.time)
+    queued_at: float | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    worker: str = ""
+    gpu: str = ""
+    error: str = ""
+    result_path: str = ""
+    patient_id: str = ""
+    study_uid: str = ""
+    protocol: str = ""
+    measurement_id: str = ""
+
+    def to_redis(self) -> dict[str, str]:
+        out = {}
+        for k, v in asdict(self).items():
+            if v is None:
+                continue
+            out[k] = json.dumps(v) if k in _JSON_FIELDS else str(v)
+        return out
+
+    @classmethod
+    def from_redis(cls, raw: dict[str, str]) -> Job:
+        names = {f.name for f in fields(cls)}
+        values: dict[str, Any] = {}
+        for k, v in raw.items():
+            if k not in names:
+                continue
+            if k in _JSON_FIELDS:
+                values[k] = json.loads(v)
+            elif k in _FLOAT_FIELDS:
+                values[k] = float(v)
+            elif k in _INT_FIELDS:
+                values[k] = int(v)
+            elif k == "state":
+                values[k] = JobState(v)
+            else:
+                values[k] = v
+        return cls(**values)
+
+    def public(self) -> dict[str, Any]:
+        """The record as JSON-ready data."""
+        return asdict(self)
+
+
+def match_key(patient_id: str, study_uid: str, protocol: str) -> str:
+    """Index key that ties a retrieval scan to the jobs of the same patient, study and protocol."""
+    digest = hashlib.sha256("\x1f".join((patient_id, study_uid, protocol)).encode()).hexdigest()[:32]
+    return MATCH_INDEX + digest
+
+
+class JobStore:
+    """Job records on one Redis connection (``decode_responses=True``)."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.redis = client
+
+    def create(self, job: Job) -> bool:
+        """Record ``job``; False (and nothing written) if a job with this id exists already."""
+        key = JOB_KEY + job.id
+        if not self.redis.hsetnx(key, "id", job.id):
+            return False
+        pipe = self.redis.pipeline()
+        pipe.hset(key, mapping=job.to_redis())
+        pipe.zadd(JOBS_INDEX, {job.id: job.created_at})
+        pipe.zadd(match_key(job.patient_id, job.study_uid, job.protocol), {job.id: job.created_at})
+        pipe.sadd(SCAN_JOBS + job.scan_id, job.id)
+        pipe.execute()
+        self._publish(job.id, state=job.state.value)
+        return True
+
+    def get(self, job_id: str) -> Job | None:
+        raw = self.redis.hgetall(JOB_KEY + job_id)
+        return Job.from_redis(raw) if raw.get("scan_id") else None
+
+    def update(self, job_id: str, **changes: Any) -> None:
+        """Set fields of an existing job and publish the change."""
+        job_fields = {f.name for f in fields(Job)}
+        bad = set(changes) - job_fields
+        if bad:
+            raise KeyError(f"not job fields: {sorted(bad)}")
+        mapping = {k: (json.dumps(v) if k in _JSON_FIELDS else str(v)) for k, v in changes.items()}
+        self.redis.hset(JOB_KEY + job_id, mapping=mapping)
+        self._publish(job_id, **{k: v for k, v in changes.items() if k in ("state", "progress", "stage")})
+
+    def set_state(self, job_id: str, state: JobState, **changes: Any) -> None:
+        now = time.time()
+        stamp = {JobState.QUEUED: "queued_at", JobState.RUNNING: "started_at"}.get(state)
+        if stamp:
+            changes.setdefault(stamp, now)
+        if state.finished:
+            changes.setdefault("finished_at", now)
+        self.update(job_id, state=state.value, **changes)
+        self.log(job_id, f"state {state.value}" + (f": {changes['error']}" if changes.get("error") else ""))
+
+    def log(self, job_id: str, line: str) -> None:
+        """Append a line to the job's log (kept to the newest few hundred)."""
+        key = JOB_LOG + job_id
+        pipe = self.redis.pipeline()
+        pipe.rpush(key, f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {line}")
+        pipe.ltrim(key, -_LOG_LINES_KEPT, -1)
+        pipe.execute()
+
+    def log_lines(self, job_id: str) -> list[str]:
+        return list(self.redis.lrange(JOB_LOG + job_id, 0, -1))
+
+    def list(self, offset: int = 0, limit: int = 50, state: JobState | None = None) -> list[Job]:
+        """Jobs newest first; with ``state``, only those in it (scans the index in pages)."""
+        if state is None:
+            ids = self.redis.zrevrange(JOBS_INDEX, offset, offset + limit - 1)
+            return [j for j in map(self.get, ids) if j is not None]
+        out: list[Job] = []
+        skipped, start, page = 0, 0, 500
+        while len(out) < limit:
+            ids = self.redis.zrevrange(JOBS_INDEX, start, start + page - 1)
+            if not ids:
+                break
+            states = self._states(ids)
+            for job_id, st in zip(ids, states, strict=True):
+                if st != state.value:
+                    continue
+                if skipped < offset:
+                    skipped += 1
+                    continue
+                job = self.get(job_id)
+                if job is not None:
+                    out.append(job)
+                if len(out) == limit:
+                    break
+            start += page
+        return out
+
+    def count(self) -> int:
+        return int(self.redis.zcard(JOBS_INDEX))
+
+    def jobs_for_scan(self, scan_id: str) -> list[str]:
+        return sorted(self.redis.smembers(SCAN_JOBS + scan_id))
+
+    def find_for_retrieval(self, patient_id: str, study_uid: str, protocol: str) -> Job | None:
+        """The newest job of this patient, study and protocol, or None."""
+        for job_id in self.redis.zrevrange(match_key(patient_id, study_uid, protocol), 0, 20):
+            job = self.get(job_id)
+            if job is not None:
+                return job
+        return None
+
+    def record_retrieval(self, found: bool) -> None:
+        """Count one retrieval scan and whether it got its images (for the dashboard's success rate)."""
+        now = time.time()
+        self.redis.zadd(RETRIEVALS, {f"{now:.6f}:{'ok' if found else 'miss'}:{os.getpid()}": now})
+
+    def retrieval_counts(self, since: float) -> tuple[int, int]:
+        """(found, not found) retrieval scans since ``since`` (epoch seconds)."""
+        members = self.redis.zrangebyscore(RETRIEVALS, since, "+inf")
+        ok = sum(1 for m in members if ":ok:" in m)
+        return ok, len(members) - ok
+
+    def _states(self, ids: list[str]) -> list[str | None]:
+        pipe = self.redis.pipeline()
+        for job_id in ids:
+            pipe.hget(JOB_KEY + job_id, "state")
+        return pipe.execute()
+
+    def _publish(self, job_id: str, **what: Any) -> None:
+        self.redis.publish(EVENTS_CHANNEL, json.dumps({"id": job_id, **what}))

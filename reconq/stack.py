@@ -1,0 +1,140 @@
+"""The whole stack on this machine as child processes: private Redis (if needed), gateway, API, workers.
+
+Used by ``reconq up`` and ``reconq demo``. Children get the parent's settings through ``RECONQ_*``
+variables, so every process runs with the same configuration.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import IO
+
+from reconq.redisconn import PrivateRedis
+from reconq.settings import ENV_PREFIX, Settings
+
+log = logging.getLogger(__name__)
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """``RECONQ_*`` variables that rebuild ``settings`` in a child process."""
+    env = {}
+    for name, value in settings.model_dump().items():
+        if value is None:
+            continue
+        env[ENV_PREFIX + name.upper()] = json.dumps(value) if isinstance(value, list | dict) else str(value)
+    return env
+
+
+class Stack:
+    """Starts and stops the services; :meth:`stop` is safe to call more than once."""
+
+    def __init__(self, settings: Settings, workers: int = 1, log_dir: Path | None = None) -> None:
+        self.settings = settings
+        self.workers = workers
+        self.log_dir = log_dir
+        self.redis: PrivateRedis | None = None
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self._logs: list[IO[bytes]] = []
+
+    def start(self, timeout: float = 60.0) -> Settings:
+        """Start everything and wait until the gateway and API answer; returns the effective settings."""
+        if not self.settings.redis_url:
+            self.redis = PrivateRedis(self.settings.data_dir, self.settings.redis_server_bin)
+            self.settings = self.settings.model_copy(update={"redis_url": self.redis.start()})
+        env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
+        env.update(settings_env(self.settings))
+        self._spawn("gateway", ["gateway"], env)
+        self._spawn("api", ["api"], env)
+        for i in range(self.workers):
+            self._spawn(f"worker{i}", ["worker"], env)
+        self._wait_ready(timeout)
+        return self.settings
+
+    def _spawn(self, name: str, args: list[str], env: dict[str, str]) -> None:
+        out: IO[bytes] | None = None
+        if self.log_dir is not None:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            out = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - closed in stop()
+            self._logs.append(out)
+        cmd = [sys.executable, "-m", "reconq.cli", *args]
+        self.procs[name] = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=out,
+                                            stderr=subprocess.STDOUT if out else None)
+        log.info("started %s (pid %d)", name, self.procs[name].pid)
+
+    def _wait_ready(self, timeout: float) -> None:
+        s = self.settings
+        deadline = time.monotonic() + timeout
+        pending = {"gateway", "api"}
+        while pending:
+            for name, proc in self.procs.items():
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{name} exited with code {proc.returncode} during start-up"
+                                       + (f"; see {self.log_dir / (name + '.log')}" if self.log_dir else ""))
+            if "gateway" in pending and _port_open(s.mrd_host, s.mrd_port):
+                pending.discard("gateway")
+            if "api" in pending and _http_ok(f"http://{s.http_host}:{s.http_port}/api/health"):
+                pending.discard("api")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{', '.join(sorted(pending))} not ready after {timeout:g} s")
+            time.sleep(0.1)
+
+    def wait(self) -> int:
+        """Block until a child exits (or Ctrl-C); returns its exit code."""
+        while True:
+            for name, proc in self.procs.items():
+                if proc.poll() is not None:
+                    log.error("%s exited with code %d; stopping the stack", name, proc.returncode)
+                    return proc.returncode or 1
+            time.sleep(0.5)
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """SIGTERM every child (workers finish or hand back their job), then stop Redis."""
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.procs.clear()
+        if self.redis is not None:
+            self.redis.stop()
+            self.redis = None
+        for f in self._logs:
+            f.close()
+        self._logs.clear()
+
+    def __enter__(self) -> Stack:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _port_open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=0.5) as r:  # noqa: S310 - loopback URL we built
+            return r.status == 200
+    except OSError:
+        return False

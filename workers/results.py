@@ -1,0 +1,38 @@
+"""Result files: the MRD images of one job, ``/dataset/image_<series>`` as ``ismrmrd.Dataset`` writes them."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import ismrmrd
+
+from reconq.storage import fsync_path
+
+
+def write_images(path: Path, images: Sequence[ismrmrd.Image], xml: str | None = None) -> None:
+    """Write ``images`` (grouped by ``image_series_index``) durably: temp file, fsync, rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    with ismrmrd.Dataset(str(tmp), "dataset", create_if_needed=True) as dset:
+        if xml is not None:
+            dset.write_xml_header(xml)
+        for image in images:
+            dset.append_image(f"image_{image.image_series_index}", image)
+    fsync_path(tmp)
+    os.replace(tmp, path)
+    fsync_path(path.parent)
+
+
+def read_images(path: Path) -> list[ismrmrd.Image]:
+    """Every image of a result file, by series, then in stored order."""
+    out: list[ismrmrd.Image] = []
+    with ismrmrd.Dataset(str(path), "dataset", create_if_needed=False, mode="r") as dset:
+        groups = sorted(
+            (k for k in dset.list() if k.startswith("image_")), key=lambda k: (len(k), k)
+        )
+        for group in groups:
+            out.extend(dset.read_image(group, i) for i in range(dset.number_of_images(group)))
+    return out
