@@ -40,7 +40,7 @@ class ImageGeometry:
     set: int = 0
     measurement_uid: int = 0
     acquisition_time_stamp: int = 0
-    physiology_time_stamp: tuple[int, int, int] = field(default=(0, 0, 0))
+    physiology_time_stamp: tuple[int, ...] = field(default=(0, 0, 0))
 
     @classmethod
     def from_head(cls, head: np.void, **overrides) -> ImageGeometry:
