@@ -1,0 +1,17 @@
+"""Mapping of the MRD header and acquisitions into a twix-like structure (pure library).
+
+- :mod:`parametermaps.mapping`: the declarative map (``default_map.yaml`` plus site maps) and the
+  twix-like header it builds;
+- :mod:`parametermaps.sources`: where a map entry's value comes from (header paths, user parameters,
+  readout headers, derived quantities);
+- :mod:`parametermaps.twix`: ``read_twix``, the lazily read twix-like scan and its parts.
+"""
+
+from .errors import ParameterMapError, TwixError
+from .mapping import MapEntry, ParameterMap, TwixHeader, default_map, load_map
+from .twix import DIMS, PARTS, TwixPart, TwixScan, read_twix
+
+__all__ = [
+    "DIMS", "PARTS", "MapEntry", "ParameterMap", "ParameterMapError", "TwixError", "TwixHeader", "TwixPart",
+    "TwixScan", "default_map", "load_map", "read_twix",
+]
