@@ -115,12 +115,16 @@ def _check_header_path(path: str) -> None:
             raise ValueError(f"{segment!r} follows a value that has no fields")
         hints = typing.get_type_hints(cls)
         if m.group(1) not in hints:
-            raise ValueError(f"{cls.__name__} has no field {m.group(1)!r}; it has {', '.join(hints)}")
+            raise ValueError(f"{_name(cls)} has no field {m.group(1)!r}; it has {', '.join(hints)}")
         cls, is_list = _unwrap(hints[m.group(1)])
         if m.group(2) is not None and not is_list:
             raise ValueError(f"{m.group(1)!r} is not a list, it cannot take [{m.group(2)}]")
     if dataclasses.is_dataclass(cls):
-        raise ValueError(f"the path ends at a structure ({cls.__name__}), not a value")
+        raise ValueError(f"the path ends at a structure ({_name(cls)}), not a value")
+
+
+def _name(cls: Any) -> str:
+    return str(getattr(cls, "__name__", cls))
 
 
 def _check_acq_field(field: str) -> None:

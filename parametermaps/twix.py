@@ -29,13 +29,13 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-import h5py
 import ismrmrd
 import ismrmrd.xsd
 import numpy as np
 
-from .errors import ParameterMapError, TwixError
+from .errors import TwixError
 from .mapping import ParameterMap, TwixHeader, load_map
+from .mrdfile import MrdFile
 from .sources import ScanContext
 
 log = logging.getLogger(__name__)
@@ -47,9 +47,6 @@ COUNTERS = {
     "Phs": "phase", "Eco": "contrast", "Rep": "repetition", "Set": "set", "Seg": "segment",
 }
 PARTS = ("image", "refscan", "noise", "phasecor", "navigator")
-
-_CHUNK_BYTES = 64 << 20  # samples read per h5py call, at most
-_GAP_ROWS = 8  # unneeded readouts read through rather than starting a new read
 
 
 def flag_bit(name: str) -> int:
@@ -202,8 +199,9 @@ class TwixPart:
         index, drop = [], []
         for dim, size in zip(DIMS, self.full_shape, strict=True):
             sel = selection.get(dim, slice(None))
-            index.append(_normalise(sel, size, dim))
-            drop.append(np.ndim(sel) == 0 and not isinstance(sel, slice) or (self.squeeze and size == 1))
+            index.append(idx := _normalise(sel, size, dim))
+            scalar = np.ndim(sel) == 0 and not isinstance(sel, slice)
+            drop.append(len(idx) == 1 and (scalar or (self.squeeze and size == 1)))
         out = self._read(index)
         return out.reshape([n for n, d in zip(out.shape, drop, strict=True) if not d], order="F")
 
@@ -229,9 +227,9 @@ class TwixPart:
             if not whole_col:
                 ro = ro[:, col]
             out[(slice(None), slice(None), *pos[i])] = ro.T
-        for k, (i, u) in enumerate(zip(loops, uniq, strict=True)):
-            if not np.array_equal(i, u):
-                out = np.take(out, np.searchsorted(u, i), axis=k + 2)
+        for k, (wanted_at, u) in enumerate(zip(loops, uniq, strict=True)):
+            if not np.array_equal(wanted_at, u):  # reordered or repeated: expand from the unique ones
+                out = np.take(out, np.searchsorted(u, wanted_at), axis=k + 2)
         return out
 
     def _fit(self, ro: np.ndarray) -> np.ndarray:
@@ -276,35 +274,20 @@ class TwixScan:
     def __init__(self, path: str | os.PathLike[str], param_map: ParameterMap | None = None,
                  dataset: str = "dataset") -> None:
         self.path = os.fspath(path)
-        self._file: h5py.File | None = None
+        self._file = MrdFile(path, dataset)
+        self.heads: np.ndarray = self._file.heads
         try:
-            group = self._h5()[dataset]
-            xml = group["xml"][0]
-            self.mrd_header = ismrmrd.xsd.CreateFromDocument(xml.decode() if isinstance(xml, bytes) else xml)
-            self._data = group["data"]
-            self.heads: np.ndarray = self._data.fields("head")[...]
-        except (KeyError, OSError) as e:
+            self.mrd_header = ismrmrd.xsd.CreateFromDocument(self._file.xml)
+            rows = sort_readouts(self.heads["flags"])
+            self.parts = {name: TwixPart(name, self, rows[name]) for name in PARTS}
+            ctx = ScanContext(self.mrd_header, self.heads, rows["image"], rows["refscan"])
+            self.hdr: TwixHeader = (param_map or load_map()).apply(ctx)
+        except Exception:
             self.close()
-            raise TwixError(
-                f"{self.path} is not a raw MRD file with /{dataset}/xml and /{dataset}/data: {e}") from e
-        rows = sort_readouts(self.heads["flags"])
-        self.parts = {name: TwixPart(name, self, rows[name]) for name in PARTS}
-        ctx = ScanContext(self.mrd_header, self.heads, rows["image"], rows["refscan"])
-        self.hdr: TwixHeader = (param_map or load_map()).apply(ctx)
-
-    def _h5(self) -> h5py.File:
-        if self._file is None:
-            self._file = h5py.File(self.path, "r")
-        return self._file
+            raise
 
     def _readouts(self, rows: np.ndarray) -> Iterator[np.ndarray]:
-        """The samples (Cha, Col) complex64 of ``rows`` (ascending), read in a few large reads."""
-        data = self._data.fields("data")
-        for start, stop in _runs(rows, self.heads):
-            block = data[start:stop]
-            for r in rows[np.searchsorted(rows, start): np.searchsorted(rows, stop)]:
-                shape = (self.heads["active_channels"][r], self.heads["number_of_samples"][r])
-                yield block[r - start].view(np.complex64).reshape(shape)
+        return self._file.readouts(rows)
 
     def __getitem__(self, name: str) -> Any:
         if name == "hdr":
@@ -324,32 +307,13 @@ class TwixScan:
         return f"<TwixScan {os.path.basename(self.path)}: {counts}>"
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        self._file.close()
 
     def __enter__(self) -> TwixScan:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _runs(rows: np.ndarray, heads: np.ndarray) -> Iterator[tuple[int, int]]:
-    """``[start, stop)`` file row ranges covering ``rows`` (ascending): gaps of a few rows are read
-    through, and no range holds much more than ``_CHUNK_BYTES`` of samples."""
-    if not len(rows):
-        return
-    nbytes = heads["number_of_samples"].astype(np.int64) * heads["active_channels"] * 8
-    start = prev = int(rows[0])
-    size = 0
-    for r in map(int, rows):
-        if r - prev > _GAP_ROWS or size >= _CHUNK_BYTES:
-            yield start, prev + 1
-            start, size = r, 0
-        size += int(nbytes[r])
-        prev = r
-    yield start, prev + 1
 
 
 def read_twix(path: str | os.PathLike[str], param_map: ParameterMap | str | os.PathLike[str] | None = None,
@@ -362,7 +326,4 @@ def read_twix(path: str | os.PathLike[str], param_map: ParameterMap | str | os.P
     """
     if param_map is not None and not isinstance(param_map, ParameterMap):
         param_map = load_map(param_map)
-    try:
-        return TwixScan(path, param_map, dataset)
-    except ParameterMapError:
-        raise
+    return TwixScan(path, param_map, dataset)

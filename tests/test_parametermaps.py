@@ -577,3 +577,37 @@ def test_parameter_map_is_reusable_across_scans(tmp_path: Path) -> None:
         scan = SCANS[name]()
         with read_twix(scan.write(tmp_path / f"{name}.h5"), param_map=pmap) as twix:
             assert twix.hdr.Meas.lPartitions == scan.nz
+
+
+# --- reading the headers without the samples ---------------------------------------------------------
+
+
+def _rows(n: int) -> np.ndarray:
+    rows = np.zeros(n, ismrmrd.hdf5.acquisition_dtype)
+    rows["head"]["scan_counter"] = np.arange(n)
+    rows["head"]["idx"]["kspace_encode_step_1"] = np.arange(n)[::-1]
+    rows["head"]["number_of_samples"], rows["head"]["active_channels"] = 8, 2
+    for i in range(n):
+        rows["data"][i] = np.full(32, i, np.float32)
+        rows["traj"][i] = np.zeros(0, np.float32)
+    return rows
+
+
+@pytest.mark.parametrize("storage", [{}, {"chunks": (5,)}, {"chunks": (5,), "compression": "gzip"}])
+def test_heads_read_from_storage_equal_hdf5s(tmp_path: Path, storage: dict) -> None:
+    import h5py
+
+    from parametermaps.mrdfile import MrdFile
+
+    path = tmp_path / "raw.h5"
+    rows = _rows(12)  # 12 rows: the last chunk of 5 is partial
+    with h5py.File(path, "w") as f:
+        f.create_dataset("dataset/xml", data=[xsd.ToXML(scan_2d().header()).encode()], dtype=h5py.string_dtype())
+        f.create_dataset("dataset/data", data=rows, **storage)
+    mrd = MrdFile(path)
+    try:
+        np.testing.assert_array_equal(mrd.heads, rows["head"])
+        got = list(mrd.readouts(np.array([0, 7, 11])))
+        np.testing.assert_array_equal(got[1], np.full((2, 8), 7 + 7j, np.complex64))
+    finally:
+        mrd.close()
