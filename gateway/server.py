@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import threading
@@ -17,6 +18,15 @@ from reconq.settings import Settings
 from reconq.storage import ScanRecord, ScanStore
 
 log = logging.getLogger(__name__)
+
+
+def make_gateway(settings: Settings) -> Gateway:
+    """A gateway on the configured Redis with every registered pipeline allowed."""
+    from recon.pipelines import pipeline_names
+    from reconq.redisconn import connect
+    from workers.app import make_celery
+
+    return Gateway(settings, JobStore(connect(settings)), make_celery(settings), pipeline_names())
 
 
 class Gateway:
@@ -75,7 +85,7 @@ class Gateway:
         while not self._stopping.is_set():
             try:
                 sock, addr = self._listener.accept()
-            except (TimeoutError, socket.timeout):
+            except TimeoutError:
                 continue
             except OSError:
                 if self._stopping.is_set():
@@ -108,8 +118,6 @@ class Gateway:
             Session(self, sock, peer).run()
         finally:
             self._slots.release()
-            try:
+            with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
             sock.close()

@@ -8,6 +8,7 @@ TEXT, then CLOSE; what was received is kept and marked incomplete.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import socket
@@ -113,7 +114,7 @@ class Session:
                 log.warning("session from %s cut off: %s", self.peer, e)
         except (SessionError, p.ProtocolError) as e:
             self.fail(str(e))
-        except (TimeoutError, socket.timeout):
+        except TimeoutError:
             self.fail(f"no data from the client for {self.gw.settings.idle_timeout_s:g} s; session ended")
         except OSError as e:
             log.warning("session from %s: connection error: %s", self.peer, e)
@@ -125,10 +126,8 @@ class Session:
 
     def fail(self, message: str) -> None:
         log.warning("session from %s refused: %s", self.peer, message)
-        try:
+        with contextlib.suppress(OSError):
             self.send(text("ERR", message), p.write_close())
-        except OSError:
-            pass
 
     def read_opening(self) -> Opening | None:
         config_file = config_text = None

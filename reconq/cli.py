@@ -25,19 +25,10 @@ def _interrupt(*_: object) -> None:
     raise KeyboardInterrupt
 
 
-def _pipelines() -> list[str]:
-    from recon.pipelines import pipeline_names
-
-    return pipeline_names()
-
-
 def cmd_gateway(settings: Settings, args: argparse.Namespace) -> int:
-    from gateway.server import Gateway
-    from reconq.jobs import JobStore
-    from reconq.redisconn import connect
-    from workers.app import make_celery
+    from gateway.server import make_gateway
 
-    gw = Gateway(settings, JobStore(connect(settings)), make_celery(settings), _pipelines())
+    gw = make_gateway(settings)
     gw.bind()
     signal.signal(signal.SIGTERM, lambda *_: gw.stop())
     try:

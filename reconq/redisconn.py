@@ -5,6 +5,7 @@ The private server keeps its data (AOF on) under ``<data_dir>/redis`` and listen
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import socket
@@ -77,10 +78,8 @@ class PrivateRedis:
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
             return
-        try:
+        with contextlib.suppress(redis.ConnectionError):
             redis.Redis(port=self.port).shutdown(nosave=False)
-        except redis.ConnectionError:
-            pass
         try:
             self.proc.wait(timeout=10)
         except subprocess.TimeoutExpired:

@@ -1,0 +1,12 @@
+FROM python:3.12-slim
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY reconq reconq
+COPY gateway gateway
+COPY workers workers
+COPY recon recon
+COPY scheduler scheduler
+COPY parametermaps parametermaps
+ARG EXTRAS=""
+RUN pip install --no-cache-dir ".${EXTRAS}"
+ENTRYPOINT ["reconq"]

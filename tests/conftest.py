@@ -1,0 +1,100 @@
+"""Fixtures on real parts: a real redis-server, the gateway on loopback, real Celery worker processes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from reconq.jobs import JobStore
+from reconq.redisconn import PrivateRedis
+from reconq.settings import Settings, load_settings
+from reconq.stack import settings_env
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateRedis]:
+    """One real redis-server for the test session (AOF on, as in production)."""
+    server = PrivateRedis(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_db(redis_server: PrivateRedis) -> Iterator[str]:
+    """A Redis URL on a database flushed before the test (db 1; workers of e2e tests use db 0)."""
+    url = redis_server.url.rsplit("/", 1)[0] + "/1"
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    yield url
+    client.close()
+
+
+@pytest.fixture
+def settings(tmp_path: Path, redis_db: str) -> Settings:
+    return load_settings(data_dir=tmp_path / "data", redis_url=redis_db, mrd_port=0, min_free_bytes=0,
+                         retrieve_wait_s=10.0, retrieve_poll_s=0.2, idle_timeout_s=10.0)
+
+
+@pytest.fixture
+def store(settings: Settings) -> JobStore:
+    return JobStore(redis.Redis.from_url(settings.redis_url or "", decode_responses=True))
+
+
+def start_worker(settings: Settings, log_path: Path, concurrency: int = 1) -> subprocess.Popen[bytes]:
+    """A real ``reconq worker`` process on ``settings``; waits until Celery reports it ready."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RECONQ_")}
+    env.update(settings_env(settings))
+    log = open(log_path, "wb")  # noqa: SIM115 - owned by the process for its lifetime
+    proc = subprocess.Popen([sys.executable, "-m", "reconq.cli", "worker", "--concurrency", str(concurrency)],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    deadline = time.monotonic() + 60
+    while b"ready." not in log_path.read_bytes():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError("worker did not start:\n" + log_path.read_text(errors="replace"))
+        time.sleep(0.1)
+    return proc
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 20) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def e2e_settings(redis_server: PrivateRedis, tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    """Settings shared by a module's gateway and its worker process (Redis db 0, one data folder)."""
+    return load_settings(data_dir=tmp_path_factory.mktemp("e2e") / "data", redis_url=redis_server.url,
+                         mrd_port=0, min_free_bytes=0, retrieve_wait_s=60.0, retrieve_poll_s=0.2)
+
+
+@pytest.fixture(scope="module")
+def worker(e2e_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> Iterator[subprocess.Popen[bytes]]:
+    proc = start_worker(e2e_settings, tmp_path_factory.mktemp("worker") / "worker.log")
+    yield proc
+    stop_process(proc)
+
+
+@pytest.fixture(scope="module")
+def gateway(e2e_settings: Settings) -> Iterator[tuple[str, int]]:
+    """The MRD gateway serving on loopback in this process (real TCP); yields (host, port)."""
+    from gateway.server import make_gateway
+
+    gw = make_gateway(e2e_settings)
+    address = gw.start()
+    yield address
+    gw.stop()

@@ -1,0 +1,235 @@
+"""The gateway on real TCP and a real Redis: client styles, durable storage, refusals, reconciliation."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from collections.abc import Iterator
+
+import ismrmrd
+import numpy as np
+import pytest
+
+from gateway import client
+from gateway import protocol as p
+from gateway.server import Gateway, make_gateway
+from recon.simulate import synthetic_scan
+from reconq.constants import JobState
+from reconq.jobs import JobStore
+from reconq.settings import Settings
+from reconq.storage import ScanState, ScanStore
+
+
+@pytest.fixture
+def gw(settings: Settings) -> Iterator[Gateway]:
+    gateway = make_gateway(settings)
+    gateway.start()
+    yield gateway
+    gateway.stop()
+
+
+@pytest.fixture(scope="module")
+def scan():
+    return synthetic_scan(matrix=(32, 32), ncoil=4, nslices=2, protocol="gw_test", patient_id="GW01")
+
+
+def only_scan(settings: Settings):
+    records = list(ScanStore(settings.data_dir).scans())
+    assert len(records) == 1
+    return records[0]
+
+
+def wait_for_scan(settings: Settings, done, timeout: float = 10.0):
+    """The one stored scan, once ``done(record)`` holds (the session ends in the gateway's thread)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        records = list(ScanStore(settings.data_dir).scans())
+        if records and done(records[0]) or time.monotonic() > deadline:
+            return only_scan(settings)
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize(
+    ("style", "expected_pipeline", "expected_params"),
+    [
+        ("config_file", "cartesian", {}),
+        ("config_text_name", "cartesian", {}),
+        ("config_text_json", "cartesian", {"filter": "hann"}),
+        ("no_config", "cartesian", {}),  # the C++ ismrmrd tools send none: the default pipeline applies
+        ("json_text_after_header", "cartesian", {"coil_maps": "espirit", "lambda": 0.01}),
+    ],
+)
+def test_client_styles_are_accepted(gw, settings, store, scan, style, expected_pipeline, expected_params):
+    host, port = gw.address
+    kwargs: dict = {
+        "config_file": {"config": "cartesian"},
+        "config_text_name": {"config": "cartesian", "config_text": True},
+        "config_text_json": {"config": json.dumps({"pipeline": "cartesian", "parameters": {"filter": "hann"}}),
+                             "config_text": True},
+        "no_config": {},
+        "json_text_after_header": {"config": "cartesian", "params": expected_params},
+    }[style]
+    reply = client.send_scan(host, port, scan.header, scan.acquisitions, **kwargs)
+    assert reply.closed and not reply.errors(), reply.texts
+    job = store.get(reply.job_id() or "")
+    assert job is not None and job.state is JobState.QUEUED
+    assert job.pipeline == expected_pipeline and job.params == expected_params
+    assert (job.patient_id, job.protocol) == ("GW01", "gw_test")
+    record = only_scan(settings)
+    assert record.state is ScanState.COMPLETE and record.acquisitions == len(scan.acquisitions)
+
+
+def read_available(sock: socket.socket, wait: float) -> bytes:
+    sock.settimeout(wait)
+    try:
+        return sock.recv(65536)
+    except TimeoutError:
+        return b""
+
+
+def test_gateway_closes_only_after_the_clients_close(gw, scan):
+    """python-ismrmrd-server's client.py aborts if the server closes first: nothing may come before CLOSE."""
+    host, port = gw.address
+    with socket.create_connection((host, port)) as sock:
+        sock.sendall(client.opening("cartesian", scan.header))
+        for acq in scan.acquisitions:
+            sock.sendall(p.write_acquisition(acq))
+        assert read_available(sock, 1.0) == b""  # all data sent, no CLOSE yet: the server says nothing
+        sock.sendall(p.write_close())
+        sock.settimeout(10)
+        reply = client.read_reply(sock)
+    assert reply.closed and reply.texts[0].startswith("INF job ")
+
+
+def test_stored_raw_file_is_bit_identical(gw, settings):
+    """Every readout (header, trajectory, data) and waveform as sent, readable with ismrmrd.Dataset."""
+    host, port = gw.address
+    rng = np.random.default_rng(1)
+    scan = synthetic_scan(matrix=(24, 24), ncoil=3, protocol="bits")
+    acqs = []
+    for acq in scan.acquisitions:  # add a 2D trajectory and random bits to every readout
+        a = ismrmrd.Acquisition.from_array(acq.data + rng.normal(size=acq.data.shape).astype(np.float32),
+                                           trajectory=rng.normal(size=(acq.number_of_samples, 2)).astype(np.float32))
+        head = acq.getHead()
+        head.trajectory_dimensions = 2
+        a.setHead(head)
+        acqs.append(a)
+    waves = [ismrmrd.Waveform.from_array(rng.integers(0, 2**32, size=(2, 50), dtype=np.uint32)) for _ in range(3)]
+    for i, w in enumerate(waves):
+        w.waveform_id, w.time_stamp = 1, 100 + i
+    messages = [p.write_waveform(w) for w in waves] + [p.write_acquisition(a) for a in acqs]
+    reply = client.stream_session(host, port, client.opening("cartesian", scan.header), messages)
+    assert reply.closed and not reply.errors(), reply.texts
+
+    record = only_scan(settings)
+    with ismrmrd.Dataset(str(ScanStore(settings.data_dir).raw_path(record.scan_id)), "dataset",
+                         create_if_needed=False, mode="r") as dset:
+        assert dset.number_of_acquisitions() == len(acqs)
+        for i, sent in enumerate(acqs):
+            stored = dset.read_acquisition(i)
+            assert bytes(stored.getHead()) == bytes(sent.getHead())
+            assert stored.data.tobytes() == sent.data.tobytes()
+            assert stored.traj.tobytes() == sent.traj.tobytes()
+        assert dset.number_of_waveforms() == len(waves)
+        for i, sent in enumerate(waves):
+            stored = dset.read_waveform(i)
+            assert bytes(stored.getHead()) == bytes(sent.getHead())
+            assert stored.data.tobytes() == sent.data.tobytes()
+        xml = dset.read_xml_header()
+        assert ismrmrd.xsd.CreateFromDocument(xml).measurementInformation.protocolName == "bits"
+
+
+def test_unknown_pipeline_is_refused_and_the_data_kept(gw, settings, store, scan):
+    host, port = gw.address
+    reply = client.send_scan(host, port, scan.header, scan.acquisitions, config="no_such_recon")
+    assert reply.closed
+    assert reply.texts[0].startswith("ERR unknown pipeline 'no_such_recon'"), reply.texts
+    assert "cartesian" in reply.texts[0]  # says what is known
+    assert reply.job_id() is None and store.count() == 0
+    record = only_scan(settings)
+    assert record.state is ScanState.COMPLETE and record.pipeline is None
+    assert record.acquisitions == len(scan.acquisitions)
+
+
+def test_header_less_session_gets_close(gw, settings):
+    host, port = gw.address
+    with socket.create_connection((host, port), timeout=10) as sock:
+        sock.sendall(p.write_config_file("default") + p.write_close())
+        reply = client.read_reply(sock)
+    assert reply.closed and reply.texts == [] and reply.images == []
+    assert list(ScanStore(settings.data_dir).scans()) == []
+
+
+def test_bad_header_gets_err_and_the_server_keeps_serving(gw, store, scan):
+    host, port = gw.address
+    with socket.create_connection((host, port), timeout=10) as sock:
+        sock.sendall(p.write_config_file("cartesian") + p.write_length_prefixed(p.MessageId.HEADER, "<not xml"))
+        reply = client.read_reply(sock)
+    assert reply.closed and reply.texts[0].startswith("ERR HEADER is not a valid MRD XML header")
+    good = client.send_scan(host, port, scan.header, scan.acquisitions, config="cartesian")
+    assert good.job_id() and store.count() == 1
+
+
+def test_cut_off_stream_is_kept_incomplete_and_not_queued(gw, settings, store, scan):
+    host, port = gw.address
+    with socket.create_connection((host, port), timeout=10) as sock:
+        sock.sendall(client.opening("cartesian", scan.header))
+        for acq in scan.acquisitions[:10]:
+            sock.sendall(p.write_acquisition(acq))
+        sock.sendall(p.write_acquisition(scan.acquisitions[10])[:100])  # cut mid-message
+    record = wait_for_scan(settings, lambda r: r.state is not ScanState.RECEIVING)
+    assert record.state is ScanState.INCOMPLETE and "connection closed" in (record.error or "")
+    assert record.acquisitions == 10  # what was received is kept
+    assert store.count() == 0
+
+
+def test_start_up_queues_complete_scans_redis_lost_exactly_once(gw, settings, store, scan):
+    host, port = gw.address
+    reply = client.send_scan(host, port, scan.header, scan.acquisitions, config="cartesian")
+    job_id = reply.job_id()
+    store.redis.flushdb()  # Redis lost its job records (but the scan is on disk)
+    gw.stop()
+    for _ in range(2):  # two restarts: the job is made once
+        again = make_gateway(settings)
+        again.start()
+        again.stop()
+    job = store.get(job_id or "")
+    assert job is not None and job.state is JobState.QUEUED
+    assert store.count() == 1
+
+
+def test_sessions_past_the_maximum_are_refused(settings, scan):
+    gateway = make_gateway(settings.model_copy(update={"max_connections": 1}))
+    host, port = gateway.start()
+    try:
+        with socket.create_connection((host, port), timeout=10) as first:
+            first.sendall(client.opening("cartesian", scan.header))
+            time.sleep(0.2)
+            with socket.create_connection((host, port), timeout=10) as second:
+                reply = client.read_reply(second)
+            assert reply.closed and reply.texts[0].startswith("ERR gateway busy")
+            first.sendall(p.write_close())
+            assert client.read_reply(first).job_id()
+    finally:
+        gateway.stop()
+
+
+def test_job_store_create_is_idempotent(store):
+    from reconq.jobs import Job
+
+    job = Job(id="s1-j1", scan_id="s1", pipeline="cartesian")
+    assert store.create(job) is True
+    assert store.create(Job(id="s1-j1", scan_id="s1", pipeline="other")) is False
+    assert store.get("s1-j1").pipeline == "cartesian" and store.count() == 1
+
+
+def test_jobs_are_listed_newest_first_and_by_state(store: JobStore):
+    from reconq.jobs import Job
+
+    for i in range(5):
+        store.create(Job(id=f"j{i}", scan_id=f"s{i}", pipeline="cartesian", created_at=1000.0 + i))
+    store.set_state("j1", JobState.DONE)
+    assert [j.id for j in store.list(limit=3)] == ["j4", "j3", "j2"]
+    assert [j.id for j in store.list(state=JobState.DONE)] == ["j1"]
+    assert [j.id for j in store.list(offset=1, limit=2, state=JobState.QUEUED)] == ["j3", "j2"]
