@@ -277,7 +277,10 @@ class TwixScan:
         self._file = MrdFile(path, dataset)
         self.heads: np.ndarray = self._file.heads
         try:
-            self.mrd_header = ismrmrd.xsd.CreateFromDocument(self._file.xml)
+            try:
+                self.mrd_header = ismrmrd.xsd.CreateFromDocument(self._file.xml)
+            except Exception as e:  # the XML parser's errors have no common base worth naming
+                raise TwixError(f"{self.path}: the MRD header XML cannot be parsed: {e}") from e
             rows = sort_readouts(self.heads["flags"])
             self.parts = {name: TwixPart(name, self, rows[name]) for name in PARTS}
             ctx = ScanContext(self.mrd_header, self.heads, rows["image"], rows["refscan"])

@@ -287,7 +287,7 @@ def test_header_entries_equal_the_mrd_header(tmp_path: Path) -> None:
     assert hdr.Dicom.flReadoutOSFactor == 2.0
     assert hdr.Meas.dPhaseOversamplingForDialog == 0.0
     assert hdr.Meas.PhasePartialFourier == 1.0 and hdr.Meas.ReadoutPartialFourier == 1.0
-    assert hdr.Meas.lAccelFactPE == 1 and hdr.Meas.lAccelFact3D == 1 and hdr.Meas.ucPATMode == "embedded"
+    assert hdr.Meas.lAccelFactPE == 1 and hdr.Meas.lAccelFact3D == 1 and hdr.Meas.RefScanMode == "embedded"
     assert hdr.Config.NChaMeas == 4
     assert (hdr.Config.NEcoMeas, hdr.Meas.lContrasts, hdr.Config.NSlcMeas, hdr.Config.NLinMeas) == (
         3,
@@ -611,3 +611,14 @@ def test_heads_read_from_storage_equal_hdf5s(tmp_path: Path, storage: dict) -> N
         np.testing.assert_array_equal(got[1], np.full((2, 8), 7 + 7j, np.complex64))
     finally:
         mrd.close()
+
+
+def test_unparsable_header_xml(tmp_path: Path) -> None:
+    import h5py
+
+    path = tmp_path / "bad.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("dataset/xml", data=[b"<ismrmrdHeader><oops"], dtype=h5py.string_dtype())
+        f.create_dataset("dataset/data", data=_rows(2))
+    with pytest.raises(TwixError, match="cannot be parsed"):
+        read_twix(path)
