@@ -21,10 +21,13 @@ log = logging.getLogger(__name__)
 
 
 def make_gateway(settings: Settings) -> Gateway:
-    """A gateway on the configured Redis with every registered pipeline allowed."""
+    """A gateway on the configured Redis; the allow-list is every registered pipeline and plugin."""
     from recon.pipelines import pipeline_names
     from reconq.redisconn import connect
     from workers.app import make_celery
+    from workers.plugins import load_plugins
+
+    load_plugins(settings.plugin_dir, settings.parameter_map)
 
     return Gateway(settings, JobStore(connect(settings)), make_celery(settings), pipeline_names())
 

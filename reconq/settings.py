@@ -37,6 +37,8 @@ class Settings(BaseSettings):
     http_port: int = Field(9080, ge=0, le=65535, description="HTTP API port")
 
     default_pipeline: str = Field("cartesian", description="Pipeline for sessions that name no config")
+    plugin_dir: Path | None = Field(None, description="Folder of recon plugins (*.py defining recon())")
+    parameter_map: Path | None = Field(None, description="Site ParameterMap (YAML) extending the default")
     retrieve_configs: list[str] = Field(
         default_factory=lambda: ["retrieve", "reconq_retrieve"],
         description="Config names that make a session a retrieval scan",

@@ -96,7 +96,10 @@ class JobRunner:
 
 
 def register_tasks(app: Celery, settings: Settings) -> None:
-    """Register :data:`RUN_JOB_TASK` on ``app``; its runner connects to Redis on first use."""
+    """Register :data:`RUN_JOB_TASK` on ``app`` (and the recon plugins); the runner connects on first use."""
+    from workers.plugins import load_plugins
+
+    load_plugins(settings.plugin_dir, settings.parameter_map)
     runner: dict[str, JobRunner] = {}
 
     def get_runner() -> JobRunner:
