@@ -1,0 +1,76 @@
+"""Offline recon code inline: plugins registered from a folder run end to end and come back on retrieval."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gateway import client
+from recon.pipelines import get_pipeline
+from recon.rawdata import RawScan
+from recon.simulate import synthetic_scan, write_mrd
+from reconq.demo import expected_magnitude, nrmse
+from reconq.settings import Settings, load_settings
+from workers.plugins import PluginError, load_plugins
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "plugins"
+#: The example plugin with its filter off is a plain FFT + sum of squares: only uint16 rounding remains.
+NRMSE_BOUND = 0.01
+
+
+@pytest.fixture(scope="module")
+def e2e_settings(redis_server, tmp_path_factory) -> Settings:
+    """The shared e2e settings, with the example plugin folder (overrides conftest's fixture here)."""
+    return load_settings(data_dir=tmp_path_factory.mktemp("plugins") / "data", redis_url=redis_server.url,
+                         mrd_port=0, min_free_bytes=0, retrieve_wait_s=60.0, retrieve_poll_s=0.2,
+                         plugin_dir=EXAMPLES)
+
+
+def test_example_plugin_reconstructs_with_scanner_geometry(tmp_path):
+    assert load_plugins(EXAMPLES) == ["hann_fft"]
+    scan = synthetic_scan(matrix=(48, 40), ncoil=4, nslices=3, position=(0.0, 5.0, -12.0))
+    raw = write_mrd(scan, tmp_path / "raw.h5")
+    seen: list[str] = []
+    with RawScan.open(raw) as rs:
+        images = get_pipeline("hann_fft").run(rs, {"filter_strength": 0.0}, lambda f, s: seen.append(s))
+    assert "filter and FFT" in seen  # the plugin's own progress reaches the job
+    got = np.stack([np.asarray(i.data)[0, 0].astype(np.float32) for i in images])
+    assert nrmse(got, expected_magnitude(scan.truth, scan.mps)) < NRMSE_BOUND
+    centre = scan.header.encoding[0].encodingLimits.kspace_encoding_step_1.center
+    for img in images:
+        acq = next(a for a in scan.acquisitions
+                   if a.idx.slice == img.slice and a.idx.kspace_encode_step_1 == centre)
+        np.testing.assert_allclose(img.position, acq.position, atol=1e-5)
+        assert img.meta["SequenceDescriptionAdditional"] == "hann_fft"
+
+
+def test_plugin_may_not_shadow_a_builtin(tmp_path):
+    (tmp_path / "cartesian.py").write_text("def recon(twix, params, progress):\n    return None\n")
+    with pytest.raises(PluginError, match="would replace an existing pipeline"):
+        load_plugins(tmp_path)
+
+
+def test_broken_plugins_are_named(tmp_path):
+    (tmp_path / "norecon.py").write_text("x = 1\n")
+    with pytest.raises(PluginError, match="norecon.py defines no function recon"):
+        load_plugins(tmp_path)
+    (tmp_path / "norecon.py").unlink()
+    (tmp_path / "syntax.py").write_text("def recon(:\n")
+    with pytest.raises(PluginError, match="syntax.py failed to import"):
+        load_plugins(tmp_path)
+    with pytest.raises(PluginError, match="does not exist"):
+        load_plugins(tmp_path / "missing")
+
+
+def test_plugin_end_to_end_through_gateway_queue_worker_and_retrieval(gateway, worker):
+    host, port = gateway
+    scan = synthetic_scan(matrix=(64, 64), ncoil=4, nslices=2, protocol="plugin_t2", patient_id="PLUG1")
+    reply = client.send_scan(host, port, scan.header, scan.acquisitions, config="hann_fft",
+                             params={"filter_strength": 0.0})
+    assert reply.job_id() and not reply.errors(), reply.texts
+    back = client.retrieve(host, port, scan.header)
+    assert len(back.images) == 2, back.texts
+    got = np.stack([np.asarray(i.data)[0, 0].astype(np.float32) for i in back.images])
+    assert nrmse(got, expected_magnitude(scan.truth, scan.mps)) < NRMSE_BOUND
