@@ -81,6 +81,19 @@ def config_name(opening: Opening) -> tuple[str | None, dict[str, Any]]:
     raise SessionError("CONFIG_TEXT must be a pipeline name or JSON {\"pipeline\": NAME, \"parameters\": {...}}")
 
 
+def parameters_from_text(body: str) -> dict[str, Any]:
+    """Job parameters from a JSON TEXT: a flat object, or python-ismrmrd-server's ``configAdditional``
+    form ``{"parameters": {...}, ...}`` (whose ``parameters`` are taken)."""
+    try:
+        data = json.loads(body)
+    except json.JSONDecodeError as e:
+        raise SessionError(f"parameter TEXT is not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise SessionError("parameter TEXT must be a JSON object")
+    inner = data.get("parameters")
+    return dict(inner) if isinstance(inner, dict) else data
+
+
 class Session:
     """Serves one connection; :meth:`run` never raises."""
 
@@ -223,11 +236,8 @@ class Session:
         def text_message() -> None:
             body = p.read_length_prefixed(src, limits.max_text_bytes, "TEXT")
             if not seen_data and body.lstrip().startswith("{"):
-                try:
-                    record.params.update(json.loads(body))
-                    return
-                except json.JSONDecodeError as e:
-                    raise SessionError(f"parameter TEXT is not valid JSON: {e}") from e
+                record.params.update(parameters_from_text(body))
+                return
             log.info("scan %s: client says: %.200s", record.scan_id, body)
 
         self.read_until_close({

@@ -80,6 +80,23 @@ def test_client_styles_are_accepted(gw, settings, store, scan, style, expected_p
     assert record.state is ScanState.COMPLETE and record.acquisitions == len(scan.acquisitions)
 
 
+def test_config_additional_json_of_python_ismrmrd_server_clients(gw, store, scan):
+    """client.py sends ``{"parameters": {...}}`` as a TEXT after the header: its parameters reach the job."""
+    host, port = gw.address
+    sent = {"version": "1.0", "parameters": {"customconfig": "", "sense_lambda": 0.02}}
+    reply = client.send_scan(host, port, scan.header, scan.acquisitions, config="cartesian", params=sent)
+    job = store.get(reply.job_id() or "")
+    assert job is not None and job.params == {"customconfig": "", "sense_lambda": 0.02}
+
+
+def test_parameter_text_that_is_not_json_is_refused(gw, settings, scan):
+    host, port = gw.address
+    head = client.opening("cartesian", scan.header) + p.write_text('{"lambda": 0.1,')
+    reply = client.stream_session(host, port, head, [p.write_acquisition(a) for a in scan.acquisitions[:3]])
+    assert reply.closed and reply.texts[0].startswith("ERR parameter TEXT is not valid JSON")
+    assert only_scan(settings).state is ScanState.INCOMPLETE
+
+
 def read_available(sock: socket.socket, wait: float) -> bytes:
     sock.settimeout(wait)
     try:
