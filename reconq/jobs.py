@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -21,6 +22,7 @@ from reconq.constants import (
     JOB_KEY,
     JOB_LOG,
     JOBS_INDEX,
+    KEY_PREFIX,
     MATCH_INDEX,
     RETRIEVALS,
     SCAN_JOBS,
@@ -33,6 +35,12 @@ _JSON_FIELDS = {"params"}
 _FLOAT_FIELDS = {"progress", "created_at", "queued_at", "started_at", "finished_at"}
 _INT_FIELDS = {"attempts"}
 _LOG_LINES_KEPT = 500
+_SCAN_PAGE = 1000
+
+#: List ``reconq:actions:<job_id>`` of staff actions on the job (JSON: at, who, action, detail).
+JOB_ACTIONS = KEY_PREFIX + "actions:"
+#: Counter ``reconq:jobseq:<scan_id>``: the number of the scan's newest job (``<scan_id>-j<n>``).
+SCAN_JOB_SEQ = KEY_PREFIX + "jobseq:"
 
 
 @dataclass
@@ -204,6 +212,72 @@ class JobStore:
         members = self.redis.zrangebyscore(RETRIEVALS, since, "+inf")
         ok = sum(1 for m in members if ":ok:" in m)
         return ok, len(members) - ok
+
+    def get_many(self, ids: list[str]) -> list[Job]:
+        """The jobs of ``ids`` that exist, in that order, in one round trip."""
+        pipe = self.redis.pipeline()
+        for job_id in ids:
+            pipe.hgetall(JOB_KEY + job_id)
+        return [Job.from_redis(raw) for raw in pipe.execute() if raw.get("scan_id")]
+
+    def query(self, offset: int = 0, limit: int = 50, state: JobState | None = None, protocol: str = "",
+              since: float | None = None, until: float | None = None) -> tuple[list[Job], int]:
+        """A page of jobs newest first, filtered by state, protocol (case-insensitive substring) and
+        creation time (``since <= created_at < until``); returns the page and how many jobs match."""
+        hi = "+inf" if until is None else f"({until}"
+        lo = "-inf" if since is None else since
+        if state is None and not protocol:
+            ids = self.redis.zrevrangebyscore(JOBS_INDEX, hi, lo, start=offset, num=limit)
+            total = int(self.redis.zcount(JOBS_INDEX, lo, hi))
+            return self.get_many(ids), total
+        wanted = protocol.lower()
+        matched: list[str] = []
+        for job_id, (st, proto) in self.scan_fields(["state", "protocol"], lo, hi):
+            if (state is None or st == state.value) and wanted in (proto or "").lower():
+                matched.append(job_id)
+        return self.get_many(matched[offset:offset + limit]), len(matched)
+
+    def scan_fields(self, names: list[str], lo: float | str = "-inf",
+                    hi: float | str = "+inf") -> Iterator[tuple[str, list[str | None]]]:
+        """(job id, the named fields) of every job created in [lo, hi], newest first, read in pages."""
+        start = 0
+        while True:
+            ids = self.redis.zrevrangebyscore(JOBS_INDEX, hi, lo, start=start, num=_SCAN_PAGE)
+            if not ids:
+                return
+            pipe = self.redis.pipeline()
+            for job_id in ids:
+                pipe.hmget(JOB_KEY + job_id, names)
+            yield from zip(ids, pipe.execute(), strict=True)
+            start += _SCAN_PAGE
+
+    def next_job_id(self, scan_id: str) -> str:
+        """A new, unused job id ``<scan_id>-j<n>`` for another job on a stored scan (an INCR counter)."""
+        while True:
+            job_id = f"{scan_id}-j{self.redis.incr(SCAN_JOB_SEQ + scan_id)}"
+            if not self.redis.exists(JOB_KEY + job_id):
+                return job_id
+
+    def clear_fields(self, job_id: str, *names: str) -> None:
+        """Remove optional fields (timestamps) from a job, as when it is queued again."""
+        if names:
+            self.redis.hdel(JOB_KEY + job_id, *names)
+
+    def record_action(self, job_id: str, who: str, action: str, detail: str = "") -> dict[str, Any]:
+        """Record that ``who`` did ``action`` on the job (kept for good), log it and publish it."""
+        entry = {"at": time.time(), "who": who, "action": action, "detail": detail}
+        self.redis.rpush(JOB_ACTIONS + job_id, json.dumps(entry))
+        self.log(job_id, f"{action} by {who}" + (f": {detail}" if detail else ""))
+        self._publish(job_id, action=action)
+        return entry
+
+    def actions(self, job_id: str) -> list[dict[str, Any]]:
+        """The job's recorded staff actions, oldest first."""
+        return [json.loads(a) for a in self.redis.lrange(JOB_ACTIONS + job_id, 0, -1)]
+
+    def retrieval_totals(self) -> tuple[int, int]:
+        """(found, not found) retrieval scans ever recorded."""
+        return self.retrieval_counts(0.0)
 
     def _states(self, ids: list[str]) -> list[str | None]:
         pipe = self.redis.pipeline()

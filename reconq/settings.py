@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -60,6 +61,22 @@ class Settings(BaseSettings):
     )
     worker_concurrency: int = Field(1, ge=1, description="Worker processes started by `reconq worker`")
     job_time_limit_s: int = Field(4 * 3600, ge=1, description="Hard time limit of one recon task")
+
+    environment: Literal["development", "production"] = Field(
+        "production", description="`development` accepts placeholder sign-in secrets (with a warning)"
+    )
+    staff_passwords: dict[str, str] = Field(
+        default_factory=dict,
+        description='Staff sign-in by password: JSON {"name": "scrypt$..."}; hashes from `python -m gateway.auth`',
+    )
+    staff_tokens: dict[str, str] = Field(
+        default_factory=dict,
+        description='Staff API tokens: JSON {"name": "sha256$..."}; hashes from `python -m gateway.auth --token`',
+    )
+    dashboard_public_read: bool = Field(
+        False, description="Let anyone who reaches the API view jobs (read-only, patient identifiers masked)"
+    )
+    session_ttl_s: int = Field(8 * 3600, ge=60, description="How long a dashboard sign-in lasts")
 
 
 def load_settings(**overrides: object) -> Settings:

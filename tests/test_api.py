@@ -1,57 +1,377 @@
-"""The HTTP API on a real Redis: listing, one job, its images, refusals with clear messages."""
+"""The HTTP API on a real Redis: listing and filters, one job, downloads, sign-in, staff actions, status
+routes, metrics and the OpenAPI description; refusals come with a clear message."""
 
 from __future__ import annotations
 
+import io
+import json
+import time
+import zipfile
+
 import ismrmrd
 import numpy as np
+import pydicom
 import pytest
 import redis
 from fastapi.testclient import TestClient
+from PIL import Image as PILImage
 
 from gateway.api import make_api
+from gateway.auth import ACTION_HEADER, hash_password, hash_token, verify_secret
+from gateway.submit import enqueue
+from recon.simulate import synthetic_scan
 from reconq.constants import JobState
 from reconq.jobs import Job
+from reconq.settings import SettingsError
+from reconq.storage import ScanRecord, ScanState, ScanStore
 from workers.results import read_images, write_images
+
+PASSWORD = "a long and proper password"
+TOKEN = "test-token-0123456789abcdef"
+PASSWORD_HASH = hash_password(PASSWORD)
+STAFF = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def make_client(settings, **changes) -> TestClient:
+    settings = settings.model_copy(update={"staff_passwords": {"alice": PASSWORD_HASH},
+                                           "staff_tokens": {"robot": hash_token(TOKEN)}, **changes})
+    return TestClient(make_api(settings, redis.Redis.from_url(settings.redis_url, decode_responses=True)))
 
 
 @pytest.fixture
-def api(settings):
-    return TestClient(make_api(settings, redis.Redis.from_url(settings.redis_url, decode_responses=True)))
+def api(settings) -> TestClient:
+    """Viewing open to all (read-only), actions for staff."""
+    return make_client(settings, dashboard_public_read=True)
+
+
+@pytest.fixture
+def closed_api(settings) -> TestClient:
+    """Viewing only after sign-in (the default)."""
+    return make_client(settings)
+
+
+def result_file(path, nslices: int = 3):
+    scan = synthetic_scan(matrix=(32, 32), ncoil=2, nslices=nslices, protocol="t1", patient_id="PAT12345")
+    images = []
+    for s in range(nslices):
+        image = ismrmrd.Image.from_array((np.arange(32 * 32, dtype=np.uint16).reshape(32, 32) + s * 7) % 4096)
+        image.image_index, image.image_series_index, image.slice = s + 1, 1, s
+        image.field_of_view = (220.0, 220.0, 5.0)
+        image.read_dir, image.phase_dir, image.slice_dir = (1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0)
+        images.append(image)
+    write_images(path, images, ismrmrd.xsd.ToXML(scan.header))
+    return images
+
+
+def stored_scan(settings, scan_id: str = "scan1", state: ScanState = ScanState.COMPLETE) -> ScanRecord:
+    record = ScanRecord(scan_id=scan_id, state=state, pipeline="cartesian", params={"lambda": 0.1},
+                        patient_id="PAT12345", study_uid="1.2.3", protocol="t1_retro")
+    ScanStore(settings.data_dir).create(record)
+    return record
+
+
+def queue_ids(store, queue: str) -> list[str]:
+    return [json.loads(m)["headers"]["id"] for m in store.redis.lrange(queue, 0, -1)]
 
 
 def test_jobs_list_one_job_and_images(api, store, tmp_path):
     for i in range(3):
         store.create(Job(id=f"j{i}", scan_id=f"s{i}", pipeline="cartesian", created_at=100.0 + i,
                          protocol="t1", patient_id="SECRET"))
-    image = ismrmrd.Image.from_array(np.arange(12, dtype=np.uint16).reshape(3, 4))
-    result = tmp_path / "r.h5"
-    write_images(result, [image])
-    store.set_state("j1", JobState.DONE, result_path=str(result), progress=1.0)
+    images = result_file(tmp_path / "r.h5")
+    store.set_state("j1", JobState.DONE, result_path=str(tmp_path / "r.h5"), progress=1.0)
 
     page = api.get("/api/jobs", params={"limit": 2}).json()
     assert page["total"] == 3 and [j["id"] for j in page["jobs"]] == ["j2", "j1"]
-    assert "patient_id" not in page["jobs"][0]  # patient identifiers are not listed
+    assert page["jobs"][0]["patient"] == "S****T" and "patient_id" not in page["jobs"][0]
+    assert api.get("/api/jobs", headers=STAFF).json()["jobs"][0]["patient"] == "SECRET"
     done = api.get("/api/jobs", params={"state": "done"}).json()
     assert [j["id"] for j in done["jobs"]] == ["j1"] and done["jobs"][0]["has_images"]
 
     one = api.get("/api/jobs/j1").json()
     assert one["state"] == "done" and one["progress"] == 1.0 and one["finished_at"] is not None
+    assert one["image_count"] == 3 and one["previews"] == [0, 1, 2] and "state done" in one["log"][-1]
 
-    got = api.get("/api/jobs/j1/images")
+    assert api.get("/api/jobs/j1/images").status_code == 401  # downloads carry the patient: staff only
+    got = api.get("/api/jobs/j1/images", headers=STAFF)
     assert got.status_code == 200 and got.headers["content-type"] == "application/x-hdf5"
     downloaded = tmp_path / "d.h5"
     downloaded.write_bytes(got.content)
-    assert np.array_equal(read_images(downloaded)[0].data, image.data)
+    assert np.array_equal(read_images(downloaded)[0].data, images[0].data)
+
+
+def test_previews_and_dicom(api, store, tmp_path):
+    images = result_file(tmp_path / "r.h5")
+    store.create(Job(id="d1", scan_id="s", pipeline="cartesian", protocol="t1"))
+    store.set_state("d1", JobState.DONE, result_path=str(tmp_path / "r.h5"))
+
+    png = api.get("/api/jobs/d1/previews/2.png")
+    assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+    assert PILImage.open(io.BytesIO(png.content)).size == (32, 32)
+    missing = api.get("/api/jobs/d1/previews/9.png")
+    assert missing.status_code == 404 and "out of range (the result has 3)" in missing.json()["detail"]
+
+    z = api.get("/api/jobs/d1/dicom", headers=STAFF)
+    assert z.status_code == 200 and z.headers["content-type"] == "application/zip"
+    with zipfile.ZipFile(io.BytesIO(z.content)) as zf:
+        names = sorted(zf.namelist())
+        ds = pydicom.dcmread(io.BytesIO(zf.read(names[1])))
+    assert len(names) == 3 and ds.Modality == "MR" and ds.PatientID == "PAT12345"
+    assert np.array_equal(ds.pixel_array, np.asarray(images[1].data)[0, 0])
+    assert [float(v) for v in ds.PixelSpacing] == [220 / 32, 220 / 32]
+    # MRD gives the image centre; DICOM the first pixel's centre
+    assert float(ds.ImagePositionPatient[0]) == pytest.approx(-(220 - 220 / 32) / 2)
+
+
+def test_filters_by_state_protocol_and_date(api, store):
+    day = 86400.0
+    t0 = time.mktime(time.strptime("2026-03-02", "%Y-%m-%d"))
+    for i, (proto, state) in enumerate([("t1_mprage", JobState.DONE), ("T2_flair", JobState.FAILED),
+                                        ("t1_vibe", JobState.DONE), ("dwi", JobState.QUEUED)]):
+        store.create(Job(id=f"f{i}", scan_id=f"s{i}", pipeline="cartesian", protocol=proto,
+                         created_at=t0 + i * day + 60, state=state))
+
+    def ids(**params: str) -> list[str]:
+        return [j["id"] for j in api.get("/api/jobs", params=params).json()["jobs"]]
+
+    assert ids(protocol="T1") == ["f2", "f0"]
+    assert ids(protocol="t1", state="done") == ["f2", "f0"]
+    assert ids(state="failed") == ["f1"]
+    assert ids(since="2026-03-03", until="2026-03-05") == ["f2", "f1"]
+    assert ids(since="2026-03-03", protocol="t1") == ["f2"]
+    page = api.get("/api/jobs", params={"protocol": "t", "limit": 1, "offset": 1}).json()
+    assert page["total"] == 3 and [j["id"] for j in page["jobs"]] == ["f1"]
+
+
+@pytest.mark.parametrize(("params", "message"), [
+    ({"limit": 0}, "limit: Input should be greater than or equal to 1"),
+    ({"limit": 501}, "limit: Input should be less than or equal to 500"),
+    ({"offset": -1}, "offset: Input should be greater than or equal to 0"),
+    ({"state": "bogus"}, "state: Input should be"),
+    ({"since": "yesterday"}, "since: Input should be a valid datetime"),
+    ({"since": "2026-03-05", "until": "2026-03-01"}, "`since` must be before `until`"),
+])
+def test_bad_parameters_get_a_clear_422(api, params, message):
+    r = api.get("/api/jobs", params=params)
+    assert r.status_code == 422 and message in r.json()["detail"], r.json()
 
 
 def test_refusals_say_what_is_wrong(api, store):
     store.create(Job(id="q1", scan_id="s", pipeline="cartesian"))
-    assert api.get("/api/jobs/nope").status_code == 404
-    assert "no job 'nope'" in api.get("/api/jobs/nope").json()["detail"]
-    r = api.get("/api/jobs/q1/images")
+    r = api.get("/api/jobs/nope")
+    assert r.status_code == 404 and "no job 'nope'" in r.json()["detail"]
+    r = api.get("/api/jobs/q1/images", headers=STAFF)
     assert r.status_code == 409 and "has no images (state queued)" in r.json()["detail"]
-    assert api.get("/api/jobs", params={"state": "bogus"}).status_code == 422
-    assert api.get("/api/jobs", params={"limit": 0}).status_code == 422
+    assert api.get("/api/jobs/q1/dicom", headers=STAFF).status_code == 409
+    assert api.get("/api/jobs/q1/previews/0.png").status_code == 409
+    r = api.get("/api/jobs", headers={"Authorization": "Bearer wrong"})
+    assert r.status_code == 401 and "bearer token is not valid" in r.json()["detail"]
+
+
+def test_viewing_needs_sign_in_unless_settings_allow(closed_api, store):
+    store.create(Job(id="v1", scan_id="s", pipeline="cartesian"))
+    for path in ("/api/jobs", "/api/jobs/v1", "/api/queues", "/api/retrievals", "/api/pipelines", "/api/events"):
+        r = closed_api.get(path)
+        assert r.status_code == 401 and "sign in to view jobs" in r.json()["detail"], path
+    assert closed_api.get("/api/jobs", headers=STAFF).status_code == 200
+    assert closed_api.get("/api/health").status_code == 200  # liveness stays open
+    assert closed_api.get("/").status_code == 200  # the page itself, which then asks to sign in
+
+
+def test_sign_in_by_password_or_token_and_out(closed_api, caplog):
+    assert closed_api.get("/api/auth/me").json() == {"name": "", "staff": False, "public_read": False}
+    bad = closed_api.post("/api/auth/signin", json={"name": "alice", "password": "wrong"})
+    assert bad.status_code == 401 and bad.json()["detail"] == "wrong name, password or token"
+    r = closed_api.post("/api/auth/signin", json={"name": "alice"})
+    assert r.status_code == 422 and "give a name and password, or a token" in r.json()["detail"]
+
+    me = closed_api.post("/api/auth/signin", json={"name": "alice", "password": PASSWORD})
+    assert me.status_code == 200 and me.json()["name"] == "alice"
+    cookie = me.headers["set-cookie"]
+    assert "HttpOnly" in cookie and "SameSite=strict" in cookie
+    assert closed_api.get("/api/jobs").status_code == 200  # by the session cookie
+    closed_api.post("/api/auth/signout")
+    assert closed_api.get("/api/jobs").status_code == 401
+
+    assert closed_api.post("/api/auth/signin", json={"token": TOKEN}).json()["name"] == "robot"
+    assert PASSWORD not in caplog.text and TOKEN not in caplog.text  # never logged in clear
+
+
+def test_repeated_failed_sign_ins_are_slowed(closed_api):
+    for _ in range(10):
+        closed_api.post("/api/auth/signin", json={"name": "mallory", "password": "guess"})
+    r = closed_api.post("/api/auth/signin", json={"name": "mallory", "password": "guess"})
+    assert r.status_code == 429 and "too many failed sign-ins" in r.json()["detail"]
+
+
+def test_secrets_are_hashed_and_placeholders_refused(settings):
+    stored = hash_password(PASSWORD)
+    assert stored.startswith("scrypt$") and PASSWORD not in stored
+    assert verify_secret(PASSWORD, stored) and not verify_secret("other", stored)
+    assert verify_secret(TOKEN, hash_token(TOKEN)) and not verify_secret(TOKEN, "plain-text")
+    client = redis.Redis.from_url(settings.redis_url, decode_responses=True)
+    placeholder = settings.model_copy(update={"staff_tokens": {"admin": hash_token("changethis")}})
+    with pytest.raises(SettingsError, match="placeholder"):
+        make_api(placeholder, client)
+    make_api(placeholder.model_copy(update={"environment": "development"}), client)  # accepted there
+    with pytest.raises(SettingsError, match="not a scrypt"):
+        make_api(settings.model_copy(update={"staff_passwords": {"bob": "hunter2"}}), client)
+
+
+def test_actions_need_staff(api, store, settings):
+    store.create(Job(id="a1", scan_id="s", pipeline="cartesian", state=JobState.FAILED, error="boom"))
+    for path, body in [("/api/jobs/a1/retry", None), ("/api/jobs/a1/cancel", None),
+                       ("/api/jobs/a1/priority", {"queue": "stat"}),
+                       ("/api/scans/s/jobs", {"pipeline": "cartesian"})]:
+        r = api.post(path, json=body)
+        assert r.status_code == 401 and r.json()["detail"] == "sign in as staff to do this", path
+    # a session cookie alone does not do: the page adds the action header (a cross-site form cannot)
+    api.post("/api/auth/signin", json={"name": "alice", "password": PASSWORD})
+    r = api.post("/api/jobs/a1/retry")
+    assert r.status_code == 403 and ACTION_HEADER in r.json()["detail"]
+    assert store.get("a1").state is JobState.FAILED and store.actions("a1") == []
+    assert api.post("/api/jobs/a1/retry", headers={ACTION_HEADER: "1"}).status_code == 200
+    assert store.actions("a1")[0]["who"] == "alice"
+
+
+def test_retry_failed_job(api, store):
+    store.create(Job(id="r1", scan_id="s", pipeline="cartesian", attempts=1))
+    store.set_state("r1", JobState.FAILED, error="out of memory")
+    r = api.post("/api/jobs/r1/retry", headers=STAFF)
+    assert r.status_code == 200 and r.json()["state"] == "queued" and r.json()["error"] == ""
+    assert r.json()["finished_at"] is None
+    assert queue_ids(store, "routine") == ["r1.1"]  # a new task id: attempts go on counting
+    (action,) = store.actions("r1")
+    assert action["who"] == "robot" and action["action"] == "retry" and "out of memory" in action["detail"]
+    assert api.get("/api/jobs/r1").json()["actions"][0]["action"] == "retry"
+    again = api.post("/api/jobs/r1/retry", headers=STAFF)
+    assert again.status_code == 409 and "only a failed job can be retried" in again.json()["detail"]
+
+
+def test_cancel_queued_job_takes_it_off_its_queue(api, store, settings):
+    job = Job(id="c1", scan_id="s", pipeline="cartesian")
+    store.create(job)
+    enqueue(store, api.app.state.actions.celery, job)
+    assert queue_ids(store, "routine") == ["c1.0"]
+    r = api.post("/api/jobs/c1/cancel", headers=STAFF)
+    assert r.status_code == 200 and r.json()["state"] == "cancelled"
+    assert queue_ids(store, "routine") == []
+    assert store.actions("c1")[0]["detail"] == "taken off queue routine"
+    again = api.post("/api/jobs/c1/cancel", headers=STAFF)
+    assert again.status_code == 409 and "c1 is cancelled" in again.json()["detail"]
+
+
+def test_cancel_running_job_revokes_its_task(api, store):
+    store.create(Job(id="c2", scan_id="s", pipeline="cartesian"))
+    store.set_state("c2", JobState.RUNNING, attempts=1)
+    r = api.post("/api/jobs/c2/cancel", headers=STAFF)
+    assert r.status_code == 200 and r.json()["state"] == "cancelled"
+    assert store.actions("c2")[0]["detail"] == "task revoked while running"
+
+
+def test_change_priority_moves_the_queued_job(api, store):
+    job = Job(id="p1", scan_id="s", pipeline="cartesian", queue="bulk")
+    store.create(job)
+    enqueue(store, api.app.state.actions.celery, job)
+    queued_at = store.get("p1").queued_at
+    r = api.post("/api/jobs/p1/priority", json={"queue": "stat"}, headers=STAFF)
+    assert r.status_code == 200 and r.json()["queue"] == "stat" and r.json()["queued_at"] == queued_at
+    assert queue_ids(store, "bulk") == [] and queue_ids(store, "stat") == ["p1.0"]
+    assert store.actions("p1")[0]["detail"] == "queue bulk -> stat"
+    same = api.post("/api/jobs/p1/priority", json={"queue": "stat"}, headers=STAFF)
+    assert same.status_code == 409 and "on queue stat already" in same.json()["detail"]
+    bad = api.post("/api/jobs/p1/priority", json={"queue": "urgent"}, headers=STAFF)
+    assert bad.status_code == 422 and "queue" in bad.json()["detail"]
+    store.redis.delete("stat")  # a worker took it meanwhile
+    gone = api.post("/api/jobs/p1/priority", json={"queue": "bulk"}, headers=STAFF)
+    assert gone.status_code == 409 and "taken by a worker" in gone.json()["detail"]
+
+
+def test_retro_recon_makes_new_jobs_on_a_stored_scan(api, store, settings):
+    record = stored_scan(settings)
+    store.create(Job(id="scan1-j1", scan_id="scan1", pipeline="cartesian"))
+    r = api.post("/api/scans/scan1/jobs", json={"pipeline": "cartesian", "params": {"lambda": 0.5}},
+                 headers=STAFF)
+    assert r.status_code == 201, r.json()
+    job = r.json()
+    assert job["id"] == "scan1-j2" and job["queue"] == "bulk" and job["params"] == {"lambda": 0.5}
+    assert job["protocol"] == record.protocol and queue_ids(store, "bulk") == ["scan1-j2.0"]
+    r2 = api.post("/api/scans/scan1/jobs", json={"pipeline": "cartesian", "queue": "stat"}, headers=STAFF)
+    assert r2.json()["id"] == "scan1-j3" and r2.json()["params"] == {"lambda": 0.1}  # the scan's own
+    assert store.actions("scan1-j3")[0]["action"] == "retro-recon"
+
+    unknown = api.post("/api/scans/scan1/jobs", json={"pipeline": "magic"}, headers=STAFF)
+    assert unknown.status_code == 422 and "unknown pipeline 'magic'; known pipelines:" in unknown.json()["detail"]
+    missing = api.post("/api/scans/nope/jobs", json={"pipeline": "cartesian"}, headers=STAFF)
+    assert missing.status_code == 404 and "no stored scan 'nope'" in missing.json()["detail"]
+    stored_scan(settings, "cut", ScanState.INCOMPLETE)
+    cut = api.post("/api/scans/cut/jobs", json={"pipeline": "cartesian"}, headers=STAFF)
+    assert cut.status_code == 409 and "scan cut is incomplete" in cut.json()["detail"]
+    empty = api.post("/api/scans/scan1/jobs", json={}, headers=STAFF)
+    assert empty.status_code == 422 and "pipeline: Field required" in empty.json()["detail"]
+
+
+def test_queues_retrievals_and_pipelines(api, store):
+    store.redis.rpush("stat", "m1")
+    store.redis.rpush("bulk", "m2", "m3")
+    assert api.get("/api/queues").json() == [{"name": "stat", "depth": 1}, {"name": "routine", "depth": 0},
+                                             {"name": "bulk", "depth": 2}]
+    empty = api.get("/api/retrievals").json()
+    assert empty["day"] == {"found": 0, "not_found": 0, "rate": None}
+    for found in (True, True, True, False):
+        store.record_retrieval(found)
+    assert api.get("/api/retrievals").json()["week"] == {"found": 3, "not_found": 1, "rate": 0.75}
+    assert "cartesian" in api.get("/api/pipelines").json()
+
+
+def test_metrics_in_prometheus_text(api, store):
+    store.create(Job(id="m1", scan_id="s", pipeline="cartesian"))
+    store.create(Job(id="m2", scan_id="s", pipeline="cartesian"))
+    store.update("m2", state="done", started_at=100.0, finished_at=145.0)
+    store.redis.rpush("routine", "x")
+    store.record_retrieval(True)
+    store.redis.hset("reconq:stats:gateway", mapping={"bytes_received_total": 1234, "sessions_active": 2})
+    r = api.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain; version=0.0.4")
+    lines = set(r.text.splitlines())
+    assert {'reconq_jobs{state="queued"} 1', 'reconq_jobs{state="done"} 1', 'reconq_queue_depth{queue="routine"} 1',
+            'reconq_job_run_seconds_bucket{le="30.0"} 0', 'reconq_job_run_seconds_bucket{le="60.0"} 1',
+            "reconq_job_run_seconds_sum 45", 'reconq_retrievals_total{outcome="found"} 1',
+            "reconq_gateway_bytes_received_total 1234", "reconq_gateway_sessions_active 2",
+            "# TYPE reconq_job_run_seconds histogram"} <= lines
+
+
+def test_openapi_is_complete_and_typed(api):
+    spec = api.get("/openapi.json").json()
+    assert {"/api/jobs", "/api/jobs/{job_id}", "/api/jobs/{job_id}/images", "/api/jobs/{job_id}/dicom",
+            "/api/jobs/{job_id}/previews/{index}.png", "/api/jobs/{job_id}/retry", "/api/jobs/{job_id}/cancel",
+            "/api/jobs/{job_id}/priority", "/api/scans/{scan_id}/jobs", "/api/queues", "/api/retrievals",
+            "/api/pipelines", "/api/health", "/api/events", "/api/auth/signin", "/api/auth/signout",
+            "/api/auth/me", "/metrics"} <= set(spec["paths"])
+
+    def untyped(node, where):  # a schema that says nothing is an `Any`
+        if isinstance(node, dict):
+            if "schema" in node and node["schema"] == {}:
+                yield where
+            for key, value in node.items():
+                if key in ("properties", "schemas"):
+                    for name, sub in value.items():
+                        if sub == {}:
+                            yield f"{where}.{name}"
+                yield from untyped(value, f"{where}.{key}")
+        elif isinstance(node, list):
+            for i, value in enumerate(node):
+                yield from untyped(value, f"{where}[{i}]")
+
+    assert list(untyped(spec, "")) == []
+    for path, ops in spec["paths"].items():
+        for op in ops.values():
+            ok = op["responses"]["200"] if "200" in op["responses"] else op["responses"]["201"]
+            assert "content" in ok, path
+            for err in op["responses"]:
+                if err.startswith("4"):
+                    schema = op["responses"][err]["content"]["application/json"]["schema"]["$ref"]
+                    assert schema.endswith(("/Problem", "/ValidationProblem")), (path, err)
 
 
 def test_health_reports_redis(api):

@@ -1,0 +1,119 @@
+// Shared by the dashboard pages: API calls, sign-in, the live event stream, formatting.
+"use strict";
+
+const ReconQ = {
+  me: { name: "", staff: false, public_read: false },
+
+  async api(path, options = {}) {
+    const opts = { credentials: "same-origin", ...options, headers: { ...(options.headers || {}) } };
+    if (opts.method && opts.method !== "GET") opts.headers["X-ReconQ-Action"] = "1";
+    if (opts.body !== undefined && typeof opts.body !== "string") {
+      opts.headers["Content-Type"] = "application/json";
+      opts.body = JSON.stringify(opts.body);
+    }
+    const reply = await fetch(path, opts);
+    let data = null;
+    try { data = await reply.json(); } catch (e) { data = null; }
+    if (!reply.ok) {
+      const err = new Error((data && data.detail) || `${reply.status} ${reply.statusText}`);
+      err.status = reply.status;
+      throw err;
+    }
+    return data;
+  },
+
+  notice(text) {
+    const el = document.getElementById("notice");
+    el.textContent = text || "";
+    el.hidden = !text;
+  },
+
+  esc(text) {
+    const d = document.createElement("div");
+    d.textContent = text == null ? "" : String(text);
+    return d.innerHTML;
+  },
+
+  time(epoch) {
+    if (epoch == null) return "";
+    const d = new Date(epoch * 1000), now = new Date();
+    const t = d.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit" });
+    return d.toDateString() === now.toDateString() ? t : `${d.toLocaleDateString()} ${t}`;
+  },
+
+  duration(seconds) {
+    if (seconds == null) return "";
+    const s = Math.round(seconds);
+    if (s < 60) return `${s} s`;
+    if (s < 3600) return `${Math.floor(s / 60)} min ${s % 60} s`;
+    return `${Math.floor(s / 3600)} h ${Math.floor((s % 3600) / 60)} min`;
+  },
+
+  bar(job) {
+    const pct = Math.round((job.progress || 0) * 100);
+    return `<div class="bar" title="${pct} %"><div class="fill state-${job.state}" style="width:${pct}%"></div></div>` +
+      `<span class="stage">${pct} % ${ReconQ.esc(job.stage)}</span>`;
+  },
+
+  async loadMe(onChange) {
+    try { ReconQ.me = await ReconQ.api("/api/auth/me"); } catch (e) { ReconQ.me = { name: "", staff: false }; }
+    ReconQ.renderAuth(onChange);
+  },
+
+  renderAuth(onChange) {
+    const el = document.getElementById("auth");
+    if (ReconQ.me.staff) {
+      el.innerHTML = `<span>Signed in as <b id="who">${ReconQ.esc(ReconQ.me.name)}</b></span>` +
+        `<button id="signout" type="button">Sign out</button>`;
+      document.getElementById("signout").onclick = async () => {
+        await ReconQ.api("/api/auth/signout", { method: "POST" });
+        await ReconQ.loadMe(onChange);
+        onChange();
+      };
+      return;
+    }
+    el.innerHTML = `<form id="signin"><input name="name" placeholder="name" autocomplete="username">` +
+      `<input name="password" type="password" placeholder="password or token" autocomplete="current-password">` +
+      `<button type="submit">Sign in</button></form>`;
+    document.getElementById("signin").onsubmit = async (ev) => {
+      ev.preventDefault();
+      const f = ev.target, name = f.name.value.trim(), secret = f.password.value;
+      const body = name ? { name, password: secret } : { token: secret };
+      try {
+        ReconQ.me = await ReconQ.api("/api/auth/signin", { method: "POST", body });
+        ReconQ.notice("");
+      } catch (e) {
+        ReconQ.notice(`Sign-in refused: ${e.message}`);
+        return;
+      }
+      ReconQ.renderAuth(onChange);
+      onChange();
+    };
+  },
+
+  // Live job changes; shows the 'connection lost' sign while the stream is down (the browser retries).
+  listen(onEvent, onReconnect) {
+    const conn = document.getElementById("conn");
+    let lost = false;
+    const source = new EventSource("/api/events");
+    source.addEventListener("hello", () => {
+      conn.hidden = true;
+      if (lost && onReconnect) onReconnect();
+      lost = false;
+    });
+    source.onmessage = (ev) => {
+      try { onEvent(JSON.parse(ev.data)); } catch (e) { /* a malformed event is ignored */ }
+    };
+    source.onerror = () => {
+      lost = true;
+      conn.hidden = false;
+      if (source.readyState === EventSource.CLOSED) setTimeout(() => ReconQ.listen(onEvent, onReconnect), 3000);
+    };
+    ReconQ.source = source;
+  },
+
+  debounce(fn, ms) {
+    let timer = null;
+    return () => { clearTimeout(timer); timer = setTimeout(fn, ms); };
+  },
+};

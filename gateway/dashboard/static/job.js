@@ -1,0 +1,109 @@
+// The job page: facts, parameters, stage timings, error, previews, downloads, staff actions, log.
+"use strict";
+
+const jobId = decodeURIComponent(location.pathname.split("/").pop());
+let previewsShown = "";
+
+function fact(name, value) { return `<tr><th>${name}</th><td>${value}</td></tr>`; }
+
+function render(j) {
+  document.title = `ReconQ: job ${j.id}`;
+  document.getElementById("job-id").textContent = j.id;
+  const st = document.getElementById("state");
+  st.textContent = j.state;
+  st.className = `state state-${j.state}`;
+  const pct = Math.round(j.progress * 100);
+  document.getElementById("stage").textContent = `${pct} % ${j.stage}`;
+  const fill = document.getElementById("bar-fill");
+  fill.style.width = `${pct}%`;
+  fill.className = `fill state-${j.state}`;
+  const err = document.getElementById("error");
+  err.hidden = !j.error;
+  err.textContent = j.error ? `Error: ${j.error}` : "";
+  const e = ReconQ.esc;
+  document.getElementById("facts").innerHTML = fact("Patient", `<span class="patient">${e(j.patient)}</span>`) +
+    fact("Protocol", e(j.protocol)) + fact("Pipeline", e(j.pipeline)) + fact("Scan", e(j.scan_id)) +
+    fact("Queue", e(j.queue)) + fact("Attempts", j.attempts) + fact("Created", ReconQ.time(j.created_at)) +
+    fact("Queued", ReconQ.time(j.queued_at)) + fact("Started", ReconQ.time(j.started_at)) +
+    fact("Finished", ReconQ.time(j.finished_at)) + fact("Run time", ReconQ.duration(j.run_time_s)) +
+    fact("GPU", e(j.gpu)) + fact("Worker", e(j.worker));
+  document.getElementById("params").textContent = JSON.stringify(j.params, null, 2);
+  document.querySelector("#stages tbody").innerHTML = j.stages.map((s) =>
+    `<tr><th>${e(s.stage)}</th><td>${ReconQ.time(s.started_at)}</td><td>${ReconQ.duration(s.seconds)}</td></tr>`).join("")
+    || "<tr><td>not started</td></tr>";
+  const key = `${j.state}:${j.previews.join(",")}`;
+  if (key !== previewsShown) {
+    previewsShown = key;
+    document.getElementById("previews").innerHTML = j.previews.length ? j.previews.map((i) =>
+      `<img class="preview" alt="image ${i + 1} of ${j.image_count}" src="/api/jobs/${encodeURIComponent(j.id)}/previews/${i}.png">`
+    ).join("") : "none yet";
+  }
+  const base = `/api/jobs/${encodeURIComponent(j.id)}`;
+  document.getElementById("downloads").innerHTML = !j.has_images ? "" : ReconQ.me.staff
+    ? `<a id="dl-mrd" href="${base}/images" download>MRD file</a><a id="dl-dicom" href="${base}/dicom" download>DICOM (zip)</a>`
+    : "Sign in as staff to download the images.";
+  document.querySelector("#audit tbody").innerHTML = j.actions.map((a) =>
+    `<tr><td>${ReconQ.time(a.at)}</td><th>${e(a.who)}</th><td>${e(a.action)}</td><td>${e(a.detail)}</td></tr>`).join("")
+    || "<tr><td>nothing</td></tr>";
+  document.getElementById("queue").value = j.queue;
+  document.getElementById("retry").disabled = j.state !== "failed";
+  document.getElementById("cancel").disabled = !["queued", "waiting_inputs", "running", "receiving"].includes(j.state);
+  document.getElementById("priority").disabled = j.state !== "queued";
+  document.getElementById("log").textContent = j.log.join("\n");
+  window.reconqJob = j;
+}
+
+async function load() {
+  try {
+    render(await ReconQ.api(`/api/jobs/${encodeURIComponent(jobId)}`));
+    ReconQ.notice("");
+    if (!ReconQ.source) ReconQ.listen((ev) => { if (ev.id === jobId) reload(); }, () => reload());
+  } catch (e) {
+    ReconQ.notice(e.status === 404 ? `There is no job ${jobId}.` : e.message);
+  }
+}
+
+const reload = ReconQ.debounce(load, 200);
+
+async function act(label, path, body) {
+  const msg = document.getElementById("action-msg");
+  try {
+    const job = await ReconQ.api(path, { method: "POST", body: body || {} });
+    msg.className = "action-msg ok";
+    msg.textContent = `${label}: done (job ${job.id} is ${job.state}).`;
+    if (job.id !== jobId) msg.innerHTML += ` <a href="/jobs/${encodeURIComponent(job.id)}">Open job ${ReconQ.esc(job.id)}</a>`;
+    load();
+  } catch (e) {
+    msg.className = "action-msg bad";
+    msg.textContent = `${label} refused: ${e.message}`;
+  }
+}
+
+const path = (what) => `/api/jobs/${encodeURIComponent(jobId)}/${what}`;
+document.getElementById("retry").onclick = () => act("Retry", path("retry"));
+document.getElementById("cancel").onclick = () => act("Cancel", path("cancel"));
+document.getElementById("priority").onclick = () =>
+  act("Priority", path("priority"), { queue: document.getElementById("queue").value });
+document.getElementById("retro").onsubmit = (ev) => {
+  ev.preventDefault();
+  const f = ev.target, j = window.reconqJob;
+  let params = null;
+  if (f.params.value.trim()) {
+    try { params = JSON.parse(f.params.value); } catch (e) {
+      document.getElementById("action-msg").className = "action-msg bad";
+      document.getElementById("action-msg").textContent = `Parameters are not JSON: ${e.message}`;
+      return;
+    }
+  }
+  act("Retro-recon", `/api/scans/${encodeURIComponent(j.scan_id)}/jobs`,
+      { pipeline: f.pipeline.value, queue: f.queue.value, params });
+};
+
+(async () => {
+  await ReconQ.loadMe(load);
+  await load();
+  try {
+    const names = await ReconQ.api("/api/pipelines");
+    document.getElementById("pipeline").innerHTML = names.map((n) => `<option>${ReconQ.esc(n)}</option>`).join("");
+  } catch (e) { /* shown by load() */ }
+})();

@@ -1,0 +1,107 @@
+"""``GET /metrics`` in the Prometheus text format (version 0.0.4), read from Redis on each scrape.
+
+Jobs by state and the run-time histogram come from the job records; queue depths from Celery's queue
+lists; retrieval outcomes from the retrieval log; gateway counters from the hash
+``reconq:stats:gateway`` when the gateway keeps one; GPU memory from the ``/api/gpus`` rows.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+
+from reconq.constants import KEY_PREFIX, QUEUE_ORDER, JobState
+from reconq.jobs import JobStore
+
+#: Hash of gateway counters (``bytes_received``, ``sessions_total``, ...) kept by the gateway, if any.
+GATEWAY_STATS = KEY_PREFIX + "stats:gateway"
+#: Upper bounds (seconds) of the job run-time histogram.
+DURATION_BUCKETS = (10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 4 * 3600.0)
+
+GpuRow = Mapping[str, object]
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _line(name: str, value: float, labels: Mapping[str, str] | None = None) -> str:
+    inner = ",".join(f'{k}="{_escape(v)}"' for k, v in (labels or {}).items())
+    text = "+Inf" if value == math.inf else repr(float(value)) if not float(value).is_integer() else str(int(value))
+    return f"{name}{{{inner}}} {text}" if inner else f"{name} {text}"
+
+
+def _family(name: str, kind: str, doc: str, samples: Iterable[str]) -> list[str]:
+    return [f"# HELP {name} {doc}", f"# TYPE {name} {kind}", *samples]
+
+
+def queue_depths(store: JobStore) -> dict[str, int]:
+    """Messages waiting in each Celery queue (Redis lists named after the queues)."""
+    pipe = store.redis.pipeline()
+    for q in QUEUE_ORDER:
+        pipe.llen(q.value)
+    return {q.value: int(n) for q, n in zip(QUEUE_ORDER, pipe.execute(), strict=True)}
+
+
+def _job_samples(store: JobStore) -> tuple[Counter[str], list[float]]:
+    states: Counter[str] = Counter()
+    durations: list[float] = []
+    for _, (state, started, finished) in store.scan_fields(["state", "started_at", "finished_at"]):
+        states[state or "unknown"] += 1
+        if state == JobState.DONE.value and started and finished:
+            durations.append(max(0.0, float(finished) - float(started)))
+    return states, durations
+
+
+def _histogram(name: str, doc: str, values: Sequence[float]) -> list[str]:
+    samples = [_line(f"{name}_bucket", sum(1 for v in values if v <= b), {"le": str(b)}) for b in DURATION_BUCKETS]
+    samples += [_line(f"{name}_bucket", len(values), {"le": "+Inf"}), _line(f"{name}_sum", sum(values)),
+                _line(f"{name}_count", len(values))]
+    return _family(name, "histogram", doc, samples)
+
+
+def _number(row: GpuRow, *keys: str) -> float | None:
+    for key in keys:
+        value = row.get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    return None
+
+
+def _gpu_lines(gpus: Sequence[GpuRow]) -> list[str]:
+    used, total = [], []
+    for i, row in enumerate(gpus):
+        labels = {"gpu": str(row.get("id", row.get("index", row.get("uuid", i)))),
+                  "host": str(row.get("host", row.get("hostname", "")))}
+        u = _number(row, "memory_used_bytes", "memory_used")
+        t = _number(row, "memory_total_bytes", "memory_total")
+        if u is not None:
+            used.append(_line("reconq_gpu_memory_used_bytes", u, labels))
+        if t is not None:
+            total.append(_line("reconq_gpu_memory_total_bytes", t, labels))
+    return (_family("reconq_gpu_memory_used_bytes", "gauge", "GPU memory in use, as the workers report it.", used)
+            + _family("reconq_gpu_memory_total_bytes", "gauge", "GPU memory in all.", total))
+
+
+def render(store: JobStore, gpus: Sequence[GpuRow]) -> str:
+    """Every ReconQ metric as Prometheus text."""
+    states, durations = _job_samples(store)
+    out = _family("reconq_jobs", "gauge", "Jobs by state.",
+                  [_line("reconq_jobs", states.get(s.value, 0), {"state": s.value}) for s in JobState])
+    out += _family("reconq_queue_depth", "gauge", "Messages waiting in each Celery queue.",
+                   [_line("reconq_queue_depth", n, {"queue": q}) for q, n in queue_depths(store).items()])
+    out += _histogram("reconq_job_run_seconds", "Run time of finished (done) jobs, start to finish.", durations)
+    found, missed = store.retrieval_totals()
+    out += _family("reconq_retrievals_total", "counter", "Retrieval scans by outcome.",
+                   [_line("reconq_retrievals_total", found, {"outcome": "found"}),
+                    _line("reconq_retrievals_total", missed, {"outcome": "not_found"})])
+    for field, value in sorted(store.redis.hgetall(GATEWAY_STATS).items()):
+        name = f"reconq_gateway_{field}"
+        try:
+            out += _family(name, "counter" if field.endswith("_total") else "gauge", f"Gateway counter {field}.",
+                           [_line(name, float(value))])
+        except ValueError:
+            continue
+    out += _gpu_lines(gpus)
+    return "\n".join(out) + "\n"
