@@ -30,6 +30,7 @@ from typing_extensions import TypeAliasType
 
 from gateway import exports, metrics
 from gateway.actions import ActionError, Actions
+from gateway.api_gpus import gpus_router
 from gateway.auth import Principal, StaffDep, ViewerDep, auth_router, check_auth_settings
 from gateway.problems import Problem, ValidationProblem
 from reconq.constants import EVENTS_CHANNEL, JobState, Queue
@@ -472,5 +473,6 @@ def make_api(settings: Settings, client: redis.Redis, celery: Celery | None = No
     app.include_router(auth_router, responses={422: ERRORS[422], 401: ERRORS[401]})
     app.include_router(metrics_router)
     app.include_router(pages_router)
+    app.include_router(gpus_router)
     app.mount("/static", StaticFiles(directory=DASHBOARD / "static"), name="static")
     return app

@@ -52,9 +52,32 @@ def cmd_api(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
-    from workers.launcher import run_worker
+    from scheduler.inventory import make_inventory
+    from workers.launcher import LaunchError, launch, run_worker
+    from workers.slot import parse_bind
 
+    if args.bind:  # one process of a launch: bound to one GPU or the CPU
+        run_worker(settings, concurrency=1, name=args.name, gpu_index=parse_bind(args.bind))
+        return 0
+    gpus = None if args.gpus in (None, "all") else [int(g) for g in args.gpus.split(",") if g.strip()]
+    try:
+        if args.gpus is not None or args.cpu:
+            return launch(settings, gpus if args.gpus is not None else [], args.per_gpu, args.cpu)
+        if make_inventory(settings).gpus():  # no options on a GPU machine: one process per GPU
+            return launch(settings, None, args.per_gpu, 0)
+    except LaunchError as e:
+        print(f"reconq worker: {e}", file=sys.stderr)
+        return 2
     run_worker(settings, concurrency=args.concurrency or settings.worker_concurrency)
+    return 0
+
+
+def cmd_gpus(settings: Settings, args: argparse.Namespace) -> int:
+    from reconq.redisconn import connect
+    from scheduler.monitor import cluster_status, format_table
+
+    status = cluster_status(connect(settings), forget_s=settings.gpu_forget_s)
+    print(status.model_dump_json(indent=2) if args.json else format_table(status))
     return 0
 
 
@@ -152,8 +175,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
     add("gateway", cmd_gateway, "run the MRD gateway")
     add("api", cmd_api, "run the HTTP API")
-    p = add("worker", cmd_worker, "run a recon worker")
-    p.add_argument("--concurrency", type=int, default=0, help="processes (default: the setting)")
+    p = add("worker", cmd_worker, "run recon workers: one process per GPU slot and CPU worker")
+    p.add_argument("--concurrency", type=int, default=0,
+                   help="pool processes of a plain CPU worker on a machine without GPUs (default: the setting)")
+    p.add_argument("--gpus", default=None,
+                   help="GPU indices (PCI bus order; simulated GPUs with RECONQ_SIMULATED_GPUS), e.g. 0,1, or all")
+    p.add_argument("--per-gpu", type=int, default=1, help="worker processes per GPU (default 1)")
+    p.add_argument("--cpu", type=int, default=0, help="CPU worker processes (default 0)")
+    p.add_argument("--bind", default=None, help=argparse.SUPPRESS)  # gpu:<i> | cpu: one launched process
+    p.add_argument("--name", default=None, help=argparse.SUPPRESS)
+    p = add("gpus", cmd_gpus, "GPUs, what runs on each, and the jobs waiting for GPU memory")
+    p.add_argument("--json", action="store_true", help="print JSON (as GET /api/gpus)")
     for name, func, help in (("send", cmd_send, "stream an MRD file to the gateway as a scanner would"),
                              ("retrieve", cmd_retrieve, "run a retrieval scan and save the images")):
         p = add(name, func, help)

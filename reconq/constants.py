@@ -54,3 +54,29 @@ class Queue(StrEnum):
 
 #: The order in which workers consume queues (Celery's Redis transport polls them in this order).
 QUEUE_ORDER: tuple[Queue, ...] = (Queue.STAT, Queue.ROUTINE, Queue.BULK)
+
+# --- GPU scheduling (scheduler/, workers/) ---------------------------------------------------------
+#: Queue of jobs that fit no GPU and may run on the CPU; only CPU workers consume it.
+CPU_QUEUE = "cpu"
+#: Prefix of the per-GPU queue ``gpu.<gpu_id>``: jobs already granted memory on that GPU.
+GPU_QUEUE_PREFIX = "gpu."
+#: Hash ``reconq:resv:<gpu_id>``: job id -> bytes reserved on that GPU by an admitted job.
+GPU_RESERVATIONS = KEY_PREFIX + "resv:"
+#: Hash ``reconq:resvowner:<gpu_id>``: job id -> the worker holding that reservation.
+GPU_RESERVATION_OWNERS = KEY_PREFIX + "resvowner:"
+#: Hash: gpu id -> bytes that reservations on it may share (its memory less other programs' use).
+GPU_CAPACITY = KEY_PREFIX + "gpucap"
+#: Hash: gpu id -> the GPU's total memory in bytes.
+GPU_TOTAL = KEY_PREFIX + "gputotal"
+#: Hash: gpu id -> when a worker of that GPU last reported it (epoch seconds).
+GPU_SEEN = KEY_PREFIX + "gpuseen"
+#: Hash: gpu id -> JSON state of the GPU (name, memory, utilisation, temperature, processes).
+GPU_STATE = KEY_PREFIX + "gpus"
+#: String ``reconq:hb:<worker>`` with a TTL: a worker's heartbeat (JSON: its GPU and running job).
+WORKER_HEARTBEAT = KEY_PREFIX + "hb:"
+#: Set of worker names that have sent heartbeats (expired ones are pruned by readers).
+WORKERS_INDEX = KEY_PREFIX + "workers"
+#: Sorted set of jobs waiting for GPU memory, scored by queue rank then time queued.
+GPU_WAITING = KEY_PREFIX + "waiting"
+#: Hash: job id -> bytes needed, for the jobs in :data:`GPU_WAITING`.
+GPU_WAITING_NEED = KEY_PREFIX + "waitneed"

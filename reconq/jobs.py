@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 _JSON_FIELDS = {"params"}
 _FLOAT_FIELDS = {"progress", "created_at", "queued_at", "started_at", "finished_at"}
-_INT_FIELDS = {"attempts"}
+_INT_FIELDS = {"attempts", "mem_estimate_bytes", "oom_count"}
 _LOG_LINES_KEPT = 500
 _SCAN_PAGE = 1000
 
@@ -68,6 +68,10 @@ class Job:
     study_uid: str = ""
     protocol: str = ""
     measurement_id: str = ""
+    #: GPU memory the job needs, from :mod:`scheduler.estimate` (0: not estimated yet).
+    mem_estimate_bytes: int = 0
+    #: GPU out-of-memory errors the job has had (each sent it back to wait).
+    oom_count: int = 0
 
     def to_redis(self) -> dict[str, str]:
         out = {}

@@ -48,6 +48,10 @@ class Settings(BaseSettings):
     retrieve_poll_s: float = Field(2.0, gt=0, description="Progress TEXT interval while a retrieval waits")
 
     write_batch_bytes: int = Field(8 << 20, ge=1 << 16, description="Raw-file writer batch size")
+    write_sync_bytes: int = Field(
+        64 << 20, ge=1 << 16, description="Bytes of a streaming scan written between fsyncs (crash-readable points)"
+    )
+    max_image_bytes: int = Field(256 << 20, ge=1024, description="Largest IMAGE a client may send")
     max_header_bytes: int = Field(16 << 20, ge=1024, description="Largest HEADER/CONFIG_TEXT accepted")
     max_text_bytes: int = Field(1 << 20, ge=1024, description="Largest TEXT accepted")
     max_acquisition_bytes: int = Field(64 << 20, ge=1024, description="Largest single readout accepted")
@@ -61,6 +65,34 @@ class Settings(BaseSettings):
     )
     worker_concurrency: int = Field(1, ge=1, description="Worker processes started by `reconq worker`")
     job_time_limit_s: int = Field(4 * 3600, ge=1, description="Hard time limit of one recon task")
+
+    # GPU scheduling
+    simulated_gpus: list[float] = Field(
+        default_factory=list,
+        description="Simulated GPU inventory, memory per GPU in GB (e.g. [80,80,24,24]); empty: NVML",
+    )
+    node_name: str = Field("", description="Name of this machine in GPU ids (default: the host name)")
+    heartbeat_interval_s: float = Field(5.0, gt=0, description="How often workers publish heartbeats")
+    heartbeat_ttl_s: float = Field(
+        20.0, gt=0, description="A worker silent this long is dead; its GPU reservations are reclaimed"
+    )
+    dispatch_poll_s: float = Field(
+        1.0, gt=0, description="How often an idle GPU worker looks for waiting jobs that now fit its GPU"
+    )
+    backfill_limit_s: float = Field(
+        300.0, ge=0, description="A job waiting for GPU memory this long stops smaller jobs from overtaking it"
+    )
+    max_gpu_oom: int = Field(3, ge=0, description="GPU out-of-memory errors a job may have before it fails")
+    oom_estimate_factor: float = Field(1.5, ge=1.0, description="Estimate multiplier after a GPU OOM")
+    gpu_forget_s: float = Field(
+        600.0, gt=0, description="A GPU unseen this long no longer counts when deciding a job fits no GPU"
+    )
+    admission_control: bool = Field(
+        True, description="GPU memory reservations; false only to benchmark placement without them"
+    )
+    enable_test_pipelines: bool = Field(
+        False, description="Register the `sleep` test pipelines in workers (tests and benchmarks only)"
+    )
 
     environment: Literal["development", "production"] = Field(
         "production", description="`development` accepts placeholder sign-in secrets (with a warning)"

@@ -2,22 +2,30 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from celery import Celery
 from kombu import Queue as KombuQueue
 
 from reconq.constants import QUEUE_ORDER
 from reconq.redisconn import require_redis_url
-from reconq.settings import Settings
+from reconq.settings import Settings, SettingsError
 
 
-def make_celery(settings: Settings) -> Celery:
+def make_celery(settings: Settings, queues: Sequence[str] | None = None) -> Celery:
     """A Celery app on ``settings.redis_url``; tasks are registered by :func:`workers.tasks.register_tasks`.
 
     - ``acks_late`` + ``reject_on_worker_lost``: a job whose worker dies is delivered again;
     - prefetch 1: a worker holds no job it has not started, so another idle worker can take it;
     - a visibility timeout above the longest recon, so a running job is not redelivered meanwhile;
-    - queues polled in priority order (``stat`` before ``routine`` before ``bulk``).
+    - queues polled in priority order (``stat`` before ``routine`` before ``bulk``); a worker passes its
+      own ``queues`` in the order it consumes them (see :mod:`scheduler.routing`).
     """
+    if settings.visibility_timeout_s <= settings.job_time_limit_s:
+        raise SettingsError(f"RECONQ_VISIBILITY_TIMEOUT_S ({settings.visibility_timeout_s}) must exceed "
+                            f"RECONQ_JOB_TIME_LIMIT_S ({settings.job_time_limit_s}), or running jobs are "
+                            "delivered twice")
+    names = list(queues) if queues is not None else [q.value for q in QUEUE_ORDER]
     app = Celery("reconq", broker=require_redis_url(settings), set_as_current=False)
     app.conf.update(
         task_acks_late=True,
@@ -25,7 +33,7 @@ def make_celery(settings: Settings) -> Celery:
         worker_prefetch_multiplier=1,
         task_ignore_result=True,
         task_default_queue=settings.queue,
-        task_queues=[KombuQueue(q.value) for q in QUEUE_ORDER],
+        task_queues=[KombuQueue(q) for q in names],
         task_time_limit=settings.job_time_limit_s,
         broker_transport_options={
             "visibility_timeout": settings.visibility_timeout_s,

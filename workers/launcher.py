@@ -1,25 +1,47 @@
-"""Starts a Celery worker process for ReconQ's queues (``reconq worker``)."""
+"""``reconq worker``: Celery worker processes, each bound to one GPU or to the CPU.
+
+``reconq worker --gpus 0,1 --per-gpu 2 --cpu 1`` starts five processes: two bound to GPU 0, two to
+GPU 1 (``CUDA_VISIBLE_DEVICES=<i>``, ``CUDA_DEVICE_ORDER=PCI_BUS_ID``, so CUDA's device 0 is NVML's GPU
+``i``) and one CPU worker (``CUDA_VISIBLE_DEVICES`` empty). With a simulated inventory, ``--gpus`` names
+simulated GPUs, and their processes see no real GPU either. Each process is a Celery worker with one
+pool process, ``acks_late``, ``reject_on_worker_lost`` and prefetch 1 (see :mod:`workers.app`). The
+launcher restarts a process that dies, and on SIGTERM or Ctrl-C stops them all: a warm shutdown
+(running jobs finish) for ``stop_timeout`` seconds, then a cold one, then SIGKILL.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
 
-from reconq.constants import QUEUE_ORDER
 from reconq.settings import Settings
+from scheduler.inventory import Inventory, InventoryError, make_inventory
 from workers.app import make_celery
+from workers.slot import cpu_slot, gpu_slot
 from workers.tasks import register_tasks
 
 log = logging.getLogger(__name__)
 
+RESTART_DELAY_S = 2.0
 
-def worker_argv(concurrency: int, loglevel: str, name: str) -> list[str]:
+
+class LaunchError(ValueError):
+    """The requested workers cannot be started (no such GPU, nothing to start)."""
+
+
+def worker_argv(concurrency: int, loglevel: str, name: str, queues: tuple[str, ...]) -> list[str]:
     return [
         "worker",
         "--pool=prefork",
         f"--concurrency={concurrency}",
         f"--loglevel={loglevel}",
-        "--queues=" + ",".join(q.value for q in QUEUE_ORDER),
+        "--queues=" + ",".join(queues),
         "--hostname=" + name,
         "--without-gossip",
         "--without-mingle",
@@ -27,10 +49,117 @@ def worker_argv(concurrency: int, loglevel: str, name: str) -> list[str]:
     ]
 
 
-def run_worker(settings: Settings, concurrency: int = 1, loglevel: str = "INFO", name: str | None = None) -> None:
-    """Run a worker in this process until it is stopped (SIGTERM/SIGINT: warm shutdown)."""
-    app = make_celery(settings)
-    register_tasks(app, settings)
-    name = name or f"cpu-{os.getpid()}@%h"
-    log.info("worker %s: %d process(es), queues %s", name, concurrency, ",".join(QUEUE_ORDER))
-    app.worker_main(worker_argv(concurrency, loglevel, name))
+def run_worker(settings: Settings, concurrency: int = 1, loglevel: str = "INFO", name: str | None = None,
+               gpu_index: int | None = None) -> None:
+    """Run one Celery worker in this process, bound to GPU ``gpu_index`` (None: the CPU), until stopped."""
+    inventory = make_inventory(settings)
+    slot = cpu_slot(inventory) if gpu_index is None else gpu_slot(settings, inventory, gpu_index)
+    app = make_celery(settings, queues=slot.queues)
+    register_tasks(app, settings, gpu_index)
+    name = name or f"{'gpu' if slot.is_gpu else 'cpu'}{'' if gpu_index is None else gpu_index}-{os.getpid()}@%h"
+    log.info("worker %s on %s: %d process(es), queues %s", name, slot.label, concurrency, ",".join(slot.queues))
+    app.worker_main(worker_argv(concurrency, loglevel, name, slot.queues))
+
+
+@dataclass
+class Child:
+    label: str
+    argv: list[str]
+    env: dict[str, str]
+    proc: subprocess.Popen[bytes] | None = None
+    restarts: int = 0
+    died_at: float = field(default=0.0)
+
+
+def plan(settings: Settings, inventory: Inventory, gpus: list[int], per_gpu: int, cpu: int) -> list[Child]:
+    """The processes to start; raises LaunchError naming a GPU the inventory does not have."""
+    base = [sys.executable, "-m", "reconq.cli", "worker"]
+    env = dict(os.environ)
+    children = []
+    for index in gpus:
+        try:
+            slot = gpu_slot(settings, inventory, index)
+        except InventoryError as e:
+            raise LaunchError(str(e)) from e
+        gpu_env = {**env, "CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": "" if slot.simulated else str(index)}
+        for k in range(per_gpu):
+            children.append(Child(f"{slot.gpu_id}#{k}", [*base, "--bind", f"gpu:{index}", "--name",
+                                                         f"gpu{index}-{k}@%h"], gpu_env))
+    for k in range(cpu):
+        children.append(Child(f"cpu#{k}", [*base, "--bind", "cpu", "--name", f"cpu-{k}@%h"],
+                              {**env, "CUDA_VISIBLE_DEVICES": ""}))
+    if not children:
+        raise LaunchError("nothing to start: give --gpus and/or --cpu")
+    return children
+
+
+class Launcher:
+    """Starts the planned worker processes, restarts those that die, stops them all on request."""
+
+    def __init__(self, children: list[Child], stop_timeout: float = 30.0) -> None:
+        self.children = children
+        self.stop_timeout = stop_timeout
+        self._stopping = False
+
+    def _start(self, child: Child) -> None:
+        child.proc = subprocess.Popen(child.argv, env=child.env, stdin=subprocess.DEVNULL)
+        log.info("worker %s started (pid %d)", child.label, child.proc.pid)
+
+    def request_stop(self, *_: object) -> None:
+        self._stopping = True
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, self.request_stop)
+        signal.signal(signal.SIGINT, self.request_stop)
+        for child in self.children:
+            self._start(child)
+        try:
+            while not self._stopping:
+                self._watch()
+                time.sleep(0.2)
+        finally:
+            self.stop()
+        return 0
+
+    def _watch(self) -> None:
+        now = time.monotonic()
+        for child in self.children:
+            if child.proc is None or child.proc.poll() is None:
+                continue
+            if not child.died_at:
+                child.died_at = now
+                log.error("worker %s (pid %d) exited with code %s; restarting it", child.label, child.proc.pid,
+                          child.proc.returncode)
+            elif now - child.died_at >= RESTART_DELAY_S:
+                child.restarts += 1
+                child.died_at = 0.0
+                self._start(child)
+
+    def stop(self) -> None:
+        """Warm shutdown (SIGTERM), then cold (SIGQUIT), then SIGKILL for what is still running."""
+        running = [c.proc for c in self.children if c.proc is not None and c.proc.poll() is None]
+        for sig, wait_s in ((signal.SIGTERM, self.stop_timeout), (signal.SIGQUIT, 10.0), (signal.SIGKILL, 10.0)):
+            for proc in running:
+                if proc.poll() is None:
+                    proc.send_signal(sig)
+            deadline = time.monotonic() + wait_s
+            for proc in running:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            running = [p for p in running if p.poll() is None]
+            if not running:
+                break
+            log.warning("%d worker(s) still running after %s; sending %s", len(running), sig.name,
+                        "SIGQUIT" if sig is signal.SIGTERM else "SIGKILL")
+        log.info("all workers stopped")
+
+
+def launch(settings: Settings, gpus: list[int] | None, per_gpu: int, cpu: int, stop_timeout: float = 30.0) -> int:
+    """Start ``per_gpu`` processes for each GPU of ``gpus`` (None: every GPU) and ``cpu`` CPU workers."""
+    inventory = make_inventory(settings)
+    if gpus is None:
+        gpus = [g.index for g in inventory.gpus()]
+    children = plan(settings, inventory, gpus, per_gpu, cpu)
+    log.info("starting %d worker process(es) on %s inventory: %s", len(children), inventory.kind,
+             ", ".join(c.label for c in children))
+    return Launcher(children, stop_timeout).run()

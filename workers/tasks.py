@@ -1,31 +1,61 @@
-"""The recon task: run the pipeline a job names on its stored scan, store the images, report progress."""
+"""The recon task: admit the job to this worker's GPU, run its pipeline on the stored scan, store the
+images, report progress, and release the GPU memory however the job ends."""
 
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import ismrmrd
 from celery import Celery
+from celery.signals import worker_process_init, worker_process_shutdown
 
 from recon.errors import ReconError
-from recon.pipelines import get_pipeline
+from recon.pipelines import Pipeline, get_pipeline
 from recon.rawdata import RawScan
-from reconq.constants import RUN_JOB_TASK, JobState
+from reconq.constants import CPU_QUEUE, JOB_KEY, RUN_JOB_TASK, JobState
 from reconq.jobs import Job, JobStore
 from reconq.redisconn import connect
 from reconq.settings import Settings
 from reconq.storage import ScanStore
+from scheduler.admission import Admission, Decision, Verdict
+from scheduler.estimate import GB, EstimateError, estimate_bytes, runs_on_cpu
+from scheduler.inventory import make_inventory
+from scheduler.routing import gpu_queue, waiting_score
+from workers.heartbeat import Heartbeat
 from workers.results import write_images
+from workers.slot import Slot, cpu_slot, gpu_slot, worker_name
 
 log = logging.getLogger(__name__)
 
+SendFn = Callable[[str, str], None]  # (job id, queue)
+
+
+class JobCancelled(Exception):
+    """The job was cancelled while it ran."""
+
+
+def is_gpu_oom(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what it was raised from) is a GPU out-of-memory error (cupy, torch, simulated)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        names = {cls.__name__ for cls in type(seen).__mro__}
+        if names & {"OutOfMemoryError", "SimulatedGpuOutOfMemory"} or "CUDA out of memory" in str(seen) \
+                or "CUDA_ERROR_OUT_OF_MEMORY" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def gb(nbytes: int) -> str:
+    return f"{nbytes / GB:.1f} GB"
+
 
 class ProgressReporter:
-    """Writes a job's progress to Redis, at most every ``interval`` seconds unless the stage changes."""
+    """Writes a job's progress to Redis, at most every ``interval`` seconds unless the stage changes; when
+    it writes, it also checks whether the job was cancelled, and stops the recon if so."""
 
     def __init__(self, store: JobStore, job_id: str, interval: float = 0.5) -> None:
         self.store, self.job_id, self.interval = store, job_id, interval
@@ -35,6 +65,8 @@ class ProgressReporter:
         now = time.monotonic()
         if stage == self._stage and now - self._last < self.interval:
             return
+        if self.store.redis.hget(JOB_KEY + self.job_id, "state") == JobState.CANCELLED.value:
+            raise JobCancelled(self.job_id)
         if stage != self._stage:
             self.store.log(self.job_id, f"stage {stage}")
         self._last, self._stage = now, stage
@@ -42,44 +74,152 @@ class ProgressReporter:
 
 
 class JobRunner:
-    """Runs jobs by id; one per worker process."""
+    """Runs jobs by id; one per worker process, bound to one GPU or to the CPU (:class:`Slot`)."""
 
-    def __init__(self, settings: Settings, store: JobStore, worker_name: str, gpu: str = "cpu") -> None:
-        self.settings = settings
-        self.store = store
+    def __init__(self, settings: Settings, store: JobStore, name: str, slot: Slot,
+                 admission: Admission | None = None, send: SendFn | None = None,
+                 heartbeat: Heartbeat | None = None) -> None:
+        self.settings, self.store, self.worker_name, self.slot = settings, store, name, slot
         self.scans = ScanStore(settings.data_dir)
-        self.worker_name = worker_name
-        self.gpu = gpu
+        self.admission, self.heartbeat = admission, heartbeat
+        self.send: SendFn = send or (lambda job_id, queue: None)
+
+    @property
+    def gpu(self) -> str:
+        return self.slot.label
 
     def run(self, job_id: str) -> str:
-        """Run one job; returns its final state. Redelivered jobs already finished are left alone."""
+        """Run one job if it may start here; returns its state. Finished jobs are left alone."""
         job = self.store.get(job_id)
         if job is None:
             log.error("job %s: no such job record; message dropped", job_id)
             return "missing"
         if job.state.finished:
+            if self.slot.is_gpu and self.admission is not None:
+                self.admission.release(self.slot.gpu_id, job_id)  # reserved for it before it was cancelled
             log.info("job %s: already %s; nothing to do", job_id, job.state)
             return job.state.value
-        self.store.set_state(job_id, JobState.RUNNING, attempts=job.attempts + 1, worker=self.worker_name,
+        try:
+            pipeline = get_pipeline(job.pipeline)
+            need = self._estimate(job, pipeline)
+        except (ReconError, EstimateError, OSError) as e:
+            return self._fail(job_id, f"no memory estimate: {e}")
+        if not self.slot.is_gpu:
+            if not runs_on_cpu(pipeline):
+                return self._fail(job_id, f"pipeline {job.pipeline} needs a GPU and this worker has none")
+            return self._execute(job, pipeline, need)
+        if not self.settings.admission_control or self.admission is None:
+            return self._execute(job, pipeline, need)
+        score = waiting_score(job.queue, job.queued_at or job.created_at)
+        decision = self.admission.admit(self.slot.gpu_id, job_id, need, self.worker_name, score)
+        if decision.verdict is not Verdict.RUN:
+            return self._not_now(job, pipeline, need, decision)
+        try:
+            return self._execute(job, pipeline, need)
+        finally:
+            self.admission.release(self.slot.gpu_id, job_id, self.worker_name)
+            self._dispatch_next()
+
+    def _estimate(self, job: Job, pipeline: Pipeline) -> int:
+        if job.mem_estimate_bytes > 0:
+            return job.mem_estimate_bytes
+        with RawScan.open(self.scans.raw_path(job.scan_id)) as scan:
+            need = estimate_bytes(scan.header, job.params, pipeline)
+        self.store.update(job.id, mem_estimate_bytes=need)
+        self.store.log(job.id, f"GPU memory estimate {gb(need)}")
+        return need
+
+    def _not_now(self, job: Job, pipeline: Pipeline, need: int, d: Decision) -> str:
+        """The job may not start on this GPU now: it waits, goes to the CPU queue, or fails (NEVER)."""
+        here = self.slot.gpu_id
+        if d.verdict is Verdict.SWAP:
+            log.info("job %s: waiting job %s goes first on %s", job.id, d.other_job, here)
+            self.send(d.other_job, gpu_queue(here))
+            if self.heartbeat is not None:
+                self.heartbeat.expect_job()
+            why = f"job {d.other_job}, queued earlier, goes first"
+        elif d.verdict is Verdict.HELD:
+            why = f"{here} is held for job {d.other_job}, queued earlier"
+        elif d.verdict is Verdict.WAIT:
+            why = f"{here} has {gb(d.bytes)} free"
+        elif d.verdict is Verdict.BIGGER:
+            why = f"more than {here} has; a larger GPU ({gb(d.bytes)}) will take it"
+        else:
+            return self._fits_no_gpu(job, pipeline, need, d.bytes)
+        self.store.update(job.id, state=JobState.QUEUED.value, stage=f"waiting for {gb(need)} of GPU memory: {why}")
+        log.info("job %s: waits for %s of GPU memory (%s)", job.id, gb(need), why)
+        return JobState.QUEUED.value
+
+    def _fits_no_gpu(self, job: Job, pipeline: Pipeline, need: int, largest: int) -> str:
+        what = f"needs {gb(need)} of GPU memory, more than any GPU has (largest: {gb(largest)})"
+        if not runs_on_cpu(pipeline):
+            return self._fail(job.id, f"{what}, and pipeline {job.pipeline} cannot run on the CPU")
+        self.store.update(job.id, state=JobState.QUEUED.value, stage=f"{what}: queued for a CPU worker")
+        self.send(job.id, CPU_QUEUE)
+        log.info("job %s: %s; sent to the CPU queue", job.id, what)
+        return JobState.QUEUED.value
+
+    def _dispatch_next(self) -> None:
+        """This worker is about to be idle: reserve the first waiting job that fits its GPU now."""
+        assert self.admission is not None
+        nxt = self.admission.dispatch(self.slot.gpu_id, self.worker_name)
+        if nxt:
+            if self.heartbeat is not None:
+                self.heartbeat.expect_job()
+            self.send(nxt, gpu_queue(self.slot.gpu_id))
+
+    def _execute(self, job: Job, pipeline: Pipeline, need: int) -> str:
+        self.store.set_state(job.id, JobState.RUNNING, attempts=job.attempts + 1, worker=self.worker_name,
                              gpu=self.gpu, progress=0.0, stage="starting", error="")
-        log.info("job %s: running pipeline %s on scan %s", job_id, job.pipeline, job.scan_id)
+        log.info("job %s: running pipeline %s on scan %s (%s, %s)", job.id, job.pipeline, job.scan_id, self.gpu,
+                 gb(need))
+        if self.heartbeat is not None:
+            self.heartbeat.job_started(job.id)
         t0 = time.perf_counter()
         try:
-            result = self._reconstruct(job)
-        except ReconError as e:
-            return self._fail(job_id, str(e))
-        except Exception as e:  # a bug or a resource error: record it, keep the worker alive
-            log.exception("job %s: internal error", job_id)
-            return self._fail(job_id, f"internal error: {type(e).__name__}: {e}")
-        self.store.set_state(job_id, JobState.DONE, progress=1.0, stage="done", result_path=str(result))
-        log.info("job %s: done in %.1f s -> %s", job_id, time.perf_counter() - t0, result)
+            result = self._reconstruct(job, pipeline)
+        except JobCancelled:
+            log.info("job %s: cancelled while running; stopped", job.id)
+            return JobState.CANCELLED.value
+        except Exception as e:  # a recon error, a GPU OOM, a bug: record it, keep the worker alive
+            if is_gpu_oom(e) and self.slot.is_gpu:
+                return self._out_of_memory(job, need, e)
+            if isinstance(e, ReconError):
+                return self._fail(job.id, str(e))
+            log.exception("job %s: internal error", job.id)
+            return self._fail(job.id, f"internal error: {type(e).__name__}: {e}")
+        finally:
+            if self.heartbeat is not None:
+                self.heartbeat.job_ended()
+        if self.store.redis.hget(JOB_KEY + job.id, "state") == JobState.CANCELLED.value:
+            return JobState.CANCELLED.value
+        self.store.set_state(job.id, JobState.DONE, progress=1.0, stage="done", result_path=str(result))
+        log.info("job %s: done in %.1f s -> %s", job.id, time.perf_counter() - t0, result)
         return JobState.DONE.value
 
-    def _reconstruct(self, job: Job) -> Path:
-        pipeline = get_pipeline(job.pipeline)
+    def _out_of_memory(self, job: Job, need: int, error: BaseException) -> str:
+        """A GPU OOM: count it, raise the estimate, and send the job back to wait (or fail past the limit)."""
+        count = job.oom_count + 1
+        if count > self.settings.max_gpu_oom:
+            self.store.update(job.id, oom_count=count)
+            return self._fail(job.id, f"GPU out of memory {count} times (last estimate {gb(need)}): {error}")
+        new_need = int(need * self.settings.oom_estimate_factor)
+        self.store.update(job.id, state=JobState.QUEUED.value, oom_count=count, mem_estimate_bytes=new_need,
+                          progress=0.0, stage=f"GPU out of memory on {self.gpu} ({count}x); waits again for "
+                                              f"{gb(new_need)}")
+        self.store.log(job.id, f"GPU out of memory on {self.gpu}: {error}; estimate {gb(need)} -> {gb(new_need)}")
+        log.warning("job %s: GPU out of memory on %s (%d time(s)); queued again with %s", job.id, self.gpu,
+                    count, gb(new_need))
+        self.send(job.id, job.queue)
+        return JobState.QUEUED.value
+
+    def _reconstruct(self, job: Job, pipeline: Pipeline) -> Path:
         progress = ProgressReporter(self.store, job.id)
+        params = dict(job.params)
+        if self.slot.is_gpu and not self.slot.simulated:
+            params.setdefault("device", 0)  # the one GPU this process sees (CUDA_VISIBLE_DEVICES)
         with RawScan.open(self.scans.raw_path(job.scan_id)) as scan:
-            images: list[ismrmrd.Image] = pipeline.run(scan, job.params, progress)
+            images: list[ismrmrd.Image] = pipeline.run(scan, params, progress)
             xml = scan.xml
         if not images:
             raise ReconError(f"pipeline {job.pipeline} produced no images")
@@ -95,19 +235,43 @@ class JobRunner:
         return JobState.FAILED.value
 
 
-def register_tasks(app: Celery, settings: Settings) -> None:
-    """Register :data:`RUN_JOB_TASK` on ``app`` (and the recon plugins); the runner connects on first use."""
-    from workers.plugins import load_plugins
+def register_tasks(app: Celery, settings: Settings, gpu_index: int | None = None) -> None:
+    """Register :data:`RUN_JOB_TASK` on ``app`` for a worker bound to GPU ``gpu_index`` (None: the CPU).
 
-    load_plugins(settings.plugin_dir, settings.parameter_map)
+    Each worker process (Celery's pool child) builds its runner and starts its heartbeat when it starts,
+    and stops the heartbeat when it stops.
+    """
     runner: dict[str, JobRunner] = {}
 
-    def get_runner() -> JobRunner:
-        if "r" not in runner:
-            name = f"{socket.gethostname()}:{os.getpid()}"
-            runner["r"] = JobRunner(settings, JobStore(connect(settings)), name)
-        return runner["r"]
+    def send(job_id: str, queue: str) -> None:
+        attempts = runner["r"].store.redis.hget(JOB_KEY + job_id, "attempts") or "0"
+        app.send_task(RUN_JOB_TASK, args=[job_id], queue=queue, task_id=f"{job_id}.{attempts}")
+
+    def start(**_: object) -> None:
+        if "r" in runner:
+            return
+        client = connect(settings)
+        inventory = make_inventory(settings)
+        slot = cpu_slot(inventory) if gpu_index is None else gpu_slot(settings, inventory, gpu_index)
+        name = worker_name(settings)
+        admission = Admission(client, settings.backfill_limit_s, settings.gpu_forget_s)
+        if settings.enable_test_pipelines:
+            from workers.testpipelines import register_test_pipelines
+
+            register_test_pipelines(client, slot.gpu_id)
+        heartbeat = Heartbeat(settings, client, admission, slot, inventory, name, send)
+        runner["r"] = JobRunner(settings, JobStore(client), name, slot, admission, send, heartbeat)
+        heartbeat.start()
+        log.info("worker %s bound to %s, queues %s", name, slot.label, ",".join(slot.queues))
+
+    def stop(**_: object) -> None:
+        if "r" in runner and runner["r"].heartbeat is not None:
+            runner["r"].heartbeat.stop()
+
+    worker_process_init.connect(start, weak=False)
+    worker_process_shutdown.connect(stop, weak=False)
 
     @app.task(name=RUN_JOB_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
     def run_job(job_id: str) -> str:
-        return get_runner().run(job_id)
+        start()
+        return runner["r"].run(job_id)

@@ -1,0 +1,81 @@
+"""GPU memory estimates per job, from the MRD header and the job's parameters.
+
+Order of precedence:
+
+1. ``params["gpu_memory_gb"]``: the sender (or an admin's retro-recon) states the need;
+2. the pipeline's own model: a ``memory_estimate(header, params) -> int`` (bytes) attribute on the
+   pipeline object, for pipelines whose needs the default model does not describe;
+3. :func:`default_estimate`.
+
+The default model, for a pipeline that reconstructs one volume at a time on the GPU::
+
+    bytes = CONTEXT_BYTES + WORK_FACTOR * grid * ncoil * nx * ny * nz * 8
+
+``nx, ny, nz``: the first encoding's encoded matrix; ``ncoil``: the receiver channels; 8 bytes per
+complex64 sample; ``grid``: 1 for Cartesian, ``GRID_OVERSAMPLING ** ndim`` for non-Cartesian
+trajectories (gridding on an oversampled grid); ``WORK_FACTOR`` covers k-space, coil images, FFT
+workspace and the combined image; ``CONTEXT_BYTES`` the CUDA context and library handles.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+GB = 10**9
+#: CUDA context, cuFFT plans and library handles.
+CONTEXT_BYTES = 512 * 2**20
+#: Copies of one volume's multi-coil data alive at the peak of a recon.
+WORK_FACTOR = 4
+#: Oversampling of the gridding grid for non-Cartesian trajectories, per dimension.
+GRID_OVERSAMPLING = 1.25
+#: Bytes of one complex64 sample.
+SAMPLE_BYTES = 8
+
+MemoryModel = Callable[[Any, Mapping[str, Any]], int]
+
+
+class EstimateError(ValueError):
+    """A header or parameter from which no estimate can be made."""
+
+
+def default_estimate(header: Any, params: Mapping[str, Any]) -> int:
+    """Bytes of GPU memory for ``header`` (an ``ismrmrd.xsd.ismrmrdHeader``) under the default model."""
+    try:
+        enc = header.encoding[0]
+        matrix = enc.encodedSpace.matrixSize
+        nx, ny, nz = int(matrix.x), int(matrix.y), max(1, int(matrix.z or 1))
+    except (AttributeError, IndexError, TypeError) as e:
+        raise EstimateError(f"header has no encoded matrix: {e}") from e
+    system = getattr(header, "acquisitionSystemInformation", None)
+    ncoil = max(1, int(getattr(system, "receiverChannels", None) or 1))
+    trajectory = str(getattr(getattr(enc, "trajectory", None), "value", getattr(enc, "trajectory", "cartesian")))
+    ndim = 3 if nz > 1 else 2
+    grid = 1.0 if trajectory.lower() in ("cartesian", "epi") else GRID_OVERSAMPLING**ndim
+    volume = nx * ny * nz * ncoil * SAMPLE_BYTES
+    return CONTEXT_BYTES + int(math.ceil(WORK_FACTOR * grid * volume))
+
+
+def estimate_bytes(header: Any, params: Mapping[str, Any], pipeline: object | None = None) -> int:
+    """The job's GPU memory need in bytes (see the module docstring for the order of precedence)."""
+    if "gpu_memory_gb" in params:
+        try:
+            value = float(params["gpu_memory_gb"])
+        except (TypeError, ValueError) as e:
+            raise EstimateError(f"gpu_memory_gb {params['gpu_memory_gb']!r} is not a number") from e
+        if value <= 0:
+            raise EstimateError(f"gpu_memory_gb must be positive, not {value}")
+        return int(value * GB)
+    model: MemoryModel | None = getattr(pipeline, "memory_estimate", None)
+    if model is not None:
+        value = int(model(header, params))
+        if value <= 0:
+            raise EstimateError(f"pipeline {getattr(pipeline, 'name', pipeline)!r} estimated {value} bytes")
+        return value
+    return default_estimate(header, params)
+
+
+def runs_on_cpu(pipeline: object) -> bool:
+    """Whether a pipeline may run on a CPU worker (a ``cpu_capable = False`` attribute says no)."""
+    return bool(getattr(pipeline, "cpu_capable", True))

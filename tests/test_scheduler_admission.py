@@ -1,0 +1,160 @@
+"""Admission scripts, estimates and the inventory, on a real Redis (no workers)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import redis
+
+from recon.simulate import synthetic_scan
+from reconq.constants import WORKER_HEARTBEAT, JobState
+from reconq.jobs import Job, JobStore
+from scheduler.admission import Admission, Verdict
+from scheduler.estimate import GB, CONTEXT_BYTES, EstimateError, default_estimate, estimate_bytes
+from scheduler.inventory import NoGpuInventory, SimulatedInventory, make_inventory
+from scheduler.routing import waiting_score
+
+
+@pytest.fixture
+def client(redis_db: str) -> redis.Redis:
+    return redis.Redis.from_url(redis_db, decode_responses=True)
+
+
+def alive(client: redis.Redis, *workers: str) -> None:
+    for w in workers:
+        client.set(WORKER_HEARTBEAT + w, "{}", px=60_000)
+
+
+def gpus(adm: Admission, **sizes_gb: float) -> None:
+    for gpu, size in sizes_gb.items():
+        adm.register_gpu(gpu, int(size * GB), int(size * GB), json.dumps({}))
+
+
+def queued(store: JobStore, job_id: str, queue: str = "routine", at: float = 1000.0) -> float:
+    store.create(Job(id=job_id, scan_id="s", pipeline="sleep", queue=queue, queued_at=at))
+    return waiting_score(queue, at)
+
+
+def test_reservations_never_exceed_capacity_and_release(client: redis.Redis) -> None:
+    adm, store = Admission(client), JobStore(client)
+    gpus(adm, g0=24)
+    alive(client, "w1", "w2")
+    a, b = queued(store, "a", at=1.0), queued(store, "b", at=2.0)
+    assert adm.admit("g0", "a", 16 * GB, "w1", a).verdict is Verdict.RUN
+    d = adm.admit("g0", "b", 16 * GB, "w2", b)
+    assert d.verdict is Verdict.WAIT and d.bytes == 8 * GB
+    assert adm.reserved_bytes("g0") == 16 * GB
+    assert not adm.release("g0", "a", "w2")  # not w2's
+    assert adm.release("g0", "a", "w1")
+    assert adm.dispatch("g0", "w1") == "b"  # the waiting job is reserved for its GPU's queue
+    assert adm.admit("g0", "b", 16 * GB, "w2", b).verdict is Verdict.RUN  # and started there
+    assert [r.worker for r in adm.reservations("g0")] == ["w2"]
+    adm.release("g0", "b", "w2")
+    assert adm.reserved_bytes("g0") == 0 and adm.waiting() == []
+
+
+def test_reservation_of_a_dead_worker_is_reclaimed(client: redis.Redis) -> None:
+    adm, store = Admission(client), JobStore(client)
+    gpus(adm, g0=24)
+    alive(client, "w1")
+    assert adm.admit("g0", "a", 20 * GB, "w1", queued(store, "a")).verdict is Verdict.RUN
+    client.delete(WORKER_HEARTBEAT + "w1")  # its heartbeat expired
+    assert adm.reclaim() == 1 and adm.reserved_bytes("g0") == 0
+
+
+def test_too_big_for_this_gpu_waits_for_a_bigger_one_or_fits_nowhere(client: redis.Redis) -> None:
+    adm, store = Admission(client), JobStore(client)
+    gpus(adm, small=24, big=80)
+    alive(client, "w")
+    assert adm.admit("small", "a", 40 * GB, "w", queued(store, "a")).verdict is Verdict.BIGGER
+    d = adm.admit("small", "b", 90 * GB, "w", queued(store, "b"))
+    assert d.verdict is Verdict.NEVER and d.bytes == 80 * GB
+    assert [j for j, _, _ in adm.waiting()] == ["a"]
+    assert adm.dispatch("small", "w") is None and adm.dispatch("big", "w") == "a"
+
+
+def test_waiting_order_is_stat_then_routine_then_bulk_then_time(client: redis.Redis) -> None:
+    adm, store = Admission(client), JobStore(client)
+    gpus(adm, g0=10)
+    alive(client, "w")
+    assert adm.admit("g0", "run", 10 * GB, "w", queued(store, "run", at=0.5)).verdict is Verdict.RUN
+    for job, queue, at in (("bulk1", "bulk", 1.0), ("r1", "routine", 2.0), ("r2", "routine", 3.0), ("s1", "stat", 4.0)):
+        verdict = adm.admit("g0", job, 5 * GB, "w", queued(store, job, queue, at)).verdict
+        assert verdict in (Verdict.WAIT, Verdict.HELD)  # held: for an older job that waits already
+    assert [j for j, _, _ in adm.waiting()] == ["s1", "r1", "r2", "bulk1"]
+
+
+def test_a_waiting_stat_job_holds_the_gpu_against_smaller_jobs(client: redis.Redis) -> None:
+    adm, store = Admission(client), JobStore(client)
+    gpus(adm, g0=24)
+    alive(client, "w")
+    assert adm.admit("g0", "big", 16 * GB, "w", queued(store, "big", at=1.0)).verdict is Verdict.RUN
+    assert adm.admit("g0", "stat", 20 * GB, "w", queued(store, "stat", "stat", 2.0)).verdict is Verdict.WAIT
+    d = adm.admit("g0", "small", 2 * GB, "w", queued(store, "small", at=3.0))
+    assert d.verdict is Verdict.HELD and d.other_job == "stat"
+    adm.release("g0", "big", "w")
+    assert adm.dispatch("g0", "w") == "stat"
+
+
+def test_an_older_waiting_job_that_fits_goes_first(client: redis.Redis) -> None:
+    adm, store = Admission(client), JobStore(client)
+    gpus(adm, g0=24)
+    alive(client, "w")
+    adm.admit("g0", "a", 20 * GB, "w", queued(store, "a", at=1.0))
+    assert adm.admit("g0", "old", 10 * GB, "w", queued(store, "old", at=2.0)).verdict is Verdict.WAIT
+    adm.release("g0", "a", "w")
+    d = adm.admit("g0", "new", 10 * GB, "w", queued(store, "new", at=3.0))
+    assert d.verdict is Verdict.SWAP and d.other_job == "old"
+    assert [j for j, _, _ in adm.waiting()] == ["new"]
+
+
+def test_a_pending_reservation_of_a_cancelled_job_is_dropped(client: redis.Redis) -> None:
+    adm, store = Admission(client), JobStore(client)
+    gpus(adm, g0=24)
+    alive(client, "w")
+    adm.admit("g0", "a", 20 * GB, "w", queued(store, "a", at=1.0))
+    adm.admit("g0", "b", 10 * GB, "w", queued(store, "b", at=2.0))
+    adm.release("g0", "a", "w")
+    assert adm.dispatch("g0", "w") == "b"  # reserved, in the GPU's queue, not started
+    store.set_state("b", JobState.CANCELLED)  # its task is revoked: no worker will start it
+    assert adm.reclaim() == 1 and adm.reserved_bytes("g0") == 0
+
+
+def test_default_estimate_grows_with_matrix_and_coils() -> None:
+    small = synthetic_scan(matrix=(64, 64), ncoil=4).header
+    big = synthetic_scan(matrix=(128, 128), ncoil=16).header
+    assert CONTEXT_BYTES < default_estimate(small, {}) < default_estimate(big, {})
+    enc = big.encoding[0].encodedSpace.matrixSize
+    assert default_estimate(big, {}) == CONTEXT_BYTES + 4 * enc.x * enc.y * max(1, enc.z) * 16 * 8
+
+
+def test_estimate_precedence_params_then_pipeline_then_default() -> None:
+    header = synthetic_scan(matrix=(32, 32), ncoil=2).header
+
+    class Own:
+        name = "own"
+
+        def memory_estimate(self, header: object, params: object) -> int:
+            return 7 * GB
+
+    assert estimate_bytes(header, {"gpu_memory_gb": 3}, Own()) == 3 * GB
+    assert estimate_bytes(header, {}, Own()) == 7 * GB
+    assert estimate_bytes(header, {}, object()) == default_estimate(header, {})
+    with pytest.raises(EstimateError):
+        estimate_bytes(header, {"gpu_memory_gb": -1})
+
+
+def test_simulated_inventory_is_named_as_such(settings) -> None:
+    inv = make_inventory(settings.model_copy(update={"simulated_gpus": [80, 24]}))
+    assert isinstance(inv, SimulatedInventory)
+    g = inv.gpus()
+    assert [x.name for x in g] == ["SIMULATED GPU 0 (80 GB)", "SIMULATED GPU 1 (24 GB)"]
+    assert all(x.simulated and x.free_bytes == x.total_bytes for x in g)
+
+
+def test_no_gpu_here_says_why(settings) -> None:
+    inv = make_inventory(settings)  # this machine and CI have no NVIDIA driver
+    if not isinstance(inv, NoGpuInventory):
+        pytest.skip("an NVIDIA GPU is present")
+    assert inv.gpus() == [] and inv.reason

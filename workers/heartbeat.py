@@ -1,0 +1,123 @@
+"""Worker heartbeats, and the idle worker's look for waiting jobs that now fit its GPU.
+
+Every ``heartbeat_interval_s`` a worker writes ``reconq:hb:<worker>`` (JSON: its GPU, running job;
+expires after ``heartbeat_ttl_s``) and, on a GPU, the GPU's state and capacity. A worker whose key has
+expired is dead: its reservations are reclaimed (see :mod:`scheduler.admission`). Every
+``dispatch_poll_s`` an idle GPU worker reserves the first waiting job that fits its GPU and sends it to
+the GPU's queue, which it consumes first.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+
+import redis
+
+from reconq.constants import GPU_RESERVATION_OWNERS, WORKER_HEARTBEAT, WORKERS_INDEX
+from reconq.settings import Settings
+from scheduler.admission import PENDING_SUFFIX, Admission
+from scheduler.inventory import Inventory, InventoryError
+from scheduler.routing import gpu_queue
+from workers.slot import Slot, node_name
+
+log = logging.getLogger(__name__)
+
+
+class Heartbeat:
+    """Heartbeats and idle dispatch in a daemon thread of one worker process."""
+
+    def __init__(self, settings: Settings, client: redis.Redis, admission: Admission, slot: Slot,
+                 inventory: Inventory, name: str, send: Callable[[str, str], None]) -> None:
+        self.settings, self.redis, self.admission = settings, client, admission
+        self.slot, self.inventory, self.name, self.send = slot, inventory, name, send
+        self.job_id, self.job_since = "", 0.0
+        self._pending_until = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="reconq-heartbeat", daemon=True)
+
+    def start(self) -> None:
+        self.beat()  # before any admission: reservations of a worker with no heartbeat are reclaimed
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+        try:
+            self.redis.delete(WORKER_HEARTBEAT + self.name)
+            self.redis.srem(WORKERS_INDEX, self.name)
+        except redis.RedisError:
+            pass
+
+    def job_started(self, job_id: str) -> None:
+        self.job_id, self.job_since = job_id, time.time()
+        self._safe_beat()
+
+    def job_ended(self) -> None:
+        self.job_id, self.job_since = "", 0.0
+        self._safe_beat()
+
+    def expect_job(self) -> None:
+        """A job was just dispatched to this GPU's queue: wait a while before dispatching another."""
+        self._pending_until = time.monotonic() + 5 * self.settings.dispatch_poll_s
+
+    def beat(self) -> None:
+        now = time.time()
+        record = {"worker": self.name, "host": node_name(self.settings), "pid": os.getpid(),
+                  "gpu_id": self.slot.gpu_id, "gpu_index": self.slot.gpu_index, "simulated": self.slot.simulated,
+                  "queues": list(self.slot.queues), "job": self.job_id, "job_since": self.job_since, "seen": now}
+        pipe = self.redis.pipeline()
+        pipe.set(WORKER_HEARTBEAT + self.name, json.dumps(record), px=int(self.settings.heartbeat_ttl_s * 1000))
+        pipe.sadd(WORKERS_INDEX, self.name)
+        pipe.execute()
+        if self.slot.is_gpu:
+            self._report_gpu()
+
+    def _report_gpu(self) -> None:
+        assert self.slot.gpu_index is not None
+        try:
+            info = self.inventory.gpu(self.slot.gpu_index)
+        except InventoryError as e:
+            log.warning("worker %s: cannot read %s: %s", self.name, self.slot.gpu_id, e)
+            return
+        owners = self.redis.hvals(GPU_RESERVATION_OWNERS + self.slot.gpu_id)
+        our_pids = {int(o.removesuffix(PENDING_SUFFIX).rsplit(":", 1)[1]) for o in owners
+                    if o.removesuffix(PENDING_SUFFIX).rsplit(":", 1)[-1].isdigit()}
+        state = {**info.to_json(), "gpu_id": self.slot.gpu_id, "host": node_name(self.settings), "seen": time.time()}
+        self.admission.register_gpu(self.slot.gpu_id, info.total_bytes, info.capacity_bytes(our_pids),
+                                    json.dumps(state))
+
+    def _safe_beat(self) -> None:
+        try:
+            self.beat()
+        except redis.RedisError as e:
+            log.warning("worker %s: heartbeat failed: %s", self.name, e)
+
+    def _idle_dispatch(self) -> None:
+        if not self.slot.is_gpu or self.job_id or time.monotonic() < self._pending_until:
+            return
+        job = self.admission.dispatch(self.slot.gpu_id, self.name)
+        if job:
+            self.expect_job()
+            log.info("job %s: memory reserved on %s (idle worker %s); sent to its queue", job, self.slot.gpu_id,
+                     self.name)
+            self.send(job, gpu_queue(self.slot.gpu_id))
+
+    def _loop(self) -> None:
+        next_beat = time.monotonic() + self.settings.heartbeat_interval_s
+        while not self._stop.wait(self.settings.dispatch_poll_s):
+            try:
+                if time.monotonic() >= next_beat:
+                    next_beat = time.monotonic() + self.settings.heartbeat_interval_s
+                    self.beat()
+                if self.settings.admission_control:
+                    self._idle_dispatch()
+            except redis.RedisError as e:
+                log.warning("worker %s: heartbeat/dispatch failed: %s", self.name, e)
+            except Exception:  # the thread must live as long as the worker
+                log.exception("worker %s: heartbeat/dispatch error", self.name)

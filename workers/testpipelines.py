@@ -1,0 +1,95 @@
+"""Test pipelines for scheduling tests and benchmarks; registered only with
+``RECONQ_ENABLE_TEST_PIPELINES=true``.
+
+``sleep`` "reconstructs" by sleeping ``params["seconds"]`` while it declares ``params["memory_gb"]`` of
+GPU memory through its own memory model, and returns one blank image. On a GPU worker it books that
+memory in a simulated-use counter per GPU, and counts an over-commit whenever the booked total passes
+the GPU's size: an independent check of admission. ``sleep_gpu_only`` is the same but may not run on
+the CPU. Parameters: ``seconds``, ``memory_gb``, ``fail`` (raise a ReconError), ``oom_times`` (raise a
+simulated GPU out-of-memory error on the first n runs of the job, counted under ``oom_key``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import ismrmrd
+import numpy as np
+import redis
+
+from recon.errors import ReconError
+from recon.pipelines import ProgressFn, register
+from recon.rawdata import RawScan
+from reconq.constants import GPU_TOTAL, KEY_PREFIX
+from scheduler.estimate import GB
+
+#: Hash: gpu id -> bytes booked by running ``sleep`` jobs.
+SIMULATED_USE = KEY_PREFIX + "test:simuse"
+#: Hash: gpu id -> the largest booked total seen.
+SIMULATED_PEAK = KEY_PREFIX + "test:simpeak"
+#: Hash: gpu id -> how many times a booking took the GPU past its size.
+OVERCOMMITS = KEY_PREFIX + "test:overcommits"
+OOM_COUNTS = KEY_PREFIX + "test:oom"
+
+
+class SimulatedGpuOutOfMemory(MemoryError):
+    """What a GPU out-of-memory error looks like to the worker (as cupy's ``OutOfMemoryError``)."""
+
+
+class UseTracker:
+    """Books the declared memory of running ``sleep`` jobs per GPU in Redis."""
+
+    def __init__(self, client: redis.Redis, gpu_id: str) -> None:
+        self.redis, self.gpu_id = client, gpu_id
+
+    @contextlib.contextmanager
+    def booked(self, nbytes: int) -> Iterator[None]:
+        if not self.gpu_id:
+            yield
+            return
+        used = int(self.redis.hincrby(SIMULATED_USE, self.gpu_id, nbytes))
+        total = int(self.redis.hget(GPU_TOTAL, self.gpu_id) or 0)
+        peak = int(self.redis.hget(SIMULATED_PEAK, self.gpu_id) or 0)
+        if used > peak:
+            self.redis.hset(SIMULATED_PEAK, self.gpu_id, used)
+        if total and used > total:
+            self.redis.hincrby(OVERCOMMITS, self.gpu_id, 1)
+        try:
+            yield
+        finally:
+            self.redis.hincrby(SIMULATED_USE, self.gpu_id, -nbytes)
+
+
+class SleepPipeline:
+    """A timed sleep with a declared GPU memory need (see the module docstring)."""
+
+    def __init__(self, name: str, tracker: UseTracker, cpu_capable: bool = True) -> None:
+        self.name, self.tracker, self.cpu_capable = name, tracker, cpu_capable
+
+    def memory_estimate(self, header: Any, params: Mapping[str, Any]) -> int:
+        return int(float(params.get("memory_gb", 1.0)) * GB)
+
+    def run(self, scan: RawScan, params: Mapping[str, Any], progress: ProgressFn) -> list[ismrmrd.Image]:
+        if params.get("fail"):
+            raise ReconError("sleep: failing as asked")
+        oom_key = OOM_COUNTS + ":" + str(params.get("oom_key", scan.path))
+        if int(params.get("oom_times", 0)) >= int(self.tracker.redis.incr(oom_key)):
+            raise SimulatedGpuOutOfMemory(f"simulated GPU out of memory in {self.name}")
+        seconds = float(params.get("seconds", 1.0))
+        with self.tracker.booked(self.memory_estimate(scan.header, params)):
+            t0 = time.monotonic()
+            while (elapsed := time.monotonic() - t0) < seconds:
+                progress(elapsed / seconds, "sleeping")
+                time.sleep(min(0.05, seconds - elapsed))
+        image = ismrmrd.Image.from_array(np.zeros((4, 4), np.uint16))
+        image.image_series_index = 1
+        return [image]
+
+
+def register_test_pipelines(client: redis.Redis, gpu_id: str) -> None:
+    tracker = UseTracker(client, gpu_id)
+    register(SleepPipeline("sleep", tracker))
+    register(SleepPipeline("sleep_gpu_only", tracker, cpu_capable=False))
