@@ -1,0 +1,60 @@
+"""Other scans a job needs: a reference coil scan or a noise scan of the same patient and study.
+
+A job names them in its parameters:
+
+- ``reference_scan``: a scan id; or
+- ``reference_protocol``: the protocol name of a scan of the same patient and study (the newest
+  complete one is taken; the scanner may still be acquiring it when the job starts).
+
+:func:`resolve_inputs` returns the parameters with ``reference`` set to that scan's raw file, or raises
+:class:`InputsNotReady` saying what the job waits for; the worker keeps the job ``waiting_inputs`` and
+tries again, up to ``RECONQ_INPUTS_WAIT_S``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from reconq.jobs import Job
+from reconq.storage import ScanRecord, ScanState, ScanStore
+
+
+class InputsNotReady(Exception):
+    """A scan the job needs is not (yet) stored complete; the message says which."""
+
+
+class InputsMissing(Exception):
+    """A scan the job names cannot be used (it does not exist, or it was cut off)."""
+
+
+def _newest_complete(scans: ScanStore, job: Job, protocol: str) -> ScanRecord | None:
+    found = None
+    for record in scans.scans():
+        if (record.state is ScanState.COMPLETE and record.protocol == protocol
+                and record.patient_id == job.patient_id and record.study_uid == job.study_uid
+                and record.scan_id != job.scan_id):
+            found = record if found is None or record.created_at >= found.created_at else found
+    return found
+
+
+def resolve_inputs(job: Job, scans: ScanStore) -> dict[str, Any]:
+    """The job's parameters with ``reference`` (a raw file path) filled in where a reference is named."""
+    params = dict(job.params)
+    scan_id, protocol = params.get("reference_scan"), params.get("reference_protocol")
+    if scan_id:
+        try:
+            record = scans.load(str(scan_id))
+        except (FileNotFoundError, ValueError) as e:
+            raise InputsMissing(f"reference scan {scan_id} does not exist") from e
+        if record.state is ScanState.INCOMPLETE:
+            raise InputsMissing(f"reference scan {scan_id} is incomplete ({record.error})")
+        if record.state is not ScanState.COMPLETE:
+            raise InputsNotReady(f"reference scan {scan_id} (still being received)")
+    elif protocol:
+        record = _newest_complete(scans, job, str(protocol))
+        if record is None:
+            raise InputsNotReady(f"a reference scan with protocol {protocol!r} of this patient and study")
+    else:
+        return params
+    params["reference"] = str(scans.raw_path(record.scan_id))
+    return params
