@@ -1,0 +1,228 @@
+"""The dashboard in headless Chromium against the real stack on loopback, as a technologist uses it.
+
+Real Redis, the MRD gateway (TCP), a real ``reconq worker`` process, the API on uvicorn in a thread,
+Debian's ``chromium`` driven by Selenium through ``chromedriver``. Screenshots of the jobs page and a
+job page are saved under ``test-artifacts/``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+import uvicorn
+
+from gateway import client
+from gateway.api import make_api
+from gateway.auth import hash_password
+from recon.simulate import synthetic_scan
+from reconq.redisconn import free_port
+from reconq.settings import Settings
+
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+PASSWORD = "dashboard test password"
+WAIT_S = 90
+
+pytestmark = pytest.mark.skipif(
+    not (CHROMIUM.exists() and CHROMEDRIVER.exists()),
+    reason="browser tests need Debian's chromium and chromium-driver (/usr/bin/chromium, /usr/bin/chromedriver)",
+)
+webdriver = pytest.importorskip("selenium.webdriver", reason="browser tests need the selenium package")
+from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+
+class LiveApi:
+    """The API on uvicorn in a thread, on a free loopback port."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        app = make_api(settings, redis.Redis.from_url(settings.redis_url or "", decode_responses=True))
+        self.port = free_port()
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
+                                                    timeout_graceful_shutdown=1))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> LiveApi:
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.05)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=15)
+
+
+@pytest.fixture(scope="module")
+def dash_settings(e2e_settings: Settings) -> Settings:
+    """The stack's settings plus staff sign-in; anonymous viewers may look (identifiers masked)."""
+    return e2e_settings.model_copy(update={"staff_passwords": {"alice": hash_password(PASSWORD)},
+                                           "dashboard_public_read": True})
+
+
+@pytest.fixture(scope="module")
+def live_api(dash_settings: Settings) -> Iterator[LiveApi]:
+    api = LiveApi(dash_settings).start()
+    yield api
+    api.stop()
+
+
+@pytest.fixture
+def browser() -> Iterator[webdriver.Chrome]:
+    profile = tempfile.mkdtemp(prefix="reconq-chromium-")
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", "--window-size=1500,1100", f"--user-data-dir={profile}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=str(CHROMEDRIVER)))
+    driver.set_page_load_timeout(30)
+    yield driver
+    driver.quit()
+    shutil.rmtree(profile, ignore_errors=True)
+
+
+def wait_for(driver: webdriver.Chrome, condition, what: str, timeout: float = WAIT_S):
+    return WebDriverWait(driver, timeout, poll_frequency=0.1, ignored_exceptions=(StaleElementReferenceException,)
+                         ).until(condition, message=f"waiting for {what}")
+
+
+def screenshot(driver: webdriver.Chrome, name: str) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    driver.save_screenshot(str(ARTIFACTS / name))
+
+
+def row(driver: webdriver.Chrome, job_id: str) -> list[str] | None:
+    """The texts of the job's table cells, or None (read in one go: rows are redrawn as events arrive)."""
+    return driver.execute_script(
+        "const r = document.querySelector(`tr[data-id='${arguments[0]}']`);"
+        "return r ? [...r.querySelectorAll('td')].map((c) => c.innerText) : null", job_id)
+
+
+def sign_in(driver: webdriver.Chrome) -> None:
+    form = driver.find_element(By.ID, "signin")
+    form.find_element(By.NAME, "name").send_keys("alice")
+    form.find_element(By.NAME, "password").send_keys(PASSWORD)
+    form.find_element(By.CSS_SELECTOR, "button").click()
+    wait_for(driver, lambda d: d.find_elements(By.ID, "who"), "signed in")
+
+
+def test_scan_appears_progresses_turns_done_and_shows_its_images(gateway, worker, live_api, browser):
+    host, port = gateway
+    browser.get(live_api.url + "/")
+    wait_for(browser, lambda d: d.execute_script("return !!ReconQ.source && ReconQ.source.readyState === 1"),
+             "the event stream")
+    # Record every width the job's progress bar takes, as the live events move it (no reloads).
+    browser.execute_script("""
+        window.widths = []; window.reloads = 0;
+        new MutationObserver(() => document.querySelectorAll('tr[data-id$="-j1"] .fill').forEach(
+            (f) => window.widths.push([f.closest('tr').dataset.id, parseFloat(f.style.width)]))
+        ).observe(document.querySelector('#jobs tbody'), {subtree: true, childList: true, attributes: true});
+    """)
+    # Big enough, with Walsh coil combination, that the recon takes seconds and its progress can be seen.
+    scan = synthetic_scan(matrix=(192, 192), ncoil=16, nslices=8, protocol="dash_t1", patient_id="DASH4711")
+    reply = client.send_scan(host, port, scan.header, scan.acquisitions, config="cartesian",
+                             params={"combine": "walsh"})
+    job_id = reply.job_id()
+    assert job_id, reply.texts
+
+    wait_for(browser, lambda d: row(d, job_id) is not None, "the new job in the table")
+    assert row(browser, job_id)[1] == "D******1"  # the patient ID, masked
+    wait_for(browser, lambda d: row(d, job_id)[4].lower() == "done", "the job to turn done")
+    widths = [w for j, w in browser.execute_script("return window.widths") if j == job_id]
+    assert any(0 < w < 100 for w in widths), f"the progress bar never showed a value between 0 and 100: {widths}"
+    assert widths[-1] == 100
+    cells = row(browser, job_id)
+    assert cells[2] == "dash_t1" and cells[10] and cells[11] == "1" and cells[9]  # protocol, GPU, attempts, run time
+    assert browser.find_element(By.CSS_SELECTOR, '#queues .depth[data-queue="routine"]').text == "0"
+    screenshot(browser, "dashboard-jobs.png")
+
+    browser.find_element(By.LINK_TEXT, job_id).click()
+    wait_for(browser, lambda d: d.execute_script(
+        "const i = document.querySelectorAll('img.preview');"
+        "return i.length > 0 && [...i].every((x) => x.complete && x.naturalWidth > 0)"), "the previews")
+    assert len(browser.find_elements(By.CSS_SELECTOR, "img.preview")) == 4  # a few of the 8 slices
+    stages = browser.find_element(By.ID, "stages").text
+    assert "storing" in stages
+    assert "Sign in as staff to download" in browser.find_element(By.ID, "downloads").text
+    sign_in(browser)
+    wait_for(browser, lambda d: d.find_elements(By.ID, "dl-dicom"), "the download links")
+    assert browser.find_element(By.CSS_SELECTOR, "#facts .patient").text == "DASH4711"
+    screenshot(browser, "dashboard-job.png")
+
+
+def test_failed_job_shows_its_error_and_staff_can_retry_it(gateway, worker, live_api, browser):
+    host, port = gateway
+    scan = synthetic_scan(matrix=(32, 32), ncoil=2, protocol="dash_broken", patient_id="BROKEN2")
+    scan.header.encoding[0].trajectory = type(scan.header.encoding[0].trajectory)("radial")
+    job_id = client.send_scan(host, port, scan.header, scan.acquisitions, config="cartesian").job_id()
+    assert job_id
+
+    browser.get(f"{live_api.url}/jobs/{job_id}")
+    error = wait_for(browser, lambda d: d.find_element(By.ID, "error").is_displayed()
+                     and d.find_element(By.ID, "error"), "the error")
+    assert error.text.startswith("Error: ") and len(error.text) > 10
+    assert browser.find_element(By.ID, "state").text.lower() == "failed"
+    screenshot(browser, "dashboard-failed-job.png")
+
+    browser.find_element(By.ID, "retry").click()
+    msg = browser.find_element(By.ID, "action-msg")
+    wait_for(browser, lambda d: "refused" in msg.text, "the refusal")
+    assert "sign in as staff to do this" in msg.text
+    assert "nothing" in browser.find_element(By.ID, "audit").text
+
+    sign_in(browser)
+    browser.find_element(By.ID, "retry").click()
+    wait_for(browser, lambda d: "Retry: done" in msg.text, "the retry")
+    wait_for(browser, lambda d: "alice" in d.find_element(By.ID, "audit").text, "the action on the job")
+    assert "retry" in browser.find_element(By.ID, "audit").text
+    wait_for(browser, lambda d: d.execute_script(
+        "return window.reconqJob.state === 'failed' && window.reconqJob.attempts === 2"), "the second attempt")
+
+
+def test_connection_lost_is_shown(dash_settings, browser):
+    api = LiveApi(dash_settings).start()
+    try:
+        browser.get(api.url + "/")
+        wait_for(browser, lambda d: d.execute_script("return !!ReconQ.source && ReconQ.source.readyState === 1"),
+                 "the event stream")
+        assert not browser.find_element(By.ID, "conn").is_displayed()
+    finally:
+        api.stop()
+    conn = wait_for(browser, lambda d: d.find_element(By.ID, "conn").is_displayed() and d.find_element(By.ID, "conn"),
+                    "the 'connection lost' sign", timeout=30)
+    assert "Connection to the server lost" in conn.text
+
+
+def test_filters_narrow_the_table(gateway, live_api, browser, e2e_settings):
+    from reconq.jobs import Job, JobStore
+
+    store = JobStore(redis.Redis.from_url(e2e_settings.redis_url or "", decode_responses=True))
+    for i, proto in enumerate(["filter_flair", "filter_dwi", "filter_flair_cor"]):
+        store.create(Job(id=f"filt-{i}", scan_id=f"filt{i}", pipeline="cartesian", protocol=proto,
+                         created_at=time.time() - i))
+    browser.get(live_api.url + "/")
+    wait_for(browser, lambda d: row(d, "filt-0") is not None, "the jobs")
+    form = browser.find_element(By.ID, "filters")
+    form.find_element(By.NAME, "protocol").send_keys("FLAIR")
+    form.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+    wait_for(browser, lambda d: row(d, "filt-1") is None, "the filtered table")
+    ids = [r.get_attribute("data-id") for r in browser.find_elements(By.CSS_SELECTOR, "#jobs tbody tr[data-id]")]
+    assert ids == ["filt-0", "filt-2"]
