@@ -1,14 +1,15 @@
 """The MRD (ISMRMRD) streaming protocol: message ids, wire formats, and one read/write pair per family.
 
 Every message starts with a little-endian ``uint16`` id. Byte layouts are quoted from the MRD
-streaming-protocol specification above each reader. Readers take a :class:`MessageSource` (anything
-with ``read_exactly``) and a :class:`Limits`; lengths are checked against the limits *before* any
+streaming-protocol specification above each reader. Readers take a :class:`MessageSource` (a socket
+or bytes in memory) and a :class:`Limits`; lengths are checked against the limits *before* any
 buffer is allocated. Acquisitions and waveforms are returned as raw bytes so that the gateway can
 store them without building Python objects per readout.
 """
 
 from __future__ import annotations
 
+import socket
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
@@ -40,6 +41,7 @@ _IMG_CHANNELS_AT = ismrmrd.hdf5.image_header_dtype.fields["channels"][1]
 _IMG_DATA_TYPE = struct.Struct("<H")
 _IMG_DATA_TYPE_AT = ismrmrd.hdf5.image_header_dtype.fields["data_type"][1]
 _IMG_ITEM_SIZE = {1: 2, 2: 2, 3: 4, 4: 4, 5: 4, 6: 8, 7: 8, 8: 16}
+_QUERY = struct.Struct("<QQQ")  # reserved, correlation id, query length
 
 
 class MessageId(IntEnum):
@@ -73,7 +75,14 @@ class Limits:
 
 
 class MessageSource(Protocol):
+    """Where messages come from: a socket (:class:`SocketSource`) or bytes in memory (:class:`BytesSource`).
+
+    Both methods raise :class:`StreamClosed` when the stream ends first.
+    """
+
     def read_exactly(self, n: int) -> bytes: ...
+
+    def read_into(self, view: memoryview) -> None: ...
 
 
 def read_message_id(src: MessageSource) -> int:
@@ -83,8 +92,12 @@ def read_message_id(src: MessageSource) -> int:
 
 # ID 1 CONFIG_FILE | 2 bytes id | 1024 bytes: null-terminated UTF-8 file name
 def read_config_file(src: MessageSource) -> str:
+    """The config file name; a name with a path separator or ``..`` is refused (it names no file of ours)."""
     raw = src.read_exactly(CONFIG_FILE_SIZE)
-    return raw.split(b"\0", 1)[0].decode("utf-8", errors="replace")
+    name = raw.split(b"\0", 1)[0].decode("utf-8", errors="replace").strip()
+    if "/" in name or "\\" in name or ".." in name:
+        raise ProtocolError(f"config file name {name!r} is not a plain name (no path separators, no '..')")
+    return name
 
 
 def write_config_file(name: str) -> bytes:
@@ -126,26 +139,55 @@ def acquisition_payload_size(head: bytes) -> int:
     return samples * traj_dims * 4 + channels * samples * 8
 
 
-def read_acquisition(src: MessageSource, limits: Limits) -> tuple[bytes, bytes]:
-    """Return (header bytes, trajectory+data bytes) of one readout."""
+def read_acquisition_head(src: MessageSource, limits: Limits) -> tuple[bytes, int]:
+    """Return (header bytes, size of the trajectory+data that follow), the size checked against the limit."""
     head = src.read_exactly(ACQ_HEADER_SIZE)
     size = acquisition_payload_size(head)
     if size > limits.max_acquisition_bytes:
+        samples, _available, channels = _ACQ_SIZES.unpack_from(head, _ACQ_SIZES_AT)
         raise ProtocolError(
-            f"acquisition of {size} bytes (samples x channels x 8 + trajectory) exceeds the limit of "
-            f"{limits.max_acquisition_bytes} bytes"
+            f"acquisition of {samples} samples x {channels} channels ({size} bytes with its trajectory) exceeds "
+            f"the limit of {limits.max_acquisition_bytes} bytes"
         )
+    return head, size
+
+
+def read_acquisition(src: MessageSource, limits: Limits) -> tuple[bytes, bytes]:
+    """Return (header bytes, trajectory+data bytes) of one readout."""
+    head, size = read_acquisition_head(src, limits)
     return head, src.read_exactly(size)
 
 
 # ID 1026 WAVEFORM | 2 bytes id | 40 bytes WaveformHeader | channels * number_of_samples * 4 bytes uint32
-def read_waveform(src: MessageSource, limits: Limits) -> tuple[bytes, bytes]:
+def read_waveform_head(src: MessageSource, limits: Limits) -> tuple[bytes, int]:
+    """Return (header bytes, size of the samples that follow), the size checked against the limit."""
     head = src.read_exactly(WAVEFORM_HEADER_SIZE)
     samples, channels = _WAV_SIZES.unpack_from(head, _WAV_SIZES_AT)
     size = samples * channels * 4
     if size > limits.max_acquisition_bytes:
-        raise ProtocolError(f"waveform of {size} bytes exceeds the limit of {limits.max_acquisition_bytes}")
+        raise ProtocolError(f"waveform of {samples} samples x {channels} channels ({size} bytes) exceeds the "
+                            f"limit of {limits.max_acquisition_bytes} bytes")
+    return head, size
+
+
+def read_waveform(src: MessageSource, limits: Limits) -> tuple[bytes, bytes]:
+    head, size = read_waveform_head(src, limits)
     return head, src.read_exactly(size)
+
+
+# ID 6 QUERY (Gadgetron's, not MRD) | 2 bytes id | uint64 reserved | uint64 correlation id
+#   | uint64 length | length bytes UTF-8 query
+def read_query(src: MessageSource, limits: Limits) -> str:
+    """The query text of a Gadgetron QUERY (the gateway answers none; see :mod:`gateway.session`)."""
+    _reserved, _correlation, length = _QUERY.unpack(src.read_exactly(_QUERY.size))
+    if length > limits.max_text_bytes:
+        raise ProtocolError(f"QUERY of {length} bytes exceeds the limit of {limits.max_text_bytes} bytes")
+    return src.read_exactly(length).decode("utf-8", errors="replace")
+
+
+def write_query(query: str, correlation_id: int = 0) -> bytes:
+    encoded = query.encode("utf-8")
+    return ID.pack(MessageId.QUERY) + _QUERY.pack(0, correlation_id, len(encoded)) + encoded
 
 
 # ID 1022 IMAGE | 2 bytes id | 198 bytes ImageHeader | uint64 attribute length | attribute XML
@@ -165,7 +207,10 @@ def read_image(src: MessageSource, limits: Limits) -> ismrmrd.Image:
     attributes = src.read_exactly(attr_len)
     data = src.read_exactly(size)
     parts = iter((ATTRIBUTE_LENGTH.pack(attr_len), attributes, data))
-    return ismrmrd.Image.deserialize_from_with_header(head, lambda _n: next(parts))
+    try:
+        return ismrmrd.Image.deserialize_from_with_header(head, lambda _n: next(parts))
+    except (ValueError, TypeError, StopIteration) as e:
+        raise ProtocolError(f"IMAGE message is not a valid MRD image: {e}") from e
 
 
 def write_image(image: ismrmrd.Image) -> bytes:
@@ -187,18 +232,75 @@ def write_waveform(wav: ismrmrd.Waveform) -> bytes:
 
 
 class SocketSource:
-    """Reads exact byte counts from a socket, with one reusable receive buffer per call size."""
+    """Reads exact byte counts from a socket through a small buffer of its own.
 
-    def __init__(self, sock, bufsize: int = 1 << 20) -> None:  # noqa: ANN001 - socket.socket
-        self._file = sock.makefile("rb", buffering=bufsize)
+    :meth:`read_into` copies what is buffered and then receives the rest straight into the caller's
+    buffer, so a readout's samples are copied once, from the kernel into the raw-file writer's batch.
+    A socket time-out surfaces as :class:`TimeoutError`.
+    """
+
+    def __init__(self, sock: socket.socket, bufsize: int = 64 << 10) -> None:
+        self._sock = sock
+        self._buf = bytearray(bufsize)
+        self._view = memoryview(self._buf)
+        self._start = self._end = 0
         self.bytes_read = 0
 
     def read_exactly(self, n: int) -> bytes:
-        data = self._file.read(n) if n else b""
-        if len(data) < n:
-            raise StreamClosed(f"connection closed after {len(data)} of {n} expected bytes")
+        if n <= self._end - self._start:
+            data = bytes(self._view[self._start:self._start + n])
+            self._start += n
+            self.bytes_read += n
+            return data
+        out = bytearray(n)
+        self.read_into(memoryview(out))
+        return bytes(out)
+
+    def read_into(self, view: memoryview) -> None:
+        n = len(view)
+        take = min(n, self._end - self._start)
+        view[:take] = self._view[self._start:self._start + take]
+        self._start += take
+        got = take
+        while got < n:
+            if n - got >= len(self._buf):  # large: straight into the caller's buffer
+                received = self._sock.recv_into(view[got:], n - got)
+                if not received:
+                    self._closed(got, n)
+                got += received
+                continue
+            self._start, self._end = 0, self._sock.recv_into(self._buf)
+            if not self._end:
+                self._closed(got, n)
+            take = min(n - got, self._end)
+            view[got:got + take] = self._view[:take]
+            self._start, got = take, got + take
         self.bytes_read += n
-        return data
+
+    def _closed(self, got: int, n: int) -> None:
+        self.bytes_read += got
+        raise StreamClosed(f"connection closed after {got} of {n} expected bytes")
 
     def close(self) -> None:
-        self._file.close()
+        self._view.release()
+
+
+class BytesSource:
+    """Messages from bytes in memory (tests, files); ends with :class:`StreamClosed` like a socket."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = memoryview(data)
+        self.bytes_read = 0
+
+    def read_exactly(self, n: int) -> bytes:
+        out = bytearray(n)
+        self.read_into(memoryview(out))
+        return bytes(out)
+
+    def read_into(self, view: memoryview) -> None:
+        n, start = len(view), self.bytes_read
+        got = min(n, len(self._data) - start)
+        view[:got] = self._data[start:start + got]
+        self.bytes_read += got
+        if got < n:
+            raise StreamClosed(f"stream ended after {got} of {n} expected bytes")

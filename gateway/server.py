@@ -6,6 +6,7 @@ import contextlib
 import logging
 import socket
 import threading
+import time
 from collections.abc import Collection
 
 from celery import Celery
@@ -18,6 +19,8 @@ from reconq.settings import Settings
 from reconq.storage import ScanRecord, ScanStore
 
 log = logging.getLogger(__name__)
+
+RECEIVE_BUFFER_BYTES = 2 << 20  # the kernel doubles it for its own bookkeeping
 
 
 def make_gateway(settings: Settings) -> Gateway:
@@ -45,6 +48,7 @@ class Gateway:
             max_header_bytes=settings.max_header_bytes,
             max_text_bytes=settings.max_text_bytes,
             max_acquisition_bytes=settings.max_acquisition_bytes,
+            max_image_bytes=settings.max_image_bytes,
         )
         self._slots = threading.BoundedSemaphore(settings.max_connections)
         self._submit_lock = threading.Lock()
@@ -70,6 +74,10 @@ class Gateway:
             log.warning("start-up: %d complete scan(s) without a job were queued again", len(requeued))
         listener = socket.create_server((self.settings.mrd_host, self.settings.mrd_port), reuse_port=False,
                                         backlog=128)
+        # A bounded receive buffer (sessions inherit it): what the client has sent but the gateway not yet read
+        # must still be written and fsynced after the client's CLOSE, so an autotuned buffer of tens of MB
+        # would add tens of milliseconds to the ack. A few MB still cover 10 GbE at LAN round-trip times.
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER_BYTES)
         listener.settimeout(0.5)
         self._listener = listener
         log.info("MRD gateway listening on %s:%d, data in %s", *self.address, self.settings.data_dir)
@@ -108,19 +116,42 @@ class Gateway:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if not self._slots.acquire(blocking=False):
             log.warning("refused %s: %d sessions already open", peer, self.settings.max_connections)
-            try:
-                sock.sendall(text("ERR", f"gateway busy: {self.settings.max_connections} sessions already "
-                                         "open; try again shortly") + p.write_close())
-            finally:
-                sock.close()
+            threading.Thread(target=self._refuse, args=(sock,), name=f"mrd-busy-{peer}", daemon=True).start()
             return
         threading.Thread(target=self._serve, args=(sock, peer), name=f"mrd-{peer}", daemon=True).start()
+
+    def _refuse(self, sock: socket.socket) -> None:
+        try:
+            sock.sendall(text("ERR", f"gateway busy: {self.settings.max_connections} sessions already open; "
+                                     "try again shortly") + p.write_close())
+        except OSError:
+            pass
+        finally:
+            close_gracefully(sock)
 
     def _serve(self, sock: socket.socket, peer: str) -> None:
         try:
             Session(self, sock, peer).run()
         finally:
             self._slots.release()
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-            sock.close()
+            close_gracefully(sock)
+
+
+def close_gracefully(sock: socket.socket, linger_s: float = 2.0, max_bytes: int = 64 << 20) -> None:
+    """Close after our last message: shut our side, then read (and drop) what the client still sends.
+
+    Closing a socket with unread data makes the kernel send a reset, and a client that gets the reset
+    before it read our ``ERR`` TEXT and CLOSE never sees them. So the gateway waits, a bounded time,
+    for the client to close its side (which it does on reading our CLOSE).
+    """
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_WR)
+        deadline = time.monotonic() + linger_s
+        drained = 0
+        while drained < max_bytes and (left := deadline - time.monotonic()) > 0:
+            sock.settimeout(left)
+            chunk = sock.recv(1 << 16)
+            if not chunk:
+                break
+            drained += len(chunk)
+    sock.close()

@@ -2,8 +2,17 @@
 
 An acquisition scan is written to disk as it arrives and, after the client's CLOSE, made durable,
 recorded and queued; then the gateway answers with a TEXT naming the job and its own CLOSE. A
-retrieval scan is handed to :mod:`gateway.retrieval`. Errors go back to the scanner as an ``ERR``
-TEXT, then CLOSE; what was received is kept and marked incomplete.
+retrieval scan is handed to :mod:`gateway.retrieval`.
+
+Errors go back to the scanner as an ``ERR`` TEXT that says what was wrong, then CLOSE (also when the
+client closed its side mid-stream and may still read): bad messages, lengths past the limits, a
+silent client (``idle_timeout_s``), a full disk. What was received of a scan is kept, its
+``scan.json`` says ``incomplete`` with the error, and nothing is queued. A session refused before its
+HEADER was read (no header, an unparseable one, data first) stores nothing: no scan began.
+
+Gadgetron's QUERY message (id 6) is not part of MRD and the gateway answers no queries: it reads the
+query, sends a ``WRN`` TEXT saying so, and the session goes on (a query-only session, QUERY then
+CLOSE, gets that TEXT and CLOSE).
 """
 
 from __future__ import annotations
@@ -20,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import ismrmrd.xsd
 
 from gateway import protocol as p
-from gateway.rawfile import RawFileWriter
+from gateway.rawfile import RawFileWriter, WriteError
 from reconq.storage import ScanRecord, ScanState
 
 if TYPE_CHECKING:
@@ -62,9 +71,9 @@ def identity(header: ismrmrd.xsd.ismrmrdHeader) -> dict[str, str]:
 def config_name(opening: Opening) -> tuple[str | None, dict[str, Any]]:
     """The config name and any parameters carried in CONFIG_TEXT (a name, or JSON ``{"pipeline": ...}``)."""
     if opening.config_file is not None:
-        name = opening.config_file.strip()
-        if not name or "/" in name or "\\" in name or ".." in name:
-            raise SessionError(f"config file name {name!r} is not a plain name (no paths, no '..')")
+        name = opening.config_file.strip()  # path separators and '..' are refused as it is read
+        if not name:
+            raise SessionError("CONFIG_FILE names no config")
         return name.removesuffix(".xml"), {}
     if opening.config_text is None:
         return None, {}
@@ -92,6 +101,14 @@ def parameters_from_text(body: str) -> dict[str, Any]:
         raise SessionError("parameter TEXT must be a JSON object")
     inner = data.get("parameters")
     return dict(inner) if isinstance(inner, dict) else data
+
+
+def describe(msg: int) -> str:
+    """A message id as the scanner's log should show it."""
+    try:
+        return f"{p.MessageId(msg).name} (message id {msg})"
+    except ValueError:
+        return f"unknown message id {msg}"
 
 
 class Session:
@@ -123,9 +140,9 @@ class Session:
         except p.StreamClosed as e:
             if self.src.bytes_read == 0:  # a port probe (health check), not a session
                 log.debug("connection from %s closed before any message", self.peer)
-            else:
-                log.warning("session from %s cut off: %s", self.peer, e)
-        except (SessionError, p.ProtocolError) as e:
+            else:  # the client may have closed only its sending side and still read
+                self.fail(f"stream cut off before the client's CLOSE: {e}")
+        except (SessionError, p.ProtocolError, WriteError) as e:
             self.fail(str(e))
         except TimeoutError:
             self.fail(f"no data from the client for {self.gw.settings.idle_timeout_s:g} s; session ended")
@@ -142,19 +159,28 @@ class Session:
         with contextlib.suppress(OSError):
             self.send(text("ERR", message), p.write_close())
 
+    def next_message(self) -> int:
+        """The id of the next message, answering (and skipping) Gadgetron QUERY messages on the way."""
+        while (msg := p.read_message_id(self.src)) == p.MessageId.QUERY:
+            query = p.read_query(self.src, self.limits)
+            log.info("session from %s: Gadgetron QUERY %.100r not supported", self.peer, query)
+            self.send(text("WRN", f"Gadgetron QUERY messages are not supported by this MRD gateway "
+                                  f"(query {query[:100]!r} not answered); the session goes on"))
+        return msg
+
     def read_opening(self) -> Opening | None:
         config_file = config_text = None
-        msg = p.read_message_id(self.src)
+        msg = self.next_message()
         if msg == p.MessageId.CONFIG_FILE:
             config_file = p.read_config_file(self.src)
-            msg = p.read_message_id(self.src)
+            msg = self.next_message()
         elif msg == p.MessageId.CONFIG_TEXT:
             config_text = p.read_length_prefixed(self.src, self.limits.max_header_bytes, "CONFIG_TEXT")
-            msg = p.read_message_id(self.src)
+            msg = self.next_message()
         if msg == p.MessageId.CLOSE:
             return None
         if msg != p.MessageId.HEADER:
-            raise p.ProtocolError(f"expected HEADER after the config, got message id {msg}")
+            raise p.ProtocolError(f"expected the HEADER, got {describe(msg)}; nothing was stored")
         xml = p.read_length_prefixed(self.src, self.limits.max_header_bytes, "HEADER")
         try:
             header = ismrmrd.xsd.CreateFromDocument(xml)
@@ -165,7 +191,7 @@ class Session:
     def read_until_close(self, handlers: dict[int, Callable[[], None]]) -> None:
         """Dispatch messages to ``handlers`` by id until the client's CLOSE."""
         while True:
-            msg = p.read_message_id(self.src)
+            msg = self.next_message()
             if msg == p.MessageId.CLOSE:
                 return
             handler = handlers.get(msg)
@@ -179,9 +205,7 @@ class Session:
             return "a second HEADER in one session"
         if msg in (p.MessageId.CONFIG_FILE, p.MessageId.CONFIG_TEXT):
             return "a config message after the HEADER"
-        if msg == p.MessageId.QUERY:
-            return "Gadgetron QUERY messages are not supported"
-        return f"unknown message id {msg}"
+        return f"unexpected {describe(msg)}"
 
     # -- acquisition scans ------------------------------------------------------------------------
 
@@ -197,12 +221,15 @@ class Session:
                 f"not enough free disk space in the data folder ({gw.scans.free_bytes() >> 20} MiB free, "
                 f"{gw.settings.min_free_bytes >> 20} MiB required); scan refused"
             )
+        who = identity(opening.header)
         record = ScanRecord(
-            scan_id=gw.scans.new_scan_id(), client=self.peer, config=name,
-            pipeline=None if refusal else pipeline, params=params, **identity(opening.header),
+            scan_id=gw.scans.new_scan_id(), client=self.peer, config=name, pipeline=None if refusal else pipeline,
+            params=params, patient_id=who["patient_id"], study_uid=who["study_uid"], protocol=who["protocol"],
+            measurement_id=who["measurement_id"],
         )
         gw.scans.create(record)
-        writer = RawFileWriter(gw.scans.raw_path(record.scan_id), gw.settings.write_batch_bytes)
+        writer = RawFileWriter(gw.scans.raw_path(record.scan_id), gw.settings.write_batch_bytes,
+                               gw.settings.write_sync_bytes)
         log.info("scan %s from %s: config %s, protocol %r", record.scan_id, self.peer, name, record.protocol)
         if refusal:
             self.send(text("ERR", refusal))
@@ -225,10 +252,10 @@ class Session:
         def acquisition() -> None:
             nonlocal seen_data
             seen_data = True
-            writer.add_acquisition(*p.read_acquisition(src, limits))
+            writer.add_acquisition_into(*p.read_acquisition_head(src, limits), src.read_into)
 
         def waveform() -> None:
-            writer.add_waveform(*p.read_waveform(src, limits))
+            writer.add_waveform_into(*p.read_waveform_head(src, limits), src.read_into)
 
         def image() -> None:
             writer.add_image(p.read_image(src, limits))
@@ -255,14 +282,17 @@ class Session:
         log.warning("scan %s incomplete (%s); kept, not queued", record.scan_id, record.error)
 
     def _count(self, record: ScanRecord, writer: RawFileWriter) -> None:
-        record.acquisitions, record.waveforms, record.images = writer.acquisitions, writer.waveforms, writer.images
+        record.acquisitions, record.waveforms = writer.written_acquisitions, writer.written_waveforms
+        record.images = writer.images
         record.bytes_received = self.src.bytes_read
 
     def _complete(self, record: ScanRecord, writer: RawFileWriter, refusal: str | None, t_close: float) -> None:
         gw = self.gw
+        t_durable = time.perf_counter()
         record.state, record.completed_at = ScanState.COMPLETE, time.time()
         self._count(record, writer)
         gw.scans.save(record)
+        t_recorded = time.perf_counter()
         if refusal:
             self.send(text("ERR", f"scan {record.scan_id} stored; no job made: {refusal}"), p.write_close())
             return
@@ -271,6 +301,8 @@ class Session:
             text("INF", f"job {job.id} queued: pipeline {job.pipeline}, {record.acquisitions} readouts stored"),
             p.write_close(),
         )
-        log.info("scan %s complete: %d readouts, %.1f MB; job %s; ack %.1f ms", record.scan_id,
-                 record.acquisitions, record.bytes_received / 1e6, job.id, 1e3 * (time.perf_counter() - t_close))
-
+        t_ack = time.perf_counter()
+        log.info("scan %s complete: %d readouts, %.1f MB; job %s; ack %.1f ms (file durable %.1f, scan.json %.1f, "
+                 "job queued %.1f)", record.scan_id, record.acquisitions, record.bytes_received / 1e6, job.id,
+                 1e3 * (t_ack - t_close), 1e3 * (t_durable - t_close), 1e3 * (t_recorded - t_durable),
+                 1e3 * (t_ack - t_recorded))

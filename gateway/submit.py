@@ -1,13 +1,17 @@
 """Job submission: record a job for a stored scan and put its id on a Celery queue.
 
-Also the start-up reconciler: files on disk are the truth, so a complete scan whose job Redis lost is
-queued again, exactly once.
+Also the start-up reconciler: files on disk are the truth. A scan still ``receiving`` when the gateway
+starts was cut off by the gateway stopping (killed, crashed, machine lost): it is marked
+``incomplete`` and never queued. A complete scan whose job Redis lost is queued again, exactly once.
+The reconciler assumes one gateway per data root (another live gateway's scans would look cut off).
 """
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
+import h5py
 from celery import Celery
 
 from reconq.constants import RUN_JOB_TASK, JobState
@@ -56,9 +60,40 @@ def submit_scan(store: JobStore, celery: Celery, record: ScanRecord, queue: str)
     return existing
 
 
+def readouts_in(path: Path) -> tuple[int, int]:
+    """(readouts, waveforms) readable in a raw file that may have been cut off; (0, 0) if unreadable."""
+    try:
+        with h5py.File(path, "r") as f:
+            group = f["dataset"]
+            return (int(group["data"].shape[0]) if "data" in group else 0,
+                    int(group["waveforms"].shape[0]) if "waveforms" in group else 0)
+    except Exception:  # noqa: BLE001 - a file cut off mid-write may be unreadable in many ways
+        return 0, 0
+
+
+def mark_interrupted(scans: ScanStore) -> list[str]:
+    """Mark every scan still ``receiving`` as ``incomplete``: the gateway stopped while it streamed in."""
+    marked = []
+    for record in scans.scans():
+        if record.state is not ScanState.RECEIVING:
+            continue
+        record.acquisitions, record.waveforms = readouts_in(scans.raw_path(record.scan_id))
+        record.state = ScanState.INCOMPLETE
+        record.error = ("the gateway stopped mid-scan (found still receiving at start-up); "
+                        f"{record.acquisitions} readouts readable in the raw file; not queued")
+        scans.save(record)
+        log.warning("scan %s incomplete: %s", record.scan_id, record.error)
+        marked.append(record.scan_id)
+    return marked
+
+
 def reconcile(scans: ScanStore, store: JobStore, celery: Celery, queue: str) -> list[str]:
-    """Queue every complete scan that has no job in Redis; returns the job ids queued."""
-    queued = []
+    """Mark cut-off scans incomplete, then queue every complete scan that has no job in Redis.
+
+    Returns the job ids queued.
+    """
+    mark_interrupted(scans)
+    queued: list[str] = []
     for record in scans.scans():
         if record.state is not ScanState.COMPLETE or not record.pipeline:
             continue
