@@ -108,8 +108,11 @@ end
 local function number(key, field)
   return tonumber(redis.call('HGET', key, field) or '0')
 end
-""" % {"span": RANK_SPAN, "done": JobState.DONE.value, "failed": JobState.FAILED.value,
-       "cancelled": JobState.CANCELLED.value, "pending": PENDING_SUFFIX}
+"""
+_COMMON %= {  # noqa: UP031 - Lua's braces rule out str.format
+    "span": RANK_SPAN, "done": JobState.DONE.value, "failed": JobState.FAILED.value,
+    "cancelled": JobState.CANCELLED.value, "pending": PENDING_SUFFIX,
+}
 
 _ADMIT = _COMMON + """
 local g, job, need, owner = ARGV[10], ARGV[11], tonumber(ARGV[12]), ARGV[13]

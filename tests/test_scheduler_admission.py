@@ -11,7 +11,7 @@ from recon.simulate import synthetic_scan
 from reconq.constants import WORKER_HEARTBEAT, JobState
 from reconq.jobs import Job, JobStore
 from scheduler.admission import Admission, Verdict
-from scheduler.estimate import GB, CONTEXT_BYTES, EstimateError, default_estimate, estimate_bytes
+from scheduler.estimate import CONTEXT_BYTES, GB, EstimateError, default_estimate, estimate_bytes
 from scheduler.inventory import NoGpuInventory, SimulatedInventory, make_inventory
 from scheduler.routing import waiting_score
 

@@ -81,7 +81,8 @@ def plan(settings: Settings, inventory: Inventory, gpus: list[int], per_gpu: int
             slot = gpu_slot(settings, inventory, index)
         except InventoryError as e:
             raise LaunchError(str(e)) from e
-        gpu_env = {**env, "CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": "" if slot.simulated else str(index)}
+        visible = "" if slot.simulated else str(index)  # a simulated GPU's process sees no real one
+        gpu_env = {**env, "CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": visible}
         for k in range(per_gpu):
             children.append(Child(f"{slot.gpu_id}#{k}", [*base, "--bind", f"gpu:{index}", "--name",
                                                          f"gpu{index}-{k}@%h"], gpu_env))

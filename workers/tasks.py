@@ -239,8 +239,11 @@ def register_tasks(app: Celery, settings: Settings, gpu_index: int | None = None
     """Register :data:`RUN_JOB_TASK` on ``app`` for a worker bound to GPU ``gpu_index`` (None: the CPU).
 
     Each worker process (Celery's pool child) builds its runner and starts its heartbeat when it starts,
-    and stops the heartbeat when it stops.
+    and stops the heartbeat when it stops. The recon plugins are registered here, in the parent.
     """
+    from workers.plugins import load_plugins
+
+    load_plugins(settings.plugin_dir, settings.parameter_map)
     runner: dict[str, JobRunner] = {}
 
     def send(job_id: str, queue: str) -> None:
