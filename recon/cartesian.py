@@ -1,15 +1,19 @@
-"""Cartesian reconstruction: k-space buffering from acquisition headers, FFT, sum of squares.
+"""Cartesian reconstruction: k-space buffering from acquisition headers, FFT, coil combination.
 
 Readouts are placed by ``idx.kspace_encode_step_1/2`` relative to the header's encoding-limit
 centres, so the centre line lands at the matrix centre (index ``n // 2``), and along readout by
-``center_sample``. 2D multi-slice scans are told apart by ``idx.slice``, 3D scans have an
-encoded ``z`` matrix above 1. Averages are averaged; slices, contrasts, phases, repetitions and
-sets are reconstructed apart. Readout oversampling is removed and the image cropped to the
-header's recon space.
+``center_sample``; readouts flagged ``ACQ_IS_REVERSE`` are turned round first. 2D multi-slice
+scans are told apart by ``idx.slice``, 3D scans have an encoded ``z`` matrix above 1. Averages are
+averaged (or kept apart on request); slices, contrasts, phases, repetitions and sets are
+reconstructed apart. Noise readouts are kept for pre-whitening, parallel-calibration lines in a
+k-space of their own. Readout (and phase) oversampling is removed and the image cropped to the
+header's recon space; partial Fourier and asymmetric echoes are filled by POCS.
 
 References:
     Inati SJ et al. ISMRM Raw data format. Magn Reson Med 2017;77:411-421.
     Roemer PB et al. The NMR phased array. Magn Reson Med 1990;16:192-225.
+    Haacke EM et al. A fast, iterative, partial-Fourier technique capable of local phase recovery.
+    J Magn Reson 1991;92:126-145.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from recon import fft
 from recon.coils import sos
 from recon.errors import ReconError
 from recon.images import ImageGeometry
+from recon.partialfourier import Extents, pocs
 
 logger = logging.getLogger(__name__)
 
@@ -43,9 +48,14 @@ SKIPPED_FLAGS = (
     ismrmrd.ACQ_IS_PHASE_STABILIZATION,
 )
 _SKIP_MASK = np.uint64(sum(1 << (flag - 1) for flag in SKIPPED_FLAGS))
+_CALIB_MASK = np.uint64((1 << (ismrmrd.ACQ_IS_PARALLEL_CALIBRATION - 1))
+                        | (1 << (ismrmrd.ACQ_IS_PARALLEL_CALIBRATION_AND_IMAGING - 1)))
+_NOISE_MASK = np.uint64(1 << (ismrmrd.ACQ_IS_NOISE_MEASUREMENT - 1))
+_REVERSE_MASK = np.uint64(1 << (ismrmrd.ACQ_IS_REVERSE - 1))
 
-#: Counters that make separate images: (slice, contrast, phase, repetition, set).
-VolumeKey = tuple[int, int, int, int, int]
+#: Counters that make separate images: (slice, contrast, phase, repetition, set, average);
+#: average is 0 unless averages are kept apart.
+VolumeKey = tuple[int, int, int, int, int, int]
 
 
 @dataclass(frozen=True)
@@ -118,60 +128,132 @@ def imaging_mask(heads: np.ndarray) -> np.ndarray:
     return ~skipped & (heads["encoding_space_ref"] == 0)
 
 
+def calibration_mask(heads: np.ndarray) -> np.ndarray:
+    """``(n,)`` bool: parallel-calibration readouts (``ACQ_IS_PARALLEL_CALIBRATION(_AND_IMAGING)``)."""
+    return ((heads["flags"] & _CALIB_MASK) != 0) & (heads["encoding_space_ref"] == 0)
+
+
+def noise_mask(heads: np.ndarray) -> np.ndarray:
+    """``(n,)`` bool: noise-measurement readouts."""
+    return (heads["flags"] & _NOISE_MASK) != 0
+
+
+class _Kspaces:
+    """Summed readouts and their counts, one ``(ncoil, nz, ny, nx)`` complex64 k-space per key."""
+
+    def __init__(self, enc_matrix: tuple[int, int, int]):
+        self.enc_matrix = enc_matrix
+        self.sums: dict[VolumeKey, np.ndarray] = {}
+        self.counts: dict[VolumeKey, np.ndarray] = {}
+
+    def add(self, key: VolumeKey, e1: int, e2: int, x0: int, x1: int, ksp: np.ndarray) -> None:
+        if key not in self.sums:
+            nx, ny, nz = self.enc_matrix
+            self.sums[key] = np.zeros((ksp.shape[0], nz, ny, nx), dtype=np.complex64)
+            self.counts[key] = np.zeros((nz, ny), dtype=np.int32)
+        self.sums[key][:, e2, e1, x0:x1] += ksp[:, : x1 - x0]
+        self.counts[key][e2, e1] += 1
+
+    def mean(self, key: VolumeKey) -> np.ndarray:
+        counts = np.maximum(self.counts[key], 1).astype(np.float32)
+        return self.sums[key] / counts[None, :, :, None]
+
+
 class KspaceBuffer:
     """Accumulates readouts into one k-space per :data:`VolumeKey`, on the host.
 
     Each k-space is ``(ncoil, nz, ny, nx)`` complex64 with the encoded matrix; averages (and any
-    repeated line) are summed and counted, then divided in :meth:`kspace`.
+    repeated line) are summed and counted, then divided in :meth:`kspace`. Parallel-calibration
+    lines go (also) to :meth:`calibration`, noise readouts to :attr:`noise`.
+
+    Args:
+        enc: the encoding.
+        keep_averages: reconstruct averages apart instead of averaging them.
     """
 
-    def __init__(self, enc: CartesianEncoding):
+    def __init__(self, enc: CartesianEncoding, keep_averages: bool = False):
         self.enc = enc
+        self.keep_averages = keep_averages
         self.ncoil: int | None = None
-        self._sums: dict[VolumeKey, np.ndarray] = {}
-        self._counts: dict[VolumeKey, np.ndarray] = {}
+        self._imaging = _Kspaces(enc.enc_matrix)
+        self._calib = _Kspaces(enc.enc_matrix)
         self._centre: dict[VolumeKey, tuple[int, np.void]] = {}
+        self._span: dict[VolumeKey, tuple[int, int]] = {}
+        self.noise: list[np.ndarray] = []
+        self.noise_dwell_us: float | None = None
+        self.dwell_us: float | None = None
         self.skipped = 0
 
     def add(self, heads: np.ndarray, data: list[np.ndarray]) -> None:
         """Add readouts: ``heads`` ``(m,)`` acquisition headers, ``data`` ``m`` x ``(nch, ns)`` complex64."""
-        keep = imaging_mask(heads)
-        self.skipped += int((~keep).sum())
-        for head, ksp in zip(heads[keep], (d for d, k in zip(data, keep, strict=True) if k), strict=True):
-            self._add_one(head, ksp)
+        imaging, calib, noise = imaging_mask(heads), calibration_mask(heads), noise_mask(heads)
+        self.skipped += int((~imaging).sum())
+        for i in np.flatnonzero(imaging | calib | noise):
+            head, ksp = heads[i], data[i]
+            self._check_channels(ksp.shape[0])
+            if noise[i]:
+                self.noise.append(ksp)
+                self.noise_dwell_us = float(head["sample_time_us"])
+                continue
+            if head["flags"] & _REVERSE_MASK:
+                ksp = ksp[:, ::-1]
+            self._add_one(head, ksp, imaging[i], calib[i])
 
     def volume_keys(self) -> list[VolumeKey]:
-        return sorted(self._sums)
+        return sorted(self._imaging.sums)
 
     def kspace(self, key: VolumeKey) -> np.ndarray:
         """The averaged k-space ``(ncoil, nz, ny, nx)`` complex64 of one volume."""
-        counts = np.maximum(self._counts[key], 1).astype(np.float32)
-        return self._sums[key] / counts[None, :, :, None]
+        return self._imaging.mean(key)
+
+    def sampled(self, key: VolumeKey) -> np.ndarray:
+        """``(nz, ny)`` bool: the phase-encode lines with imaging data."""
+        return self._imaging.counts[key] > 0
+
+    def readout_span(self, key: VolumeKey) -> tuple[int, int]:
+        """``(x0, x1)``: the readout samples of the encoded matrix that any readout covered."""
+        return self._span[key]
+
+    def calibration(self, key: VolumeKey) -> np.ndarray | None:
+        """The parallel-calibration k-space ``(ncoil, nz, ny, nx)`` complex64 of one volume, or None.
+
+        Calibration lines are looked up by slice alone (the other counters of a separately
+        acquired calibration need not match the imaging volume's).
+        """
+        matches = [k for k in self._calib.sums if k[0] == key[0]]
+        if not matches:
+            return None
+        return self._calib.mean(key if key in matches else matches[0])
+
+    def noise_samples(self) -> np.ndarray | None:
+        """All noise readouts as ``(ncoil, nsamples)`` complex64, or None without any."""
+        return np.concatenate(self.noise, axis=1) if self.noise else None
 
     def centre_head(self, key: VolumeKey) -> np.void:
         """The acquisition header nearest the k-space centre of one volume."""
         return self._centre[key][1]
 
-    def _add_one(self, head: np.void, ksp: np.ndarray) -> None:
-        key = _volume_key(head["idx"])
+    def _add_one(self, head: np.void, ksp: np.ndarray, imaging: bool, calib: bool) -> None:
+        key = _volume_key(head["idx"], self.keep_averages)
         e1, e2 = self._line(head)
         x0, x1 = self._readout_span(head)
-        self._sums_for(key, ksp.shape[0])[:, e2, e1, x0:x1] += ksp[:, : x1 - x0]
-        self._counts[key][e2, e1] += 1
+        if calib:
+            self._calib.add(key, e1, e2, x0, x1, ksp)
+        if not imaging:
+            return
+        self.dwell_us = float(head["sample_time_us"])
+        self._imaging.add(key, e1, e2, x0, x1, ksp)
+        span = self._span.get(key, (x0, x1))
+        self._span[key] = (min(span[0], x0), max(span[1], x1))
         distance = abs(e1 - self.enc.enc_matrix[1] // 2) + abs(e2 - self.enc.enc_matrix[2] // 2)
         if key not in self._centre or distance < self._centre[key][0]:
             self._centre[key] = (distance, head.copy())
 
-    def _sums_for(self, key: VolumeKey, ncoil: int) -> np.ndarray:
+    def _check_channels(self, ncoil: int) -> None:
         if self.ncoil is None:
             self.ncoil = ncoil
         elif ncoil != self.ncoil:
             raise ReconError(f"readouts have {ncoil} channels, earlier ones {self.ncoil}")
-        if key not in self._sums:
-            nx, ny, nz = self.enc.enc_matrix
-            self._sums[key] = np.zeros((ncoil, nz, ny, nx), dtype=np.complex64)
-            self._counts[key] = np.zeros((nz, ny), dtype=np.int32)
-        return self._sums[key]
 
     def _line(self, head: np.void) -> tuple[int, int]:
         nx, ny, nz = self.enc.enc_matrix
@@ -192,32 +274,63 @@ class KspaceBuffer:
         return x0, x1
 
 
-def _volume_key(idx: np.void) -> VolumeKey:
+def _volume_key(idx: np.void, keep_averages: bool = False) -> VolumeKey:
     return (int(idx["slice"]), int(idx["contrast"]), int(idx["phase"]),
-            int(idx["repetition"]), int(idx["set"]))
+            int(idx["repetition"]), int(idx["set"]), int(idx["average"]) if keep_averages else 0)
 
 
-def reconstruct(ksp, enc: CartesianEncoding):
-    """Reconstruct one volume.
+def partial_fourier_extents(buffer: KspaceBuffer, key: VolumeKey, accel: tuple[int, int] = (1, 1)) -> Extents:
+    """The acquired extent of each k-space axis ``(-3: kz, -2: ky, -1: kx)`` that is partial.
 
-    The k-space is first zero-padded (or cropped) to the matrix whose pixel size is the recon
-    space's (``recon_matrix * enc_fov / recon_fov``), transformed, then cropped in image space to
-    the recon matrix: this removes readout (and phase or slice) oversampling.
+    An axis is partial when more lines (samples) than the acceleration leaves out are missing at
+    one edge; axes acquired in full are left out of the result.
+    """
+    nx, ny, nz = buffer.enc.enc_matrix
+    sampled = buffer.sampled(key)
+    extents: Extents = {}
+    for axis, lines, n, r in ((-3, sampled.any(axis=1), nz, accel[1]), (-2, sampled.any(axis=0), ny, accel[0])):
+        hit = np.flatnonzero(lines)
+        if n > 1 and hit.size and (hit[0] > r or n - 1 - hit[-1] > r):
+            extents[axis] = (int(hit[0]), int(hit[-1]) + 1)
+    x0, x1 = buffer.readout_span(key)
+    if x0 > 1 or nx - x1 > 1:
+        extents[-1] = (x0, x1)
+    return extents
+
+
+def reconstruct(ksp, enc: CartesianEncoding, extents: Extents | None = None, combine: str = "sos"):
+    """Reconstruct one fully sampled volume.
+
+    Partial k-space (``extents``) is first completed by POCS, coil by coil. The k-space is then
+    zero-padded (or cropped) to the matrix whose pixel size is the recon space's
+    (``recon_matrix * enc_fov / recon_fov``), transformed, and cropped in image space to the recon
+    matrix: this removes readout (and phase or slice) oversampling.
 
     Args:
-        ksp: ``(ncoil, nz, ny, nx)`` complex64 encoded k-space, numpy or cupy.
+        ksp: ``(ncoil, nz, ny, nx)`` complex64 encoded k-space, numpy or cupy (pre-whitened).
         enc: the encoding.
+        extents: the acquired extent of partial axes (:func:`partial_fourier_extents`).
+        combine: ``"sos"`` (root sum of squares) or ``"walsh"`` (adaptive combination).
 
     Returns:
-        ``(nz, ny, nx)`` float32 sum-of-squares magnitude in the recon matrix (nz is 1 for 2D),
-        on the device of ``ksp``.
+        ``(nz, ny, nx)`` float32 magnitude in the recon matrix (nz is 1 for 2D), on the device of ``ksp``.
     """
+    axes = (-3, -2, -1) if enc.is3d else (-2, -1)
+    if extents:
+        ksp = pocs(ksp, extents, axes=axes)
     ncoil = ksp.shape[0]
     ksp = sp.resize(ksp, (ncoil,) + _kspace_matrix(enc))
-    axes = (-3, -2, -1) if enc.is3d else (-2, -1)
     coil_img = fft.ifft(ksp, axes=axes)
     nx, ny, nz = enc.recon_matrix
     coil_img = sp.resize(coil_img, (ncoil, nz if enc.is3d else 1, ny, nx))
+    if combine == "walsh":
+        from recon.coilmaps import walsh_maps
+        from recon.coils import combine_with_maps
+
+        xp = sp.get_array_module(coil_img)
+        return xp.abs(combine_with_maps(coil_img, walsh_maps(coil_img))).astype(np.float32)
+    if combine != "sos":
+        raise ReconError(f"combine={combine!r}: must be 'sos' or 'walsh'")
     return sos(coil_img, axis=0).astype(np.float32)
 
 
@@ -239,10 +352,10 @@ def image_geometries(buffer: KspaceBuffer, key: VolumeKey) -> list[ImageGeometry
     head = buffer.centre_head(key)
     enc = buffer.enc
     if not enc.is3d:
-        return [ImageGeometry.from_head(head)]
+        return [ImageGeometry.from_head(head, average=key[5])]
     nz = enc.recon_matrix[2]
     thickness = enc.recon_fov[2] / nz
     centre = np.asarray(head["position"], dtype=np.float64)
     slice_dir = np.asarray(head["slice_dir"], dtype=np.float64)
     return [ImageGeometry.from_head(head, position=tuple(centre + (p - nz // 2) * thickness * slice_dir),
-                                    slice=key[0] * nz + p) for p in range(nz)]
+                                    slice=key[0] * nz + p, average=key[5]) for p in range(nz)]

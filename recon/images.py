@@ -38,6 +38,7 @@ class ImageGeometry:
     phase: int = 0
     repetition: int = 0
     set: int = 0
+    average: int = 0
     measurement_uid: int = 0
     acquisition_time_stamp: int = 0
     physiology_time_stamp: tuple[int, ...] = field(default=(0, 0, 0))
@@ -144,7 +145,7 @@ def _image(data: np.ndarray, g: ImageGeometry, fov: Vec3, series_index: int, ind
         data, transpose=False, image_type=ismrmrd.IMTYPE_MAGNITUDE, field_of_view=fov,
         position=g.position, read_dir=g.read_dir, phase_dir=g.phase_dir, slice_dir=g.slice_dir,
         patient_table_position=g.patient_table_position, slice=g.slice, contrast=g.contrast,
-        phase=g.phase, repetition=g.repetition, set=g.set, measurement_uid=g.measurement_uid,
+        phase=g.phase, repetition=g.repetition, set=g.set, average=g.average, measurement_uid=g.measurement_uid,
         acquisition_time_stamp=g.acquisition_time_stamp, physiology_time_stamp=g.physiology_time_stamp,
         image_index=index, image_series_index=series_index)
     meta = ismrmrd.Meta(series_meta)

@@ -17,10 +17,13 @@ import ismrmrd
 import numpy as np
 import sigpy as sp
 
-from recon.cartesian import CartesianEncoding, KspaceBuffer, image_geometries, reconstruct
+from recon.cartesian import (CartesianEncoding, KspaceBuffer, image_geometries, partial_fourier_extents,
+                              reconstruct)
 from recon.errors import ReconError, UnknownPipelineError
 from recon.images import to_mrd_images
+from recon.noise import prewhiten
 from recon.rawdata import RawScan
+from recon.senserecon import SenseOptions, reference_maps, sense_volume, whitener
 
 logger = logging.getLogger(__name__)
 
@@ -62,44 +65,117 @@ def pipeline_names() -> list[str]:
 
 
 class CartesianPipeline:
-    """Cartesian FFT, sum of squares, oversampling removed, uint16 images.
+    """Cartesian FFT and coil combination, noise pre-whitened, partial Fourier by POCS, uint16 images.
 
-    Params (all optional): ``device`` (sigpy device id, -1 CPU, the default), ``chunk``
-    (readouts per HDF5 read, 2048), ``series_index`` (1), ``description`` (the pipeline name).
+    Params (all optional): ``combine`` (``"sos"``, the default, or ``"walsh"``), ``keep_averages``
+    (false: averages are averaged), ``prewhiten`` (true: use the scan's noise readouts), ``device``
+    (sigpy device id, -1 CPU, the default), ``chunk`` (readouts per HDF5 read, 2048),
+    ``series_index`` (1), ``description`` (the pipeline name).
     """
 
     name = "cartesian"
 
     def run(self, scan: RawScan, params: Mapping[str, Any], progress: ProgressFn) -> list[ismrmrd.Image]:
         enc = CartesianEncoding.from_header(scan.header)
-        buffer = self._read(scan, enc, int(params.get("chunk", 2048)), progress)
-        if not buffer.volume_keys():
-            raise ReconError(f"{scan.path}: no imaging readouts ({buffer.skipped} skipped)")
+        buffer = read_scan(scan, enc, params, progress, 0.6)
+        w = whitener(buffer) if _flag(params, "prewhiten", True) else None
         progress(0.6, "fft")
         mags, geometry = [], []
         device = _device(params.get("device", -1))
         with device:
             for key in buffer.volume_keys():
-                img = reconstruct(sp.to_device(buffer.kspace(key), device), enc)
+                ksp = sp.to_device(buffer.kspace(key), device)
+                if w is not None:
+                    ksp = prewhiten(ksp, w)
+                img = reconstruct(ksp, enc, partial_fourier_extents(buffer, key),
+                                  combine=str(params.get("combine", "sos")))
                 mags.append(sp.to_device(img, sp.cpu_device))
                 geometry += image_geometries(buffer, key)
-        progress(0.9, "images")
-        images = to_mrd_images(np.concatenate(mags), geometry, scan.header,
-                               series_index=int(params.get("series_index", 1)),
-                               description=str(params.get("description", self.name)),
-                               history=("RECONQ", self.name))
-        progress(1.0, "images")
-        logger.info("%s: %d images from %d volumes", scan.path.name, len(images), len(mags))
-        return images
+        return _images(self.name, scan, params, mags, geometry, progress)
 
-    @staticmethod
-    def _read(scan: RawScan, enc: CartesianEncoding, chunk: int, progress: ProgressFn) -> KspaceBuffer:
-        buffer = KspaceBuffer(enc)
-        progress(0.0, "reading")
-        for start, heads, data in scan.iter_chunks(chunk):
-            buffer.add(heads, data)
-            progress(0.6 * (start + len(heads)) / len(scan), "reading")
-        return buffer
+
+class SensePipeline:
+    """SENSE with coil maps from the scan's calibration lines or from a reference scan.
+
+    Params (all optional): ``reference`` (path of a fully sampled reference scan's raw MRD file:
+    its maps, resampled into this scan's geometry, replace the calibration maps), ``maps``
+    (``"espirit"``, the default, or ``"walsh"``), ``method`` (``"auto"``: direct unfolding for
+    regular sampling, else CG; ``"unfold"``; ``"cg"``), ``lamda`` (1e-4, Tikhonov weight), ``niter``
+    (CG iterations, 20), ``batch`` (readout columns per solve, 32), ``lowres`` (coarse map grid, 48),
+    ``prewhiten``, ``keep_averages``, ``device``, ``chunk``, ``series_index``, ``description`` as for
+    ``cartesian``.
+    """
+
+    name = "sense"
+
+    def run(self, scan: RawScan, params: Mapping[str, Any], progress: ProgressFn) -> list[ismrmrd.Image]:
+        enc = CartesianEncoding.from_header(scan.header)
+        opts = _sense_options(params)
+        buffer = read_scan(scan, enc, params, progress, 0.5)
+        w = whitener(buffer) if opts.prewhiten else None
+        reference = _reference(params, opts, progress) if params.get("reference") else None
+        mags, geometry = [], []
+        device = _device(params.get("device", -1))
+        keys = buffer.volume_keys()
+        for i, key in enumerate(keys):
+            progress(0.6 + 0.3 * i / len(keys), "sense")
+            img = sense_volume(buffer, key, scan.header, opts, device, reference, w)
+            mags.append(np.abs(sp.to_device(img, sp.cpu_device)).astype(np.float32))
+            geometry += image_geometries(buffer, key)
+        return _images(self.name, scan, params, mags, geometry, progress)
+
+
+def _sense_options(params: Mapping[str, Any]) -> SenseOptions:
+    try:
+        return SenseOptions(maps=str(params.get("maps", "espirit")), method=str(params.get("method", "auto")),
+                            lamda=float(params.get("lamda", 1e-4)), niter=int(params.get("niter", 20)),
+                            batch=int(params.get("batch", 32)), lowres=int(params.get("lowres", 48)),
+                            prewhiten=_flag(params, "prewhiten", True))
+    except (TypeError, ValueError) as e:
+        raise ReconError(f"invalid SENSE parameter: {e}") from e
+
+
+def _reference(params: Mapping[str, Any], opts: SenseOptions, progress: ProgressFn):
+    progress(0.5, "reference")
+    with RawScan.open(params["reference"]) as ref:
+        enc = CartesianEncoding.from_header(ref.header)
+        buffer = read_scan(ref, enc, {"chunk": params.get("chunk", 2048)}, lambda f, s: None, 0.0)
+        if not buffer.volume_keys():
+            raise ReconError(f"reference {ref.path}: no imaging readouts")
+        w = whitener(buffer) if opts.prewhiten else None
+        return reference_maps(buffer, ref.header, opts, w)
+
+
+def read_scan(scan: RawScan, enc: CartesianEncoding, params: Mapping[str, Any], progress: ProgressFn,
+              share: float) -> KspaceBuffer:
+    """Buffer all readouts of ``scan``; progress runs from 0 to ``share``."""
+    buffer = KspaceBuffer(enc, keep_averages=_flag(params, "keep_averages", False))
+    progress(0.0, "reading")
+    for start, heads, data in scan.iter_chunks(int(params.get("chunk", 2048))):
+        buffer.add(heads, data)
+        progress(share * (start + len(heads)) / len(scan), "reading")
+    if not buffer.volume_keys():
+        raise ReconError(f"{scan.path}: no imaging readouts ({buffer.skipped} skipped)")
+    return buffer
+
+
+def _images(name: str, scan: RawScan, params: Mapping[str, Any], mags: list, geometry: list,
+            progress: ProgressFn) -> list[ismrmrd.Image]:
+    progress(0.9, "images")
+    images = to_mrd_images(np.concatenate(mags), geometry, scan.header,
+                           series_index=int(params.get("series_index", 1)),
+                           description=str(params.get("description", name)),
+                           history=("RECONQ", name))
+    progress(1.0, "images")
+    logger.info("%s: %s, %d images from %d volumes", scan.path.name, name, len(images), len(mags))
+    return images
+
+
+def _flag(params: Mapping[str, Any], name: str, default: bool) -> bool:
+    value = params.get(name, default)
+    if isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    return bool(value)
 
 
 def _device(value: Any) -> sp.Device:
@@ -110,3 +186,4 @@ def _device(value: Any) -> sp.Device:
 
 
 register(CartesianPipeline())
+register(SensePipeline())

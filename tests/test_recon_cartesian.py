@@ -36,7 +36,7 @@ def nrmse(mag, ref):
 
 def test_round_trip_2d_multislice(tmp_path):
     scan = synthetic_scan(matrix=(64, 48), ncoil=8, nslices=3, readout_oversampling=2, noise_readouts=2)
-    images = run_cartesian(scan, tmp_path)
+    images = run_cartesian(scan, tmp_path, {"prewhiten": False})  # 2 noise readouts: a poor covariance
     assert len(images) == 3
     assert [image.slice for image in images] == [0, 1, 2]
     assert all(truth.max() > 0.5 for truth in scan.truth)  # no empty slice
