@@ -17,7 +17,8 @@ How it keeps up with the wire:
   the page cache does not throttle the writer, and the final fsync after the client's CLOSE only has
   a few megabytes to write: the ack stays short whatever the scan's size;
 - every ``sync_bytes`` it flushes HDF5's metadata and ``fdatasync``\\ s the file, so a gateway killed
-  mid-scan leaves a readable file up to the last sync (elsewhere than Linux this is the only sync).
+  mid-scan leaves a file that h5py and ismrmrd read as it was at the last sync (elsewhere than Linux
+  this is the only sync).
 
 The field's common Python MRD server appends to HDF5 once per readout, which limits it to tens of MB/s.
 """
@@ -149,7 +150,9 @@ class RawFileWriter:
         self.path = Path(path)
         self.batch_bytes = batch_bytes
         self.sync_bytes = sync_bytes
-        self._file = h5py.File(self.path, "w", libver="v110")
+        # The oldest superblock: it has no "open for writing" flag, so a file cut off by a crash opens as it
+        # was at the last sync (a newer superblock would need h5clear first).
+        self._file = h5py.File(self.path, "w", libver=("earliest", "v110"))
         self._group = self._file.create_group("dataset")
         self._fd = self._file.id.get_vfd_handle() if self._file.driver == "sec2" else None
         self._behind = _WriteBehind(self._fd)
@@ -357,7 +360,11 @@ class RawFileWriter:
         dset = self._group[name]
         start = dset.shape[0]
         dset.resize(start + len(rows), axis=0)
-        dset[start:] = rows
+        try:
+            dset[start:] = rows
+        except BaseException:
+            dset.resize(start, axis=0)  # no rows that hold nothing
+            raise
 
     def _sync(self) -> None:
         """Flush HDF5's metadata and make everything written so far durable (on the writer thread)."""

@@ -144,8 +144,8 @@ class Session:
                 self.fail(f"stream cut off before the client's CLOSE: {e}")
         except (SessionError, p.ProtocolError, WriteError) as e:
             self.fail(str(e))
-        except TimeoutError:
-            self.fail(f"no data from the client for {self.gw.settings.idle_timeout_s:g} s; session ended")
+        except TimeoutError as e:
+            self.fail(self.reason(e))
         except OSError as e:
             log.warning("session from %s: connection error: %s", self.peer, e)
         except Exception:
@@ -272,8 +272,14 @@ class Session:
             p.MessageId.IMAGE: image, p.MessageId.TEXT: text_message,
         })
 
+    def reason(self, error: BaseException) -> str:
+        """What went wrong, as the scanner and ``scan.json`` should say it."""
+        if isinstance(error, TimeoutError):
+            return f"no data from the client for {self.gw.settings.idle_timeout_s:g} s; session ended"
+        return str(error) or type(error).__name__
+
     def _mark_incomplete(self, record: ScanRecord, writer: RawFileWriter, error: BaseException) -> None:
-        record.state, record.error = ScanState.INCOMPLETE, str(error) or type(error).__name__
+        record.state, record.error = ScanState.INCOMPLETE, self.reason(error)
         self._count(record, writer)
         try:
             self.gw.scans.save(record)
