@@ -70,3 +70,34 @@ def test_meta_keys(tmp_path):
     assert [float(v) for v in meta["ImageColumnDir"]] == [0.0, 1.0, 0.0]
     assert int(meta["WindowWidth"]) > 0
     assert images[0].image_type == 1  # ismrmrd.IMTYPE_MAGNITUDE
+
+
+def pixel_to_patient(image, row, col):
+    """Patient coordinate (mm) of a pixel centre: position + offsets along the row and column directions."""
+    ny, nx = image.data.shape[-2:]
+    dx, dy = image.field_of_view[0] / nx, image.field_of_view[1] / ny
+    return (np.asarray(image.position[:]) + (col - nx // 2) * dx * np.asarray(image.read_dir[:])
+            + (row - ny // 2) * dy * np.asarray(image.phase_dir[:]))
+
+
+@pytest.mark.parametrize("pipeline", ["cartesian", "sense"])
+def test_point_appears_at_its_patient_coordinate_double_oblique_3d(tmp_path, pipeline):
+    rotation = Rotation.from_euler("xyz", [25, -15, 30], degrees=True).as_matrix()
+    centre = np.array([12.0, -20.0, 35.0])
+    read, phase, slc = rotation.T  # the rotated axial directions
+    point = centre + 24.0 * read - 28.0 * phase + 12.0 * slc  # on voxel centres: 4 mm voxels
+    scan = synthetic_scan(matrix=(48, 40), ncoil=8, nz=16, fov_mm=(160.0, 192.0, 64.0), rotation=rotation,
+                          position=tuple(centre), acceleration=(2, 2) if pipeline == "sense" else (1, 1),
+                          acs_lines=(16, 12), markers=[(tuple(point), 3.0)])
+    with RawScan.open(write_mrd(scan, tmp_path / "raw.h5")) as raw:
+        images = get_pipeline(pipeline).run(raw, {}, lambda fraction, stage: None)
+    assert len(images) == 16
+    for p, image in enumerate(images):  # geometry agrees with the acquisition's
+        np.testing.assert_allclose(image.read_dir[:], read, atol=1e-6)
+        np.testing.assert_allclose(image.phase_dir[:], phase, atol=1e-6)
+        np.testing.assert_allclose(image.slice_dir[:], slc, atol=1e-6)
+        np.testing.assert_allclose(image.position[:], centre + (p - 8) * 4.0 * slc, atol=1e-4)
+        np.testing.assert_allclose(image.field_of_view[:], (160.0, 192.0, 4.0))
+    data = np.stack([image.data[0, 0] for image in images])
+    p, row, col = np.unravel_index(np.argmax(data), data.shape)
+    np.testing.assert_allclose(pixel_to_patient(images[p], row, col), point, atol=1e-3)
