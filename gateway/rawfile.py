@@ -104,7 +104,8 @@ class WriteError(Exception):
         self.disk_full = disk_full
 
 
-def _describe(error: BaseException) -> WriteError:
+def write_error(error: BaseException) -> WriteError:
+    """``error`` (from h5py or the OS) as the :class:`WriteError` the scanner is told about."""
     full = isinstance(error, OSError) and (error.errno == errno.ENOSPC or "No space left" in str(error))
     if full:
         return WriteError(f"disk full: no space left on the device of the raw file ({error})", disk_full=True)
@@ -153,6 +154,7 @@ class RawFileWriter:
         # The oldest superblock: it has no "open for writing" flag, so a file cut off by a crash opens as it
         # was at the last sync (a newer superblock would need h5clear first).
         self._file = h5py.File(self.path, "w", libver=("earliest", "v110"))
+        fsync_path(self.path.parent)  # the file's name is durable now, off the path of the ack
         self._group = self._file.create_group("dataset")
         self._fd = self._file.id.get_vfd_handle() if self._file.driver == "sec2" else None
         self._behind = _WriteBehind(self._fd)
@@ -181,35 +183,20 @@ class RawFileWriter:
 
     def add_acquisition_into(self, head: bytes, size: int, fill: Callable[[memoryview], None]) -> None:
         """A readout: ``fill`` writes its ``size`` bytes of trajectory+data into the view it gets."""
-        batch = self._room(size)
-        start, view = batch.reserve(size)
-        try:
-            fill(view)
-        except BaseException:
-            batch.used = start  # the readout was cut off: not kept
-            raise
-        finally:
-            view.release()
+        batch = self._receive(size, fill)
         batch.acq_heads += head
-        batch.acq_spans.append((start, size))
+        batch.acq_spans.append((batch.used - size, size))
         self.acquisitions += 1
+
+    def add_waveform_into(self, head: bytes, size: int, fill: Callable[[memoryview], None]) -> None:
+        """A waveform: ``fill`` writes its ``size`` bytes of samples into the view it gets."""
+        batch = self._receive(size, fill)
+        batch.wav_heads += head
+        batch.wav_spans.append((batch.used - size, size))
+        self.waveforms += 1
 
     def add_acquisition(self, head: bytes, payload: bytes) -> None:
         self.add_acquisition_into(head, len(payload), lambda view: view.__setitem__(slice(None), payload))
-
-    def add_waveform_into(self, head: bytes, size: int, fill: Callable[[memoryview], None]) -> None:
-        batch = self._room(size)
-        start, view = batch.reserve(size)
-        try:
-            fill(view)
-        except BaseException:
-            batch.used = start
-            raise
-        finally:
-            view.release()
-        batch.wav_heads += head
-        batch.wav_spans.append((start, size))
-        self.waveforms += 1
 
     def add_waveform(self, head: bytes, payload: bytes) -> None:
         self.add_waveform_into(head, len(payload), lambda view: view.__setitem__(slice(None), payload))
@@ -220,16 +207,18 @@ class RawFileWriter:
         self.images += 1
 
     def finish(self) -> None:
-        """Write what is buffered, close, and fsync the file and its folder; raises :class:`WriteError`."""
+        """Write what is buffered, close, and fsync the file (its name was made durable when it was created).
+
+        Raises :class:`WriteError`.
+        """
         self._send_batch()
         self._stop()
         if self._error is not None:
             raise self._error
         try:
             fsync_path(self.path)
-            fsync_path(self.path.parent)
         except OSError as e:
-            raise _describe(e) from e
+            raise write_error(e) from e
 
     def abort(self) -> None:
         """Keep what was received (for inspection), close; no error escapes."""
@@ -246,6 +235,19 @@ class RawFileWriter:
     def _call(self, fn: Callable[..., None], *args: object) -> None:
         self._check()
         self._todo.put(lambda: fn(*args))
+
+    def _receive(self, size: int, fill: Callable[[memoryview], None]) -> _Batch:
+        """Room for ``size`` bytes in the current batch, filled by ``fill``; a message cut off is not kept."""
+        batch = self._room(size)
+        start, view = batch.reserve(size)
+        try:
+            fill(view)
+        except BaseException:
+            batch.used = start
+            raise
+        finally:
+            view.release()
+        return batch
 
     def _room(self, size: int) -> _Batch:
         self._check()
@@ -288,7 +290,7 @@ class RawFileWriter:
                     self._write_batch(work) if isinstance(work, _Batch) else work()
                 except Exception as e:  # noqa: BLE001 - reported to the session by the next call
                     log.exception("writing %s failed", self.path)
-                    self._error = _describe(e)
+                    self._error = write_error(e)
             if isinstance(work, _Batch) and len(work.buf) == self.batch_bytes:
                 work.clear()  # give the buffer back to the session (a one-off large buffer is dropped)
                 self._free.put(work)
@@ -296,7 +298,7 @@ class RawFileWriter:
             self._file.close()
         except Exception as e:  # noqa: BLE001
             log.exception("closing %s failed", self.path)
-            self._error = self._error or _describe(e)
+            self._error = self._error or write_error(e)
 
     def _write_header(self, xml: str) -> None:
         dset = self._group.create_dataset("xml", shape=(1,), dtype=h5py.special_dtype(vlen=bytes))

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import ismrmrd.xsd
 
 from gateway import protocol as p
-from gateway.rawfile import RawFileWriter, WriteError
+from gateway.rawfile import RawFileWriter, WriteError, write_error
 from reconq.storage import ScanRecord, ScanState
 
 if TYPE_CHECKING:
@@ -227,9 +227,17 @@ class Session:
             params=params, patient_id=who["patient_id"], study_uid=who["study_uid"], protocol=who["protocol"],
             measurement_id=who["measurement_id"],
         )
-        gw.scans.create(record)
-        writer = RawFileWriter(gw.scans.raw_path(record.scan_id), gw.settings.write_batch_bytes,
-                               gw.settings.write_sync_bytes)
+        try:
+            gw.scans.create(record)
+        except OSError as e:
+            raise write_error(e) from e
+        try:
+            writer = RawFileWriter(gw.scans.raw_path(record.scan_id), gw.settings.write_batch_bytes,
+                                   gw.settings.write_sync_bytes)
+        except OSError as e:
+            error = write_error(e)
+            self._mark_incomplete(record, None, error)
+            raise error from e
         log.info("scan %s from %s: config %s, protocol %r", record.scan_id, self.peer, name, record.protocol)
         if refusal:
             self.send(text("ERR", refusal))
@@ -278,9 +286,10 @@ class Session:
             return f"no data from the client for {self.gw.settings.idle_timeout_s:g} s; session ended"
         return str(error) or type(error).__name__
 
-    def _mark_incomplete(self, record: ScanRecord, writer: RawFileWriter, error: BaseException) -> None:
+    def _mark_incomplete(self, record: ScanRecord, writer: RawFileWriter | None, error: BaseException) -> None:
         record.state, record.error = ScanState.INCOMPLETE, self.reason(error)
-        self._count(record, writer)
+        if writer is not None:
+            self._count(record, writer)
         try:
             self.gw.scans.save(record)
         except OSError:
