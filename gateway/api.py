@@ -16,7 +16,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Annotated
 
-import httpx
 import redis
 import redis.asyncio as aioredis
 from celery import Celery
@@ -37,6 +36,7 @@ from reconq.constants import EVENTS_CHANNEL, JobState, Queue
 from reconq.jobs import Job, JobStore
 from reconq.settings import Settings
 from reconq.storage import ScanStore
+from scheduler.monitor import cluster_status
 
 log = logging.getLogger(__name__)
 
@@ -400,30 +400,19 @@ async def events(request: Request, who: ViewerDep) -> StreamingResponse:
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-async def gpu_rows(app: FastAPI) -> list[dict[str, Param]]:
-    """The rows of ``GET /api/gpus`` if this app serves it (another router owns it), else none."""
-    if not any(getattr(r, "path", "") == "/api/gpus" for r in app.routes):
-        return []
-    transport = httpx.ASGITransport(app=app)
-    try:
-        async with httpx.AsyncClient(transport=transport, base_url="http://api") as client:
-            reply = await client.get("/api/gpus")
-        data = reply.json() if reply.status_code == 200 else []
-    except (httpx.HTTPError, ValueError) as e:
-        log.warning("metrics: /api/gpus unreadable: %s", e)
-        return []
-    rows = data.get("gpus", []) if isinstance(data, dict) else data
-    return [r for r in rows if isinstance(r, dict)] if isinstance(rows, list) else []
-
-
 metrics_router = APIRouter(tags=["metrics"])
 
 
 @metrics_router.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics",
                     responses={200: {"content": {"text/plain": TEXT}}})
 async def prometheus(request: Request) -> PlainTextResponse:
-    rows = await gpu_rows(request.app)
-    text = await asyncio.to_thread(metrics.render, request.app.state.jobs, rows)
+    settings, store = request.app.state.settings, request.app.state.jobs
+
+    def scrape() -> str:
+        gpus = cluster_status(store.redis, forget_s=settings.gpu_forget_s).gpus
+        return metrics.render(store, gpus)
+
+    text = await asyncio.to_thread(scrape)
     return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
 

@@ -2,7 +2,8 @@
 
 Jobs by state and the run-time histogram come from the job records; queue depths from Celery's queue
 lists; retrieval outcomes from the retrieval log; gateway counters from the hash
-``reconq:stats:gateway`` when the gateway keeps one; GPU memory from the ``/api/gpus`` rows.
+``reconq:stats:gateway`` when the gateway keeps one; GPUs from the workers' heartbeats
+(:func:`scheduler.monitor.cluster_status`, as ``/api/gpus``).
 """
 
 from __future__ import annotations
@@ -13,13 +14,13 @@ from collections.abc import Iterable, Mapping, Sequence
 
 from reconq.constants import KEY_PREFIX, QUEUE_ORDER, JobState
 from reconq.jobs import JobStore
+from scheduler.monitor import GpuOut
 
 #: Hash of gateway counters (``bytes_received``, ``sessions_total``, ...) kept by the gateway, if any.
 GATEWAY_STATS = KEY_PREFIX + "stats:gateway"
 #: Upper bounds (seconds) of the job run-time histogram.
 DURATION_BUCKETS = (10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 4 * 3600.0)
 
-GpuRow = Mapping[str, object]
 
 
 def _escape(value: str) -> str:
@@ -61,30 +62,24 @@ def _histogram(name: str, doc: str, values: Sequence[float]) -> list[str]:
     return _family(name, "histogram", doc, samples)
 
 
-def _number(row: GpuRow, *keys: str) -> float | None:
-    for key in keys:
-        value = row.get(key)
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-    return None
+def _gpu_lines(gpus: Sequence[GpuOut]) -> list[str]:
+    families = {
+        "reconq_gpu_memory_used_bytes": ("GPU memory in use, as the workers report it.", "used_bytes"),
+        "reconq_gpu_memory_total_bytes": ("GPU memory in all.", "total_bytes"),
+        "reconq_gpu_memory_reserved_bytes": ("GPU memory reserved by ReconQ jobs.", "reserved_bytes"),
+        "reconq_gpu_utilization_percent": ("GPU utilisation.", "utilization_pct"),
+        "reconq_gpu_temperature_celsius": ("GPU temperature.", "temperature_c"),
+    }
+    out: list[str] = []
+    for name, (doc, attr) in families.items():
+        samples = [_line(name, float(getattr(g, attr)), {"gpu": g.id, "host": g.host, "simulated": str(g.simulated)
+                                                         .lower()})
+                   for g in gpus if getattr(g, attr) is not None]
+        out += _family(name, "gauge", doc, samples)
+    return out
 
 
-def _gpu_lines(gpus: Sequence[GpuRow]) -> list[str]:
-    used, total = [], []
-    for i, row in enumerate(gpus):
-        labels = {"gpu": str(row.get("id", row.get("index", row.get("uuid", i)))),
-                  "host": str(row.get("host", row.get("hostname", "")))}
-        u = _number(row, "memory_used_bytes", "memory_used")
-        t = _number(row, "memory_total_bytes", "memory_total")
-        if u is not None:
-            used.append(_line("reconq_gpu_memory_used_bytes", u, labels))
-        if t is not None:
-            total.append(_line("reconq_gpu_memory_total_bytes", t, labels))
-    return (_family("reconq_gpu_memory_used_bytes", "gauge", "GPU memory in use, as the workers report it.", used)
-            + _family("reconq_gpu_memory_total_bytes", "gauge", "GPU memory in all.", total))
-
-
-def render(store: JobStore, gpus: Sequence[GpuRow]) -> str:
+def render(store: JobStore, gpus: Sequence[GpuOut]) -> str:
     """Every ReconQ metric as Prometheus text."""
     states, durations = _job_samples(store)
     out = _family("reconq_jobs", "gauge", "Jobs by state.",

@@ -20,7 +20,7 @@ from gateway.api import make_api
 from gateway.auth import ACTION_HEADER, hash_password, hash_token, verify_secret
 from gateway.submit import enqueue
 from recon.simulate import synthetic_scan
-from reconq.constants import JobState
+from reconq.constants import GPU_SEEN, GPU_STATE, JobState
 from reconq.jobs import Job
 from reconq.settings import SettingsError
 from reconq.storage import ScanRecord, ScanState, ScanStore
@@ -339,6 +339,19 @@ def test_metrics_in_prometheus_text(api, store):
             "reconq_job_run_seconds_sum 45", 'reconq_retrievals_total{outcome="found"} 1',
             "reconq_gateway_bytes_received_total 1234", "reconq_gateway_sessions_active 2",
             "# TYPE reconq_job_run_seconds histogram"} <= lines
+
+
+def test_metrics_and_gpu_panel_source_show_gpu_memory(api, store):
+    state = {"name": "Simulated 24 GB", "host": "n1", "index": 0, "simulated": True, "total_bytes": 24 << 30,
+             "used_bytes": 3 << 30, "free_bytes": 21 << 30, "utilization_pct": 40.0, "temperature_c": None}
+    store.redis.hset(GPU_STATE, "n1:0", json.dumps(state))
+    store.redis.hset(GPU_SEEN, "n1:0", time.time())
+    lines = set(api.get("/metrics").text.splitlines())
+    labels = '{gpu="n1:0",host="n1",simulated="true"}'
+    assert {f"reconq_gpu_memory_used_bytes{labels} {3 << 30}", f"reconq_gpu_memory_total_bytes{labels} {24 << 30}",
+            f"reconq_gpu_utilization_percent{labels} 40"} <= lines
+    assert not any(line.startswith("reconq_gpu_temperature_celsius{") for line in lines)  # not reported
+    assert api.get("/api/gpus").json()["gpus"][0]["used_bytes"] == 3 << 30  # what the GPU panel reads
 
 
 def test_openapi_is_complete_and_typed(api):

@@ -75,13 +75,15 @@ async function loadGpus() {
     return;
   }
   if (!rows.length) { el.textContent = "No GPUs reported (CPU workers only)."; return; }
+  const rowOf = (g) => `<tr class="gpu">`;
   el.innerHTML = "<table>" + rows.map((g) => {
-    const used = gpuNumber(g, "memory_used_bytes", "memory_used"), total = gpuNumber(g, "memory_total_bytes", "memory_total");
-    const util = gpuNumber(g, "utilization", "utilisation", "util", "gpu_util");
-    const temp = gpuNumber(g, "temperature", "temperature_c", "temp");
-    const job = g.job || g.running_job || (Array.isArray(g.jobs) ? g.jobs.join(", ") : "") || "idle";
-    const name = g.name || g.id || g.index || "";
-    return `<tr><td><b>${ReconQ.esc(g.host || g.hostname || "")} ${ReconQ.esc(name)}</b></td>` +
+    const used = gpuNumber(g, "used_bytes", "memory_used_bytes"), total = gpuNumber(g, "total_bytes", "memory_total_bytes");
+    const util = gpuNumber(g, "utilization_pct", "utilization");
+    const temp = gpuNumber(g, "temperature_c", "temperature");
+    const jobs = (g.workers || []).map((w) => w.job_id).filter((j) => j);
+    const job = jobs.length ? jobs.join(", ") : (g.alive === false ? "no live worker" : "idle");
+    const name = `${g.name || g.id || ""}${g.simulated ? " (simulated)" : ""}`;
+    return `${rowOf(g)}<td><b>${ReconQ.esc(g.host || "")} ${ReconQ.esc(name)}</b></td>` +
       `<td>${gib(used)}/${gib(total)} GiB</td><td>${util == null ? "" : util + " %"}</td>` +
       `<td>${temp == null ? "" : temp + " °C"}</td><td>${ReconQ.esc(job)}</td></tr>`;
   }).join("") + "</table>";
