@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup demo test lint bench-quick redis
+.PHONY: setup demo test lint redis browser
 
 setup: $(VENV)/.installed redis
 
@@ -20,10 +20,16 @@ redis:
 	  echo "installing redis-server (Debian package)"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq redis-server; }
 
+# Debian's chromium and its driver, for the dashboard's browser tests (tests/test_dashboard.py).
+browser:
+	@{ command -v chromium && command -v chromedriver; } >/dev/null || { \
+	  echo "installing chromium and chromium-driver (Debian packages)"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium chromium-driver; }
+
 demo: setup
 	$(BIN)/reconq demo
 
-test: setup
+test: setup browser
 	$(BIN)/pytest -ra
 
 lint: setup

@@ -106,7 +106,8 @@ def run_demo(settings: Settings, out: Path) -> int:
         print(f"  {len(back.images)} images of job {job_id}: normalised RMS error vs phantom {err:.4f} "
               f"(bound {DEMO_NRMSE_BOUND})")
         print(f"  images: {out / 'images.h5'}; PNG: {pngs[0].parent}; logs: {out / 'logs'}")
-        print(f"  dashboard API while it ran: http://{settings.http_host}:{settings.http_port}/api/jobs")
+        print("  to follow jobs in the dashboard, run the stack with `reconq up` and open "
+              f"http://{settings.http_host}:9080/")
         print("  timings: " + ", ".join(f"{n.split(' (')[0]}: {t:.2f} s" for n, t in steps.times))
         if err > DEMO_NRMSE_BOUND:
             print("demo FAILED: images do not match the phantom")
