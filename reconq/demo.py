@@ -74,6 +74,7 @@ def run_demo(settings: Settings, out: Path) -> int:
     from workers.results import write_images
 
     out = out.resolve()
+    dashboard = f"http://{settings.http_host}:{settings.http_port}/"
     data_dir = out / "data"
     shutil.rmtree(data_dir, ignore_errors=True)
     settings = settings.model_copy(update={
@@ -107,7 +108,7 @@ def run_demo(settings: Settings, out: Path) -> int:
               f"(bound {DEMO_NRMSE_BOUND})")
         print(f"  images: {out / 'images.h5'}; PNG: {pngs[0].parent}; logs: {out / 'logs'}")
         print("  to follow jobs in the dashboard, run the stack with `reconq up` and open "
-              f"http://{settings.http_host}:9080/")
+              f"{dashboard}")
         print("  timings: " + ", ".join(f"{n.split(' (')[0]}: {t:.2f} s" for n, t in steps.times))
         if err > DEMO_NRMSE_BOUND:
             print("demo FAILED: images do not match the phantom")
