@@ -38,6 +38,8 @@ class Settings(BaseSettings):
     http_port: int = Field(9080, ge=0, le=65535, description="HTTP API port")
 
     default_pipeline: str = Field("cartesian", description="Pipeline for sessions that name no config")
+    inputs_wait_s: float = Field(1800.0, ge=0, description="How long a job waits for a scan it needs")
+    inputs_poll_s: float = Field(10.0, gt=0, description="How often a waiting job looks for its inputs")
     plugin_dir: Path | None = Field(None, description="Folder of recon plugins (*.py defining recon())")
     parameter_map: Path | None = Field(None, description="Site ParameterMap (YAML) extending the default")
     retrieve_configs: list[str] = Field(

@@ -54,9 +54,9 @@ def start_worker(settings: Settings, log_path: Path, concurrency: int = 1) -> su
     """A real ``reconq worker`` process on ``settings``; waits until Celery reports it ready."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RECONQ_")}
     env.update(settings_env(settings))
-    log = open(log_path, "wb")  # noqa: SIM115 - owned by the process for its lifetime
-    proc = subprocess.Popen([sys.executable, "-m", "reconq.cli", "worker", "--concurrency", str(concurrency)],
-                            env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    with open(log_path, "wb") as log:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen([sys.executable, "-m", "reconq.cli", "worker", "--concurrency", str(concurrency)],
+                                env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     deadline = time.monotonic() + 60
     while b"ready." not in log_path.read_bytes():
         if proc.poll() is not None or time.monotonic() > deadline:

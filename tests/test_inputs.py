@@ -55,3 +55,48 @@ def test_unusable_reference_is_an_error(scans):
         resolve_inputs(job_with(reference_scan="cut"), scans)
     add_scan(scans, "ok", "x")
     assert resolve_inputs(job_with(reference_scan="ok"), scans)["reference"].endswith("ok/raw.h5")
+
+
+@pytest.fixture(scope="module")
+def e2e_settings(redis_server, tmp_path_factory):
+    """conftest's e2e settings with a short poll for waiting inputs (overrides the shared fixture here)."""
+    from reconq.settings import load_settings
+
+    return load_settings(data_dir=tmp_path_factory.mktemp("inputs") / "data", redis_url=redis_server.url,
+                         mrd_port=0, min_free_bytes=0, retrieve_wait_s=60.0, retrieve_poll_s=0.2,
+                         inputs_poll_s=0.3)
+
+
+def test_job_waits_for_its_reference_scan_then_runs(gateway, worker, e2e_settings):
+    import time
+
+    import redis
+
+    from gateway import client
+    from recon.simulate import synthetic_scan
+    from reconq.constants import JobState
+    from reconq.jobs import JobStore
+
+    host, port = gateway
+    store = JobStore(redis.Redis.from_url(e2e_settings.redis_url, decode_responses=True))
+    target = synthetic_scan(matrix=(32, 32), ncoil=2, protocol="needs_ref", patient_id="INPUTS1")
+    reply = client.send_scan(host, port, target.header, target.acquisitions, config="cartesian",
+                             params={"reference_protocol": "RefCoils"})
+    job_id = reply.job_id()
+
+    def wait_state(state: JobState, timeout: float = 30.0):
+        deadline = time.monotonic() + timeout
+        while (job := store.get(job_id)).state is not state and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return job
+
+    job = wait_state(JobState.WAITING_INPUTS)
+    assert job.state is JobState.WAITING_INPUTS
+    assert job.stage == "waiting for a reference scan with protocol 'RefCoils' of this patient and study"
+    time.sleep(1.0)
+    assert store.get(job_id).state is JobState.WAITING_INPUTS  # still waiting, polling
+    reference = synthetic_scan(matrix=(24, 24), ncoil=2, protocol="RefCoils", patient_id="INPUTS1")
+    assert client.send_scan(host, port, reference.header, reference.acquisitions, config="cartesian").job_id()
+    job = wait_state(JobState.DONE)
+    assert job.state is JobState.DONE, (job.state, job.stage, job.error)
+    assert any("waiting_inputs" in line for line in store.log_lines(job_id))

@@ -25,12 +25,13 @@ from scheduler.estimate import GB, EstimateError, estimate_bytes, runs_on_cpu
 from scheduler.inventory import make_inventory
 from scheduler.routing import gpu_queue, waiting_score
 from workers.heartbeat import Heartbeat
+from workers.inputs import InputsMissing, InputsNotReady, resolve_inputs
 from workers.results import write_images
 from workers.slot import Slot, cpu_slot, gpu_slot, worker_name
 
 log = logging.getLogger(__name__)
 
-SendFn = Callable[[str, str], None]  # (job id, queue)
+SendFn = Callable[..., None]  # (job id, queue, countdown seconds=0)
 
 
 class JobCancelled(Exception):
@@ -100,6 +101,12 @@ class JobRunner:
             log.info("job %s: already %s; nothing to do", job_id, job.state)
             return job.state.value
         try:
+            job.params = resolve_inputs(job, self.scans)
+        except InputsMissing as e:
+            return self._fail(job_id, str(e))
+        except InputsNotReady as e:
+            return self._wait_for_inputs(job, str(e))
+        try:
             pipeline = get_pipeline(job.pipeline)
             need = self._estimate(job, pipeline)
         except (ReconError, EstimateError, OSError) as e:
@@ -119,6 +126,17 @@ class JobRunner:
         finally:
             self.admission.release(self.slot.gpu_id, job_id, self.worker_name)
             self._dispatch_next()
+
+    def _wait_for_inputs(self, job: Job, what: str) -> str:
+        """Keep the job ``waiting_inputs`` and look again in ``inputs_poll_s``, up to ``inputs_wait_s``."""
+        waited = time.time() - (job.queued_at or job.created_at)
+        if waited > self.settings.inputs_wait_s:
+            return self._fail(job.id, f"gave up after {waited:.0f} s waiting for {what}")
+        if job.state is not JobState.WAITING_INPUTS:
+            self.store.set_state(job.id, JobState.WAITING_INPUTS, stage=f"waiting for {what}")
+            log.info("job %s: waiting for %s", job.id, what)
+        self.send(job.id, job.queue, countdown=self.settings.inputs_poll_s)
+        return JobState.WAITING_INPUTS.value
 
     def _estimate(self, job: Job, pipeline: Pipeline) -> int:
         if job.mem_estimate_bytes > 0:
@@ -246,9 +264,10 @@ def register_tasks(app: Celery, settings: Settings, gpu_index: int | None = None
     load_plugins(settings.plugin_dir, settings.parameter_map)
     runner: dict[str, JobRunner] = {}
 
-    def send(job_id: str, queue: str) -> None:
+    def send(job_id: str, queue: str, countdown: float = 0.0) -> None:
         attempts = runner["r"].store.redis.hget(JOB_KEY + job_id, "attempts") or "0"
-        app.send_task(RUN_JOB_TASK, args=[job_id], queue=queue, task_id=f"{job_id}.{attempts}")
+        app.send_task(RUN_JOB_TASK, args=[job_id], queue=queue, task_id=f"{job_id}.{attempts}",
+                      countdown=countdown or None)
 
     def start(**_: object) -> None:
         if "r" in runner:
