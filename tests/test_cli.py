@@ -59,6 +59,18 @@ def test_up_send_retrieve_jobs(tmp_path):
         assert "1 images written" in got.stdout
         jobs = reconq("jobs", env=client_env)
         assert jobs.returncode == 0 and " done " in jobs.stdout and "cli_t1" in jobs.stdout
+        scan_id = sent.stdout.split()[2].removesuffix("-j1")
+        admin_env = dict(client_env, RECONQ_DATA_DIR=str(tmp_path / "data"))
+        retro = reconq("retro", scan_id, "--pipeline", "cartesian", "--params", '{"series_index": 2}',
+                       env=admin_env)
+        assert retro.returncode == 0 and retro.stdout.startswith(f"job {scan_id}-j2 queued on bulk"), retro.stderr
+        refused = reconq("retro", scan_id, "--pipeline", "nope", env=admin_env)
+        assert refused.returncode == 1 and "unknown pipeline 'nope'" in refused.stderr
+        deadline = time.monotonic() + 60
+        while " done " not in (listing := reconq("jobs", "--state", "done", env=client_env).stdout) \
+                or f"{scan_id}-j2" not in listing:
+            assert time.monotonic() < deadline, listing
+            time.sleep(0.5)
     finally:
         up.terminate()
         assert up.wait(timeout=30) == 0  # Ctrl-C/SIGTERM stops everything cleanly
