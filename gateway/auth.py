@@ -26,15 +26,11 @@ from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from pydantic import BaseModel, Field
 
 from gateway.problems import problem
-from reconq.constants import KEY_PREFIX
+from reconq.constants import SESSION_KEY, SIGNIN_FAILURES
 from reconq.settings import Settings, SettingsError
 
 log = logging.getLogger(__name__)
 
-#: String ``reconq:session:<sha256 of the session token>`` holding the staff name; expires.
-SESSION_KEY = KEY_PREFIX + "session:"
-#: Counter ``reconq:signin_fail:<name>`` of failed sign-ins in the current minute.
-SIGNIN_FAILURES = KEY_PREFIX + "signin_fail:"
 SESSION_COOKIE = "reconq_session"
 ACTION_HEADER = "X-ReconQ-Action"
 MAX_FAILURES_PER_MINUTE = 10

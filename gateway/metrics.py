@@ -12,12 +12,10 @@ import math
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 
-from reconq.constants import KEY_PREFIX, QUEUE_ORDER, JobState
+from reconq.constants import GATEWAY_STATS, QUEUE_ORDER, JobState
 from reconq.jobs import JobStore
 from scheduler.monitor import GpuOut
 
-#: Hash of gateway counters (``bytes_received``, ``sessions_total``, ...) kept by the gateway, if any.
-GATEWAY_STATS = KEY_PREFIX + "stats:gateway"
 #: Upper bounds (seconds) of the job run-time histogram.
 DURATION_BUCKETS = (10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 4 * 3600.0)
 

@@ -80,3 +80,15 @@ WORKERS_INDEX = KEY_PREFIX + "workers"
 GPU_WAITING = KEY_PREFIX + "waiting"
 #: Hash: job id -> bytes needed, for the jobs in :data:`GPU_WAITING`.
 GPU_WAITING_NEED = KEY_PREFIX + "waitneed"
+
+# --- Dashboard, staff actions and metrics (gateway/) ----------------------------------------------
+#: List ``reconq:actions:<job_id>`` of staff actions on the job (JSON: at, who, action, detail).
+JOB_ACTIONS = KEY_PREFIX + "actions:"
+#: Counter ``reconq:jobseq:<scan_id>``: the number of the scan's newest job (``<scan_id>-j<n>``).
+SCAN_JOB_SEQ = KEY_PREFIX + "jobseq:"
+#: String ``reconq:session:<sha256 of the session token>`` holding the staff name; expires.
+SESSION_KEY = KEY_PREFIX + "session:"
+#: Counter ``reconq:signin_fail:<name>`` of failed sign-ins in the current minute.
+SIGNIN_FAILURES = KEY_PREFIX + "signin_fail:"
+#: Hash of gateway counters (``bytes_received``, ``sessions_total``, ...) kept by the gateway, if any.
+GATEWAY_STATS = KEY_PREFIX + "stats:gateway"

@@ -19,12 +19,13 @@ import redis
 
 from reconq.constants import (
     EVENTS_CHANNEL,
+    JOB_ACTIONS,
     JOB_KEY,
     JOB_LOG,
     JOBS_INDEX,
-    KEY_PREFIX,
     MATCH_INDEX,
     RETRIEVALS,
+    SCAN_JOB_SEQ,
     SCAN_JOBS,
     JobState,
 )
@@ -37,10 +38,6 @@ _INT_FIELDS = {"attempts", "mem_estimate_bytes", "oom_count"}
 _LOG_LINES_KEPT = 500
 _SCAN_PAGE = 1000
 
-#: List ``reconq:actions:<job_id>`` of staff actions on the job (JSON: at, who, action, detail).
-JOB_ACTIONS = KEY_PREFIX + "actions:"
-#: Counter ``reconq:jobseq:<scan_id>``: the number of the scan's newest job (``<scan_id>-j<n>``).
-SCAN_JOB_SEQ = KEY_PREFIX + "jobseq:"
 
 
 @dataclass
