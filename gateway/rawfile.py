@@ -13,7 +13,7 @@ How it keeps up with the wire:
   writes). A few batches at most are in flight, so memory stays flat in scan size and a slow disk
   slows the client down through TCP, never the gateway's memory;
 - write-behind: after each batch the writer thread starts the kernel's write-back of what it just
-  wrote and waits for the batch before it (Linux ``sync_file_range``), so dirty pages never pile up,
+  wrote and waits for the one before (Linux ``sync_file_range``), so dirty pages never pile up,
   the page cache does not throttle the writer, and the final fsync after the client's CLOSE only has
   a few megabytes to write: the ack stays short whatever the scan's size;
 - every ``sync_bytes`` it flushes HDF5's metadata and ``fdatasync``\\ s the file, so a gateway killed
@@ -56,7 +56,7 @@ _BATCHES_IN_FLIGHT = 2  # one being filled while one is written
 
 
 class _WriteBehind:
-    """Keeps a file's dirty pages to about two batches: start write-back of each new range, wait for the one before.
+    """Keeps a file's dirty pages to about one batch: start write-back of each new range, wait for the one before.
 
     Uses Linux's ``sync_file_range`` (through libc; it releases the GIL); elsewhere it does nothing.
     It makes data reach the disk early; durability still comes from fsync.
@@ -85,7 +85,7 @@ class _WriteBehind:
         self._sync(self.started, end - self.started, self._WRITE)
         self.ranges.append((self.started, end - self.started))
         self.started = end
-        while len(self.ranges) > 2:
+        while len(self.ranges) > 1:
             start, length = self.ranges.popleft()
             self._sync(start, length, self._WAIT_BEFORE | self._WRITE | self._WAIT_AFTER)
 
