@@ -287,7 +287,7 @@ def partial_fourier_extents(buffer: KspaceBuffer, key: VolumeKey, accel: tuple[i
     """
     nx, ny, nz = buffer.enc.enc_matrix
     sampled = buffer.sampled(key)
-    extents: Extents = {}
+    extents: dict[int, tuple[int, int]] = {}
     for axis, lines, n, r in ((-3, sampled.any(axis=1), nz, accel[1]), (-2, sampled.any(axis=0), ny, accel[0])):
         hit = np.flatnonzero(lines)
         if n > 1 and hit.size and (hit[0] > r or n - 1 - hit[-1] > r):

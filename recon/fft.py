@@ -9,9 +9,27 @@ References:
     ISMRM 2019, p. 4819 (``sigpy.fft``/``sigpy.ifft``, the convention used here).
 """
 
+import os
 from collections.abc import Sequence
 
+import numpy as np
+import scipy.fft
 import sigpy as sp
+
+#: Threads for host FFTs (scipy's pocketfft); device FFTs are cupy's.
+WORKERS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _transform(x, axes: tuple[int, ...], inverse: bool):
+    xp = sp.get_array_module(x)
+    if xp is not np:
+        return (sp.ifft if inverse else sp.fft)(x, axes=axes, center=True, norm="ortho")
+    x = np.asarray(x)
+    if not np.iscomplexobj(x):
+        x = x.astype(np.complex64 if x.dtype == np.float32 else np.complex128)
+    fn = scipy.fft.ifftn if inverse else scipy.fft.fftn
+    y = fn(scipy.fft.ifftshift(x, axes=axes), axes=axes, norm="ortho", workers=WORKERS)
+    return scipy.fft.fftshift(y, axes=axes)
 
 
 def fft(x, axes: Sequence[int] = (-2, -1)):
@@ -24,7 +42,7 @@ def fft(x, axes: Sequence[int] = (-2, -1)):
     Returns:
         An array of the same shape, complex.
     """
-    return sp.fft(x, axes=tuple(axes), center=True, norm="ortho")
+    return _transform(x, tuple(axes), inverse=False)
 
 
 def ifft(x, axes: Sequence[int] = (-2, -1)):
@@ -37,4 +55,4 @@ def ifft(x, axes: Sequence[int] = (-2, -1)):
     Returns:
         An array of the same shape, complex.
     """
-    return sp.ifft(x, axes=tuple(axes), center=True, norm="ortho")
+    return _transform(x, tuple(axes), inverse=True)

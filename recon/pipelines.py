@@ -17,8 +17,7 @@ import ismrmrd
 import numpy as np
 import sigpy as sp
 
-from recon.cartesian import (CartesianEncoding, KspaceBuffer, image_geometries, partial_fourier_extents,
-                              reconstruct)
+from recon.cartesian import CartesianEncoding, KspaceBuffer, image_geometries, partial_fourier_extents, reconstruct
 from recon.errors import ReconError, UnknownPipelineError
 from recon.images import to_mrd_images
 from recon.noise import prewhiten

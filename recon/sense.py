@@ -253,9 +253,7 @@ def sense_columns(hybrid, maps_batch: Callable, sampled: np.ndarray, accel: tupl
         xs = np.arange(start, min(start + batch, nx))
         y = xp.ascontiguousarray(hybrid[..., start:xs[-1] + 1].transpose(3, 0, 1, 2))
         mps = xp.ascontiguousarray(xp.asarray(maps_batch(xs)).transpose(3, 0, 1, 2))
-        if method == "unfold":
-            x = unfold(y, mps, accel, offsets, lamda)
-        else:
-            x = cg_sense(y * mask, mps, mask, lamda, niter)
+        x = unfold(y, mps, accel, offsets, lamda) if offsets is not None and method == "unfold" \
+            else cg_sense(y * mask, mps, mask, lamda, niter)
         out[..., start:xs[-1] + 1] = x.transpose(1, 2, 0)
     return out

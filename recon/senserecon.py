@@ -62,7 +62,7 @@ def acceleration(header: xsd.ismrmrdHeader, sampled: np.ndarray) -> tuple[int, i
     factor = pi.accelerationFactor if pi is not None else None
     if factor is not None:
         return int(factor.kspace_encoding_step_1 or 1), int(factor.kspace_encoding_step_2 or 1)
-    return _gap(sampled.any(axis=0)), _gap(sampled.any(axis=1))
+    return _gap(np.asarray(sampled.any(axis=0))), _gap(np.asarray(sampled.any(axis=1)))
 
 
 def _gap(lines: np.ndarray) -> int:
@@ -73,7 +73,7 @@ def _gap(lines: np.ndarray) -> int:
 def calibration_width(calib_lines: np.ndarray) -> int:
     """Width of the contiguous block of lines around the centre of each axis of ``(nz, ny)``; the smaller."""
     widths = []
-    for lines in (calib_lines.any(axis=1), calib_lines.any(axis=0)):
+    for lines in (np.asarray(calib_lines.any(axis=1)), np.asarray(calib_lines.any(axis=0))):
         n = len(lines)
         if n == 1:
             continue

@@ -269,7 +269,7 @@ def _default_body(plan: _Plan, ncoil: int, fov_mm, markers) -> Body:
         half_z = half_z if plan.nslices > 1 else 1.5 * fov_mm[2]
     centre = plan.centres.mean(axis=0)
     return Body(centre=centre, axes=plan.dirs.copy(), semi_axes=np.array([fov_mm[0] / 2, fov_mm[1] / 2, half_z]),
-                ncoil=ncoil, markers=tuple((tuple(map(float, p)), float(a)) for p, a in markers))
+                ncoil=ncoil, markers=tuple(((float(p[0]), float(p[1]), float(p[2])), float(a)) for p, a in markers))
 
 
 def _sample(body: Body, plan: _Plan) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -390,7 +390,7 @@ def _lines(plan: _Plan) -> list[tuple[int, int, int]]:
         return n // 2 - width // 2 <= e < n // 2 - width // 2 + width
 
     accelerated = plan.accel != (1, 1)
-    lines = []
+    lines: list[tuple[int, int, int]] = []
     for e2 in range(plan.pf_start[1], plan.nz):
         for e1 in range(plan.pf_start[0], plan.ny_enc):
             lattice = ((e1 - plan.ny_enc // 2) % plan.accel[0] == 0

@@ -104,7 +104,8 @@ def test_true_maps_give_the_phantom():
     buffer.add(*_heads_and_data(scan))
     key = buffer.volume_keys()[0]
     grid = solve_grid(buffer.centre_head(key), buffer.enc)
-    img = sense_volume(buffer, key, scan.header, SenseOptions(lamda=1e-6), reference=(scan.body.maps(grid.points()), grid))
+    true_maps = (scan.body.maps(grid.points()), grid)
+    img = sense_volume(buffer, key, scan.header, SenseOptions(lamda=1e-6), reference=true_maps)
     assert nrmse(np.abs(img), scan.truth) < 1e-3
 
 
@@ -135,7 +136,8 @@ def test_reference_scan_of_another_geometry(tmp_path):
     truth_maps = []
     for key in buffer.volume_keys():
         grid = solve_grid(buffer.centre_head(key), buffer.enc)
-        img = sense_volume(buffer, key, target.header, SenseOptions(), reference=(target.body.maps(grid.points()), grid))
+        true_maps = (target.body.maps(grid.points()), grid)
+        img = sense_volume(buffer, key, target.header, SenseOptions(), reference=true_maps)
         truth_maps.append(np.abs(img[0]))
     assert nrmse(mag, np.stack(truth_maps)) < 0.05
     assert nrmse(mag, target.truth) < 0.06
