@@ -328,12 +328,12 @@ def main() -> int:
         total_mb = args.concurrent * n_each * block.message_size / _MB
         print(f"{total_mb:.0f} MB in {wall:.1f} s: {total_mb / wall:.0f} MB/s in all; gateway peak RSS "
               f"{gw.status('VmHWM') / 2**20:.0f} MiB; {len(failed)} failed {failed[:1]}")
-        ok = [r for r in results if isinstance(r, Session)]
-        print(f"ack latency: median {1e3 * statistics.median(r.ack_s for r in ok):.1f} ms, "
-              f"max {1e3 * max(r.ack_s for r in ok):.1f} ms")
+        ok = [done for done in results if isinstance(done, Session)]
+        print(f"ack latency: median {1e3 * statistics.median(done.ack_s for done in ok):.1f} ms, "
+              f"max {1e3 * max(done.ack_s for done in ok):.1f} ms")
         t0 = time.perf_counter()
-        for r in ok:
-            check_stored(scans, jobs, block, r.job_id or "", n_each)
+        for done in ok:
+            check_stored(scans, jobs, block, done.job_id or "", n_each)
         print(f"checked: {len(ok)} scans complete, every readout bit-identical, one job each "
               f"({time.perf_counter() - t0:.1f} s to read back)")
         return 1 if failed else 0

@@ -342,8 +342,10 @@ def test_eight_simultaneous_sessions_are_stored_bit_identical_and_queued_once(gw
         sent.append(acqs)
     replies: list[client.Reply | None] = [None] * n_sessions
 
+    host, port = gw.address
+
     def one(i: int) -> None:
-        replies[i] = client.send_scan(*gw.address, scan.header, sent[i], config="cartesian")
+        replies[i] = client.send_scan(host, port, scan.header, sent[i], config="cartesian")
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(n_sessions)]
     for t in threads:
