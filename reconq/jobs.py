@@ -163,7 +163,7 @@ class JobStore:
     def log_lines(self, job_id: str) -> list[str]:
         return list(self.redis.lrange(JOB_LOG + job_id, 0, -1))
 
-    def list(self, offset: int = 0, limit: int = 50, state: JobState | None = None) -> list[Job]:
+    def recent(self, offset: int = 0, limit: int = 50, state: JobState | None = None) -> list[Job]:
         """Jobs newest first; with ``state``, only those in it (scans the index in pages)."""
         if state is None:
             ids = self.redis.zrevrange(JOBS_INDEX, offset, offset + limit - 1)

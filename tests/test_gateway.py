@@ -247,6 +247,6 @@ def test_jobs_are_listed_newest_first_and_by_state(store: JobStore):
     for i in range(5):
         store.create(Job(id=f"j{i}", scan_id=f"s{i}", pipeline="cartesian", created_at=1000.0 + i))
     store.set_state("j1", JobState.DONE)
-    assert [j.id for j in store.list(limit=3)] == ["j4", "j3", "j2"]
-    assert [j.id for j in store.list(state=JobState.DONE)] == ["j1"]
-    assert [j.id for j in store.list(offset=1, limit=2, state=JobState.QUEUED)] == ["j3", "j2"]
+    assert [j.id for j in store.recent(limit=3)] == ["j4", "j3", "j2"]
+    assert [j.id for j in store.recent(state=JobState.DONE)] == ["j1"]
+    assert [j.id for j in store.recent(offset=1, limit=2, state=JobState.QUEUED)] == ["j3", "j2"]

@@ -51,9 +51,10 @@ def resolve_inputs(job: Job, scans: ScanStore) -> dict[str, Any]:
         if record.state is not ScanState.COMPLETE:
             raise InputsNotReady(f"reference scan {scan_id} (still being received)")
     elif protocol:
-        record = _newest_complete(scans, job, str(protocol))
-        if record is None:
+        newest = _newest_complete(scans, job, str(protocol))
+        if newest is None:
             raise InputsNotReady(f"a reference scan with protocol {protocol!r} of this patient and study")
+        record = newest
     else:
         return params
     params["reference"] = str(scans.raw_path(record.scan_id))
