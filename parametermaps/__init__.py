@@ -9,9 +9,9 @@
 
 from .errors import ParameterMapError, TwixError
 from .mapping import MapEntry, ParameterMap, TwixHeader, default_map, load_map
-from .twix import DIMS, PARTS, TwixPart, TwixScan, read_twix
+from .twix import DIMS, PARTS, TRAJ_DIMS, TwixPart, TwixScan, TwixTrajectory, read_twix
 
 __all__ = [
-    "DIMS", "PARTS", "MapEntry", "ParameterMap", "ParameterMapError", "TwixError", "TwixHeader", "TwixPart",
-    "TwixScan", "default_map", "load_map", "read_twix",
+    "DIMS", "PARTS", "TRAJ_DIMS", "MapEntry", "ParameterMap", "ParameterMapError", "TwixError", "TwixHeader",
+    "TwixPart", "TwixScan", "TwixTrajectory", "default_map", "load_map", "read_twix",
 ]

@@ -1,19 +1,33 @@
 """Low-level reads of a raw MRD (ISMRMRD HDF5) file: the XML header, every readout's acquisition header
-without its samples, and the samples of chosen readouts.
+without its samples, and the samples (or trajectory) of chosen readouts, read straight into the
+caller's array.
 
 ``/dataset/data`` is a compound of ``head`` (``acquisition_header_dtype``), ``traj`` and ``data``
-(variable-length float32; ``data`` interleaves re/im, channel-major). Asking HDF5 for the ``head``
-member alone still converts the variable-length members, which reads every sample: a 5 GB scan would
-be read once to find its headers and again for its data. So the headers are read from the dataset's
-storage directly: the fixed-size part of each row (the header and two 16-byte heap references) sits
-in the chunks (or the contiguous block), and only those bytes are read. Filtered (compressed)
-datasets fall back to HDF5's own read.
+(variable-length float32; ``data`` interleaves re/im, channel-major; ``traj`` is samples × dimensions).
+Asking HDF5 for the ``head`` member alone still converts the variable-length members, which reads
+every sample: a 5 GB scan would be read once to find its headers and again for its data. So the rows
+are read from the dataset's storage directly: the fixed-size part of each row (the header and two
+16-byte heap references) sits in the chunks (or the contiguous block), and only those bytes are read.
+
+A heap reference on disk is the sequence length (uint32), the address of a global heap collection
+(uint64) and the object's index in it (uint32). A collection (``GCOL``, version, collection size) holds
+objects (index uint16, reference count uint16, 4 reserved bytes, size uint64, the data padded to 8
+bytes). The samples of a readout are one object's data, so they are read with one ``preadv`` into the
+destination array; finding the object reads 16-byte object headers (or, for a small collection, the
+whole collection, at most ``_SMALL_COLLECTION`` bytes), and a few located collections are remembered.
+Nothing is read into a buffer larger than one readout.
+
+Filtered (compressed) datasets, files with other address sizes and rows whose references do not
+resolve (a file still being written) fall back to HDF5's own read, in blocks of at most
+``_CHUNK_BYTES`` of samples.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import struct
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import h5py
 import ismrmrd.hdf5
@@ -22,86 +36,257 @@ import numpy as np
 from .errors import TwixError
 
 HEAD_DTYPE = ismrmrd.hdf5.acquisition_header_dtype
-_CHUNK_BYTES = 64 << 20  # samples read per HDF5 call, at most
-_GAP_ROWS = 8  # unneeded readouts read through rather than starting a new read
+#: A variable-length reference as stored: length, global heap collection address, object index.
+REF_DTYPE = np.dtype([("length", "<u4"), ("collection", "<u8"), ("index", "<u4")])
+_CHUNK_BYTES = 4 << 20  # samples read per HDF5 call, at most (the fallback read)
+_GAP_ROWS = 8  # unneeded readouts read through rather than starting a new read (the fallback read)
 _MERGE_BYTES = 4096  # stored chunks closer than this (a page) are read with one system call
+_SMALL_COLLECTION = 64 << 10  # heap collections up to this size are read whole to find their objects
+_COLLECTIONS_KEPT = 64  # located heap collections remembered
+_MEMBERS = {"data": (np.complex64, 2), "traj": (np.float32, 1)}  # dtype, float32 per element
+
+#: ``dest(i, shape)``: the array the ``i``-th readout, of ``shape``, is to be read into, or ``None``.
+Dest = Callable[[int, tuple[int, int]], "np.ndarray | None"]
 
 
 class MrdFile:
     """An open raw MRD file: ``xml`` (the header text), ``heads`` (every readout's header, in file
-    order) and :meth:`readouts`. Close it, or use ``with``."""
+    order), :meth:`readouts` and :meth:`read`. Close it, or use ``with``."""
 
     def __init__(self, path: str | os.PathLike[str], dataset: str = "dataset") -> None:
         self.path = os.fspath(path)
         self._file = h5py.File(self.path, "r")
+        self._fd = -1
         try:
             group = self._file[dataset]
             xml = group["xml"][0]
             self.xml: str = xml.decode() if isinstance(xml, bytes) else str(xml)
             self._data = group["data"]
-            self.heads: np.ndarray = read_heads(self._data, self.path)
+            self.heads, self._refs = read_rows(self._data, self.path)
+            if self._refs is not None:
+                self._fd = os.open(self.path, os.O_RDONLY)
         except (KeyError, OSError, ValueError) as e:
             self.close()
             raise TwixError(
                 f"{self.path} is not a raw MRD file with /{dataset}/xml and /{dataset}/data: {e}") from e
+        self._heap = _Heap(self._fd)
 
-    def readouts(self, rows: np.ndarray) -> Iterator[np.ndarray]:
-        """The samples, (active_channels, number_of_samples) complex64, of ``rows`` (ascending), read
-        in a few large HDF5 reads of at most ``_CHUNK_BYTES``."""
-        heads = self.heads
-        for start, stop in _runs(rows, heads):
-            block = self._data[start:stop]["data"]
+    def shape(self, row: int, member: str = "data") -> tuple[int, int]:
+        """The array shape of ``member`` of readout ``row``: ``data`` (active_channels,
+        number_of_samples), ``traj`` (number_of_samples, trajectory_dimensions)."""
+        h = self.heads[row]
+        if member == "data":
+            return int(h["active_channels"]), int(h["number_of_samples"])
+        return int(h["number_of_samples"]), int(h["trajectory_dimensions"])
+
+    def readouts(self, rows: np.ndarray, member: str = "data") -> Iterator[np.ndarray]:
+        """The samples, (active_channels, number_of_samples) complex64, of ``rows`` (ascending); with
+        ``member="traj"`` the trajectories, (number_of_samples, trajectory_dimensions) float32."""
+        for got in self.read(rows, member):
+            assert got is not None
+            yield got
+
+    def read(self, rows: np.ndarray, member: str = "data", dest: Dest | None = None
+             ) -> Iterator[np.ndarray | None]:
+        """``member`` of each of ``rows`` (ascending): ``None`` where it was read into ``dest(i, shape)``
+        (a C-contiguous array of that shape and of the member's dtype), else a new array."""
+        if member not in _MEMBERS:
+            raise TwixError(f"{member!r} is not one of {sorted(_MEMBERS)}")
+        dtype = _MEMBERS[member][0]
+        if self._refs is None:
+            yield from self._read_hdf5(rows, member, dest)
+            return
+        refs = self._refs[member]
+        for i, r in enumerate(map(int, rows)):
+            shape = self.shape(r, member)
+            target = dest(i, shape) if dest is not None else None
+            out = target if target is not None else np.empty(shape, dtype)
+            if not self._heap.read_into(refs[r], out):
+                out[...] = next(self._read_hdf5(np.array([r]), member, None))
+            yield None if target is not None else out
+
+    def _read_hdf5(self, rows: np.ndarray, member: str, dest: Dest | None) -> Iterator[np.ndarray | None]:
+        """HDF5's own read of ``member`` of ``rows``, in blocks of at most ``_CHUNK_BYTES``."""
+        dtype = _MEMBERS[member][0]
+        i = 0
+        for start, stop in _runs(rows, self.heads):
+            block = self._data[start:stop][member]
             for r in rows[np.searchsorted(rows, start): np.searchsorted(rows, stop)]:
-                shape = (heads["active_channels"][r], heads["number_of_samples"][r])
-                yield block[r - start].view(np.complex64).reshape(shape)
+                shape = self.shape(int(r), member)
+                got = block[r - start].view(dtype).reshape(shape)
+                target = dest(i, shape) if dest is not None else None
+                if target is not None:
+                    target[...] = got
+                yield None if target is not None else got.copy()
+                i += 1
+            del block
 
     def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
         self._file.close()
+
+
+def _pread_into(fd: int, buf: np.ndarray, offset: int) -> int:
+    """Read into ``buf`` (contiguous uint8) from ``offset`` of ``fd``; the byte count read."""
+    if hasattr(os, "preadv"):
+        return os.preadv(fd, [buf.data], offset)
+    os.lseek(fd, offset, os.SEEK_SET)
+    return os.readv(fd, [buf.data])
+
+
+class _Heap:
+    """Reads global heap objects of one file by their references, remembering where the objects of
+    the last ``_COLLECTIONS_KEPT`` collections lie."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._found: dict[int, dict[int, tuple[int, int]]] = {}  # collection → index → (offset, size)
+        self._walk: dict[int, tuple[int, int]] = {}  # collection → (next object header, end)
+
+    def read_into(self, ref: np.void, out: np.ndarray) -> bool:
+        """Read the object of ``ref`` into ``out`` (C-contiguous); False where it cannot be."""
+        nbytes = out.nbytes
+        if int(ref["length"]) * 4 != nbytes:
+            return nbytes == 0 and int(ref["length"]) == 0
+        if nbytes == 0:
+            return True
+        where = self._locate(int(ref["collection"]), int(ref["index"]))
+        if where is None or where[1] < nbytes:
+            return False
+        view = out.reshape(-1).view(np.uint8)
+        done = 0
+        while done < nbytes:  # a regular file reads whole, except at its end
+            n = _pread_into(self._fd, view[done:], where[0] + done)
+            if n <= 0:
+                return False
+            done += n
+        return True
+
+    def _locate(self, collection: int, index: int) -> tuple[int, int] | None:
+        found = self._found.get(collection)
+        if found is None:
+            head = os.pread(self._fd, 16, collection)
+            if len(head) < 16 or head[:4] != b"GCOL" or head[4] != 1:
+                return None
+            size = struct.unpack_from("<Q", head, 8)[0]
+            if len(self._found) >= _COLLECTIONS_KEPT:
+                oldest = next(iter(self._found))
+                del self._found[oldest]
+                self._walk.pop(oldest, None)
+            found = self._found[collection] = {}
+            if size <= _SMALL_COLLECTION:
+                self._parse(collection, os.pread(self._fd, size, collection), found)
+                return found.get(index)
+            self._walk[collection] = (collection + 16, collection + size)
+        if index in found or collection not in self._walk:
+            return found.get(index)
+        pos, end = self._walk[collection]
+        while pos + 16 <= end:  # one 16-byte object header at a time: the objects are large
+            obj = os.pread(self._fd, 16, pos)
+            if len(obj) < 16:
+                break
+            k, size = struct.unpack_from("<H", obj)[0], struct.unpack_from("<Q", obj, 8)[0]
+            if k == 0:  # free space: the last object
+                break
+            found[k] = (pos + 16, size)
+            pos += 16 + (size + 7) // 8 * 8
+            if k == index:
+                self._walk[collection] = (pos, end)
+                return found[k]
+        del self._walk[collection]
+        return found.get(index)
+
+    @staticmethod
+    def _parse(collection: int, buf: bytes, found: dict[int, tuple[int, int]]) -> None:
+        pos = 16
+        while pos + 16 <= len(buf):
+            k, size = struct.unpack_from("<H", buf, pos)[0], struct.unpack_from("<Q", buf, pos + 8)[0]
+            if k == 0:
+                break
+            found[k] = (collection + pos + 16, size)
+            pos += 16 + (size + 7) // 8 * 8
 
 
 def read_heads(ds: h5py.Dataset, path: str) -> np.ndarray:
     """Every row's ``head`` of the acquisition dataset ``ds`` (in the file ``path``), without reading
     the samples where the storage allows."""
+    return read_rows(ds, path)[0]
+
+
+def read_rows(ds: h5py.Dataset, path: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """Every row's ``head``, and its ``traj`` and ``data`` references (``REF_DTYPE``) where they can be
+    read from storage (else ``None``), of the acquisition dataset ``ds`` in the file ``path``."""
     raw = _raw_row_dtype(ds)
     layout = ds.id.get_create_plist().get_layout()
     if raw is None or len(ds) == 0:
-        return ds.fields("head")[...] if len(ds) else np.zeros(0, HEAD_DTYPE)
+        return (ds.fields("head")[...] if len(ds) else np.zeros(0, HEAD_DTYPE)), None
+    has_refs = "data" in (raw.names or ()) and _heap_refs_readable(ds)
     if layout == h5py.h5d.CONTIGUOUS:
         offset = ds.id.get_offset()
         if offset is None:
-            return np.zeros(len(ds), raw["head"])
+            return np.zeros(len(ds), raw["head"]), None
         with open(path, "rb") as f:
             buf = os.pread(f.fileno(), len(ds) * raw.itemsize, offset)
         if len(buf) < len(ds) * raw.itemsize:  # not on disk yet (a file still being written)
-            return ds.fields("head")[...]
-        return np.frombuffer(buf, raw)["head"].copy()
+            return ds.fields("head")[...], None
+        return _split(np.frombuffer(buf, raw), has_refs)
     filtered = ds.id.get_create_plist().get_nfilters() > 0
     if layout != h5py.h5d.CHUNKED or filtered or not hasattr(ds.id, "chunk_iter"):
-        return ds.fields("head")[...]
-    return _read_chunked_heads(ds, path, raw)
+        return ds.fields("head")[...], None
+    return _read_chunked_rows(ds, path, raw, has_refs)
+
+
+def _split(rows: np.ndarray, has_refs: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    heads = rows["head"].copy()
+    if not has_refs:
+        return heads, None
+    refs = np.empty(len(rows), [("traj", REF_DTYPE), ("data", REF_DTYPE)])
+    refs["traj"], refs["data"] = rows["traj"], rows["data"]
+    return heads, refs
+
+
+def _heap_refs_readable(ds: h5py.Dataset) -> bool:
+    """Whether the references can be followed by hand: 8-byte addresses and lengths (the default)."""
+    try:
+        return tuple(ds.file.id.get_create_plist().get_sizes()) == (8, 8)
+    except Exception:  # an HDF5 build without the call: leave it to HDF5
+        return False
 
 
 def _raw_row_dtype(ds: h5py.Dataset) -> np.dtype | None:
-    """The stored layout of one row with only ``head`` named, or ``None`` if it is not the usual one."""
+    """The stored layout of one row with ``head`` (and ``traj``, ``data`` as ``REF_DTYPE``, where they
+    are variable-length little-endian float32) named, or ``None`` if it is not the usual one."""
     tid = ds.id.get_type()
     if not isinstance(tid, h5py.h5t.TypeCompoundID):
         return None
+    members: dict[str, tuple[np.dtype, int]] = {}
     for i in range(tid.get_nmembers()):
-        if tid.get_member_name(i) == b"head":
-            head = tid.get_member_type(i)
-            if not isinstance(head, h5py.h5t.TypeCompoundID) or head.dtype.hasobject:
+        name, mtype = tid.get_member_name(i).decode(), tid.get_member_type(i)
+        if name == "head":
+            if not isinstance(mtype, h5py.h5t.TypeCompoundID) or mtype.dtype.hasobject:
                 return None
-            return np.dtype({"names": ["head"], "formats": [head.dtype],
-                             "offsets": [tid.get_member_offset(i)], "itemsize": tid.get_size()})
-    return None
+            members["head"] = (mtype.dtype, tid.get_member_offset(i))
+        elif (name in ("traj", "data") and isinstance(mtype, h5py.h5t.TypeVlenID) and mtype.get_size() == 16
+              and mtype.get_super().dtype == np.dtype("<f4")):
+            members[name] = (REF_DTYPE, tid.get_member_offset(i))
+    if "head" not in members:
+        return None
+    if not {"traj", "data"} <= members.keys():
+        members = {"head": members["head"]}
+    return np.dtype({"names": list(members), "formats": [m[0] for m in members.values()],
+                     "offsets": [m[1] for m in members.values()], "itemsize": tid.get_size()})
 
 
-def _read_chunked_heads(ds: h5py.Dataset, path: str, raw: np.dtype) -> np.ndarray:
+def _read_chunked_rows(ds: h5py.Dataset, path: str, raw: np.dtype, has_refs: bool
+                       ) -> tuple[np.ndarray, np.ndarray | None]:
     chunk_rows = ds.chunks[0]
     stored: list = []
     ds.id.chunk_iter(stored.append)
     stored.sort(key=lambda s: s.byte_offset)
-    heads = np.zeros(len(ds), raw["head"])
+    fields: dict[str, Any] = dict(raw.fields or {})
+    packed = np.zeros(len(ds), [(n, fields[n][0]) for n in fields])
     with open(path, "rb") as f:
         i = 0
         while i < len(stored):  # one read per run of neighbouring chunks
@@ -113,14 +298,14 @@ def _read_chunked_heads(ds: h5py.Dataset, path: str, raw: np.dtype) -> np.ndarra
                 j += 1
             buf = os.pread(f.fileno(), end - stored[i].byte_offset, stored[i].byte_offset)
             if len(buf) < end - stored[i].byte_offset:  # not on disk yet (a file still being written)
-                return ds.fields("head")[...]
+                return ds.fields("head")[...], None
             for s in stored[i:j]:
                 start = s.chunk_offset[0]
                 n = min(chunk_rows, len(ds) - start)
                 at = s.byte_offset - stored[i].byte_offset
-                heads[start: start + n] = np.frombuffer(buf, raw, count=n, offset=at)["head"]
+                packed[start: start + n] = np.frombuffer(buf, raw, count=n, offset=at)
             i = j
-    return heads
+    return _split(packed, has_refs)
 
 
 def _runs(rows: np.ndarray, heads: np.ndarray) -> Iterator[tuple[int, int]]:

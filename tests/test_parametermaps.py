@@ -60,6 +60,7 @@ class Scan:
     ncontrasts: int = 1
     accel: int = 1
     readouts: list[tuple[list[int], dict[str, int], np.ndarray]] = field(default_factory=list)
+    trajs: dict[int, np.ndarray] = field(default_factory=dict)  # row → (samples, dims) float32
 
     def add(self, flags: list[int] = (), ncol: int | None = None, **counters: int) -> None:
         row = len(self.readouts)
@@ -125,9 +126,9 @@ class Scan:
     def write(self, path: Path) -> Path:
         with ismrmrd.Dataset(str(path), "dataset", create_if_needed=True) as dset:
             dset.write_xml_header(xsd.ToXML(self.header()))
-            for flags, counters, samples in self.readouts:
+            for row, (flags, counters, samples) in enumerate(self.readouts):
                 acq = ismrmrd.Acquisition.from_array(
-                    samples, sample_time_us=2.5, center_sample=samples.shape[1] // 2
+                    samples, self.trajs.get(row), sample_time_us=2.5, center_sample=samples.shape[1] // 2
                 )
                 for name, value in counters.items():
                     setattr(acq.idx, name, value)
@@ -357,9 +358,9 @@ def test_selection_reads_only_the_readouts_it_needs(tmp_path: Path, monkeypatch:
         read: list[int] = []
         original = twix._readouts
 
-        def spy(rows: np.ndarray):  # noqa: ANN202
+        def spy(rows: np.ndarray, *args: object):  # noqa: ANN202
             read.extend(rows.tolist())
-            return original(rows)
+            return original(rows, *args)
 
         monkeypatch.setattr(twix, "_readouts", spy)
         sli3 = twix.image.select(Sli=3)
@@ -379,6 +380,130 @@ def test_remove_os_crops_the_readout_fov(tmp_path: Path) -> None:
         ro = twix.image[:, :, 0, 0, 0, 0, 0, 0, 0, 0, 0].T
     back = np.fft.fftshift(np.fft.ifft(np.fft.ifftshift(ro, axes=-1), axis=-1), axes=-1)
     np.testing.assert_allclose(back, img[:, 16:48], atol=1e-3)
+
+
+def test_trajectories_are_placed_like_the_samples(tmp_path: Path) -> None:
+    """Radial 2D: every spoke's (kx, ky) trajectory lands at its Lin, as float32 (Col, Dim, Lin, ...);
+    with another echo of 3D trajectories, Dim is the largest and the 2D ones are zero-padded."""
+    scan = Scan(ny=5, ncontrasts=2)
+    ncol = 2 * scan.nx
+    radius = np.linspace(-0.5, 0.5, ncol, dtype=np.float32)
+    for spoke in range(scan.ny):
+        angle = np.pi * spoke / scan.ny
+        kxy = np.stack([radius * np.cos(angle), radius * np.sin(angle)], axis=1)
+        scan.trajs[len(scan.readouts)] = kxy.astype(np.float32)
+        scan.add(kspace_encode_step_1=spoke)
+    scan.trajs[len(scan.readouts)] = np.full((ncol, 3), 7, np.float32)
+    scan.add(kspace_encode_step_1=2, contrast=1)
+    with read_twix(scan.write(tmp_path / "radial.h5")) as twix:
+        img = twix.image
+        traj = img.traj
+        assert traj.full_dims == ("Col", "Dim", *DIMS[2:])
+        assert traj.shape == (ncol, 3, 5, 1, 1, 1, 1, 2, 1, 1, 1)
+        full = traj[...]
+        assert full.dtype == np.float32 and full.flags.f_contiguous
+        sq = full.reshape(ncol, 3, 5, 2, order="F")  # Col, Dim, Lin, Eco
+        for row in range(scan.ny):
+            np.testing.assert_array_equal(sq[:, :2, row, 0], scan.trajs[row])
+            assert not sq[:, 2, row, 0].any()
+        assert (sq[:, :, 2, 1] == 7).all() and not sq[:, :, [0, 1, 3, 4], 1].any()
+        img.squeeze = True
+        assert traj.dims == ("Col", "Dim", "Lin", "Eco")
+        np.testing.assert_array_equal(traj.select(Lin=3, Dim=1, Eco=0), scan.trajs[3][:, 1])
+        np.testing.assert_array_equal(traj[::2, 0, 1:3, 0], sq[::2, 0, 1:3, 0])
+        expected = scan.expected(list(range(scan.ny)))
+        np.testing.assert_array_equal(img[:, :, :, 0], expected[:, :, :, 0, 0, 0, 0, 0, 0, 0, 0])
+    with read_twix(scan_2d().write(tmp_path / "cartesian.h5")) as twix:  # no trajectories: Dim is 0
+        assert twix.image.traj.shape[:3] == (64, 0, 16) and twix.image.traj[...].size == 0
+
+
+def _large_scan(path: Path, n: int = 384, ncha: int = 16, ncol: int = 1024, **storage: object) -> np.ndarray:
+    """A raw MRD file of ``n`` readouts of ncha × ncol (384 × 16 × 1024: 48 MiB of samples), one per
+    Lin; returns the samples, (n, ncha, ncol) complex64."""
+    import h5py
+
+    rng = np.random.default_rng(1)
+    samples = (rng.standard_normal((n, ncha, ncol)) + 1j * rng.standard_normal((n, ncha, ncol))).astype(np.complex64)
+    xml = xsd.ToXML(Scan(nx=ncol // 2, ny=n, ncha=ncha).header()).encode()
+    with h5py.File(path, "w") as f:
+        f.create_dataset("dataset/xml", data=[xml], dtype=h5py.string_dtype())
+        ds = f.create_dataset("dataset/data", (n,), ismrmrd.hdf5.acquisition_dtype, **storage)
+        for start in range(0, n, 64):
+            rows = np.zeros(min(64, n - start), ismrmrd.hdf5.acquisition_dtype)
+            rows["head"]["version"] = 1
+            rows["head"]["number_of_samples"], rows["head"]["active_channels"] = ncol, ncha
+            rows["head"]["idx"]["kspace_encode_step_1"] = np.arange(start, start + len(rows))
+            for i in range(len(rows)):
+                rows["data"][i] = samples[start + i].view(np.float32).ravel()
+                rows["traj"][i] = np.zeros(0, np.float32)
+            ds[start: start + len(rows)] = rows
+    return samples
+
+
+LARGE_STORAGE = {"chunked": {"chunks": (64,), "maxshape": (None,)}, "contiguous": {}}
+
+
+@pytest.mark.parametrize("storage", sorted(LARGE_STORAGE))
+def test_selection_scratch_memory_is_bounded(tmp_path: Path, storage: str) -> None:
+    """Selecting all 48 MiB of a scan allocates the output and little else (traced allocations): the
+    samples are read straight into their places, not through a block buffer."""
+    import tracemalloc
+
+    samples = _large_scan(tmp_path / "large.h5", **LARGE_STORAGE[storage])
+    with read_twix(tmp_path / "large.h5") as twix:
+        twix.image[:, :, :2]  # warm: first-use allocations of numpy and h5py are not the reader's
+        tracemalloc.start()
+        try:
+            tracemalloc.reset_peak()
+            data = twix.image[...]
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert data.nbytes == samples.nbytes
+        print(f"traced peak {(peak - data.nbytes) / 2**20:.2f} MiB beyond the output")
+        assert peak - data.nbytes < 1 << 20, f"{(peak - data.nbytes) / 2**20:.1f} MiB beyond the output"
+        np.testing.assert_array_equal(data[:, :, :, 0, 0, 0, 0, 0, 0, 0, 0], samples.transpose(2, 1, 0))
+
+
+_RSS_PROBE = """
+import sys
+import numpy as np
+from parametermaps import read_twix
+
+def status(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+
+twix = read_twix(sys.argv[1])
+twix.image[:, :, :2]
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # the peak resident set is reset to the current one
+base = status("VmRSS")
+data = twix.image[...]
+print(status("VmHWM") - base - data.nbytes)
+"""
+
+
+def test_selection_peak_resident_memory_is_the_output(tmp_path: Path) -> None:
+    """What tracing cannot see (HDF5's own buffers): the process's peak resident set during a
+    48 MiB selection is at most the output plus a few MiB."""
+    import os
+    import subprocess
+    import sys
+
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pytest.skip("needs Linux's /proc/self/clear_refs to reset the peak resident set")
+    _large_scan(tmp_path / "large.h5", **LARGE_STORAGE["chunked"])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", _RSS_PROBE, str(tmp_path / "large.h5")], check=True,
+                         capture_output=True, text=True, env=env).stdout
+    beyond = int(out.split()[-1])
+    print(f"peak resident set {beyond / 2**20:.1f} MiB beyond the output")
+    assert beyond < 8 << 20, f"peak resident set {beyond / 2**20:.1f} MiB beyond the output"
 
 
 def test_not_an_mrd_file(tmp_path: Path) -> None:
@@ -587,9 +712,11 @@ def _rows(n: int) -> np.ndarray:
     rows["head"]["scan_counter"] = np.arange(n)
     rows["head"]["idx"]["kspace_encode_step_1"] = np.arange(n)[::-1]
     rows["head"]["number_of_samples"], rows["head"]["active_channels"] = 8, 2
+    if n > 4:
+        rows["head"]["trajectory_dimensions"][4] = 2  # row 4 has a 2D trajectory
     for i in range(n):
         rows["data"][i] = np.full(32, i, np.float32)
-        rows["traj"][i] = np.zeros(0, np.float32)
+        rows["traj"][i] = np.arange(16, dtype=np.float32) + i if i == 4 else np.zeros(0, np.float32)
     return rows
 
 
@@ -609,6 +736,13 @@ def test_heads_read_from_storage_equal_hdf5s(tmp_path: Path, storage: dict) -> N
         np.testing.assert_array_equal(mrd.heads, rows["head"])
         got = list(mrd.readouts(np.array([0, 7, 11])))
         np.testing.assert_array_equal(got[1], np.full((2, 8), 7 + 7j, np.complex64))
+        assert (mrd._refs is None) == ("compression" in storage)  # references followed by hand, or HDF5
+        trajs = list(mrd.readouts(np.array([3, 4]), "traj"))
+        np.testing.assert_array_equal(trajs[1], np.arange(16, dtype=np.float32).reshape(8, 2) + 4)
+        assert trajs[0].shape == (8, 0)
+        places = np.zeros((3, 2, 8), np.complex64)  # read into the caller's arrays
+        assert list(mrd.read(np.array([1, 5, 6]), dest=lambda i, shape: places[i])) == [None] * 3
+        np.testing.assert_array_equal(places[:, 0, 0], [1 + 1j, 5 + 5j, 6 + 6j])
     finally:
         mrd.close()
 
