@@ -111,7 +111,7 @@ def _sink(listener: socket.socket, folder: str, write_behind: bool) -> None:
     while True:
         conn, _ = listener.accept()
         n_conn += 1
-        path = os.path.join(folder, f"sink-{n_conn}.bin")
+        path = os.path.join(folder, f"sink-{'wb' if write_behind else 'plain'}-{n_conn}.bin")
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         behind, written, pending = WriteBehind(fd if write_behind else None), 0, 0
         while n := conn.recv_into(buf):
@@ -130,7 +130,7 @@ def _sink(listener: socket.socket, folder: str, write_behind: bool) -> None:
 def run_limit(address: tuple[str, int], block: Block, readouts: int) -> float:
     """Seconds to copy ``readouts`` messages to a file and fsync it."""
     t0 = time.perf_counter()
-    with socket.create_connection(address) as sock:
+    with socket.create_connection(address, timeout=600) as sock:
         block.stream(sock, readouts)
         sock.shutdown(socket.SHUT_WR)
         assert sock.recv(1) == b"k"
