@@ -10,11 +10,13 @@ import threading
 import time
 from collections.abc import Collection
 
+import redis
 from celery import Celery
 
 from gateway import protocol as p
 from gateway.session import Session, text
 from gateway.submit import reconcile, submit_scan
+from reconq.constants import GATEWAY_STATS
 from reconq.jobs import Job, JobStore
 from reconq.settings import Settings
 from reconq.storage import ScanRecord, ScanStore
@@ -136,11 +138,28 @@ class Gateway:
             close_gracefully(sock)
 
     def _serve(self, sock: socket.socket, peer: str) -> None:
+        session = Session(self, sock, peer)
+        self._count({"sessions_active": 1})
         try:
-            Session(self, sock, peer).run()
+            session.run()
         finally:
             self._slots.release()
             close_gracefully(sock)
+            self._count({"sessions_active": -1, "sessions_total": int(session.src.bytes_read > 0),
+                         "bytes_received_total": session.src.bytes_read,
+                         "sessions_failed_total": int(session.failed),
+                         "retrieval_sessions_total": int(session.retrieval)})
+
+    def _count(self, deltas: dict[str, int]) -> None:
+        """Add to the gateway's counters in Redis (read by ``/metrics``); never fails a session."""
+        try:
+            pipe = self.jobs.redis.pipeline(transaction=False)
+            for name, delta in deltas.items():
+                if delta:
+                    pipe.hincrby(GATEWAY_STATS, name, delta)
+            pipe.execute()
+        except redis.RedisError as e:
+            log.warning("gateway counters not updated: %s", e)
 
 
 def close_gracefully(sock: socket.socket, linger_s: float = 2.0, max_bytes: int = 64 << 20) -> None:

@@ -120,6 +120,8 @@ class Session:
         self.peer = peer
         self.src = p.SocketSource(sock)
         self.limits = gateway.limits
+        self.failed = False  # ended with an ERR TEXT
+        self.retrieval = False
 
     def send(self, *messages: bytes) -> None:
         self.sock.sendall(b"".join(messages))
@@ -134,6 +136,7 @@ class Session:
             if name is not None and name in self.gw.settings.retrieve_configs:
                 from gateway.retrieval import Retrieval
 
+                self.retrieval = True
                 Retrieval(self, opening, params).run()
             else:
                 self.receive_scan(opening, name, params)
@@ -155,6 +158,7 @@ class Session:
             self.src.close()
 
     def fail(self, message: str) -> None:
+        self.failed = True
         log.warning("session from %s refused: %s", self.peer, message)
         with contextlib.suppress(OSError):
             self.send(text("ERR", message), p.write_close())

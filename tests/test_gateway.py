@@ -250,3 +250,23 @@ def test_jobs_are_listed_newest_first_and_by_state(store: JobStore):
     assert [j.id for j in store.recent(limit=3)] == ["j4", "j3", "j2"]
     assert [j.id for j in store.recent(state=JobState.DONE)] == ["j1"]
     assert [j.id for j in store.recent(offset=1, limit=2, state=JobState.QUEUED)] == ["j3", "j2"]
+
+
+def test_gateway_counts_sessions_bytes_and_failures_for_metrics(gw, store, scan):
+    from reconq.constants import GATEWAY_STATS
+
+    host, port = gw.address
+    reply = client.send_scan(host, port, scan.header, scan.acquisitions, config="cartesian")
+    with socket.create_connection((host, port), timeout=10) as sock:
+        sock.sendall(p.write_config_file("cartesian") + p.write_length_prefixed(p.MessageId.HEADER, "<bad"))
+        client.read_reply(sock)
+    client.retrieve(host, port, client.retrieval_header("NOBODY", "1.2", "none"))
+    deadline = time.monotonic() + 5
+    while int(store.redis.hget(GATEWAY_STATS, "sessions_total") or 0) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stats = {k: int(v) for k, v in store.redis.hgetall(GATEWAY_STATS).items()}
+    assert reply.job_id()
+    assert stats["sessions_total"] == 3 and stats["sessions_failed_total"] == 1
+    assert stats["retrieval_sessions_total"] == 1 and stats["sessions_active"] == 0
+    sent = sum(len(p.write_acquisition(a)) for a in scan.acquisitions)
+    assert stats["bytes_received_total"] > sent
