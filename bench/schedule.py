@@ -1,11 +1,12 @@
 """GPU scheduling benchmark: 200 jobs of 1-40 GB on 4 simulated GPUs (2 x 80 GB, 2 x 24 GB).
 
-Every job goes through the real Redis queues to real worker processes (``reconq worker --gpus 0,1,2,3
---per-gpu K``) whose recon is the ``sleep`` test pipeline: a timed sleep with a declared memory need,
+Every job goes through the real Redis queues to real worker processes (``reconq worker --gpus 0,1,2,3``
+with ``RECONQ_WORKERS_PER_GPU`` from ``--per-gpu``: ``auto``, one count per GPU, or one for all) whose
+recon is the ``sleep`` test pipeline: a timed sleep with a declared memory need,
 which books that memory per GPU and counts an over-commit whenever a GPU's booked total passes its size.
 
 Policies, side by side:
-- ``reconq``: ReconQ's admission (reservations, waiting set, priority queues);
+- ``reconq``: ReconQ's admission (reservations, waiting set filled best-fit, priority queues);
 - ``round-robin``: job i goes to GPU i mod 4 at submit time, no memory check;
 - ``most-free``: each job goes to the GPU with the most free memory at submit time (its size less the
   jobs sent to it that have not finished), no memory check.
@@ -15,12 +16,14 @@ all GPUs' memory; memory x time of jobs over 24 GB over the two 80 GB GPUs; tota
 slots; the latest arrival plus duration), target at most 1.15 x; queue wait of ``stat`` jobs (median,
 p95). Most jobs are queued at once (routine and bulk); the stat jobs arrive one by one during the run.
 
-    .venv/bin/python bench/schedule.py            # about 4 minutes on 2 cores
+    .venv/bin/python bench/schedule.py                  # about 5 minutes on 2 cores
+    .venv/bin/python bench/schedule.py --per-gpu 8      # the same count on every GPU
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import signal
@@ -45,9 +48,11 @@ from reconq.redisconn import PrivateRedis  # noqa: E402
 from reconq.settings import Settings, load_settings  # noqa: E402
 from reconq.stack import settings_env  # noqa: E402
 from reconq.storage import ScanStore  # noqa: E402
+from scheduler.inventory import make_inventory  # noqa: E402
 from scheduler.monitor import live_workers  # noqa: E402
 from scheduler.routing import gpu_queue  # noqa: E402
 from workers.app import make_celery  # noqa: E402
+from workers.launcher import per_gpu_counts  # noqa: E402
 from workers.testpipelines import OVERCOMMITS  # noqa: E402
 
 GPUS_GB = [80.0, 80.0, 24.0, 24.0]
@@ -87,27 +92,28 @@ def lower_bound(specs: list[Spec], slots: int) -> float:
                sum(s.seconds for s in specs) / slots, max(s.arrival + s.seconds for s in specs))
 
 
-def start_workers(settings: Settings, per_gpu: int, log: Path) -> subprocess.Popen[bytes]:
+def start_workers(settings: Settings, slots: int, log: Path) -> subprocess.Popen[bytes]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RECONQ_")}
-    env.update(settings_env(settings))
+    env.update(settings_env(settings))  # RECONQ_WORKERS_PER_GPU: the processes per GPU
     with open(log, "ab") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "reconq.cli", "worker", "--gpus", "0,1,2,3", "--per-gpu",
-                                 str(per_gpu)], env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+        proc = subprocess.Popen([sys.executable, "-m", "reconq.cli", "worker", "--gpus", "0,1,2,3"], env=env,
+                                stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
     client = redis.Redis.from_url(settings.redis_url or "", decode_responses=True)
     deadline = time.monotonic() + 300
-    while len(live_workers(client)) < per_gpu * len(GPUS_GB) or log.read_bytes().count(b" ready.") < per_gpu * 4:
+    while len(live_workers(client)) < slots or log.read_bytes().count(b" ready.") < slots:
         if proc.poll() is not None or time.monotonic() > deadline:
             raise RuntimeError(f"workers did not start; see {log}")
         time.sleep(0.5)
     return proc
 
 
-def run_policy(policy: str, specs: list[Spec], base: Settings, per_gpu: int, workdir: Path) -> dict[str, float]:
+def run_policy(policy: str, specs: list[Spec], base: Settings, slots: int, workdir: Path,
+               dump: Path | None = None) -> dict[str, float]:
     settings = base.model_copy(update={"admission_control": policy == "reconq"})
     client = redis.Redis.from_url(settings.redis_url or "", decode_responses=True)
     client.flushdb()
     log = workdir / f"workers-{policy}.log"
-    proc = start_workers(settings, per_gpu, log)
+    proc = start_workers(settings, slots, log)
     try:
         store, celery = JobStore(client), make_celery(settings)
         gpu_ids = [f"{NODE}:sim{i}" for i in range(len(GPUS_GB))]
@@ -142,6 +148,14 @@ def run_policy(policy: str, specs: list[Spec], base: Settings, per_gpu: int, wor
                 break
             time.sleep(0.2)
         jobs = {j.id: j for j in store.get_many(ids)}
+        if dump is not None:
+            with open(dump, "a") as f:
+                for sp in specs:
+                    rec = jobs[sp.id]
+                    f.write(json.dumps({"policy": policy, "id": sp.id, "gb": sp.gb, "seconds": sp.seconds,
+                                        "queue": sp.queue, "gpu": rec.gpu, "queued": (rec.queued_at or 0) - t0,
+                                        "started": (rec.started_at or 0) - t0,
+                                        "finished": (rec.finished_at or 0) - t0}) + "\n")
         makespan = max(j.finished_at or 0.0 for j in jobs.values()) - t0
         waits = sorted((jobs[s.id].started_at or 0.0) - (jobs[s.id].queued_at or 0.0)
                        for s in specs if s.queue == "stat")
@@ -160,11 +174,15 @@ def main() -> int:
     ap.add_argument("--jobs", type=int, default=200)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--scale", type=float, default=1.0, help="seconds per duration unit (default 1)")
-    ap.add_argument("--per-gpu", type=int, default=8, help="worker processes per GPU (default 8)")
+    ap.add_argument("--per-gpu", default="auto",
+                    help="worker processes per GPU: auto (by memory; default), N for all, or N,N,N,N")
     ap.add_argument("--policies", default="reconq,round-robin,most-free")
+    ap.add_argument("--dump", type=Path, default=None, help="append each job's GPU and times here (JSON lines)")
     args = ap.parse_args()
     specs = make_jobs(args.jobs, args.seed, args.scale)
-    slots = args.per_gpu * len(GPUS_GB)
+    probe = load_settings(simulated_gpus=GPUS_GB)
+    counts = per_gpu_counts(probe, make_inventory(probe), list(range(len(GPUS_GB))), args.per_gpu)
+    slots = sum(counts)
     bound = lower_bound(specs, slots)
     with tempfile.TemporaryDirectory(prefix="reconq-bench-") as tmp, PrivateRedis(Path(tmp)) as server:
         workdir = Path(tmp)
@@ -174,16 +192,18 @@ def main() -> int:
         write_mrd(synthetic_scan(matrix=(16, 16), ncoil=2), raw)
         base = load_settings(data_dir=data, redis_url=server.url, simulated_gpus=GPUS_GB, node_name=NODE,
                              enable_test_pipelines=True, heartbeat_interval_s=0.5, heartbeat_ttl_s=5.0,
-                             dispatch_poll_s=0.1, backfill_limit_s=15 * args.scale)
+                             dispatch_poll_s=0.1, backfill_limit_s=15 * args.scale,
+                             workers_per_gpu=",".join(map(str, counts)))
         print(f"{len(specs)} jobs, {sum(s.gb for s in specs) / len(specs):.1f} GB and "
               f"{sum(s.seconds for s in specs) / len(specs):.2f} s on average "
               f"({sum(s.queue == 'stat' for s in specs)} stat, arriving during the run); GPUs "
-              f"{'+'.join(f'{g:g}' for g in GPUS_GB)} GB (simulated), {args.per_gpu} workers per GPU; "
+              f"{'+'.join(f'{g:g}' for g in GPUS_GB)} GB (simulated), {'+'.join(map(str, counts))} workers "
+              f"(--per-gpu {args.per_gpu}); "
               f"lower bound on the makespan {bound:.1f} s", flush=True)
         results = {}
         for policy in args.policies.split(","):
             t = time.monotonic()
-            results[policy] = run_policy(policy, specs, base, args.per_gpu, workdir)
+            results[policy] = run_policy(policy, specs, base, slots, workdir, args.dump)
             print(f"  {policy}: done in {time.monotonic() - t:.0f} s", flush=True)
     print(f"\n{'policy':12} {'over-commits':>12} {'failed':>6} {'makespan s':>10} {'x bound':>7} "
           f"{'stat wait median s':>18} {'p95 s':>7}")

@@ -84,6 +84,13 @@ class Settings(BaseSettings):
     backfill_limit_s: float = Field(
         300.0, ge=0, description="A job waiting for GPU memory this long stops smaller jobs from overtaking it"
     )
+    workers_per_gpu: str = Field(
+        "", description="Worker processes per GPU for `reconq worker`: N, one count per GPU named (12,12,4,4), "
+                        "or auto (one per `slot_gb` of the GPU's memory, at most `max_workers_per_gpu`); "
+                        "when set it replaces --per-gpu",
+    )
+    slot_gb: float = Field(6.0, gt=0, description="A typical job's GPU memory: `auto` starts one worker per this")
+    max_workers_per_gpu: int = Field(12, ge=1, description="The most worker processes `auto` starts on one GPU")
     max_gpu_oom: int = Field(3, ge=0, description="GPU out-of-memory errors a job may have before it fails")
     oom_estimate_factor: float = Field(1.5, ge=1.0, description="Estimate multiplier after a GPU OOM")
     gpu_forget_s: float = Field(

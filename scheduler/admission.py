@@ -9,14 +9,28 @@ never both take the last gigabytes.
   reclaimed by the next script that looks at the GPU once the worker holding it stops sending
   heartbeats (its ``reconq:hb:<worker>`` key expired).
 - A job that does not fit now goes to the waiting set ``reconq:waiting``, ordered by queue rank
-  (``stat``, ``routine``, ``bulk``) and then by the time it was queued. When memory frees up on a GPU,
-  a worker of that GPU reserves the first waiting job that fits (:meth:`Admission.dispatch`) and sends
-  it to the GPU's own queue ``gpu.<id>``, which its workers consume first.
-- Smaller jobs may overtake a waiting job that does not fit yet (backfilling), except a ``stat`` job,
-  or one that has waited longer than ``backfill_limit_s``: for that one the GPU is held until it fits.
+  (``stat``, ``routine``, ``bulk``) and then by the time it was queued. Jobs leave it by *filling* a
+  GPU (:meth:`Admission.fill`): while the GPU has free memory and idle worker slots (its live workers,
+  registered by their heartbeats in ``reconq:gpuworkers:<gpu>``, less the jobs reserved there), reserve
+  a waiting job and send it to the GPU's own queue ``gpu.<id>``, which its workers consume first. A GPU
+  is filled when a job ends on it, when a job is admitted on it, by its idle workers every
+  ``dispatch_poll_s``, and, when a job fits neither the GPU that took it from its queue nor waits for
+  it, any other GPU with idle workers is filled at once (the job is *moved* there).
+- Which waiting job fills a GPU: first a ``stat`` job that fits now, in waiting order; then a *large*
+  job (too large for the smallest GPU: it can run on few GPUs) that fits now; else the best fit: the
+  job with the largest share of the GPU's memory, plus one share for every ``backfill_limit_s`` seconds
+  it has waited (jobs queued together keep best-fit order, which packs memory and starts large, long
+  jobs early; a job older by ``backfill_limit_s`` beats any younger one).
+- Holding: a ``stat`` job, the first job that has waited longer than ``backfill_limit_s``, and large
+  jobs (the smallest first), when they fit no GPU now, each claim one GPU, their *target*: of the GPUs
+  large enough and not claimed before, the one with the most memory available (it fits there soonest).
+  On its target another job starts only if the holding job still fits once the largest job running
+  there ends (of the jobs that fit the smallest GPU), so the hold costs little memory and ends at the
+  latest when that job ends. The other GPUs go on packing.
 - A job larger than every GPU seen in the last ``gpu_forget_s`` is reported as fitting nowhere.
 
-Keys are in :mod:`reconq.constants`; the job states the scripts read are :class:`JobState` values.
+Keys are in :mod:`reconq.constants` (and :data:`GPU_WORKERS` here); the job states the scripts read are
+:class:`JobState` values.
 """
 
 from __future__ import annotations
@@ -38,6 +52,7 @@ from reconq.constants import (
     GPU_WAITING,
     GPU_WAITING_NEED,
     JOB_KEY,
+    KEY_PREFIX,
     WORKER_HEARTBEAT,
     JobState,
 )
@@ -45,15 +60,20 @@ from scheduler.routing import RANK_SPAN
 
 log = logging.getLogger(__name__)
 
+#: Hash per GPU: live worker name -> time of its last heartbeat (workers whose heartbeat key expired are
+#: dropped by the scripts); the GPU's worker slots.
+GPU_WORKERS = KEY_PREFIX + "gpuworkers:"
 #: Waiting jobs one script looks at, at most.
 MAX_SCAN = 256
+#: Jobs one fill reserves at most (a GPU has no more worker slots than this).
+MAX_FILL = 64
 #: Suffix of the owner of a reservation made for a job that no worker has started yet (dispatched to a
 #: GPU's queue); such a reservation is also dropped once the job is finished (cancelled meanwhile).
 PENDING_SUFFIX = ">pending"
 
 _COMMON = """
-local RESV, OWNERS, CAP, TOTAL, SEEN, HB, WAIT, NEED, JOB = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5],
-  ARGV[6], ARGV[7], ARGV[8], ARGV[9]
+local RESV, OWNERS, CAP, TOTAL, SEEN, HB, WAIT, NEED, JOB, WORKERS = ARGV[1], ARGV[2], ARGV[3], ARGV[4],
+  ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10]
 local SPAN = %(span)r
 local PENDING = '%(pending)s'
 
@@ -82,7 +102,6 @@ local function reclaim_and_sum(g, except)
   return sum
 end
 
-
 local function unwait(job)
   redis.call('ZREM', WAIT, job)
   redis.call('HDEL', NEED, job)
@@ -99,14 +118,168 @@ local function reserve(g, job, need, owner)
   unwait(job)
 end
 
--- a stat job, or one waiting longer than `limit` seconds, holds a GPU it fits until it fits now
-local function holds(score, now, limit)
+-- 2 for a stat job, 1 for another job waiting longer than `limit` seconds, else 0
+local function urgency(score, now, limit)
   local rank = math.floor(score / SPAN)
-  return rank == 0 or (now - (score - rank * SPAN)) > limit
+  if rank == 0 then return 2 end
+  if (now - (score - rank * SPAN)) > limit then return 1 end
+  return 0
 end
 
 local function number(key, field)
   return tonumber(redis.call('HGET', key, field) or '0')
+end
+
+-- live workers of g (dead ones are dropped)
+local function live_workers(g)
+  local n = 0
+  for _, w in ipairs(redis.call('HKEYS', WORKERS .. g)) do
+    if redis.call('EXISTS', HB .. w) == 1 then n = n + 1 else redis.call('HDEL', WORKERS .. g, w) end
+  end
+  return n
+end
+
+-- GPUs seen in the last `forget` seconds
+local function fresh_gpus(now, forget)
+  local out = {}
+  local seen = redis.call('HGETALL', SEEN)
+  for i = 1, #seen, 2 do
+    if now - tonumber(seen[i + 1]) <= forget then out[#out + 1] = seen[i] end
+  end
+  table.sort(out)
+  return out
+end
+
+-- the size of the smallest GPU seen
+local SMALLEST = nil
+local function smallest_gpu(now, forget)
+  if SMALLEST == nil then
+    SMALLEST = math.huge
+    for _, h in ipairs(fresh_gpus(now, forget)) do
+      local t = number(TOTAL, h)
+      if t < SMALLEST then SMALLEST = t end
+    end
+  end
+  return SMALLEST
+end
+
+-- memory available on h now
+local function available(h)
+  return number(CAP, h) - reclaim_and_sum(h, '')
+end
+
+-- the largest reservation on g of at most `upto` bytes (0 if none)
+local function largest_reservation(g, upto)
+  local most = 0
+  for _, v in ipairs(redis.call('HVALS', RESV .. g)) do
+    local x = tonumber(v)
+    if x > most and x <= upto then most = x end
+  end
+  return most
+end
+
+-- the GPU a holding job of `need` bytes waits for: of those large enough and not `claimed` by a holding
+-- job before it, the one with the most memory available now (it fits there soonest)
+local function target(need, now, forget, claimed, avails)
+  local best, most = nil, -1
+  for _, h in ipairs(fresh_gpus(now, forget)) do
+    if not claimed[h] and number(TOTAL, h) >= need then
+      if avails[h] == nil then avails[h] = available(h) end
+      if avails[h] > most then best, most = h, avails[h] end
+    end
+  end
+  return best
+end
+
+-- The waiting job to start on g now, with its need; or nil and the holding job g is kept for (or nil).
+-- Holding jobs, of those that fit g: every stat job, the first job in waiting order that has waited past
+-- the limit, and every job too large for the smallest GPU. In waiting order, a holding job that fits g
+-- now starts first (a stat or large one); one that fits nowhere now claims its target GPU, so two
+-- holding jobs wait for two GPUs (stat and long-waiting jobs in waiting order, then large jobs, the
+-- smallest first). On its target, another job may start only if the holding job still fits once the largest job
+-- running there ends (of those that fit the smallest GPU: large jobs run long, and two of them should
+-- be able to share a large GPU): the hold costs little memory, and ends at the latest when that job
+-- ends. Else the largest job that fits (best fit).
+local function pick(g, avail, total, now, limit, forget, maxscan)
+  local list = redis.call('ZRANGE', WAIT, 0, maxscan - 1, 'WITHSCORES')
+  local best, bestneed = nil, -1
+  local aged = false
+  local smallest = smallest_gpu(now, forget)
+  local claimed, avails, fits = {}, {}, {}
+  local held, room = nil, avail  -- room: the most a job may take here without delaying `held`
+  local bigs = {}
+  local function claim(w, wneed)
+    local t = target(wneed, now, forget, claimed, avails)
+    if t ~= nil then
+      claimed[t] = true
+      if t == g and held == nil then
+        held = w
+        room = math.min(avail, avail + largest_reservation(g, smallest) - wneed)
+      end
+    end
+  end
+  for i = 1, #list, 2 do
+    local w = list[i]
+    if finished(w) then
+      unwait(w)
+    else
+      local wneed = number(NEED, w)
+      local score = tonumber(list[i + 1])
+      local u = wneed <= total and urgency(score, now, limit) or 0
+      local first = u == 2 or (wneed <= total and wneed > smallest)  -- goes first where it fits
+      local holder = first or (u == 1 and not aged)
+      if u == 1 then aged = true end
+      if first and wneed <= room then return w, wneed, held end
+      if holder and wneed > avail and u == 0 then
+        bigs[#bigs + 1] = {w, wneed}
+      elseif holder and wneed > avail then
+        claim(w, wneed)
+      elseif wneed <= room then
+        local rank = math.floor(score / SPAN)
+        fits[#fits + 1] = {w, wneed, wneed / total + math.max(0, now - (score - rank * SPAN)) / limit}
+      end
+    end
+  end
+  -- large jobs claim GPUs after stat and long-waiting jobs, the smallest first (it fits soonest)
+  table.sort(bigs, function(a, b) return a[2] < b[2] end)
+  for _, c in ipairs(bigs) do claim(c[1], c[2]) end
+  -- the best fit that leaves `held` its room: the largest share of g, plus one for every `limit` seconds
+  -- waited (jobs queued together keep the best-fit order; a job older by `limit` beats any younger one)
+  local bestkey = -1
+  for _, c in ipairs(fits) do
+    if c[2] <= room and c[3] > bestkey then best, bestneed, bestkey = c[1], c[2], c[3] end
+  end
+  return best, bestneed, held
+end
+
+-- reserve waiting jobs on g while memory and idle worker slots last (at most `maxjobs`); `mine` (the
+-- caller's own job, if any) is reserved for `owner`, the others as pending. A GPU without registered
+-- workers has one slot if `own` (the caller works on it), else none.
+local function fill(g, owner, maxjobs, own, mine, now, limit, forget, maxscan)
+  local workers = live_workers(g)
+  local total = number(TOTAL, g)
+  local avail = number(CAP, g) - reclaim_and_sum(g, '')
+  local slots
+  if workers == 0 then slots = own and 1 or 0 else slots = workers - redis.call('HLEN', RESV .. g) end
+  slots = math.min(slots, maxjobs)
+  local got, held = {}, nil
+  while slots > 0 do
+    local w, wneed, h = pick(g, avail, total, now, limit, forget, maxscan)
+    if not w then
+      held = h
+      break
+    end
+    if h and h ~= w then held = h end
+    reserve(g, w, wneed, (w == mine) and owner or (owner .. PENDING))
+    got[#got + 1] = w
+    avail = avail - wneed
+    slots = slots - 1
+  end
+  if slots <= 0 and not held and mine ~= '' then
+    local _, _, h = pick(g, avail, total, now, limit, forget, maxscan)
+    held = h
+  end
+  return got, held, avail
 end
 """
 _COMMON %= {  # noqa: UP031 - Lua's braces rule out str.format
@@ -115,83 +288,70 @@ _COMMON %= {  # noqa: UP031 - Lua's braces rule out str.format
 }
 
 _ADMIT = _COMMON + """
-local g, job, need, owner = ARGV[10], ARGV[11], tonumber(ARGV[12]), ARGV[13]
-local score, now, limit, forget = tonumber(ARGV[14]), tonumber(ARGV[15]), tonumber(ARGV[16]), tonumber(ARGV[17])
-local maxscan = tonumber(ARGV[18])
+local g, job, need, owner = ARGV[11], ARGV[12], tonumber(ARGV[13]), ARGV[14]
+local score, now, limit, forget = tonumber(ARGV[15]), tonumber(ARGV[16]), tonumber(ARGV[17]), tonumber(ARGV[18])
+local maxscan, maxfill = tonumber(ARGV[19]), tonumber(ARGV[20])
 if redis.call('HEXISTS', RESV .. g, job) == 1 then  -- dispatched here, or redelivered here
   redis.call('HSET', OWNERS .. g, job, owner)
   unwait(job)
   return {'run', '', '0'}
 end
-local cap, total = number(CAP, g), number(TOTAL, g)
-local avail = cap - reclaim_and_sum(g, job)
-local ahead = redis.call('ZRANGEBYSCORE', WAIT, '-inf', '(' .. ARGV[14], 'WITHSCORES', 'LIMIT', 0, maxscan)
-for i = 1, #ahead, 2 do
-  local w = ahead[i]
-  if w ~= job then
-    if finished(w) then
-      unwait(w)
-    else
-      local wneed = number(NEED, w)
-      if wneed <= avail then
-        reserve(g, w, wneed, owner .. PENDING)
-        wait(job, need, score)
-        return {'swap', w, tostring(avail)}
-      end
-      if wneed <= total and holds(tonumber(ahead[i + 1]), now, limit) then
-        wait(job, need, score)
-        return {'held', w, tostring(avail)}
+local total = number(TOTAL, g)
+local biggest = total
+local gpus = fresh_gpus(now, forget)
+for _, h in ipairs(gpus) do
+  local t = number(TOTAL, h)
+  if t > biggest then biggest = t end
+end
+if need > biggest then
+  unwait(job)
+  return {'never', '', tostring(biggest)}
+end
+wait(job, need, score)
+local out = {}
+local got, held, avail = fill(g, owner, maxfill, true, job, now, limit, forget, maxscan)
+local ran, first = false, ''
+for _, w in ipairs(got) do
+  if w == job then ran = true else
+    if first == '' then first = w end
+    out[#out + 1] = w
+    out[#out + 1] = g
+  end
+end
+local moved = ''
+if not ran then  -- other GPUs with idle workers may take it, or other waiting jobs, now
+  for _, h in ipairs(gpus) do
+    if h ~= g and live_workers(h) > 0 then
+      local got2 = fill(h, owner, maxfill, false, '', now, limit, forget, maxscan)
+      for _, w in ipairs(got2) do
+        if w == job then moved = h end
+        out[#out + 1] = w
+        out[#out + 1] = h
       end
     end
   end
 end
-if need <= avail then
-  reserve(g, job, need, owner)
-  return {'run', '', tostring(avail)}
-end
-if need <= total then
-  wait(job, need, score)
-  return {'wait', '', tostring(avail)}
-end
-local biggest = 0
-local seen = redis.call('HGETALL', SEEN)
-for i = 1, #seen, 2 do
-  if now - tonumber(seen[i + 1]) <= forget then
-    local t = number(TOTAL, seen[i])
-    if t > biggest then biggest = t end
-  end
-end
-if need <= biggest then
-  wait(job, need, score)
-  return {'bigger', '', tostring(biggest)}
-end
-unwait(job)
-return {'never', '', tostring(biggest)}
+local res
+if ran then res = {'run', '', tostring(avail)}
+elseif moved ~= '' then res = {'moved', moved, tostring(avail)}
+elseif first ~= '' then res = {'swap', first, tostring(avail)}
+elseif held and held ~= job then res = {'held', held, tostring(avail)}
+elseif need <= total then res = {'wait', '', tostring(avail)}
+else res = {'bigger', '', tostring(biggest)} end
+for _, x in ipairs(out) do res[#res + 1] = x end
+return res
 """
 
-_DISPATCH = _COMMON + """
-local g, owner, now, limit, maxscan = ARGV[10], ARGV[11], tonumber(ARGV[12]), tonumber(ARGV[13]), tonumber(ARGV[14])
-local cap, total = number(CAP, g), number(TOTAL, g)
-local avail = cap - reclaim_and_sum(g, '')
-local list = redis.call('ZRANGE', WAIT, 0, maxscan - 1, 'WITHSCORES')
-for i = 1, #list, 2 do
-  local w = list[i]
-  if finished(w) then
-    unwait(w)
-  else
-    local wneed = number(NEED, w)
-    if wneed <= avail then
-      reserve(g, w, wneed, owner .. PENDING)
-      return w
-    end
-    if wneed <= total and holds(tonumber(list[i + 1]), now, limit) then return false end
-  end
-end
-return false
+_FILL = _COMMON + """
+local g, owner, now, limit, maxscan = ARGV[11], ARGV[12], tonumber(ARGV[13]), tonumber(ARGV[14]), tonumber(ARGV[15])
+local maxjobs, forget = tonumber(ARGV[16]), tonumber(ARGV[17])
+if redis.call('ZCARD', WAIT) == 0 then return {} end
+local got = fill(g, owner, maxjobs, true, '', now, limit, forget, maxscan)
+return got
 """
 
 _RELEASE = _COMMON + """
-local g, job, owner = ARGV[10], ARGV[11], ARGV[12]
+local g, job, owner = ARGV[11], ARGV[12], ARGV[13]
 if owner ~= '' and redis.call('HGET', OWNERS .. g, job) ~= owner then return 0 end
 redis.call('HDEL', RESV .. g, job)
 redis.call('HDEL', OWNERS .. g, job)
@@ -204,13 +364,14 @@ local n = 0
 for _, g in ipairs(gpus) do
   local before = redis.call('HLEN', RESV .. g)
   reclaim_and_sum(g, '')
+  live_workers(g)
   n = n + before - redis.call('HLEN', RESV .. g)
 end
 return n
 """
 
 _WAIT = _COMMON + """
-wait(ARGV[10], ARGV[11], ARGV[12])
+wait(ARGV[11], ARGV[12], ARGV[13])
 return 1
 """
 
@@ -219,8 +380,9 @@ class Verdict(StrEnum):
     """What :meth:`Admission.admit` decided for a job on a GPU."""
 
     RUN = "run"  # reserved on this GPU: start it
-    SWAP = "swap"  # an older waiting job fits here now: it was reserved instead; this one waits
-    HELD = "held"  # this GPU is held for an older job that does not fit yet; this one waits
+    MOVED = "moved"  # reserved on another GPU (``other_job`` names it), sent to its queue
+    SWAP = "swap"  # a waiting job fits here better or has waited longer: reserved instead; this one waits
+    HELD = "held"  # this GPU is held for a waiting job that does not fit yet; this one waits
     WAIT = "wait"  # fits this GPU once memory frees up; waits
     BIGGER = "bigger"  # too big for this GPU, fits a bigger one; waits
     NEVER = "never"  # too big for every GPU
@@ -229,8 +391,10 @@ class Verdict(StrEnum):
 @dataclass(frozen=True)
 class Decision:
     verdict: Verdict
-    other_job: str  # the waiting job reserved instead (SWAP) or holding the GPU (HELD)
+    other_job: str  # the waiting job reserved instead (SWAP), holding the GPU (HELD); the GPU (MOVED)
     bytes: int  # memory available on this GPU, or the largest GPU's memory (BIGGER, NEVER)
+    #: (job id, GPU id) of the other jobs reserved by this admission, to send to their GPUs' queues
+    dispatched: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -248,7 +412,7 @@ class Admission:
         self.backfill_limit_s = backfill_limit_s
         self.gpu_forget_s = gpu_forget_s
         self._admit = client.register_script(_ADMIT)
-        self._dispatch = client.register_script(_DISPATCH)
+        self._fill = client.register_script(_FILL)
         self._release = client.register_script(_RELEASE)
         self._reclaim = client.register_script(_RECLAIM)
         self._wait = client.register_script(_WAIT)
@@ -256,7 +420,7 @@ class Admission:
     @staticmethod
     def _keys() -> list[str]:
         return [GPU_RESERVATIONS, GPU_RESERVATION_OWNERS, GPU_CAPACITY, GPU_TOTAL, GPU_SEEN, WORKER_HEARTBEAT,
-                GPU_WAITING, GPU_WAITING_NEED, JOB_KEY]
+                GPU_WAITING, GPU_WAITING_NEED, JOB_KEY, GPU_WORKERS]
 
     def register_gpu(self, gpu_id: str, total: int, capacity: int, state_json: str) -> None:
         """Record a GPU's size, the memory reservations may share, and its state (heartbeats do this)."""
@@ -267,18 +431,32 @@ class Admission:
         pipe.hset(GPU_STATE, gpu_id, state_json)
         pipe.execute()
 
+    def register_worker(self, gpu_id: str, worker: str) -> None:
+        """Count ``worker`` (whose heartbeat key must exist) as one of ``gpu_id``'s worker slots."""
+        self.redis.hset(GPU_WORKERS + gpu_id, worker, f"{time.time():.3f}")
+
+    def unregister_worker(self, gpu_id: str, worker: str) -> None:
+        self.redis.hdel(GPU_WORKERS + gpu_id, worker)
+
     def admit(self, gpu_id: str, job_id: str, need: int, owner: str, score: float) -> Decision:
         """Reserve ``need`` bytes for ``job_id`` on ``gpu_id`` if it may start there now (see module doc)."""
-        verdict, other, amount = self._admit(args=[
+        verdict, other, amount, *rest = self._admit(args=[
             *self._keys(), gpu_id, job_id, need, owner, repr(score), repr(time.time()),
-            self.backfill_limit_s, self.gpu_forget_s, MAX_SCAN])
-        return Decision(Verdict(verdict), other, int(float(amount)))
+            self.backfill_limit_s, self.gpu_forget_s, MAX_SCAN, MAX_FILL])
+        pairs = tuple((str(rest[i]), str(rest[i + 1])) for i in range(0, len(rest), 2))
+        return Decision(Verdict(verdict), other, int(float(amount)), pairs)
+
+    def fill(self, gpu_id: str, owner: str, max_jobs: int = MAX_FILL) -> list[str]:
+        """Reserve waiting jobs on ``gpu_id`` while its memory and idle worker slots last (at most
+        ``max_jobs``), in the order of the module doc; their ids, to send to the GPU's queue."""
+        jobs = self._fill(args=[*self._keys(), gpu_id, owner, repr(time.time()), self.backfill_limit_s, MAX_SCAN,
+                                max_jobs, self.gpu_forget_s])
+        return [str(j) for j in jobs or []]
 
     def dispatch(self, gpu_id: str, owner: str) -> str | None:
-        """Reserve the first waiting job that fits ``gpu_id`` now; its id, or None."""
-        job = self._dispatch(args=[*self._keys(), gpu_id, owner, repr(time.time()), self.backfill_limit_s,
-                                   MAX_SCAN])
-        return str(job) if job else None
+        """Reserve one waiting job on ``gpu_id`` (see :meth:`fill`); its id, or None."""
+        jobs = self.fill(gpu_id, owner, 1)
+        return jobs[0] if jobs else None
 
     def release(self, gpu_id: str, job_id: str, owner: str = "") -> bool:
         """Drop ``owner``'s reservation of ``job_id`` on ``gpu_id`` (any owner's if ``owner`` is empty);

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import redis
@@ -85,13 +86,15 @@ def test_waiting_order_is_stat_then_routine_then_bulk_then_time(client: redis.Re
     assert [j for j, _, _ in adm.waiting()] == ["s1", "r1", "r2", "bulk1"]
 
 
-def test_a_waiting_stat_job_holds_the_gpu_against_smaller_jobs(client: redis.Redis) -> None:
+def test_a_waiting_stat_job_holds_the_gpu_against_jobs_that_would_delay_it(client: redis.Redis) -> None:
     adm, store = Admission(client), JobStore(client)
     gpus(adm, g0=24)
     alive(client, "w")
     assert adm.admit("g0", "big", 16 * GB, "w", queued(store, "big", at=1.0)).verdict is Verdict.RUN
     assert adm.admit("g0", "stat", 20 * GB, "w", queued(store, "stat", "stat", 2.0)).verdict is Verdict.WAIT
-    d = adm.admit("g0", "small", 2 * GB, "w", queued(store, "small", at=3.0))
+    # 2 GB still leave the stat job room once the 16 GB job ends (24 - 2 >= 20); 4 GB more would not
+    assert adm.admit("g0", "small", 2 * GB, "w", queued(store, "small", at=3.0)).verdict is Verdict.RUN
+    d = adm.admit("g0", "mid", 4 * GB, "w", queued(store, "mid", at=4.0))
     assert d.verdict is Verdict.HELD and d.other_job == "stat"
     adm.release("g0", "big", "w")
     assert adm.dispatch("g0", "w") == "stat"
@@ -158,3 +161,80 @@ def test_no_gpu_here_says_why(settings) -> None:
     if not isinstance(inv, NoGpuInventory):
         pytest.skip("an NVIDIA GPU is present")
     assert inv.gpus() == [] and inv.reason
+
+
+def workers(client: redis.Redis, adm: Admission, gpu: str, *names: str) -> None:
+    """Live workers registered as ``gpu``'s worker slots."""
+    alive(client, *names)
+    for w in names:
+        adm.register_worker(gpu, w)
+
+
+def test_a_gpu_is_filled_best_fit_up_to_its_idle_worker_slots(client: redis.Redis) -> None:
+    adm, store = Admission(client), JobStore(client)
+    gpus(adm, g0=24)
+    workers(client, adm, "g0", "w1", "w2", "w3")
+    now = time.time()  # recent: no job has waited past the backfill limit
+    assert adm.admit("g0", "full", 24 * GB, "w1", queued(store, "full", at=now)).verdict is Verdict.RUN
+    for job, size, at in (("small", 4, now + 1), ("mid", 10, now + 2), ("large", 18, now + 3), ("x", 5, now + 4)):
+        assert adm.admit("g0", job, size * GB, "w2", queued(store, job, at=at)).verdict is Verdict.WAIT
+    adm.release("g0", "full", "w1")
+    # the largest that fits first (not the oldest), then the largest that fits what is left; three slots
+    # are idle but 18 + 5 GB leave no room for another waiting job
+    assert adm.fill("g0", "w1") == ["large", "x"]
+    assert [j for j, _, _ in adm.waiting()] == ["small", "mid"]
+    assert adm.reserved_bytes("g0") == 23 * GB
+
+
+def test_fill_stops_at_the_idle_worker_slots(client: redis.Redis) -> None:
+    adm, store = Admission(client), JobStore(client)
+    gpus(adm, g0=80)
+    workers(client, adm, "g0", "w1", "w2")
+    now = time.time()
+    assert adm.admit("g0", "run", 78 * GB, "w1", queued(store, "run", at=now)).verdict is Verdict.RUN
+    for k in range(3):
+        adm.admit("g0", f"j{k}", 5 * GB, "w2", queued(store, f"j{k}", at=now + 1 + k))
+    adm.release("g0", "run", "w1")
+    assert len(adm.fill("g0", "w1")) == 2  # two workers, nothing running: two jobs, not three
+
+
+def test_a_stat_job_goes_before_a_better_fit(client: redis.Redis) -> None:
+    adm, store = Admission(client), JobStore(client)
+    gpus(adm, g0=24)
+    workers(client, adm, "g0", "w1")
+    now = time.time()
+    adm.admit("g0", "full", 24 * GB, "w1", queued(store, "full", at=now))
+    adm.admit("g0", "large", 20 * GB, "w1", queued(store, "large", at=now + 1))
+    adm.admit("g0", "stat", 4 * GB, "w1", queued(store, "stat", "stat", now + 2))
+    adm.release("g0", "full", "w1")
+    assert adm.dispatch("g0", "w1") == "stat"
+
+
+def test_a_holding_job_holds_only_the_gpu_where_it_fits_soonest(client: redis.Redis) -> None:
+    adm, store = Admission(client), JobStore(client)
+    gpus(adm, g0=24, g1=24)
+    workers(client, adm, "g0", "a1", "a2")
+    workers(client, adm, "g1", "b1", "b2")
+    now = time.time()
+    assert adm.admit("g0", "r0", 14 * GB, "a1", queued(store, "r0", at=now)).verdict is Verdict.RUN
+    assert adm.admit("g1", "r1", 10 * GB, "b1", queued(store, "r1", at=now)).verdict is Verdict.RUN
+    # fits neither now; g1 has more memory available (14 GB against 10), so it waits for g1
+    assert adm.admit("g0", "stat", 20 * GB, "a2", queued(store, "stat", "stat", now + 1)).verdict is Verdict.WAIT
+    # 6 GB on g1 would delay it past the end of the 10 GB job there (24 - 6 < 20): g0, not held, takes it
+    d = adm.admit("g1", "small", 6 * GB, "b2", queued(store, "small", at=now + 2))
+    assert d.verdict is Verdict.MOVED and d.other_job == "g0"
+    assert d.dispatched == (("small", "g0"),)
+    adm.release("g1", "r1", "b1")
+    assert adm.fill("g1", "b1") == ["stat"]
+
+
+def test_a_job_that_does_not_fit_here_moves_to_a_gpu_with_idle_workers(client: redis.Redis) -> None:
+    adm, store = Admission(client), JobStore(client)
+    gpus(adm, small=24, big=80)
+    workers(client, adm, "small", "s1")
+    workers(client, adm, "big", "b1")
+    d = adm.admit("small", "a", 40 * GB, "s1", queued(store, "a", at=time.time()))
+    assert d.verdict is Verdict.MOVED and d.other_job == "big" and d.dispatched == (("a", "big"),)
+    assert adm.waiting() == [] and [r.job_id for r in adm.reservations("big")] == ["a"]
+    assert adm.admit("big", "a", 40 * GB, "b1", queued(store, "a")).verdict is Verdict.RUN  # started there
+    assert [r.worker for r in adm.reservations("big")] == ["b1"]

@@ -2,9 +2,10 @@
 
 Every ``heartbeat_interval_s`` a worker writes ``reconq:hb:<worker>`` (JSON: its GPU, running job;
 expires after ``heartbeat_ttl_s``) and, on a GPU, the GPU's state and capacity. A worker whose key has
-expired is dead: its reservations are reclaimed (see :mod:`scheduler.admission`). Every
-``dispatch_poll_s`` an idle GPU worker reserves the first waiting job that fits its GPU and sends it to
-the GPU's queue, which it consumes first.
+expired is dead: its reservations are reclaimed (see :mod:`scheduler.admission`). A GPU worker also
+registers itself as one of its GPU's worker slots. Jobs are dispatched to a GPU when one ends or is
+admitted there; as a safety net, every ``dispatch_poll_s`` an idle GPU worker fills its GPU with waiting
+jobs that fit now (:meth:`Admission.fill`) and sends them to the GPU's queue, which it consumes first.
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ class Heartbeat:
         try:
             self.redis.delete(WORKER_HEARTBEAT + self.name)
             self.redis.srem(WORKERS_INDEX, self.name)
+            if self.slot.is_gpu:
+                self.admission.unregister_worker(self.slot.gpu_id, self.name)
         except redis.RedisError:
             pass
 
@@ -76,6 +79,7 @@ class Heartbeat:
         pipe.sadd(WORKERS_INDEX, self.name)
         pipe.execute()
         if self.slot.is_gpu:
+            self.admission.register_worker(self.slot.gpu_id, self.name)
             self._report_gpu()
 
     def _report_gpu(self) -> None:
@@ -101,9 +105,10 @@ class Heartbeat:
     def _idle_dispatch(self) -> None:
         if not self.slot.is_gpu or self.job_id or time.monotonic() < self._pending_until:
             return
-        job = self.admission.dispatch(self.slot.gpu_id, self.name)
-        if job:
+        jobs = self.admission.fill(self.slot.gpu_id, self.name)
+        if jobs:
             self.expect_job()
+        for job in jobs:
             log.info("job %s: memory reserved on %s (idle worker %s); sent to its queue", job, self.slot.gpu_id,
                      self.name)
             self.send(job, gpu_queue(self.slot.gpu_id))

@@ -2,11 +2,15 @@
 
 ``reconq worker --gpus 0,1 --per-gpu 2 --cpu 1`` starts five processes: two bound to GPU 0, two to
 GPU 1 (``CUDA_VISIBLE_DEVICES=<i>``, ``CUDA_DEVICE_ORDER=PCI_BUS_ID``, so CUDA's device 0 is NVML's GPU
-``i``) and one CPU worker (``CUDA_VISIBLE_DEVICES`` empty). With a simulated inventory, ``--gpus`` names
-simulated GPUs, and their processes see no real GPU either. Each process is a Celery worker with one
-pool process, ``acks_late``, ``reject_on_worker_lost`` and prefetch 1 (see :mod:`workers.app`). The
-launcher restarts a process that dies, and on SIGTERM or Ctrl-C stops them all: a warm shutdown
-(running jobs finish) for ``stop_timeout`` seconds, then a cold one, then SIGKILL.
+``i``) and one CPU worker (``CUDA_VISIBLE_DEVICES`` empty). The count per GPU may also differ
+(``12,12,4,4``: one count per GPU named) or follow each GPU's memory (``auto``: one process per
+``slot_gb`` GB, at least 1, at most ``max_workers_per_gpu``), so that a large GPU runs out of memory
+before it runs out of worker processes; the setting ``workers_per_gpu`` (``RECONQ_WORKERS_PER_GPU``),
+when set, takes the place of ``--per-gpu``. With a simulated inventory, ``--gpus`` names simulated GPUs,
+and their processes see no real GPU either. Each process is a Celery worker with one pool process,
+``acks_late``, ``reject_on_worker_lost`` and prefetch 1 (see :mod:`workers.app`). The launcher restarts
+a process that dies, and on SIGTERM or Ctrl-C stops them all: a warm shutdown (running jobs finish) for
+``stop_timeout`` seconds, then a cold one, then SIGKILL.
 """
 
 from __future__ import annotations
@@ -18,10 +22,11 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from reconq.settings import Settings
-from scheduler.inventory import Inventory, InventoryError, make_inventory
+from scheduler.inventory import GB, Inventory, InventoryError, make_inventory
 from workers.app import make_celery
 from workers.slot import cpu_slot, gpu_slot
 from workers.tasks import register_tasks
@@ -71,19 +76,54 @@ class Child:
     died_at: float = field(default=0.0)
 
 
-def plan(settings: Settings, inventory: Inventory, gpus: list[int], per_gpu: int, cpu: int) -> list[Child]:
-    """The processes to start; raises LaunchError naming a GPU the inventory does not have."""
+PerGpu = int | str | Sequence[int]
+
+
+def per_gpu_counts(settings: Settings, inventory: Inventory, gpus: list[int], per_gpu: PerGpu) -> list[int]:
+    """Worker processes for each GPU of ``gpus``: ``per_gpu`` is a count for all, one count per GPU (a
+    sequence, or text such as ``"12,12,4,4"``), or ``"auto"`` (one per ``slot_gb`` of the GPU's memory,
+    at least 1, at most ``max_workers_per_gpu``). Raises LaunchError for anything else."""
+    text = per_gpu.strip().lower() if isinstance(per_gpu, str) else None
+    if text == "auto":
+        counts = []
+        for index in gpus:
+            try:
+                total_gb = inventory.gpu(index).total_bytes / GB
+            except InventoryError as e:
+                raise LaunchError(str(e)) from e
+            counts.append(max(1, min(settings.max_workers_per_gpu, int(total_gb // settings.slot_gb))))
+        return counts
+    if isinstance(per_gpu, int):
+        counts = [per_gpu] * len(gpus)
+    else:
+        try:
+            counts = [int(x) for x in (text.split(",") if text is not None else per_gpu)]
+        except ValueError as e:
+            raise LaunchError(f"--per-gpu {per_gpu!r}: expected N, N,N,... (one per GPU) or auto") from e
+        if len(counts) == 1:
+            counts *= len(gpus)
+    if len(counts) != len(gpus):
+        raise LaunchError(f"--per-gpu {per_gpu!r}: {len(counts)} counts for {len(gpus)} GPUs")
+    if any(c < 0 for c in counts):
+        raise LaunchError(f"--per-gpu {per_gpu!r}: a count is negative")
+    return counts
+
+
+def plan(settings: Settings, inventory: Inventory, gpus: list[int], per_gpu: PerGpu, cpu: int) -> list[Child]:
+    """The processes to start; raises LaunchError naming a GPU the inventory does not have, or for a
+    ``per_gpu`` that :func:`per_gpu_counts` refuses."""
     base = [sys.executable, "-m", "reconq.cli", "worker"]
     env = dict(os.environ)
     children = []
-    for index in gpus:
+    counts = per_gpu_counts(settings, inventory, gpus, per_gpu)
+    for index, count in zip(gpus, counts, strict=True):
         try:
             slot = gpu_slot(settings, inventory, index)
         except InventoryError as e:
             raise LaunchError(str(e)) from e
         visible = "" if slot.simulated else str(index)  # a simulated GPU's process sees no real one
         gpu_env = {**env, "CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": visible}
-        for k in range(per_gpu):
+        for k in range(count):
             children.append(Child(f"{slot.gpu_id}#{k}", [*base, "--bind", f"gpu:{index}", "--name",
                                                          f"gpu{index}-{k}@%h"], gpu_env))
     for k in range(cpu):
@@ -155,12 +195,13 @@ class Launcher:
         log.info("all workers stopped")
 
 
-def launch(settings: Settings, gpus: list[int] | None, per_gpu: int, cpu: int, stop_timeout: float = 30.0) -> int:
-    """Start ``per_gpu`` processes for each GPU of ``gpus`` (None: every GPU) and ``cpu`` CPU workers."""
+def launch(settings: Settings, gpus: list[int] | None, per_gpu: PerGpu, cpu: int, stop_timeout: float = 30.0) -> int:
+    """Start ``per_gpu`` processes for each GPU of ``gpus`` (None: every GPU; see :func:`per_gpu_counts`;
+    the setting ``workers_per_gpu`` instead when set) and ``cpu`` CPU workers."""
     inventory = make_inventory(settings)
     if gpus is None:
         gpus = [g.index for g in inventory.gpus()]
-    children = plan(settings, inventory, gpus, per_gpu, cpu)
+    children = plan(settings, inventory, gpus, settings.workers_per_gpu or per_gpu, cpu)
     log.info("starting %d worker process(es) on %s inventory: %s", len(children), inventory.kind,
              ", ".join(c.label for c in children))
     return Launcher(children, stop_timeout).run()

@@ -119,6 +119,7 @@ class JobRunner:
             return self._execute(job, pipeline, need)
         score = waiting_score(job.queue, job.queued_at or job.created_at)
         decision = self.admission.admit(self.slot.gpu_id, job_id, need, self.worker_name, score)
+        self._send_dispatched(decision)
         if decision.verdict is not Verdict.RUN:
             return self._not_now(job, pipeline, need, decision)
         try:
@@ -150,12 +151,15 @@ class JobRunner:
     def _not_now(self, job: Job, pipeline: Pipeline, need: int, d: Decision) -> str:
         """The job may not start on this GPU now: it waits, goes to the CPU queue, or fails (NEVER)."""
         here = self.slot.gpu_id
+        if d.verdict is Verdict.MOVED:
+            self.store.update(job.id, state=JobState.QUEUED.value, stage=f"{gb(need)} of GPU memory reserved on "
+                                                                          f"{d.other_job}; sent there")
+            log.info("job %s: does not fit %s now; %s of GPU memory reserved on %s", job.id, here, gb(need),
+                     d.other_job)
+            return JobState.QUEUED.value
         if d.verdict is Verdict.SWAP:
             log.info("job %s: waiting job %s goes first on %s", job.id, d.other_job, here)
-            self.send(d.other_job, gpu_queue(here))
-            if self.heartbeat is not None:
-                self.heartbeat.expect_job()
-            why = f"job {d.other_job}, queued earlier, goes first"
+            why = f"waiting job {d.other_job} goes first"
         elif d.verdict is Verdict.HELD:
             why = f"{here} is held for job {d.other_job}, queued earlier"
         elif d.verdict is Verdict.WAIT:
@@ -177,13 +181,21 @@ class JobRunner:
         log.info("job %s: %s; sent to the CPU queue", job.id, what)
         return JobState.QUEUED.value
 
+    def _send_dispatched(self, d: Decision) -> None:
+        """Send the other jobs an admission reserved (on this GPU or another) to their GPUs' queues."""
+        for other, gpu_id in d.dispatched:  # this job itself too, when MOVED
+            log.info("job %s: memory reserved on %s; sent to its queue", other, gpu_id)
+            self.send(other, gpu_queue(gpu_id))
+        if d.dispatched and self.heartbeat is not None:
+            self.heartbeat.expect_job()
+
     def _dispatch_next(self) -> None:
-        """This worker is about to be idle: reserve the first waiting job that fits its GPU now."""
+        """This worker is about to be idle: fill its GPU with the waiting jobs that fit it now."""
         assert self.admission is not None
-        nxt = self.admission.dispatch(self.slot.gpu_id, self.worker_name)
-        if nxt:
-            if self.heartbeat is not None:
-                self.heartbeat.expect_job()
+        jobs = self.admission.fill(self.slot.gpu_id, self.worker_name)
+        if jobs and self.heartbeat is not None:
+            self.heartbeat.expect_job()
+        for nxt in jobs:
             self.send(nxt, gpu_queue(self.slot.gpu_id))
 
     def _execute(self, job: Job, pipeline: Pipeline, need: int) -> str:
