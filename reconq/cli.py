@@ -206,7 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pool processes of a plain CPU worker on a machine without GPUs (default: the setting)")
     p.add_argument("--gpus", default=None,
                    help="GPU indices (PCI bus order; simulated GPUs with RECONQ_SIMULATED_GPUS), e.g. 0,1, or all")
-    p.add_argument("--per-gpu", type=int, default=1, help="worker processes per GPU (default 1)")
+    p.add_argument("--per-gpu", default="1",
+                   help="worker processes per GPU: N, one count per GPU (N,N,...), or auto (default 1)")
     p.add_argument("--cpu", type=int, default=0, help="CPU worker processes (default 0)")
     p.add_argument("--bind", default=None, help=argparse.SUPPRESS)  # gpu:<i> | cpu: one launched process
     p.add_argument("--name", default=None, help=argparse.SUPPRESS)
