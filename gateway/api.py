@@ -293,35 +293,22 @@ def get_preview(job_id: JobId, index: Annotated[int, PathParam(ge=0)], store: St
     return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
 
 
-def _act(action: ActionError) -> HTTPException:
-    return HTTPException(action.status, action.message)
-
-
 @actions_router.post("/jobs/{job_id}/retry", response_model=JobOut, summary="Queue a failed job again",
                      responses=ACTION_ERRORS)
 def retry_job(job_id: JobId, actions: ActionsDep, who: StaffDep) -> JobOut:
-    try:
-        return job_out(actions.retry(job_id, who.name), who)
-    except ActionError as e:
-        raise _act(e) from e
+    return job_out(actions.retry(job_id, who.name), who)
 
 
 @actions_router.post("/jobs/{job_id}/cancel", response_model=JobOut, summary="Cancel a queued or running job",
                      responses=ACTION_ERRORS)
 def cancel_job(job_id: JobId, actions: ActionsDep, who: StaffDep) -> JobOut:
-    try:
-        return job_out(actions.cancel(job_id, who.name), who)
-    except ActionError as e:
-        raise _act(e) from e
+    return job_out(actions.cancel(job_id, who.name), who)
 
 
 @actions_router.post("/jobs/{job_id}/priority", response_model=JobOut, summary="Move a queued job to another queue",
                      responses=ACTION_ERRORS)
 def change_priority(job_id: JobId, body: PriorityChange, actions: ActionsDep, who: StaffDep) -> JobOut:
-    try:
-        return job_out(actions.set_priority(job_id, body.queue, who.name), who)
-    except ActionError as e:
-        raise _act(e) from e
+    return job_out(actions.set_priority(job_id, body.queue, who.name), who)
 
 
 @actions_router.post("/scans/{scan_id}/jobs", response_model=JobOut, status_code=201,
@@ -330,10 +317,7 @@ def change_priority(job_id: JobId, body: PriorityChange, actions: ActionsDep, wh
                          422: {"model": Problem, "description": "Unknown pipeline"}})
 def retro_recon(scan_id: Annotated[str, PathParam(min_length=1, max_length=200)], actions: ActionsDep,
                 who: StaffDep, body: Annotated[RetroRecon, Body()]) -> JobOut:
-    try:
-        return job_out(actions.retro_recon(scan_id, body.pipeline, body.params, body.queue, who.name), who)
-    except ActionError as e:
-        raise _act(e) from e
+    return job_out(actions.retro_recon(scan_id, body.pipeline, body.params, body.queue, who.name), who)
 
 
 @status_router.get("/queues", response_model=list[QueueDepth], summary="Messages waiting per queue",
@@ -433,6 +417,12 @@ def _redis_url(settings: Settings, client: redis.Redis) -> str:
     return f"redis://{kw.get('host', '127.0.0.1')}:{kw.get('port', 6379)}/{kw.get('db', 0)}"
 
 
+async def _action_error(request: Request, exc: Exception) -> JSONResponse:
+    """A refused staff action: its HTTP status and the message saying why (``detail``)."""
+    assert isinstance(exc, ActionError)
+    return JSONResponse({"detail": exc.message}, status_code=exc.status)
+
+
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     """422 with one readable message (``detail``) and the field errors (``errors``)."""
     errors = exc.errors() if isinstance(exc, RequestValidationError) else []
@@ -456,6 +446,7 @@ def make_api(settings: Settings, client: redis.Redis, celery: Celery | None = No
     app.state.actions = Actions(app.state.jobs, celery or make_celery(settings), ScanStore(settings.data_dir),
                                 pipeline_names())
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(ActionError, _action_error)
     app.include_router(jobs_router)
     app.include_router(actions_router)
     app.include_router(status_router)

@@ -20,6 +20,19 @@ from reconq.stack import settings_env
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture
+def cuda() -> int:
+    """For tests marked ``gpu``: skip, with the reason shown, unless cupy and a CUDA device are there."""
+    cupy = pytest.importorskip("cupy", reason="cupy is not installed: GPU test not run")
+    try:
+        devices = int(cupy.cuda.runtime.getDeviceCount())
+    except cupy.cuda.runtime.CUDARuntimeError:
+        devices = 0
+    if devices == 0:
+        pytest.skip("no CUDA device: GPU test not run")
+    return devices
+
+
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrivateRedis]:
     """One real redis-server for the test session (AOF on, as in production)."""

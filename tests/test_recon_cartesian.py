@@ -96,18 +96,8 @@ def test_buffer_averages_and_centres_lines():
     assert np.count_nonzero(ksp) == 16 and buffer.skipped == 1  # the noise readout is not used
 
 
-def _cuda_devices() -> int:
-    cupy = pytest.importorskip("cupy", reason="cupy is not installed: GPU recon not tested")
-    try:
-        return cupy.cuda.runtime.getDeviceCount()
-    except cupy.cuda.runtime.CUDARuntimeError:
-        return 0
-
-
 @pytest.mark.gpu
-def test_gpu_recon_matches_cpu(tmp_path):
-    if _cuda_devices() == 0:
-        pytest.skip("no CUDA device: GPU recon not tested")
+def test_gpu_recon_matches_cpu(tmp_path, cuda):
     scan = synthetic_scan(matrix=(32, 32), ncoil=4, nslices=2)
     cpu = magnitudes(run_cartesian(scan, tmp_path / "cpu"))
     gpu = magnitudes(run_cartesian(scan, tmp_path / "gpu", {"device": 0}))
