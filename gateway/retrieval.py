@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gateway import protocol as p
-from gateway.session import Opening, identity, text
+from gateway.session import Opening, SessionError, identity, parameters_from_text, text
 from reconq.constants import JobState
 from reconq.jobs import Job
 from workers.results import read_images
@@ -61,9 +61,23 @@ class Retrieval:
     def _find(self, who: dict[str, str], protocol: str) -> Job | None:
         jobs = self.session.gw.jobs
         job_id = self.params.get("job") or self.params.get("job_id")
-        if job_id:
-            return jobs.get(str(job_id))
-        return jobs.find_for_retrieval(who["patient_id"], who["study_uid"], protocol)
+        if not job_id:
+            return jobs.find_for_retrieval(who["patient_id"], who["study_uid"], protocol)
+        job = jobs.get(str(job_id))
+        if job is not None and (job.patient_id, job.study_uid) != (who["patient_id"], who["study_uid"]):
+            log.warning("retrieval from %s asked for job %s of another patient or study; refused",
+                        self.session.peer, job_id)
+            raise SessionError(f"job {job_id} belongs to another patient or study than this exam")
+        return job
+
+    def _text(self) -> None:
+        """A JSON TEXT carries parameters (``job``, ``protocol``), as in acquisition scans; others are logged."""
+        s = self.session
+        body = p.read_length_prefixed(s.src, s.limits.max_text_bytes, "TEXT")
+        if body.lstrip().startswith("{"):
+            self.params.update(parameters_from_text(body))
+        else:
+            log.info("retrieval from %s: client says: %.200s", s.peer, body)
 
     def _drop_handlers(self) -> dict[int, Any]:
         src, limits = self.session.src, self.session.limits
@@ -71,7 +85,7 @@ class Retrieval:
             p.MessageId.ACQUISITION: lambda: p.read_acquisition(src, limits),
             p.MessageId.WAVEFORM: lambda: p.read_waveform(src, limits),
             p.MessageId.IMAGE: lambda: p.read_image(src, limits),
-            p.MessageId.TEXT: lambda: p.read_length_prefixed(src, limits.max_text_bytes, "TEXT"),
+            p.MessageId.TEXT: self._text,
         }
 
     def _wait(self, job: Job) -> Job:

@@ -83,8 +83,15 @@ def config_name(opening: Opening) -> tuple[str | None, dict[str, Any]]:
             data = json.loads(body)
         except json.JSONDecodeError as e:
             raise SessionError(f"CONFIG_TEXT is not valid JSON: {e}") from e
+        if not isinstance(data, dict):
+            raise SessionError("CONFIG_TEXT JSON must be an object {\"pipeline\": NAME, \"parameters\": {...}}")
         name = data.pop("pipeline", None) or data.pop("config", None)
-        return name, dict(data.pop("parameters", {}), **data)
+        if not isinstance(name, str) or not name:
+            raise SessionError("CONFIG_TEXT JSON names no pipeline: give {\"pipeline\": NAME, ...}")
+        parameters = data.pop("parameters", {})
+        if not isinstance(parameters, dict):
+            raise SessionError("CONFIG_TEXT JSON \"parameters\" must be an object")
+        return name, {**parameters, **data}
     if body and body.replace("_", "").replace("-", "").isalnum():
         return body, {}
     raise SessionError("CONFIG_TEXT must be a pipeline name or JSON {\"pipeline\": NAME, \"parameters\": {...}}")

@@ -196,11 +196,14 @@ class JobStore:
         return sorted(self.redis.smembers(SCAN_JOBS + scan_id))
 
     def find_for_retrieval(self, patient_id: str, study_uid: str, protocol: str) -> Job | None:
-        """The newest job of this patient, study and protocol, or None."""
-        for job_id in self.redis.zrevrange(match_key(patient_id, study_uid, protocol), 0, 20):
-            job = self.get(job_id)
-            if job is not None:
-                return job
+        """The job a retrieval scan of this patient, study and protocol gets: the newest done one; else
+        the newest still on its way (to wait for); else the newest (failed or cancelled, to say why)."""
+        candidates = [j for j in map(self.get, self.redis.zrevrange(match_key(patient_id, study_uid, protocol), 0, 50))
+                      if j is not None]
+        for wanted in (lambda j: j.state is JobState.DONE, lambda j: not j.state.finished, lambda j: True):
+            found = next((j for j in candidates if wanted(j)), None)
+            if found is not None:
+                return found
         return None
 
     def record_retrieval(self, found: bool) -> None:

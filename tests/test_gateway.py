@@ -270,3 +270,39 @@ def test_gateway_counts_sessions_bytes_and_failures_for_metrics(gw, store, scan)
     assert stats["retrieval_sessions_total"] == 1 and stats["sessions_active"] == 0
     sent = sum(len(p.write_acquisition(a)) for a in scan.acquisitions)
     assert stats["bytes_received_total"] > sent
+
+
+@pytest.mark.parametrize(("config_text", "why"), [
+    ('{"pipline": "sense"}', "CONFIG_TEXT JSON names no pipeline"),  # a typo never runs the default
+    ('{"pipeline": ["x"]}', "CONFIG_TEXT JSON names no pipeline"),
+    ('{"pipeline": "cartesian", "parameters": [1]}', 'CONFIG_TEXT JSON "parameters" must be an object'),
+])
+def test_config_text_json_that_names_no_pipeline_is_refused(gw, store, scan, config_text, why):
+    host, port = gw.address
+    reply = client.send_scan(host, port, scan.header, scan.acquisitions[:2], config=config_text, config_text=True)
+    assert reply.closed and reply.texts[0].startswith(f"ERR {why}"), reply.texts
+    assert store.count() == 0
+
+
+def test_retrieval_by_job_id_of_another_patient_is_refused(gw, store, scan):
+    host, port = gw.address
+    job_id = client.send_scan(host, port, scan.header, scan.acquisitions, config="cartesian").job_id()
+    other = client.retrieval_header("SOMEONE_ELSE", "9.9.9", "gw_test")
+    back = client.retrieve(host, port, other, params={"job": job_id})
+    assert back.closed and not back.images
+    assert back.texts[-1] == f"ERR job {job_id} belongs to another patient or study than this exam"
+
+
+def test_retrieval_prefers_the_finished_job_over_a_newer_retro_recon(store):
+    from reconq.jobs import Job
+
+    first = Job(id="s-j1", scan_id="s", pipeline="cartesian", patient_id="P", study_uid="S", protocol="t1",
+                created_at=1.0)
+    retro = Job(id="s-j2", scan_id="s", pipeline="sense", patient_id="P", study_uid="S", protocol="t1",
+                created_at=2.0)
+    store.create(first)
+    store.create(retro)
+    assert store.find_for_retrieval("P", "S", "t1").id == "s-j2"  # both on their way: the newest
+    store.set_state("s-j1", JobState.DONE)
+    assert store.find_for_retrieval("P", "S", "t1").id == "s-j1"  # a finished one beats a newer running one
+    assert store.find_for_retrieval("P", "S", "other") is None

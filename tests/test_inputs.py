@@ -100,3 +100,11 @@ def test_job_waits_for_its_reference_scan_then_runs(gateway, worker, e2e_setting
     job = wait_state(JobState.DONE)
     assert job.state is JobState.DONE, (job.state, job.stage, job.error)
     assert any("waiting_inputs" in line for line in store.log_lines(job_id))
+
+
+def test_a_reference_path_from_a_client_is_never_used(scans):
+    """``reference`` names a file: a client's value is dropped, and a reference must be the same patient's."""
+    assert "reference" not in resolve_inputs(job_with(reference="/elsewhere/raw.h5"), scans)
+    add_scan(scans, "theirs", "AdjCoilSens", patient="P2")
+    with pytest.raises(InputsMissing, match="another patient or study"):
+        resolve_inputs(job_with(reference_scan="theirs"), scans)

@@ -2,11 +2,12 @@
 
 A job names them in its parameters:
 
-- ``reference_scan``: a scan id; or
+- ``reference_scan``: a scan id (of the same patient and study); or
 - ``reference_protocol``: the protocol name of a scan of the same patient and study (the newest
   complete one is taken; the scanner may still be acquiring it when the job starts).
 
-:func:`resolve_inputs` returns the parameters with ``reference`` set to that scan's raw file, or raises
+:func:`resolve_inputs` returns the parameters with ``reference`` set to that scan's raw file (a
+``reference`` sent by a client is dropped: only this module names files), or raises
 :class:`InputsNotReady` saying what the job waits for; the worker keeps the job ``waiting_inputs`` and
 tries again, up to ``RECONQ_INPUTS_WAIT_S``.
 """
@@ -40,12 +41,15 @@ def _newest_complete(scans: ScanStore, job: Job, protocol: str) -> ScanRecord | 
 def resolve_inputs(job: Job, scans: ScanStore) -> dict[str, Any]:
     """The job's parameters with ``reference`` (a raw file path) filled in where a reference is named."""
     params = dict(job.params)
+    params.pop("reference", None)  # a file path: only ever set here, never taken from a client
     scan_id, protocol = params.get("reference_scan"), params.get("reference_protocol")
     if scan_id:
         try:
             record = scans.load(str(scan_id))
         except (FileNotFoundError, ValueError) as e:
             raise InputsMissing(f"reference scan {scan_id} does not exist") from e
+        if (record.patient_id, record.study_uid) != (job.patient_id, job.study_uid):
+            raise InputsMissing(f"reference scan {scan_id} is of another patient or study")
         if record.state is ScanState.INCOMPLETE:
             raise InputsMissing(f"reference scan {scan_id} is incomplete ({record.error})")
         if record.state is not ScanState.COMPLETE:
