@@ -436,8 +436,10 @@ def make_api(settings: Settings, client: redis.Redis, celery: Celery | None = No
     """The API on ``client``; ``celery`` (default: built from the settings) queues and revokes tasks."""
     from recon.pipelines import pipeline_names
     from workers.app import make_celery
+    from workers.plugins import load_plugins
 
     check_auth_settings(settings)
+    load_plugins(settings.plugin_dir, settings.parameter_map)  # retro-recon may name a plugin pipeline
     app = FastAPI(title="ReconQ", version="0.1.0", description="Asynchronous inline MRI reconstruction: "
                   "jobs, staff actions, live events and the technologists' dashboard")
     app.state.settings = settings

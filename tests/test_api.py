@@ -7,6 +7,7 @@ import io
 import json
 import time
 import zipfile
+from pathlib import Path
 
 import ismrmrd
 import numpy as np
@@ -389,3 +390,9 @@ def test_openapi_is_complete_and_typed(api):
 
 def test_health_reports_redis(api):
     assert api.get("/api/health").json() == {"status": "ok", "redis": True}
+
+
+def test_plugin_pipelines_are_offered_for_retro_recon(settings):
+    examples = Path(__file__).resolve().parents[1] / "examples" / "plugins"
+    api = make_client(settings, dashboard_public_read=True, plugin_dir=examples)
+    assert "hann_fft" in api.get("/api/pipelines").json()
