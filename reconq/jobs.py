@@ -40,6 +40,28 @@ _SCAN_PAGE = 1000
 
 
 
+# Create a job hash and its indexes unless the id exists. KEYS: job, all-jobs index, match index, scan's
+# jobs; ARGV: created_at, job id, then field/value pairs.
+_CREATE_SCRIPT = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+redis.call('ZADD', KEYS[2], ARGV[1], ARGV[2])
+redis.call('ZADD', KEYS[3], ARGV[1], ARGV[2])
+redis.call('SADD', KEYS[4], ARGV[2])
+return 1
+"""
+# Set fields of an existing job; a cancelled job's state is not changed. ARGV: the new state ('' when the
+# state is not changed), then field/value pairs.
+_UPDATE_SCRIPT = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+if ARGV[1] ~= '' and ARGV[1] ~= 'cancelled' and redis.call('HGET', KEYS[1], 'state') == 'cancelled' then
+  return 0
+end
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+return 1
+"""
+
+
 @dataclass
 class Job:
     """One reconstruction of one stored scan. Ids only, never patient data, travel in Celery messages."""
@@ -113,18 +135,16 @@ class JobStore:
 
     def __init__(self, client: redis.Redis) -> None:
         self.redis = client
+        self._create = client.register_script(_CREATE_SCRIPT)
+        self._update = client.register_script(_UPDATE_SCRIPT)
 
     def create(self, job: Job) -> bool:
-        """Record ``job``; False (and nothing written) if a job with this id exists already."""
-        key = JOB_KEY + job.id
-        if not self.redis.hsetnx(key, "id", job.id):
+        """Record ``job`` and its indexes at once; False (and nothing written) if the id exists already."""
+        keys = [JOB_KEY + job.id, JOBS_INDEX, match_key(job.patient_id, job.study_uid, job.protocol),
+                SCAN_JOBS + job.scan_id]
+        fields_flat = [x for kv in job.to_redis().items() for x in kv]
+        if not self._create(keys=keys, args=[job.created_at, job.id, *fields_flat]):
             return False
-        pipe = self.redis.pipeline()
-        pipe.hset(key, mapping=job.to_redis())
-        pipe.zadd(JOBS_INDEX, {job.id: job.created_at})
-        pipe.zadd(match_key(job.patient_id, job.study_uid, job.protocol), {job.id: job.created_at})
-        pipe.sadd(SCAN_JOBS + job.scan_id, job.id)
-        pipe.execute()
         self._publish(job.id, state=job.state.value)
         return True
 
@@ -132,25 +152,34 @@ class JobStore:
         raw = self.redis.hgetall(JOB_KEY + job_id)
         return Job.from_redis(raw) if raw.get("scan_id") else None
 
-    def update(self, job_id: str, **changes: Any) -> None:
-        """Set fields of an existing job and publish the change."""
+    def update(self, job_id: str, **changes: Any) -> bool:
+        """Set fields of an existing job and publish the change. A cancelled job stays cancelled: a change
+        of state away from it (a worker that took the job just before the cancel) is not written, and
+        False is returned; so is any change to a job that does not exist."""
         job_fields = {f.name for f in fields(Job)}
         bad = set(changes) - job_fields
         if bad:
             raise KeyError(f"not job fields: {sorted(bad)}")
         mapping = {k: (json.dumps(v) if k in _JSON_FIELDS else str(v)) for k, v in changes.items()}
-        self.redis.hset(JOB_KEY + job_id, mapping=mapping)
+        state = str(changes.get("state", ""))
+        if self._update(keys=[JOB_KEY + job_id], args=[state, *[x for kv in mapping.items() for x in kv]]) != 1:
+            log.info("job %s: not changed to %s (%s)", job_id, state or sorted(changes),
+                     "cancelled" if self.redis.exists(JOB_KEY + job_id) else "no such job")
+            return False
         self._publish(job_id, **{k: v for k, v in changes.items() if k in ("state", "progress", "stage")})
+        return True
 
-    def set_state(self, job_id: str, state: JobState, **changes: Any) -> None:
+    def set_state(self, job_id: str, state: JobState, **changes: Any) -> bool:
         now = time.time()
         stamp = {JobState.QUEUED: "queued_at", JobState.RUNNING: "started_at"}.get(state)
         if stamp:
             changes.setdefault(stamp, now)
         if state.finished:
             changes.setdefault("finished_at", now)
-        self.update(job_id, state=state.value, **changes)
+        if not self.update(job_id, state=state.value, **changes):
+            return False
         self.log(job_id, f"state {state.value}" + (f": {changes['error']}" if changes.get("error") else ""))
+        return True
 
     def log(self, job_id: str, line: str) -> None:
         """Append a line to the job's log (kept to the newest few hundred)."""

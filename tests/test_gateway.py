@@ -306,3 +306,17 @@ def test_retrieval_prefers_the_finished_job_over_a_newer_retro_recon(store):
     store.set_state("s-j1", JobState.DONE)
     assert store.find_for_retrieval("P", "S", "t1").id == "s-j1"  # a finished one beats a newer running one
     assert store.find_for_retrieval("P", "S", "other") is None
+
+
+def test_a_cancelled_job_stays_cancelled(store):
+    """A worker that took the job just before staff cancelled it cannot set it running (or anything else)."""
+    from reconq.jobs import Job
+
+    store.create(Job(id="c-j1", scan_id="c", pipeline="cartesian"))
+    assert store.set_state("c-j1", JobState.CANCELLED)
+    assert store.set_state("c-j1", JobState.RUNNING, stage="starting") is False
+    assert store.update("c-j1", state=JobState.QUEUED.value) is False
+    job = store.get("c-j1")
+    assert job.state is JobState.CANCELLED and job.stage == ""
+    assert store.update("c-j1", progress=0.5)  # fields other than the state may still change
+    assert store.update("nope", progress=0.5) is False and not store.redis.exists("reconq:job:nope")

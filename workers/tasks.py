@@ -199,8 +199,10 @@ class JobRunner:
             self.send(nxt, gpu_queue(self.slot.gpu_id))
 
     def _execute(self, job: Job, pipeline: Pipeline, need: int) -> str:
-        self.store.set_state(job.id, JobState.RUNNING, attempts=job.attempts + 1, worker=self.worker_name,
-                             gpu=self.gpu, progress=0.0, stage="starting", error="")
+        if not self.store.set_state(job.id, JobState.RUNNING, attempts=job.attempts + 1, worker=self.worker_name,
+                                    gpu=self.gpu, progress=0.0, stage="starting", error=""):
+            log.info("job %s: cancelled before it started; not run", job.id)
+            return JobState.CANCELLED.value
         log.info("job %s: running pipeline %s on scan %s (%s, %s)", job.id, job.pipeline, job.scan_id, self.gpu,
                  gb(need))
         if self.heartbeat is not None:
