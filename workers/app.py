@@ -12,6 +12,11 @@ from reconq.redisconn import require_redis_url
 from reconq.settings import Settings, SettingsError
 
 
+def soft_time_limit(hard_s: int) -> int:
+    """Seconds after which a recon is told to stop: a minute (at most a tenth) before the hard limit."""
+    return max(1, hard_s - max(1, min(60, hard_s // 10)))
+
+
 def make_celery(settings: Settings, queues: Sequence[str] | None = None) -> Celery:
     """A Celery app on ``settings.redis_url``; tasks are registered by :func:`workers.tasks.register_tasks`.
 
@@ -35,6 +40,8 @@ def make_celery(settings: Settings, queues: Sequence[str] | None = None) -> Cele
         task_default_queue=settings.queue,
         task_queues=[KombuQueue(q) for q in names],
         task_time_limit=settings.job_time_limit_s,
+        # the soft limit comes first, so the job is marked failed (saying why) before the hard kill
+        task_soft_time_limit=soft_time_limit(settings.job_time_limit_s),
         broker_transport_options={
             "visibility_timeout": settings.visibility_timeout_s,
             "queue_order_strategy": "priority",

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import ismrmrd
 from celery import Celery
+from celery.exceptions import SoftTimeLimitExceeded
 from celery.signals import worker_process_init, worker_process_shutdown
 
 from recon.errors import ReconError
@@ -213,6 +214,9 @@ class JobRunner:
         except JobCancelled:
             log.info("job %s: cancelled while running; stopped", job.id)
             return JobState.CANCELLED.value
+        except SoftTimeLimitExceeded:
+            return self._fail(job.id, f"stopped after {time.perf_counter() - t0:.0f} s: the time limit of a "
+                                      f"recon is {self.settings.job_time_limit_s} s (RECONQ_JOB_TIME_LIMIT_S)")
         except Exception as e:  # a recon error, a GPU OOM, a bug: record it, keep the worker alive
             if is_gpu_oom(e) and self.slot.is_gpu:
                 return self._out_of_memory(job, need, e)

@@ -1,0 +1,49 @@
+"""A recon that runs past the job time limit is stopped and its job failed, saying why (a real worker)."""
+
+from __future__ import annotations
+
+import time
+
+import redis
+from conftest import start_worker, stop_process
+
+from gateway.submit import enqueue
+from recon.simulate import synthetic_scan, write_mrd
+from reconq.constants import JobState
+from reconq.jobs import Job, JobStore
+from reconq.settings import load_settings
+from reconq.storage import ScanStore
+from workers.app import make_celery, soft_time_limit
+
+
+def test_soft_limit_comes_before_the_hard_one():
+    assert soft_time_limit(4 * 3600) == 4 * 3600 - 60
+    assert soft_time_limit(30) == 27
+    assert soft_time_limit(1) == 1
+
+
+def test_a_recon_past_the_time_limit_fails_with_the_reason(redis_server, tmp_path):
+    url = redis_server.url.rsplit("/", 1)[0] + "/3"
+    client = redis.Redis.from_url(url, decode_responses=True)
+    client.flushdb()
+    settings = load_settings(data_dir=tmp_path / "data", redis_url=url, job_time_limit_s=6,
+                             enable_test_pipelines=True)
+    raw = ScanStore(settings.data_dir).raw_path("slow")
+    raw.parent.mkdir(parents=True)
+    write_mrd(synthetic_scan(matrix=(16, 16), ncoil=2), raw)
+    worker = start_worker(settings, tmp_path / "worker.log")
+    try:
+        store = JobStore(client)
+        job = Job(id="slow-j1", scan_id="slow", pipeline="sleep", params={"seconds": 60, "memory_gb": 1})
+        store.create(job)
+        enqueue(store, make_celery(settings), job)
+        deadline = time.monotonic() + 40
+        while not (done := store.get(job.id)).state.finished and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        stop_process(worker)
+    assert done.state is JobState.FAILED, (done.state, done.stage)
+    assert "the time limit of a recon is 6 s (RECONQ_JOB_TIME_LIMIT_S)" in done.error
+    assert done.finished_at - done.started_at < 10
+
+
