@@ -86,6 +86,19 @@ class Gateway:
         log.info("MRD gateway listening on %s:%d, data in %s", *self.address, self.settings.data_dir)
         return self.address
 
+    def requeue_forever(self) -> None:
+        """Every ``reconcile_interval_s``, queue complete scans that have no job (a Redis outage at the
+        ack, or Redis restarted without its data), so none waits for the gateway's next start."""
+        while not self._stopping.wait(self.settings.reconcile_interval_s):
+            try:
+                with self._submit_lock:
+                    requeued = reconcile(self.scans, self.jobs, self.celery, self.settings.queue, at_start=False)
+            except Exception:  # Redis down again, a scan folder being written: try at the next interval
+                log.exception("periodic reconcile failed; trying again in %g s", self.settings.reconcile_interval_s)
+                continue
+            if requeued:
+                log.warning("%d complete scan(s) without a job were queued", len(requeued))
+
     def start(self) -> tuple[str, int]:
         address = self.bind()
         self._thread = threading.Thread(target=self.serve_forever, name="mrd-accept", daemon=True)
@@ -95,6 +108,7 @@ class Gateway:
     def serve_forever(self) -> None:
         if self._listener is None:
             self.bind()
+        threading.Thread(target=self.requeue_forever, name="mrd-reconcile", daemon=True).start()
         assert self._listener is not None
         if threading.current_thread() is threading.main_thread():  # the gateway's own process
             # Start-up objects (Celery, h5py, numpy, ...) are never garbage: without this a full collection walks

@@ -87,12 +87,14 @@ def mark_interrupted(scans: ScanStore) -> list[str]:
     return marked
 
 
-def reconcile(scans: ScanStore, store: JobStore, celery: Celery, queue: str) -> list[str]:
-    """Mark cut-off scans incomplete, then queue every complete scan that has no job in Redis.
+def reconcile(scans: ScanStore, store: JobStore, celery: Celery, queue: str, at_start: bool = True) -> list[str]:
+    """Queue every complete scan that has no job in Redis; at start-up, first mark the scans that a
+    stopped gateway left receiving as incomplete (later, such a scan may be a session still running).
 
     Returns the job ids queued.
     """
-    mark_interrupted(scans)
+    if at_start:
+        mark_interrupted(scans)
     queued: list[str] = []
     for record in scans.scans():
         if record.state is not ScanState.COMPLETE or not record.pipeline:

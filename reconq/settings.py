@@ -40,6 +40,8 @@ class Settings(BaseSettings):
     default_pipeline: str = Field("cartesian", description="Pipeline for sessions that name no config")
     inputs_wait_s: float = Field(1800.0, ge=0, description="How long a job waits for a scan it needs")
     inputs_poll_s: float = Field(10.0, gt=0, description="How often a waiting job looks for its inputs")
+    reconcile_interval_s: float = Field(60.0, gt=0, description="How often the gateway queues complete "
+                                        "scans that have no job (after a Redis outage)")
     plugin_dir: Path | None = Field(None, description="Folder of recon plugins (*.py defining recon())")
     parameter_map: Path | None = Field(None, description="Site ParameterMap (YAML) extending the default")
     retrieve_configs: list[str] = Field(

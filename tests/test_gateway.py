@@ -214,6 +214,24 @@ def test_start_up_queues_complete_scans_redis_lost_exactly_once(gw, settings, st
     job = store.get(job_id or "")
     assert job is not None and job.state is JobState.QUEUED
     assert store.count() == 1
+    assert store.redis.llen("routine") == 1  # one Celery message for it, not two
+
+
+def test_a_running_gateway_queues_complete_scans_redis_lost(settings, store, scan):
+    """A Redis outage at the ack (or a Redis restarted empty) leaves no scan without its job for long."""
+    gateway = make_gateway(settings.model_copy(update={"reconcile_interval_s": 0.3}))
+    host, port = gateway.start()
+    try:
+        job_id = client.send_scan(host, port, scan.header, scan.acquisitions, config="cartesian").job_id()
+        store.redis.flushdb()
+        deadline = time.monotonic() + 10
+        while store.get(job_id or "") is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert store.get(job_id or "") is not None and store.redis.llen("routine") == 1
+        time.sleep(1.0)  # later rounds find the job and queue nothing more
+        assert store.count() == 1 and store.redis.llen("routine") == 1
+    finally:
+        gateway.stop()
 
 
 def test_sessions_past_the_maximum_are_refused(settings, scan):
