@@ -202,12 +202,6 @@ class RawFileWriter:
         batch.wav_spans.append((batch.used - size, size))
         self.waveforms += 1
 
-    def add_acquisition(self, head: bytes, payload: bytes) -> None:
-        self.add_acquisition_into(head, len(payload), lambda view: view.__setitem__(slice(None), payload))
-
-    def add_waveform(self, head: bytes, payload: bytes) -> None:
-        self.add_waveform_into(head, len(payload), lambda view: view.__setitem__(slice(None), payload))
-
     def add_image(self, image: ismrmrd.Image) -> None:
         """Images from the client are rare; stored as ismrmrd does, under ``image_<series>``."""
         self._call(self._write_image, image)
