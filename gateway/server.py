@@ -15,7 +15,7 @@ from celery import Celery
 
 from gateway import protocol as p
 from gateway.session import Session, text
-from gateway.submit import reconcile, submit_scan
+from gateway.submit import announce_scan, reconcile, submit_scan
 from reconq.constants import GATEWAY_STATS
 from reconq.jobs import Job, JobStore
 from reconq.settings import Settings
@@ -64,6 +64,9 @@ class Gateway:
         assert self._listener is not None, "gateway not started"
         host, port = self._listener.getsockname()[:2]
         return host, port
+
+    def announce(self, record: ScanRecord) -> None:
+        announce_scan(self.jobs, record, self.settings.queue)
 
     def submit(self, record: ScanRecord) -> Job:
         with self._submit_lock:  # Celery's producer is not meant to be shared between threads unguarded

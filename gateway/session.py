@@ -30,6 +30,7 @@ import ismrmrd.xsd
 
 from gateway import protocol as p
 from gateway.rawfile import RawFileWriter, WriteError, write_error
+from gateway.submit import fail_receiving
 from reconq.storage import ScanRecord, ScanState
 
 if TYPE_CHECKING:
@@ -252,6 +253,8 @@ class Session:
         log.info("scan %s from %s: config %s, protocol %r", record.scan_id, self.peer, name, record.protocol)
         if refusal:
             self.send(text("ERR", refusal))
+        else:
+            gw.announce(record)
         try:
             writer.write_header(opening.xml)
             writer.write_config(opening.config_file, opening.config_text)
@@ -306,6 +309,8 @@ class Session:
         except OSError:
             log.exception("scan %s: could not record it as incomplete", record.scan_id)
         log.warning("scan %s incomplete (%s); kept, not queued", record.scan_id, record.error)
+        if record.pipeline:
+            fail_receiving(self.gw.jobs, record.scan_id, record.error or "cut off")
 
     def _count(self, record: ScanRecord, writer: RawFileWriter) -> None:
         record.acquisitions, record.waveforms = writer.written_acquisitions, writer.written_waveforms

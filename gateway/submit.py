@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 
 import h5py
+import redis
 from celery import Celery
 
 from reconq.constants import RUN_JOB_TASK, JobState
@@ -48,14 +49,40 @@ def job_for_scan(record: ScanRecord, job_id: str, queue: str, pipeline: str | No
     )
 
 
+def announce_scan(store: JobStore, record: ScanRecord, queue: str) -> None:
+    """Record the scan's first job in state ``receiving`` while the scan streams in (not queued yet), so
+    the dashboard shows a long upload. Best effort: without Redis the job is made at the end instead."""
+    job = job_for_scan(record, first_job_id(record.scan_id), queue)
+    job.state = JobState.RECEIVING
+    try:
+        store.create(job)
+    except redis.RedisError as e:
+        log.warning("job %s: not recorded as receiving (%s); it is made when the scan is complete", job.id, e)
+
+
+def fail_receiving(store: JobStore, scan_id: str, why: str) -> None:
+    """The scan of a ``receiving`` job was cut off: the job fails with the reason (best effort)."""
+    try:
+        job = store.get(first_job_id(scan_id))
+        if job is not None and job.state is JobState.RECEIVING:
+            store.set_state(job.id, JobState.FAILED, error=f"scan incomplete: {why}", stage="failed")
+    except redis.RedisError as e:
+        log.warning("job %s: could not be marked failed (%s)", first_job_id(scan_id), e)
+
+
 def submit_scan(store: JobStore, celery: Celery, record: ScanRecord, queue: str) -> Job:
-    """Create and enqueue the scan's first job; a scan already submitted gets its existing job back."""
+    """Create (or take the ``receiving`` record of) the scan's first job and enqueue it; a scan already
+    submitted gets its existing job back and is not queued twice."""
     job = job_for_scan(record, first_job_id(record.scan_id), queue)
     if store.create(job):
         enqueue(store, celery, job)
         return job
     existing = store.get(job.id)
     assert existing is not None
+    if existing.state is JobState.RECEIVING:
+        store.update(job.id, params=job.params)  # a parameter TEXT may have come after the header
+        enqueue(store, celery, job)
+        return job
     log.info("job %s exists already (%s); not queued again", job.id, existing.state)
     return existing
 
@@ -94,12 +121,16 @@ def reconcile(scans: ScanStore, store: JobStore, celery: Celery, queue: str, at_
     Returns the job ids queued.
     """
     if at_start:
-        mark_interrupted(scans)
+        for scan_id in mark_interrupted(scans):
+            fail_receiving(store, scan_id, "the gateway stopped mid-scan")
     queued: list[str] = []
     for record in scans.scans():
         if record.state is not ScanState.COMPLETE or not record.pipeline:
             continue
-        if store.jobs_for_scan(record.scan_id) or store.get(first_job_id(record.scan_id)):
+        first = store.get(first_job_id(record.scan_id))
+        if first is not None and first.state is not JobState.RECEIVING:
+            continue  # complete, with its job (a scan marked complete whose job was never queued is not)
+        if first is None and store.jobs_for_scan(record.scan_id):
             continue
         job = submit_scan(store, celery, record, queue)
         log.warning("job %s re-queued from disk: Redis had no job for complete scan %s", job.id, record.scan_id)

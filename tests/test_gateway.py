@@ -105,6 +105,26 @@ def read_available(sock: socket.socket, wait: float) -> bytes:
         return b""
 
 
+def test_job_is_shown_receiving_while_the_scan_streams_in(gw, store, scan):
+    host, port = gw.address
+    with socket.create_connection((host, port), timeout=10) as sock:
+        sock.sendall(client.opening("cartesian", scan.header))
+        deadline = time.monotonic() + 5
+        while not store.count() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        (receiving,) = store.recent()
+        assert receiving.state is JobState.RECEIVING and store.redis.llen("routine") == 0
+        sock.sendall(p.write_text('{"late": true}'))  # the parameter TEXT comes after the job was shown
+        for acq in scan.acquisitions:
+            sock.sendall(p.write_acquisition(acq))
+        sock.sendall(p.write_close())
+        reply = client.read_reply(sock)
+    assert reply.job_id() == receiving.id
+    job = store.get(receiving.id)
+    assert job.state is JobState.QUEUED and job.params == {"late": True}
+    assert store.redis.llen("routine") == 1 and store.count() == 1
+
+
 def test_gateway_closes_only_after_the_clients_close(gw, scan):
     """python-ismrmrd-server's client.py aborts if the server closes first: nothing may come before CLOSE."""
     host, port = gw.address
@@ -198,7 +218,9 @@ def test_cut_off_stream_is_kept_incomplete_and_not_queued(gw, settings, store, s
     record = wait_for_scan(settings, lambda r: r.state is not ScanState.RECEIVING)
     assert record.state is ScanState.INCOMPLETE and "connection closed" in (record.error or "")
     assert record.acquisitions == 10  # what was received is kept
-    assert store.count() == 0
+    job = store.get(f"{record.scan_id}-j1")  # shown as receiving while it streamed; now failed, not queued
+    assert job is not None and job.state is JobState.FAILED and "connection closed" in job.error
+    assert store.redis.llen("routine") == 0
 
 
 def test_start_up_queues_complete_scans_redis_lost_exactly_once(gw, settings, store, scan):

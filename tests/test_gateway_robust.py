@@ -122,7 +122,10 @@ def assert_kept_incomplete(settings: Settings, store: JobStore, readouts: int, e
     assert record.acquisitions == readouts
     with h5py.File(ScanStore(settings.data_dir).raw_path(record.scan_id), "r") as f:  # kept, readable
         assert f["dataset/data"].shape == (readouts,) if readouts else "data" not in f["dataset"]
-    assert store.count() == 0 and store.jobs_for_scan(record.scan_id) == []
+    # not queued: the job shown while the scan streamed in failed, saying why, and no task was sent
+    jobs = [store.get(j) for j in store.jobs_for_scan(record.scan_id)]
+    assert [(j.state, j.error.startswith("scan incomplete: ")) for j in jobs if j] == [(JobState.FAILED, True)]
+    assert store.redis.llen("routine") == 0
     return record
 
 
