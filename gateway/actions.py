@@ -1,10 +1,18 @@
 """Staff actions on jobs: retry, cancel, change priority, retro-recon. Each one is recorded on the job.
 
 Celery's Redis transport keeps a queue as a Redis list of JSON messages whose ``headers.id`` is the
-task id (``<job id>.<attempts at enqueue>``, see :func:`gateway.submit.enqueue`). A queued job is moved
-or cancelled by taking its message out of that list (``LREM``, atomic: either the action or a worker
-gets it). A job a worker has already taken is revoked through Celery's control channel; stopping the
-running recon is the worker's part.
+task id (``<job id>.<attempts>``, see :func:`gateway.submit.enqueue`). A ``queued`` job is in one of
+these places:
+
+- its priority queue (``job.queue``: ``stat``, ``routine``, ``bulk``), not yet taken by a worker;
+- the waiting set of :mod:`scheduler.admission`, waiting for GPU memory (no Celery message at all);
+- a GPU's own queue ``gpu.<id>`` (memory reserved there, no worker started it yet) or the ``cpu`` queue;
+- in a worker's hands, about to be admitted or started.
+
+A queued job is moved or cancelled by taking its message out of its list (``LREM``, atomic: either the
+action or a worker gets it), or its entry out of the waiting set (one Lua script). A job a worker has
+already taken is revoked through Celery's control channel; stopping the running recon is the worker's
+part. A cancelled job's state is never overwritten by a worker (:meth:`reconq.jobs.JobStore.update`).
 """
 
 from __future__ import annotations
@@ -20,9 +28,11 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 from celery import Celery
 
 from gateway.submit import enqueue, job_for_scan
-from reconq.constants import JobState, Queue
+from reconq.constants import CPU_QUEUE, GPU_QUEUE_PREFIX, GPU_WAITING, JobState, Queue
 from reconq.jobs import Job, JobStore
 from reconq.storage import ScanState, ScanStore
+from scheduler.admission import PENDING_SUFFIX, Admission
+from scheduler.routing import gpu_queue, waiting_score
 
 log = logging.getLogger(__name__)
 
@@ -43,16 +53,32 @@ def task_ids(job: Job) -> list[str]:
     return [f"{job.id}.{n}" for n in range(job.attempts + 1)]
 
 
-def take_from_queue(store: JobStore, queue: str, task_id: str) -> bool:
-    """Remove the message of ``task_id`` from a Celery queue list; False if no worker-free copy is left."""
+def _messages(store: JobStore, queue: str, ids: Collection[str]) -> list[str]:
+    """The raw messages in a Celery queue list whose task id is one of ``ids``."""
+    found = []
     for raw in store.redis.lrange(queue, 0, -1):
         try:
             headers = json.loads(raw).get("headers") or {}
         except (ValueError, AttributeError):
             continue
-        if headers.get("id") == task_id:
-            return bool(store.redis.lrem(queue, 1, raw))
-    return False
+        if headers.get("id") in ids:
+            found.append(raw)
+    return found
+
+
+def take_from_queue(store: JobStore, queue: str, task_id: str | Collection[str]) -> bool:
+    """Remove the message(s) of ``task_id`` (or of any of several task ids) from a Celery queue list;
+    False if no worker-free copy was left."""
+    ids = {task_id} if isinstance(task_id, str) else set(task_id)
+    return sum(store.redis.lrem(queue, 1, raw) for raw in _messages(store, queue, ids)) > 0
+
+
+def admitted_queues(store: JobStore, admission: Admission) -> list[str]:
+    """The queues of admitted jobs: ``gpu.<id>`` of every GPU known to admission or holding a list now,
+    and ``cpu``."""
+    gpus = {gpu_queue(g) for g in admission.known_gpus()}
+    gpus |= {str(k) for k in store.redis.scan_iter(match=GPU_QUEUE_PREFIX + "*", count=500, _type="list")}
+    return [*sorted(gpus), CPU_QUEUE]
 
 
 P = ParamSpec("P")
@@ -75,6 +101,7 @@ class Actions:
 
     def __init__(self, store: JobStore, celery: Celery, scans: ScanStore, pipelines: Collection[str]) -> None:
         self.store, self.celery, self.scans, self.pipelines = store, celery, scans, pipelines
+        self.admission = Admission(store.redis)
         self.lock = threading.Lock()
 
     def _job(self, job_id: str) -> Job:
@@ -98,36 +125,89 @@ class Actions:
 
     @_serialised
     def cancel(self, job_id: str, who: str) -> Job:
-        """Cancel a queued, waiting or running job: take it off its queue, or revoke its task."""
+        """Cancel a queued, waiting or running job: mark it cancelled, take its message off whichever queue
+        holds it (its own, a GPU's, the CPU's) and it out of the waiting set with its pending reservation;
+        where none was found, revoke its task ids (a worker holds it)."""
         job = self._job(job_id)
         if job.state not in CANCELLABLE:
             raise ActionError(409, f"job {job_id} is {job.state.value}; only a queued, waiting or running "
                                    "job can be cancelled")
-        taken = job.state is JobState.QUEUED and take_from_queue(self.store, job.queue, f"{job.id}.{job.attempts}")
-        if not taken:
-            self.celery.control.revoke(task_ids(job))
+        # cancelled first: from now on no worker starts it, and admission drops it wherever it sees it
         self.store.set_state(job_id, JobState.CANCELLED, stage="cancelled")
-        how = "taken off queue " + job.queue if taken else f"task revoked while {job.state.value}"
+        ids = set(task_ids(job))
+        taken = [q for q in dict.fromkeys([job.queue, *admitted_queues(self.store, self.admission)])
+                 if take_from_queue(self.store, q, ids)]
+        was_waiting, dropped = self.admission.forget(job_id)
+        where = [f"queue {', '.join(taken)}"] if taken else []
+        if was_waiting:
+            where.append("the jobs waiting for GPU memory")
+        if where:
+            how = "taken off " + " and ".join(where)
+        else:
+            self.celery.control.revoke(sorted(ids))
+            how = f"task revoked while {job.state.value}"
+        if dropped:
+            how += f"; GPU memory reserved for it on {', '.join(dropped)} freed"
         self.store.record_action(job_id, who, "cancel", how)
         log.info("job %s cancelled by %s (%s)", job_id, who, how)
         return self._job(job_id)
 
     @_serialised
     def set_priority(self, job_id: str, queue: Queue, who: str) -> Job:
-        """Move a queued job to another queue (``stat`` before ``routine`` before ``bulk``)."""
+        """Give a queued job another queue (``stat`` before ``routine`` before ``bulk``).
+
+        A job still on its queue is moved to the new one; a job waiting for GPU memory is ordered again
+        among the waiting jobs as one of the new queue. A job already admitted (sent to a GPU's queue, or
+        to the CPU's) keeps its place, being about to run: only its queue is recorded, which counts if it
+        is queued again. A job a worker holds, or that is running or finished, is refused."""
         job = self._job(job_id)
         if job.queue == queue.value:
             raise ActionError(409, f"job {job_id} is on queue {queue.value} already")
-        if job.state is not JobState.QUEUED:
+        if job.state not in (JobState.QUEUED, JobState.WAITING_INPUTS):
             raise ActionError(409, f"job {job_id} is {job.state.value}; only a queued job can change priority")
-        if not take_from_queue(self.store, job.queue, f"{job.id}.{job.attempts}"):
+        change = f"queue {job.queue} -> {queue.value}"
+        if job.state is JobState.QUEUED and take_from_queue(self.store, job.queue, task_ids(job)):
+            enqueue(self.store, self.celery, dataclasses.replace(job, queue=queue.value))
+            if job.queued_at is not None:
+                self.store.update(job_id, queued_at=job.queued_at)  # still waiting since it was first queued
+            detail = change
+        elif job.state is JobState.WAITING_INPUTS:  # its next look for the inputs is sent to the new queue
+            self.store.update(job_id, queue=queue.value)
+            detail = f"{change}; it waits for its inputs and looks for them next on the new queue"
+        elif self._rescore(job, queue):
+            self.store.update(job_id, queue=queue.value)
+            detail = f"{change}; ordered again among the jobs waiting for GPU memory"
+        elif where := self._admitted_to(job):
+            self.store.update(job_id, queue=queue.value)
+            detail = f"{change}; already admitted to {where}, it keeps its place (it is about to run)"
+        else:
             raise ActionError(409, f"job {job_id} has just been taken by a worker; it is no longer queued")
-        enqueue(self.store, self.celery, dataclasses.replace(job, queue=queue.value))
-        if job.queued_at is not None:
-            self.store.update(job_id, queued_at=job.queued_at)  # still waiting since it was first queued
-        self.store.record_action(job_id, who, "priority", f"queue {job.queue} -> {queue.value}")
-        log.info("job %s moved from %s to %s by %s", job_id, job.queue, queue.value, who)
+        self.store.record_action(job_id, who, "priority", detail)
+        log.info("job %s: %s by %s", job_id, detail, who)
         return self._job(job_id)
+
+    def _rescore(self, job: Job, queue: Queue) -> bool:
+        """Order a job waiting for GPU memory as one of ``queue``; False if it is not waiting. One MULTI:
+        ``ZADD XX`` never puts back a job that a GPU took meanwhile."""
+        score = waiting_score(queue.value, job.queued_at or job.created_at)
+        pipe = self.store.redis.pipeline(transaction=True)
+        pipe.zscore(GPU_WAITING, job.id)
+        pipe.zadd(GPU_WAITING, {job.id: score}, xx=True)
+        before, _ = pipe.execute()
+        return before is not None
+
+    def _admitted_to(self, job: Job) -> str:
+        """The queue (``gpu.<id>``, ``cpu``) holding the job's message, else the GPU holding memory reserved
+        for it that no worker has started yet (its message on the way); else ''."""
+        ids = set(task_ids(job))
+        for q in admitted_queues(self.store, self.admission):
+            if _messages(self.store, q, ids):
+                return q
+        for g in self.admission.known_gpus():
+            if any(r.job_id == job.id and r.worker.endswith(PENDING_SUFFIX)
+                   for r in self.admission.reservations(g)):
+                return gpu_queue(g)
+        return ""
 
     @_serialised
     def retro_recon(self, scan_id: str, pipeline: str, params: dict[str, Any] | None, queue: Queue,

@@ -375,6 +375,23 @@ wait(ARGV[11], ARGV[12], ARGV[13])
 return 1
 """
 
+# a cancelled job: out of the waiting set, and its pending reservations (no worker started it) dropped; a
+# reservation a worker holds is the worker's to release. Returns {1 if it was waiting else 0, GPUs...}
+_FORGET = _COMMON + """
+local job = ARGV[11]
+local out = {redis.call('ZREM', WAIT, job)}
+redis.call('HDEL', NEED, job)
+for _, g in ipairs(redis.call('HKEYS', TOTAL)) do
+  local o = redis.call('HGET', OWNERS .. g, job)
+  if o and string.sub(o, -#PENDING) == PENDING then
+    redis.call('HDEL', RESV .. g, job)
+    redis.call('HDEL', OWNERS .. g, job)
+    out[#out + 1] = g
+  end
+end
+return out
+"""
+
 
 class Verdict(StrEnum):
     """What :meth:`Admission.admit` decided for a job on a GPU."""
@@ -416,6 +433,7 @@ class Admission:
         self._release = client.register_script(_RELEASE)
         self._reclaim = client.register_script(_RECLAIM)
         self._wait = client.register_script(_WAIT)
+        self._forget = client.register_script(_FORGET)
 
     @staticmethod
     def _keys() -> list[str]:
@@ -466,6 +484,13 @@ class Admission:
     def wait(self, job_id: str, need: int, score: float) -> None:
         """Put a job in the waiting set (after a GPU out-of-memory error, for one)."""
         self._wait(args=[*self._keys(), job_id, need, repr(score)])
+
+    def forget(self, job_id: str) -> tuple[bool, list[str]]:
+        """Take a job (cancelled, say) out of the waiting set and drop its pending reservations, those made
+        for it while no worker has started it, in one step; a reservation a worker holds is left to that
+        worker. Returns whether it was waiting, and the GPUs whose pending reservation was dropped."""
+        was_waiting, *dropped = self._forget(args=[*self._keys(), job_id])
+        return bool(int(was_waiting)), [str(g) for g in dropped]
 
     def reclaim(self) -> int:
         """Drop every reservation whose worker's heartbeat expired; returns how many."""

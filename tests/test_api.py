@@ -21,10 +21,13 @@ from gateway.api import make_api
 from gateway.auth import ACTION_HEADER, hash_password, hash_token, verify_secret
 from gateway.submit import enqueue
 from recon.simulate import synthetic_scan
-from reconq.constants import GPU_SEEN, GPU_STATE, JobState
+from reconq.constants import GPU_SEEN, GPU_STATE, RUN_JOB_TASK, WORKER_HEARTBEAT, JobState
 from reconq.jobs import Job
 from reconq.settings import SettingsError
 from reconq.storage import ScanRecord, ScanState, ScanStore
+from scheduler.admission import Admission, Verdict
+from scheduler.estimate import GB
+from scheduler.routing import gpu_queue, waiting_score
 from workers.results import read_images, write_images
 
 PASSWORD = "a long and proper password"
@@ -286,6 +289,85 @@ def test_change_priority_moves_the_queued_job(api, store):
     store.redis.delete("stat")  # a worker took it meanwhile
     gone = api.post("/api/jobs/p1/priority", json={"queue": "bulk"}, headers=STAFF)
     assert gone.status_code == 409 and "taken by a worker" in gone.json()["detail"]
+
+
+def gpu_with_waiting_jobs(store, *jobs: tuple[str, str, float]) -> Admission:
+    """GPU ``g0`` (24 GB) with one live worker ``w`` running a 20 GB job, and ``jobs`` (id, queue, time
+    queued) of 10 GB each waiting for its memory, as the worker's admission leaves them."""
+    adm = Admission(store.redis)
+    adm.register_gpu("g0", 24 * GB, 24 * GB, "{}")
+    store.redis.set(WORKER_HEARTBEAT + "w", "{}", px=60_000)
+    adm.register_worker("g0", "w")
+    store.create(Job(id="big", scan_id="s", pipeline="cartesian", queued_at=1.0))
+    assert adm.admit("g0", "big", 20 * GB, "w", waiting_score("routine", 1.0)).verdict is Verdict.RUN
+    for job_id, queue, at in jobs:
+        store.create(Job(id=job_id, scan_id="s", pipeline="cartesian", queue=queue, queued_at=at))
+        verdict = adm.admit("g0", job_id, 10 * GB, "w", waiting_score(queue, at)).verdict
+        assert verdict in (Verdict.WAIT, Verdict.HELD)  # held: for an older job that waits already
+    return adm
+
+
+def dispatch_to_gpu(api, store, adm: Admission, job_id: str) -> None:
+    """Free ``g0`` so that ``job_id`` is reserved there (pending) and sent to ``gpu.g0``, as a worker does."""
+    adm.release("g0", "big", "w")
+    assert adm.fill("g0", "w") == [job_id]
+    api.app.state.actions.celery.send_task(RUN_JOB_TASK, args=[job_id], queue=gpu_queue("g0"),
+                                           task_id=f"{job_id}.0")
+
+
+def test_cancel_job_waiting_for_gpu_memory_takes_it_out_of_the_waiting_set(api, store):
+    adm = gpu_with_waiting_jobs(store, ("cw", "routine", 2.0), ("cw2", "routine", 3.0))
+    r = api.post("/api/jobs/cw/cancel", headers=STAFF)
+    assert r.status_code == 200 and r.json()["state"] == "cancelled"
+    assert [j for j, _, _ in adm.waiting()] == ["cw2"] and not store.redis.hexists("reconq:waitneed", "cw")
+    assert store.actions("cw")[0]["detail"] == "taken off the jobs waiting for GPU memory"
+    adm.release("g0", "big", "w")
+    assert adm.fill("g0", "w") == ["cw2"]  # its memory goes to the next waiting job
+
+
+def test_cancel_job_admitted_to_a_gpu_takes_its_message_and_reservation(api, store):
+    adm = gpu_with_waiting_jobs(store, ("cg", "routine", 2.0))
+    dispatch_to_gpu(api, store, adm, "cg")
+    assert queue_ids(store, "gpu.g0") == ["cg.0"] and [r.job_id for r in adm.reservations("g0")] == ["cg"]
+    r = api.post("/api/jobs/cg/cancel", headers=STAFF)
+    assert r.status_code == 200 and r.json()["state"] == "cancelled"
+    assert queue_ids(store, "gpu.g0") == [] and adm.reservations("g0") == []
+    assert store.actions("cg")[0]["detail"] == "taken off queue gpu.g0; GPU memory reserved for it on g0 freed"
+
+
+def test_cancel_job_in_the_cpu_queue_takes_its_message(api, store):
+    store.create(Job(id="cc", scan_id="s", pipeline="cartesian"))
+    api.app.state.actions.celery.send_task(RUN_JOB_TASK, args=["cc"], queue="cpu", task_id="cc.0")
+    assert api.post("/api/jobs/cc/cancel", headers=STAFF).status_code == 200
+    assert queue_ids(store, "cpu") == [] and store.actions("cc")[0]["detail"] == "taken off queue cpu"
+
+
+def test_change_priority_of_a_waiting_job_orders_it_again(api, store):
+    adm = gpu_with_waiting_jobs(store, ("r1", "routine", 2.0), ("b1", "bulk", 1.5), ("r2", "routine", 3.0))
+    assert [j for j, _, _ in adm.waiting()] == ["r1", "r2", "b1"]
+    r = api.post("/api/jobs/b1/priority", json={"queue": "stat"}, headers=STAFF)
+    assert r.status_code == 200 and r.json()["queue"] == "stat" and r.json()["queued_at"] == 1.5
+    assert [(j, s) for j, _, s in adm.waiting()] == [("b1", waiting_score("stat", 1.5)),
+                                                     ("r1", waiting_score("routine", 2.0)),
+                                                     ("r2", waiting_score("routine", 3.0))]
+    assert "ordered again among the jobs waiting for GPU memory" in store.actions("b1")[0]["detail"]
+    adm.release("g0", "big", "w")
+    assert adm.fill("g0", "w")[0] == "b1"  # a stat job goes first
+    r = api.post("/api/jobs/r2/priority", json={"queue": "bulk"}, headers=STAFF)
+    assert r.status_code == 200 and [j for j, _, _ in adm.waiting()] == ["r1", "r2"]  # still its turn after r1
+
+
+def test_change_priority_of_an_admitted_job_keeps_its_place(api, store):
+    adm = gpu_with_waiting_jobs(store, ("pa", "bulk", 2.0))
+    dispatch_to_gpu(api, store, adm, "pa")
+    r = api.post("/api/jobs/pa/priority", json={"queue": "stat"}, headers=STAFF)
+    assert r.status_code == 200 and r.json()["queue"] == "stat" and r.json()["state"] == "queued"
+    assert queue_ids(store, "gpu.g0") == ["pa.0"] and queue_ids(store, "stat") == []  # it is about to run
+    assert [r.job_id for r in adm.reservations("g0")] == ["pa"]
+    assert "already admitted to gpu.g0, it keeps its place" in store.actions("pa")[0]["detail"]
+    store.set_state("pa", JobState.RUNNING, attempts=1)
+    running = api.post("/api/jobs/pa/priority", json={"queue": "bulk"}, headers=STAFF)
+    assert running.status_code == 409 and "pa is running" in running.json()["detail"]
 
 
 def test_retro_recon_makes_new_jobs_on_a_stored_scan(api, store, settings):

@@ -124,6 +124,20 @@ def test_a_pending_reservation_of_a_cancelled_job_is_dropped(client: redis.Redis
     assert adm.reclaim() == 1 and adm.reserved_bytes("g0") == 0
 
 
+def test_forget_takes_a_job_out_of_waiting_and_drops_only_pending_reservations(client: redis.Redis) -> None:
+    adm, store = Admission(client), JobStore(client)
+    gpus(adm, g0=24, g1=24)
+    alive(client, "w")
+    assert adm.admit("g0", "run", 20 * GB, "w", queued(store, "run", at=1.0)).verdict is Verdict.RUN
+    adm.admit("g0", "wait", 10 * GB, "w", queued(store, "wait", at=2.0))
+    adm.admit("g0", "next", 10 * GB, "w", queued(store, "next", at=3.0))
+    assert adm.forget("wait") == (True, [])
+    assert [j for j, _, _ in adm.waiting()] == ["next"] and adm.forget("wait") == (False, [])
+    assert adm.dispatch("g1", "w") == "next"  # reserved for g1's queue, pending
+    assert adm.forget("next") == (False, ["g1"]) and adm.reserved_bytes("g1") == 0
+    assert adm.forget("run") == (False, []) and adm.reserved_bytes("g0") == 20 * GB  # the worker's own
+
+
 def test_default_estimate_grows_with_matrix_and_coils() -> None:
     small = synthetic_scan(matrix=(64, 64), ncoil=4).header
     big = synthetic_scan(matrix=(128, 128), ncoil=16).header
