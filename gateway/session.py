@@ -69,6 +69,17 @@ def identity(header: ismrmrd.xsd.ismrmrdHeader) -> dict[str, str]:
     }
 
 
+def json_object(body: str, what: str) -> dict[str, Any]:
+    """``body`` parsed as a JSON object; SessionError saying what is wrong otherwise."""
+    try:
+        data = json.loads(body)
+    except json.JSONDecodeError as e:
+        raise SessionError(f"{what} is not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise SessionError(f"{what} must be a JSON object")
+    return data
+
+
 def config_name(opening: Opening) -> tuple[str | None, dict[str, Any]]:
     """The config name and any parameters carried in CONFIG_TEXT (a name, or JSON ``{"pipeline": ...}``)."""
     if opening.config_file is not None:
@@ -80,12 +91,7 @@ def config_name(opening: Opening) -> tuple[str | None, dict[str, Any]]:
         return None, {}
     body = opening.config_text.strip()
     if body.startswith("{"):
-        try:
-            data = json.loads(body)
-        except json.JSONDecodeError as e:
-            raise SessionError(f"CONFIG_TEXT is not valid JSON: {e}") from e
-        if not isinstance(data, dict):
-            raise SessionError("CONFIG_TEXT JSON must be an object {\"pipeline\": NAME, \"parameters\": {...}}")
+        data = json_object(body, "CONFIG_TEXT")
         name = data.pop("pipeline", None) or data.pop("config", None)
         if not isinstance(name, str) or not name:
             raise SessionError("CONFIG_TEXT JSON names no pipeline: give {\"pipeline\": NAME, ...}")
@@ -101,12 +107,7 @@ def config_name(opening: Opening) -> tuple[str | None, dict[str, Any]]:
 def parameters_from_text(body: str) -> dict[str, Any]:
     """Job parameters from a JSON TEXT: a flat object, or python-ismrmrd-server's ``configAdditional``
     form ``{"parameters": {...}, ...}`` (whose ``parameters`` are taken)."""
-    try:
-        data = json.loads(body)
-    except json.JSONDecodeError as e:
-        raise SessionError(f"parameter TEXT is not valid JSON: {e}") from e
-    if not isinstance(data, dict):
-        raise SessionError("parameter TEXT must be a JSON object")
+    data = json_object(body, "parameter TEXT")
     inner = data.get("parameters")
     return dict(inner) if isinstance(inner, dict) else data
 
