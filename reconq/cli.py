@@ -144,12 +144,12 @@ def cmd_jobs(settings: Settings, args: argparse.Namespace) -> int:
     from reconq.redisconn import connect
 
     store = JobStore(connect(settings))
-    jobs = store.recent(limit=args.limit, state=JobState(args.state) if args.state else None)
+    jobs, total = store.query(limit=args.limit, state=JobState(args.state) if args.state else None)
     print(f"{'job':34} {'state':15} {'progress':>8}  {'pipeline':12} {'protocol':20} stage / error")
     for j in jobs:
         print(f"{j.id:34} {j.state.value:15} {100 * j.progress:7.0f}%  {j.pipeline:12} {j.protocol[:20]:20} "
               f"{j.error or j.stage}")
-    print(f"({len(jobs)} of {store.count()} jobs)")
+    print(f"({len(jobs)} of {total} jobs)")
     return 0
 
 

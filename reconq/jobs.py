@@ -192,32 +192,6 @@ class JobStore:
     def log_lines(self, job_id: str) -> list[str]:
         return list(self.redis.lrange(JOB_LOG + job_id, 0, -1))
 
-    def recent(self, offset: int = 0, limit: int = 50, state: JobState | None = None) -> list[Job]:
-        """Jobs newest first; with ``state``, only those in it (scans the index in pages)."""
-        if state is None:
-            ids = self.redis.zrevrange(JOBS_INDEX, offset, offset + limit - 1)
-            return [j for j in map(self.get, ids) if j is not None]
-        out: list[Job] = []
-        skipped, start, page = 0, 0, 500
-        while len(out) < limit:
-            ids = self.redis.zrevrange(JOBS_INDEX, start, start + page - 1)
-            if not ids:
-                break
-            states = self._states(ids)
-            for job_id, st in zip(ids, states, strict=True):
-                if st != state.value:
-                    continue
-                if skipped < offset:
-                    skipped += 1
-                    continue
-                job = self.get(job_id)
-                if job is not None:
-                    out.append(job)
-                if len(out) == limit:
-                    break
-            start += page
-        return out
-
     def count(self) -> int:
         return int(self.redis.zcard(JOBS_INDEX))
 
@@ -311,12 +285,6 @@ class JobStore:
     def retrieval_totals(self) -> tuple[int, int]:
         """(found, not found) retrieval scans ever recorded."""
         return self.retrieval_counts(0.0)
-
-    def _states(self, ids: list[str]) -> list[str | None]:
-        pipe = self.redis.pipeline()
-        for job_id in ids:
-            pipe.hget(JOB_KEY + job_id, "state")
-        return pipe.execute()
 
     def _publish(self, job_id: str, **what: Any) -> None:
         self.redis.publish(EVENTS_CHANNEL, json.dumps({"id": job_id, **what}))

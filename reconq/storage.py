@@ -115,9 +115,9 @@ class ScanStore:
     def load(self, scan_id: str) -> ScanRecord:
         return ScanRecord.from_json((self.folder(scan_id) / "scan.json").read_text())
 
-    def scans(self) -> Iterator[ScanRecord]:
-        """Every scan with a readable record, oldest first."""
-        for folder in sorted(self.root.iterdir()):
+    def scans(self, newest_first: bool = False) -> Iterator[ScanRecord]:
+        """Every scan with a readable record, oldest first (scan ids begin with their creation time)."""
+        for folder in sorted(self.root.iterdir(), reverse=newest_first):
             if (folder / "scan.json").is_file():
                 try:
                     yield self.load(folder.name)

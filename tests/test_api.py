@@ -3,6 +3,7 @@ routes, metrics and the OpenAPI description; refusals come with a clear message.
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import time
@@ -268,9 +269,17 @@ def test_cancel_queued_job_takes_it_off_its_queue(api, store, settings):
 def test_cancel_running_job_revokes_its_task(api, store):
     store.create(Job(id="c2", scan_id="s", pipeline="cartesian"))
     store.set_state("c2", JobState.RUNNING, attempts=1)
+    control = store.redis.pubsub()
+    control.psubscribe("*celery.pidbox*")  # Celery's broadcast channel to every worker
+    control.get_message(timeout=1.0)  # the subscription's confirmation
     r = api.post("/api/jobs/c2/cancel", headers=STAFF)
     assert r.status_code == 200 and r.json()["state"] == "cancelled"
     assert store.actions("c2")[0]["detail"] == "task revoked while running"
+    broadcast = control.get_message(timeout=5.0)
+    control.close()
+    assert broadcast is not None
+    command = json.loads(base64.b64decode(json.loads(broadcast["data"])["body"]))
+    assert command["method"] == "revoke" and command["arguments"]["task_id"] == ["c2.0", "c2.1"]
 
 
 def test_change_priority_moves_the_queued_job(api, store):

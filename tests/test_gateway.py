@@ -112,7 +112,7 @@ def test_job_is_shown_receiving_while_the_scan_streams_in(gw, store, scan):
         deadline = time.monotonic() + 5
         while not store.count() and time.monotonic() < deadline:
             time.sleep(0.05)
-        (receiving,) = store.recent()
+        (receiving,), _ = store.query()
         assert receiving.state is JobState.RECEIVING and store.redis.llen("routine") == 0
         sock.sendall(p.write_text('{"late": true}'))  # the parameter TEXT comes after the job was shown
         for acq in scan.acquisitions:
@@ -287,9 +287,10 @@ def test_jobs_are_listed_newest_first_and_by_state(store: JobStore):
     for i in range(5):
         store.create(Job(id=f"j{i}", scan_id=f"s{i}", pipeline="cartesian", created_at=1000.0 + i))
     store.set_state("j1", JobState.DONE)
-    assert [j.id for j in store.recent(limit=3)] == ["j4", "j3", "j2"]
-    assert [j.id for j in store.recent(state=JobState.DONE)] == ["j1"]
-    assert [j.id for j in store.recent(offset=1, limit=2, state=JobState.QUEUED)] == ["j3", "j2"]
+    assert [j.id for j in store.query(limit=3)[0]] == ["j4", "j3", "j2"]
+    assert [j.id for j in store.query(state=JobState.DONE)[0]] == ["j1"]
+    page, total = store.query(offset=1, limit=2, state=JobState.QUEUED)
+    assert [j.id for j in page] == ["j3", "j2"] and total == 4
 
 
 def test_gateway_counts_sessions_bytes_and_failures_for_metrics(gw, store, scan):

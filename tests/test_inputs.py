@@ -31,12 +31,13 @@ def test_no_reference_named_leaves_params_alone(scans):
 
 
 def test_reference_by_protocol_takes_the_newest_complete_scan_of_the_same_patient(scans):
-    add_scan(scans, "old", "AdjCoilSens", created_at=1.0)
-    add_scan(scans, "new", "AdjCoilSens", created_at=2.0)
-    add_scan(scans, "other-patient", "AdjCoilSens", patient="P2", created_at=3.0)
-    add_scan(scans, "cut", "AdjCoilSens", state=ScanState.INCOMPLETE, created_at=4.0)
+    # scan ids begin with their creation time, as the gateway makes them
+    add_scan(scans, "20261101T080000-old", "AdjCoilSens", created_at=1.0)
+    add_scan(scans, "20261101T090000-new", "AdjCoilSens", created_at=2.0)
+    add_scan(scans, "20261101T100000-other-patient", "AdjCoilSens", patient="P2", created_at=3.0)
+    add_scan(scans, "20261101T110000-cut", "AdjCoilSens", state=ScanState.INCOMPLETE, created_at=4.0)
     params = resolve_inputs(job_with(reference_protocol="AdjCoilSens"), scans)
-    assert params["reference"] == str(scans.raw_path("new"))
+    assert params["reference"] == str(scans.raw_path("20261101T090000-new"))
 
 
 def test_reference_not_yet_acquired_is_waited_for(scans):

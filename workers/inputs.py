@@ -29,13 +29,14 @@ class InputsMissing(Exception):
 
 
 def _newest_complete(scans: ScanStore, job: Job, protocol: str) -> ScanRecord | None:
-    found = None
-    for record in scans.scans():
+    """The newest complete scan of ``protocol`` of the job's patient and study (the walk stops there:
+    references are recent, so a waiting job's poll reads a few records, not the whole data root)."""
+    for record in scans.scans(newest_first=True):
         if (record.state is ScanState.COMPLETE and record.protocol == protocol
                 and record.patient_id == job.patient_id and record.study_uid == job.study_uid
                 and record.scan_id != job.scan_id):
-            found = record if found is None or record.created_at >= found.created_at else found
-    return found
+            return record
+    return None
 
 
 def resolve_inputs(job: Job, scans: ScanStore) -> dict[str, Any]:
