@@ -132,7 +132,7 @@ def run_policy(policy: str, specs: list[Spec], base: Settings, slots: int, workd
                 gpu = gpu_ids[k % len(gpu_ids)]
             else:
                 free = {g: GPUS_GB[i] for i, g in enumerate(gpu_ids)}
-                done = {j for j, st in zip(assigned, store._states(list(assigned)), strict=True)
+                done = {j for j, st in zip(assigned, store.states(list(assigned)), strict=True)
                         if st in (JobState.DONE.value, JobState.FAILED.value)}
                 for j, g in assigned.items():
                     if j not in done:
@@ -143,7 +143,7 @@ def run_policy(policy: str, specs: list[Spec], base: Settings, slots: int, workd
             celery.send_task(RUN_JOB_TASK, args=[job.id], queue=gpu_queue(gpu), task_id=f"{job.id}.0")
         ids = [s.id for s in specs]
         while True:
-            states = store._states(ids)
+            states = store.states(ids)
             if all(st in (JobState.DONE.value, JobState.FAILED.value) for st in states):
                 break
             time.sleep(0.2)

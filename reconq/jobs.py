@@ -192,6 +192,13 @@ class JobStore:
     def log_lines(self, job_id: str) -> list[str]:
         return list(self.redis.lrange(JOB_LOG + job_id, 0, -1))
 
+    def states(self, ids: list[str]) -> list[str | None]:
+        """The state of each job in ``ids`` (None for an unknown id), in one round trip."""
+        pipe = self.redis.pipeline()
+        for job_id in ids:
+            pipe.hget(JOB_KEY + job_id, "state")
+        return pipe.execute()
+
     def count(self) -> int:
         return int(self.redis.zcard(JOBS_INDEX))
 
