@@ -40,7 +40,7 @@ import redis
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from gateway.submit import enqueue  # noqa: E402
+from gateway.submit import enqueue_many  # noqa: E402
 from recon.simulate import synthetic_scan, write_mrd  # noqa: E402
 from reconq.constants import RUN_JOB_TASK, JobState  # noqa: E402
 from reconq.jobs import Job, JobStore  # noqa: E402
@@ -50,10 +50,11 @@ from reconq.stack import settings_env  # noqa: E402
 from reconq.storage import ScanStore  # noqa: E402
 from scheduler.inventory import make_inventory  # noqa: E402
 from scheduler.monitor import live_workers  # noqa: E402
+from scheduler.placement import Placement  # noqa: E402
 from scheduler.routing import gpu_queue  # noqa: E402
 from workers.app import make_celery  # noqa: E402
 from workers.launcher import per_gpu_counts  # noqa: E402
-from workers.testpipelines import OVERCOMMITS  # noqa: E402
+from workers.testpipelines import OVERCOMMITS, register_test_pipelines  # noqa: E402
 
 GPUS_GB = [80.0, 80.0, 24.0, 24.0]
 NODE = "bench"
@@ -67,17 +68,20 @@ class Spec:
     seconds: float
     queue: str
     arrival: float  # seconds after the start
+    expected: float  # the run time the scheduler is told: `seconds` off by a random factor
 
 
-def make_jobs(n: int, seed: int, scale: float) -> list[Spec]:
+def make_jobs(n: int, seed: int, scale: float, error: float = 0.25) -> list[Spec]:
     rng = random.Random(seed)
+    noise = random.Random(seed + 1)  # the estimate errors, drawn apart so the jobs stay the same
     specs = []
     for i in range(n):
         u = rng.random()
         gb = rng.uniform(1, 8) if u < 0.55 else rng.uniform(8, 24) if u < 0.85 else rng.uniform(24, 40)
         seconds = scale * rng.uniform(0.5, 3.0) * (1 + gb / 40)
         queue = "stat" if i % 10 == 5 else ("routine" if rng.random() < 0.6 else "bulk")
-        specs.append(Spec(f"b{i:03d}", round(gb, 2), round(seconds, 3), queue, 0.0))
+        expected = seconds * noise.lognormvariate(0.0, error)
+        specs.append(Spec(f"b{i:03d}", round(gb, 2), round(seconds, 3), queue, 0.0, round(expected, 3)))
     stat = [s for s in specs if s.queue == "stat"]
     horizon = 0.6 * lower_bound(specs, slots=1 << 30)
     for k, s in enumerate(stat):
@@ -116,18 +120,12 @@ def run_policy(policy: str, specs: list[Spec], base: Settings, slots: int, workd
     proc = start_workers(settings, slots, log)
     try:
         store, celery = JobStore(client), make_celery(settings)
+        placement = Placement(settings, store, ScanStore(settings.data_dir), celery)
         gpu_ids = [f"{NODE}:sim{i}" for i in range(len(GPUS_GB))]
         assigned: dict[str, str] = {}
-        t0 = time.time()
-        for k, s in enumerate(sorted(specs, key=lambda s: s.arrival)):
-            while time.time() - t0 < s.arrival:
-                time.sleep(0.01)
-            job = Job(id=s.id, scan_id=SCAN, pipeline="sleep", queue=s.queue,
-                      params={"memory_gb": s.gb, "seconds": s.seconds})
-            store.create(job)
-            if policy == "reconq":
-                enqueue(store, celery, job)
-                continue
+
+        def send_baseline(policy: str, s: Spec, job: Job, k: int) -> None:
+            """Round-robin, or the GPU with the most memory free at submit; no memory check."""
             if policy == "round-robin":
                 gpu = gpu_ids[k % len(gpu_ids)]
             else:
@@ -141,6 +139,26 @@ def run_policy(policy: str, specs: list[Spec], base: Settings, slots: int, workd
             assigned[s.id] = gpu
             store.set_state(job.id, JobState.QUEUED, queue=job.queue)
             celery.send_task(RUN_JOB_TASK, args=[job.id], queue=gpu_queue(gpu), task_id=f"{job.id}.0")
+
+        t0 = time.time()
+        by_arrival: dict[float, list[Spec]] = {}
+        for s in sorted(specs, key=lambda s: s.arrival):
+            by_arrival.setdefault(s.arrival, []).append(s)
+        k = 0
+        for arrival, batch in by_arrival.items():  # the jobs queued at once are submitted as one batch
+            while time.time() - t0 < arrival:
+                time.sleep(0.01)
+            jobs = [Job(id=s.id, scan_id=SCAN, pipeline="sleep", queue=s.queue,
+                        params={"memory_gb": s.gb, "seconds": s.seconds, "expected_seconds": s.expected})
+                    for s in batch]
+            for job in jobs:
+                store.create(job)
+            if policy == "reconq":
+                enqueue_many(store, celery, jobs, placement)
+                continue
+            for s, job in zip(batch, jobs, strict=True):
+                k += 1
+                send_baseline(policy, s, job, k)
         ids = [s.id for s in specs]
         while True:
             states = store.states(ids)
@@ -177,9 +195,12 @@ def main() -> int:
     ap.add_argument("--per-gpu", default="auto",
                     help="worker processes per GPU: auto (by memory; default), N for all, or N,N,N,N")
     ap.add_argument("--policies", default="reconq,round-robin,most-free")
+    ap.add_argument("--estimate-error", type=float, default=0.25,
+                    help="spread (log-normal sigma) of the run-time estimates the scheduler is given (default 0.25)")
     ap.add_argument("--dump", type=Path, default=None, help="append each job's GPU and times here (JSON lines)")
     args = ap.parse_args()
-    specs = make_jobs(args.jobs, args.seed, args.scale)
+    specs = make_jobs(args.jobs, args.seed, args.scale, args.estimate_error)
+    register_test_pipelines(redis.Redis(), NODE)  # the submitter's memory model of `sleep` (never connects)
     probe = load_settings(simulated_gpus=GPUS_GB)
     counts = per_gpu_counts(probe, make_inventory(probe), list(range(len(GPUS_GB))), args.per_gpu)
     slots = sum(counts)

@@ -32,6 +32,7 @@ from reconq.constants import CPU_QUEUE, GPU_QUEUE_PREFIX, GPU_WAITING, JobState,
 from reconq.jobs import Job, JobStore
 from reconq.storage import ScanState, ScanStore
 from scheduler.admission import PENDING_SUFFIX, Admission
+from scheduler.placement import Placement
 from scheduler.routing import gpu_queue, waiting_score
 
 log = logging.getLogger(__name__)
@@ -99,8 +100,10 @@ def _serialised(method: Callable[Concatenate[Actions, P], R]) -> Callable[Concat
 class Actions:
     """The staff actions, on one job store, Celery app and data root."""
 
-    def __init__(self, store: JobStore, celery: Celery, scans: ScanStore, pipelines: Collection[str]) -> None:
+    def __init__(self, store: JobStore, celery: Celery, scans: ScanStore, pipelines: Collection[str],
+                 placement: Placement | None = None) -> None:
         self.store, self.celery, self.scans, self.pipelines = store, celery, scans, pipelines
+        self.placement = placement  # jobs queued by an action are placed at submit where they can be
         self.admission = Admission(store.redis)
         self.lock = threading.Lock()
 
@@ -119,7 +122,7 @@ class Actions:
         self.store.update(job_id, error="", progress=0.0, stage="")
         self.store.clear_fields(job_id, "finished_at", "started_at")
         self.store.record_action(job_id, who, "retry", f"previous error: {job.error}" if job.error else "")
-        enqueue(self.store, self.celery, job)
+        enqueue(self.store, self.celery, job, self.placement)
         log.info("job %s retried by %s", job_id, who)
         return self._job(job_id)
 
@@ -167,7 +170,7 @@ class Actions:
             raise ActionError(409, f"job {job_id} is {job.state.value}; only a queued job can change priority")
         change = f"queue {job.queue} -> {queue.value}"
         if job.state is JobState.QUEUED and take_from_queue(self.store, job.queue, task_ids(job)):
-            enqueue(self.store, self.celery, dataclasses.replace(job, queue=queue.value))
+            enqueue(self.store, self.celery, dataclasses.replace(job, queue=queue.value), self.placement)
             if job.queued_at is not None:
                 self.store.update(job_id, queued_at=job.queued_at)  # still waiting since it was first queued
             detail = change
@@ -225,7 +228,7 @@ class Actions:
                                    + ", ".join(sorted(self.pipelines)))
         job = job_for_scan(record, self.store.next_job_id(scan_id), queue.value, pipeline, params)
         self.store.create(job)
-        enqueue(self.store, self.celery, job)
+        enqueue(self.store, self.celery, job, self.placement)
         self.store.record_action(job.id, who, "retro-recon", f"pipeline {pipeline} on queue {queue.value}, "
                                                              f"params {json.dumps(job.params, sort_keys=True)}")
         log.info("job %s: retro-recon of scan %s with %s by %s", job.id, scan_id, pipeline, who)

@@ -37,6 +37,7 @@ from reconq.jobs import Job, JobStore
 from reconq.settings import Settings
 from reconq.storage import ScanStore
 from scheduler.monitor import cluster_status
+from scheduler.placement import Placement
 
 log = logging.getLogger(__name__)
 
@@ -445,8 +446,10 @@ def make_api(settings: Settings, client: redis.Redis, celery: Celery | None = No
     app.state.settings = settings
     app.state.jobs = JobStore(client)
     app.state.redis_url = _redis_url(settings, client)
-    app.state.actions = Actions(app.state.jobs, celery or make_celery(settings), ScanStore(settings.data_dir),
-                                pipeline_names())
+    celery = celery or make_celery(settings)
+    scans = ScanStore(settings.data_dir)
+    app.state.actions = Actions(app.state.jobs, celery, scans, pipeline_names(),
+                                Placement(settings, app.state.jobs, scans, celery))
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(ActionError, _action_error)
     app.include_router(jobs_router)

@@ -20,6 +20,7 @@ from reconq.constants import GATEWAY_STATS
 from reconq.jobs import Job, JobStore
 from reconq.settings import Settings
 from reconq.storage import ScanRecord, ScanStore
+from scheduler.placement import Placement
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,7 @@ class Gateway:
         self.celery = celery
         self.pipelines = frozenset(pipelines)
         self.scans = ScanStore(settings.data_dir)
+        self.placement = Placement(settings, jobs, self.scans, celery)
         self.limits = p.Limits(
             max_header_bytes=settings.max_header_bytes,
             max_text_bytes=settings.max_text_bytes,
@@ -70,12 +72,12 @@ class Gateway:
 
     def submit(self, record: ScanRecord) -> Job:
         with self._submit_lock:  # Celery's producer is not meant to be shared between threads unguarded
-            return submit_scan(self.jobs, self.celery, record, self.settings.queue)
+            return submit_scan(self.jobs, self.celery, record, self.settings.queue, self.placement)
 
     def bind(self) -> tuple[str, int]:
         """Reconcile disk with Redis, then open the listening socket."""
         with self._submit_lock:
-            requeued = reconcile(self.scans, self.jobs, self.celery, self.settings.queue)
+            requeued = reconcile(self.scans, self.jobs, self.celery, self.settings.queue, placement=self.placement)
         if requeued:
             log.warning("start-up: %d complete scan(s) without a job were queued again", len(requeued))
         listener = socket.create_server((self.settings.mrd_host, self.settings.mrd_port), reuse_port=False,
@@ -95,7 +97,8 @@ class Gateway:
         while not self._stopping.wait(self.settings.reconcile_interval_s):
             try:
                 with self._submit_lock:
-                    requeued = reconcile(self.scans, self.jobs, self.celery, self.settings.queue, at_start=False)
+                    requeued = reconcile(self.scans, self.jobs, self.celery, self.settings.queue, at_start=False,
+                                         placement=self.placement)
             except Exception:  # Redis down again, a scan folder being written: try at the next interval
                 log.exception("periodic reconcile failed; trying again in %g s", self.settings.reconcile_interval_s)
                 continue

@@ -8,7 +8,10 @@ The reconciler assumes one gateway per data root (another live gateway's scans w
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import h5py
@@ -18,6 +21,7 @@ from celery import Celery
 from reconq.constants import RUN_JOB_TASK, JobState
 from reconq.jobs import Job, JobStore
 from reconq.storage import ScanRecord, ScanState, ScanStore
+from scheduler.placement import Placement
 
 log = logging.getLogger(__name__)
 
@@ -27,11 +31,28 @@ def first_job_id(scan_id: str) -> str:
     return f"{scan_id}-j1"
 
 
-def enqueue(store: JobStore, celery: Celery, job: Job) -> None:
-    """Mark ``job`` queued and send its id to its queue (the task id is the job id plus attempt)."""
-    store.set_state(job.id, JobState.QUEUED, queue=job.queue)
-    celery.send_task(RUN_JOB_TASK, args=[job.id], queue=job.queue, task_id=f"{job.id}.{job.attempts}")
-    log.info("job %s queued on %s (pipeline %s)", job.id, job.queue, job.pipeline)
+def enqueue(store: JobStore, celery: Celery, job: Job, placement: Placement | None = None) -> None:
+    """Mark ``job`` queued and place it in the waiting set (with ``placement``, where it can: see
+    :mod:`scheduler.placement`), else send its id to its queue (the task id is the job id plus attempt)."""
+    enqueue_many(store, celery, [job], placement)
+
+
+def enqueue_many(store: JobStore, celery: Celery, jobs: Sequence[Job], placement: Placement | None = None) -> None:
+    """:func:`enqueue` for a batch: with ``placement``, the jobs are placed as one batch, so the scheduler
+    chooses among all of them rather than starting them in the order they are listed."""
+    now = time.time()
+    queued = []
+    for job in jobs:
+        if store.set_state(job.id, JobState.QUEUED, queue=job.queue, queued_at=now):
+            queued.append(dataclasses.replace(job, queued_at=now))
+    rest = placement.place_many(queued) if placement is not None else queued
+    sent = {job.id for job in rest}
+    for job in queued:
+        if job.id not in sent:
+            log.info("job %s queued (%s, pipeline %s): waiting for GPU memory", job.id, job.queue, job.pipeline)
+    for job in rest:
+        celery.send_task(RUN_JOB_TASK, args=[job.id], queue=job.queue, task_id=f"{job.id}.{job.attempts}")
+        log.info("job %s queued on %s (pipeline %s)", job.id, job.queue, job.pipeline)
 
 
 def job_for_scan(record: ScanRecord, job_id: str, queue: str, pipeline: str | None = None,
@@ -70,18 +91,19 @@ def fail_receiving(store: JobStore, scan_id: str, why: str) -> None:
         log.warning("job %s: could not be marked failed (%s)", first_job_id(scan_id), e)
 
 
-def submit_scan(store: JobStore, celery: Celery, record: ScanRecord, queue: str) -> Job:
+def submit_scan(store: JobStore, celery: Celery, record: ScanRecord, queue: str,
+                placement: Placement | None = None) -> Job:
     """Create (or take the ``receiving`` record of) the scan's first job and enqueue it; a scan already
     submitted gets its existing job back and is not queued twice."""
     job = job_for_scan(record, first_job_id(record.scan_id), queue)
     if store.create(job):
-        enqueue(store, celery, job)
+        enqueue(store, celery, job, placement)
         return job
     existing = store.get(job.id)
     assert existing is not None
     if existing.state is JobState.RECEIVING:
         store.update(job.id, params=job.params)  # a parameter TEXT may have come after the header
-        enqueue(store, celery, job)
+        enqueue(store, celery, job, placement)
         return job
     log.info("job %s exists already (%s); not queued again", job.id, existing.state)
     return existing
@@ -114,7 +136,8 @@ def mark_interrupted(scans: ScanStore) -> list[str]:
     return marked
 
 
-def reconcile(scans: ScanStore, store: JobStore, celery: Celery, queue: str, at_start: bool = True) -> list[str]:
+def reconcile(scans: ScanStore, store: JobStore, celery: Celery, queue: str, at_start: bool = True,
+              placement: Placement | None = None) -> list[str]:
     """Queue every complete scan that has no job in Redis; at start-up, first mark the scans that a
     stopped gateway left receiving as incomplete (later, such a scan may be a session still running).
 
@@ -132,7 +155,7 @@ def reconcile(scans: ScanStore, store: JobStore, celery: Celery, queue: str, at_
             continue  # complete, with its job (a scan marked complete whose job was never queued is not)
         if first is None and store.jobs_for_scan(record.scan_id):
             continue
-        job = submit_scan(store, celery, record, queue)
+        job = submit_scan(store, celery, record, queue, placement)
         log.warning("job %s re-queued from disk: Redis had no job for complete scan %s", job.id, record.scan_id)
         queued.append(job.id)
     return queued

@@ -64,6 +64,9 @@ GPU_QUEUE_PREFIX = "gpu."
 GPU_RESERVATIONS = KEY_PREFIX + "resv:"
 #: Hash ``reconq:resvowner:<gpu_id>``: job id -> the worker holding that reservation.
 GPU_RESERVATION_OWNERS = KEY_PREFIX + "resvowner:"
+#: Hash ``reconq:resvend:<gpu_id>``: job id -> when its reservation is expected to end (epoch seconds;
+#: for reservations whose run time is estimated), for backfilling.
+GPU_RESERVATION_ENDS = KEY_PREFIX + "resvend:"
 #: Hash: gpu id -> bytes that reservations on it may share (its memory less other programs' use).
 GPU_CAPACITY = KEY_PREFIX + "gpucap"
 #: Hash: gpu id -> the GPU's total memory in bytes.
@@ -80,6 +83,11 @@ WORKERS_INDEX = KEY_PREFIX + "workers"
 GPU_WAITING = KEY_PREFIX + "waiting"
 #: Hash: job id -> bytes needed, for the jobs in :data:`GPU_WAITING`.
 GPU_WAITING_NEED = KEY_PREFIX + "waitneed"
+#: Hash: job id -> expected run time in seconds, for the jobs in :data:`GPU_WAITING` whose run time is
+#: estimated (see :mod:`scheduler.estimate`).
+GPU_WAITING_SECONDS = KEY_PREFIX + "waitsecs"
+#: List per pipeline and protocol (``<prefix><pipeline>:<protocol>``): the run times of its latest jobs.
+RUNTIME_HISTORY = KEY_PREFIX + "runtimes:"
 
 # --- Dashboard, staff actions and metrics (gateway/) ----------------------------------------------
 #: List ``reconq:actions:<job_id>`` of staff actions on the job (JSON: at, who, action, detail).

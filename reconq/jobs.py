@@ -33,7 +33,7 @@ from reconq.constants import (
 log = logging.getLogger(__name__)
 
 _JSON_FIELDS = {"params"}
-_FLOAT_FIELDS = {"progress", "created_at", "queued_at", "started_at", "finished_at"}
+_FLOAT_FIELDS = {"progress", "created_at", "queued_at", "started_at", "finished_at", "runtime_estimate_s"}
 _INT_FIELDS = {"attempts", "mem_estimate_bytes", "oom_count"}
 _LOG_LINES_KEPT = 500
 _SCAN_PAGE = 1000
@@ -89,6 +89,8 @@ class Job:
     measurement_id: str = ""
     #: GPU memory the job needs, from :mod:`scheduler.estimate` (0: not estimated yet).
     mem_estimate_bytes: int = 0
+    #: Expected run time in seconds, from :mod:`scheduler.estimate` (0: unknown or not estimated yet).
+    runtime_estimate_s: float = 0.0
     #: GPU out-of-memory errors the job has had (each sent it back to wait).
     oom_count: int = 0
 

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -44,6 +45,7 @@ import redis
 
 from reconq.constants import (
     GPU_CAPACITY,
+    GPU_RESERVATION_ENDS,
     GPU_RESERVATION_OWNERS,
     GPU_RESERVATIONS,
     GPU_SEEN,
@@ -51,6 +53,7 @@ from reconq.constants import (
     GPU_TOTAL,
     GPU_WAITING,
     GPU_WAITING_NEED,
+    GPU_WAITING_SECONDS,
     JOB_KEY,
     KEY_PREFIX,
     WORKER_HEARTBEAT,
@@ -72,14 +75,20 @@ MAX_FILL = 64
 PENDING_SUFFIX = ">pending"
 
 _COMMON = """
-local RESV, OWNERS, CAP, TOTAL, SEEN, HB, WAIT, NEED, JOB, WORKERS = ARGV[1], ARGV[2], ARGV[3], ARGV[4],
-  ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10]
+local RESV, OWNERS, CAP, TOTAL, SEEN, HB, WAIT, NEED, JOB, WORKERS, SECS, ENDS = ARGV[1], ARGV[2], ARGV[3],
+  ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10], ARGV[11], ARGV[12]
 local SPAN = %(span)r
 local PENDING = '%(pending)s'
 
 local function finished(job)
   local st = redis.call('HGET', JOB .. job, 'state')
   return (not st) or st == '%(done)s' or st == '%(failed)s' or st == '%(cancelled)s'
+end
+
+local function unreserve(g, job)
+  redis.call('HDEL', RESV .. g, job)
+  redis.call('HDEL', OWNERS .. g, job)
+  redis.call('HDEL', ENDS .. g, job)
 end
 
 -- drop reservations on g whose worker's heartbeat expired; return the bytes reserved, but `except`'s
@@ -90,8 +99,7 @@ local function reclaim_and_sum(g, except)
     local pending = string.sub(o, -#PENDING) == PENDING
     local name = pending and string.sub(o, 1, -#PENDING - 1) or o
     if redis.call('EXISTS', HB .. name) == 0 or (pending and finished(owners[i])) then
-      redis.call('HDEL', RESV .. g, owners[i])
-      redis.call('HDEL', OWNERS .. g, owners[i])
+      unreserve(g, owners[i])
     end
   end
   local sum = 0
@@ -105,16 +113,23 @@ end
 local function unwait(job)
   redis.call('ZREM', WAIT, job)
   redis.call('HDEL', NEED, job)
+  redis.call('HDEL', SECS, job)
 end
 
-local function wait(job, need, score)
+-- `seconds`: the expected run time (0 or nil: unknown; a job sent back to wait keeps the one it had)
+local function wait(job, need, score, seconds)
   redis.call('ZADD', WAIT, score, job)
   redis.call('HSET', NEED, job, need)
+  if seconds and tonumber(seconds) > 0 then redis.call('HSET', SECS, job, seconds) end
 end
 
-local function reserve(g, job, need, owner)
+-- reserve on g for a job (waiting or not); its expected end (now + its expected run time) is kept when
+-- known, for the backfill of `pick`
+local function reserve(g, job, need, owner, now)
+  local secs = tonumber(redis.call('HGET', SECS, job) or '0')
   redis.call('HSET', RESV .. g, job, need)
   redis.call('HSET', OWNERS .. g, job, owner)
+  if secs > 0 then redis.call('HSET', ENDS .. g, job, now + secs) end
   unwait(job)
 end
 
@@ -168,14 +183,24 @@ local function available(h)
   return number(CAP, h) - reclaim_and_sum(h, '')
 end
 
--- the largest reservation on g of at most `upto` bytes (0 if none)
-local function largest_reservation(g, upto)
-  local most = 0
-  for _, v in ipairs(redis.call('HVALS', RESV .. g)) do
-    local x = tonumber(v)
-    if x > most and x <= upto then most = x end
+-- The shadow of a job of `need` bytes held on g (EASY backfilling): the time it fits g if no other job
+-- starts there and the jobs there end when expected, and the memory left over then. A reservation whose
+-- run time is not known ends never; one past its expected end, now.
+local function shadow(g, avail, need, now)
+  local ends = {}
+  local resv = redis.call('HGETALL', RESV .. g)
+  for i = 1, #resv, 2 do
+    local e = redis.call('HGET', ENDS .. g, resv[i])
+    ends[#ends + 1] = {e and math.max(tonumber(e), now) or math.huge, tonumber(resv[i + 1])}
   end
-  return most
+  table.sort(ends, function(a, b) return a[1] < b[1] end)
+  local free, at = avail, now
+  for _, e in ipairs(ends) do
+    if free >= need then break end
+    free, at = free + e[2], e[1]
+  end
+  if free < need then return math.huge, 0 end
+  return at, free - need
 end
 
 -- the GPU a holding job of `need` bytes waits for: of those large enough and not `claimed` by a holding
@@ -193,28 +218,38 @@ end
 
 -- The waiting job to start on g now, with its need; or nil and the holding job g is kept for (or nil).
 -- Holding jobs, of those that fit g: every stat job, the first job in waiting order that has waited past
--- the limit, and every job too large for the smallest GPU. In waiting order, a holding job that fits g
--- now starts first (a stat or large one); one that fits nowhere now claims its target GPU, so two
--- holding jobs wait for two GPUs (stat and long-waiting jobs in waiting order, then large jobs, the
--- smallest first). On its target, another job may start only if the holding job still fits once the largest job
--- running there ends (of those that fit the smallest GPU: large jobs run long, and two of them should
--- be able to share a large GPU): the hold costs little memory, and ends at the latest when that job
--- ends. Else the largest job that fits (best fit).
+-- the limit, and every job too large for the smallest GPU (a large job). A stat job that fits now starts
+-- first, in waiting order; then the largest large job that fits now (large jobs run long, and only the
+-- large GPUs take them). A holding job that fits nowhere now claims its target GPU, so two holding jobs
+-- wait for two GPUs (stat and long-waiting jobs in waiting order, then large jobs, the smallest first).
+-- On its target, other jobs are backfilled (EASY backfilling): a job may start only if it leaves the
+-- holding job its memory at the shadow time (see `shadow`), or, unless the holding job is a stat job, if
+-- it is expected to end by then. Among those, the largest share of g's memory x expected run time.
 local function pick(g, avail, total, now, limit, forget, maxscan)
   local list = redis.call('ZRANGE', WAIT, 0, maxscan - 1, 'WITHSCORES')
   local best, bestneed = nil, -1
   local aged = false
   local smallest = smallest_gpu(now, forget)
   local claimed, avails, fits = {}, {}, {}
-  local held, room = nil, avail  -- room: the most a job may take here without delaying `held`
+  local held = nil
+  local until_, extra, strict = math.huge, avail, false  -- the hold's shadow time and memory left then
   local bigs = {}
-  local function claim(w, wneed)
+  local large, largeneed = nil, -1  -- the largest large job that fits now
+  local known, nknown = 0, 0  -- expected run times of the fitting jobs that have one
+  local function secs_of(w) return tonumber(redis.call('HGET', SECS, w) or '0') end
+  -- whether a job of `wneed` bytes expected to run `secs` (0: not known) may start without delaying `held`
+  local function allowed(wneed, secs)
+    if wneed > avail then return false end
+    if held == nil or wneed <= extra then return true end
+    return (not strict) and secs > 0 and now + secs <= until_
+  end
+  local function claim(w, wneed, u)
     local t = target(wneed, now, forget, claimed, avails)
     if t ~= nil then
       claimed[t] = true
       if t == g and held == nil then
-        held = w
-        room = math.min(avail, avail + largest_reservation(g, smallest) - wneed)
+        held, strict = w, u == 2
+        until_, extra = shadow(g, avail, wneed, now)
       end
     end
   end
@@ -229,25 +264,39 @@ local function pick(g, avail, total, now, limit, forget, maxscan)
       local first = u == 2 or (wneed <= total and wneed > smallest)  -- goes first where it fits
       local holder = first or (u == 1 and not aged)
       if u == 1 then aged = true end
-      if first and wneed <= room then return w, wneed, held end
-      if holder and wneed > avail and u == 0 then
+      if u == 2 and allowed(wneed, secs_of(w)) then return w, wneed, held end
+      if first and u ~= 2 and wneed <= avail then
+        if wneed > largeneed and allowed(wneed, secs_of(w)) then large, largeneed = w, wneed end
+      elseif holder and wneed > avail and u == 0 then
         bigs[#bigs + 1] = {w, wneed}
       elseif holder and wneed > avail then
-        claim(w, wneed)
-      elseif wneed <= room then
+        claim(w, wneed, u)
+      elseif wneed <= avail then
         local rank = math.floor(score / SPAN)
-        fits[#fits + 1] = {w, wneed, wneed / total + math.max(0, now - (score - rank * SPAN)) / limit}
+        local secs = secs_of(w)
+        if secs > 0 then known, nknown = known + secs, nknown + 1 end
+        fits[#fits + 1] = {w, wneed, math.max(0, now - (score - rank * SPAN)) / limit, secs}
       end
     end
   end
+  if large ~= nil then return large, largeneed, held end
   -- large jobs claim GPUs after stat and long-waiting jobs, the smallest first (it fits soonest)
   table.sort(bigs, function(a, b) return a[2] < b[2] end)
-  for _, c in ipairs(bigs) do claim(c[1], c[2]) end
-  -- the best fit that leaves `held` its room: the largest share of g, plus one for every `limit` seconds
-  -- waited (jobs queued together keep the best-fit order; a job older by `limit` beats any younger one)
+  for _, c in ipairs(bigs) do claim(c[1], c[2], 0) end
+  -- the best fit allowed: the largest share of g's memory x time (the share of g, times the expected run
+  -- time over the longest of the fitting jobs; a job without an estimate counts the mean of those with
+  -- one), plus one for every `limit` seconds waited (jobs queued together keep this order, which starts
+  -- long, large jobs first and leaves short, small ones to fill the end; a job older by `limit` beats any
+  -- younger one)
+  local mean = nknown > 0 and known / nknown or 1
+  local longest = 0
+  for _, c in ipairs(fits) do
+    if (c[4] > 0 and c[4] or mean) > longest then longest = c[4] > 0 and c[4] or mean end
+  end
   local bestkey = -1
   for _, c in ipairs(fits) do
-    if c[2] <= room and c[3] > bestkey then best, bestneed, bestkey = c[1], c[2], c[3] end
+    local key = (c[2] / total) * ((c[4] > 0 and c[4] or mean) / longest) + c[3]
+    if key > bestkey and allowed(c[2], c[4]) then best, bestneed, bestkey = c[1], c[2], key end
   end
   return best, bestneed, held
 end
@@ -269,8 +318,11 @@ local function fill(g, owner, maxjobs, own, mine, now, limit, forget, maxscan)
       held = h
       break
     end
-    if h and h ~= w then held = h end
-    reserve(g, w, wneed, (w == mine) and owner or (owner .. PENDING))
+    if h and h ~= w then
+      held = h
+      if slots <= 1 and workers > 0 then break end  -- the last idle worker is kept for the held job
+    end
+    reserve(g, w, wneed, (w == mine) and owner or (owner .. PENDING), now)
     got[#got + 1] = w
     avail = avail - wneed
     slots = slots - 1
@@ -288,9 +340,9 @@ _COMMON %= {  # noqa: UP031 - Lua's braces rule out str.format
 }
 
 _ADMIT = _COMMON + """
-local g, job, need, owner = ARGV[11], ARGV[12], tonumber(ARGV[13]), ARGV[14]
-local score, now, limit, forget = tonumber(ARGV[15]), tonumber(ARGV[16]), tonumber(ARGV[17]), tonumber(ARGV[18])
-local maxscan, maxfill = tonumber(ARGV[19]), tonumber(ARGV[20])
+local g, job, need, owner = ARGV[13], ARGV[14], tonumber(ARGV[15]), ARGV[16]
+local score, now, limit, forget = tonumber(ARGV[17]), tonumber(ARGV[18]), tonumber(ARGV[19]), tonumber(ARGV[20])
+local maxscan, maxfill, seconds = tonumber(ARGV[21]), tonumber(ARGV[22]), ARGV[23]
 if redis.call('HEXISTS', RESV .. g, job) == 1 then  -- dispatched here, or redelivered here
   redis.call('HSET', OWNERS .. g, job, owner)
   unwait(job)
@@ -307,7 +359,7 @@ if need > biggest then
   unwait(job)
   return {'never', '', tostring(biggest)}
 end
-wait(job, need, score)
+wait(job, need, score, seconds)
 local out = {}
 local got, held, avail = fill(g, owner, maxfill, true, job, now, limit, forget, maxscan)
 local ran, first = false, ''
@@ -343,18 +395,17 @@ return res
 """
 
 _FILL = _COMMON + """
-local g, owner, now, limit, maxscan = ARGV[11], ARGV[12], tonumber(ARGV[13]), tonumber(ARGV[14]), tonumber(ARGV[15])
-local maxjobs, forget = tonumber(ARGV[16]), tonumber(ARGV[17])
+local g, owner, now, limit, maxscan = ARGV[13], ARGV[14], tonumber(ARGV[15]), tonumber(ARGV[16]), tonumber(ARGV[17])
+local maxjobs, forget = tonumber(ARGV[18]), tonumber(ARGV[19])
 if redis.call('ZCARD', WAIT) == 0 then return {} end
 local got = fill(g, owner, maxjobs, true, '', now, limit, forget, maxscan)
 return got
 """
 
 _RELEASE = _COMMON + """
-local g, job, owner = ARGV[11], ARGV[12], ARGV[13]
+local g, job, owner = ARGV[13], ARGV[14], ARGV[15]
 if owner ~= '' and redis.call('HGET', OWNERS .. g, job) ~= owner then return 0 end
-redis.call('HDEL', RESV .. g, job)
-redis.call('HDEL', OWNERS .. g, job)
+unreserve(g, job)
 return 1
 """
 
@@ -370,22 +421,60 @@ end
 return n
 """
 
+# jobs placed at submit: into the waiting set, then every GPU with live workers is filled, once for them
+# all (a batch is placed as a whole: best fit among all its jobs, not in the order they are listed).
+# ARGV: count, then job, need, seconds, score per job. Returns {count not placed, those jobs..., then
+# job, GPU pairs reserved by the fills (these jobs or others) to send to their GPUs' queues}. A job is not
+# placed when no GPU with live workers was seen, or it is larger than every GPU that has them: it goes to
+# its priority queue and the first worker that takes it decides (a CPU worker may take it, say).
+_SUBMIT = _COMMON + """
+local now, limit, forget = tonumber(ARGV[13]), tonumber(ARGV[14]), tonumber(ARGV[15])
+local maxscan, maxfill, count = tonumber(ARGV[16]), tonumber(ARGV[17]), tonumber(ARGV[18])
+local live, biggest = {}, 0
+for _, h in ipairs(fresh_gpus(now, forget)) do
+  local worker = nil
+  for _, w in ipairs(redis.call('HKEYS', WORKERS .. h)) do
+    if redis.call('EXISTS', HB .. w) == 1 then worker = w break end
+  end
+  if worker then
+    live[#live + 1] = {h, worker}
+    if number(TOTAL, h) > biggest then biggest = number(TOTAL, h) end
+  end
+end
+local unplaced = {}
+for i = 0, count - 1 do
+  local job, need, seconds, score = ARGV[18 + 4 * i], tonumber(ARGV[19 + 4 * i]), ARGV[20 + 4 * i],
+    tonumber(ARGV[21 + 4 * i])
+  if need > biggest then unplaced[#unplaced + 1] = job else wait(job, need, score, seconds) end
+end
+local out = {#unplaced}
+for _, job in ipairs(unplaced) do out[#out + 1] = job end
+for _, hw in ipairs(live) do
+  -- pending reservations are owned by a live worker of the GPU: reclaimed if that worker dies
+  for _, w in ipairs(fill(hw[1], hw[2], maxfill, false, '', now, limit, forget, maxscan)) do
+    out[#out + 1] = w
+    out[#out + 1] = hw[1]
+  end
+end
+return out
+"""
+
 _WAIT = _COMMON + """
-wait(ARGV[11], ARGV[12], ARGV[13])
+wait(ARGV[13], ARGV[14], ARGV[15], ARGV[16])
 return 1
 """
 
 # a cancelled job: out of the waiting set, and its pending reservations (no worker started it) dropped; a
 # reservation a worker holds is the worker's to release. Returns {1 if it was waiting else 0, GPUs...}
 _FORGET = _COMMON + """
-local job = ARGV[11]
+local job = ARGV[13]
 local out = {redis.call('ZREM', WAIT, job)}
 redis.call('HDEL', NEED, job)
+redis.call('HDEL', SECS, job)
 for _, g in ipairs(redis.call('HKEYS', TOTAL)) do
   local o = redis.call('HGET', OWNERS .. g, job)
   if o and string.sub(o, -#PENDING) == PENDING then
-    redis.call('HDEL', RESV .. g, job)
-    redis.call('HDEL', OWNERS .. g, job)
+    unreserve(g, job)
     out[#out + 1] = g
   end
 end
@@ -433,12 +522,14 @@ class Admission:
         self._release = client.register_script(_RELEASE)
         self._reclaim = client.register_script(_RECLAIM)
         self._wait = client.register_script(_WAIT)
+        self._submit = client.register_script(_SUBMIT)
         self._forget = client.register_script(_FORGET)
 
     @staticmethod
     def _keys() -> list[str]:
         return [GPU_RESERVATIONS, GPU_RESERVATION_OWNERS, GPU_CAPACITY, GPU_TOTAL, GPU_SEEN, WORKER_HEARTBEAT,
-                GPU_WAITING, GPU_WAITING_NEED, JOB_KEY, GPU_WORKERS]
+                GPU_WAITING, GPU_WAITING_NEED, JOB_KEY, GPU_WORKERS, GPU_WAITING_SECONDS,
+                GPU_RESERVATION_ENDS]
 
     def register_gpu(self, gpu_id: str, total: int, capacity: int, state_json: str) -> None:
         """Record a GPU's size, the memory reservations may share, and its state (heartbeats do this)."""
@@ -456,11 +547,12 @@ class Admission:
     def unregister_worker(self, gpu_id: str, worker: str) -> None:
         self.redis.hdel(GPU_WORKERS + gpu_id, worker)
 
-    def admit(self, gpu_id: str, job_id: str, need: int, owner: str, score: float) -> Decision:
-        """Reserve ``need`` bytes for ``job_id`` on ``gpu_id`` if it may start there now (see module doc)."""
+    def admit(self, gpu_id: str, job_id: str, need: int, owner: str, score: float, seconds: float = 0.0) -> Decision:
+        """Reserve ``need`` bytes for ``job_id`` on ``gpu_id`` if it may start there now (see module doc);
+        ``seconds`` is its expected run time (0: unknown), which orders it among waiting jobs."""
         verdict, other, amount, *rest = self._admit(args=[
             *self._keys(), gpu_id, job_id, need, owner, repr(score), repr(time.time()),
-            self.backfill_limit_s, self.gpu_forget_s, MAX_SCAN, MAX_FILL])
+            self.backfill_limit_s, self.gpu_forget_s, MAX_SCAN, MAX_FILL, repr(float(seconds))])
         pairs = tuple((str(rest[i]), str(rest[i + 1])) for i in range(0, len(rest), 2))
         return Decision(Verdict(verdict), other, int(float(amount)), pairs)
 
@@ -481,9 +573,23 @@ class Admission:
         False if there was none."""
         return bool(self._release(args=[*self._keys(), gpu_id, job_id, owner]))
 
-    def wait(self, job_id: str, need: int, score: float) -> None:
+    def wait(self, job_id: str, need: int, score: float, seconds: float = 0.0) -> None:
         """Put a job in the waiting set (after a GPU out-of-memory error, for one)."""
-        self._wait(args=[*self._keys(), job_id, need, repr(score)])
+        self._wait(args=[*self._keys(), job_id, need, repr(score), repr(float(seconds))])
+
+    def submit(self, jobs: Sequence[tuple[str, int, float, float]]) -> tuple[list[str], list[tuple[str, str]]]:
+        """Place jobs at submit, ``(job id, bytes needed, score, expected seconds)`` each: put them in the
+        waiting set and fill every GPU that has live workers, in one step (a batch is placed as a whole).
+        Returns the jobs not placed (no GPU has live workers, or the job is larger than every GPU that
+        has), which go to their priority queues (see :mod:`scheduler.placement`), and the (job id, GPU id)
+        reserved by the fills (these jobs or others) to send to their GPUs' queues."""
+        flat = [str(x) for job_id, need, score, seconds in jobs for x in (job_id, need, repr(float(seconds)),
+                                                                          repr(score))]
+        count, *rest = self._submit(args=[*self._keys(), repr(time.time()), self.backfill_limit_s,
+                                          self.gpu_forget_s, MAX_SCAN, MAX_FILL, len(jobs), *flat])
+        unplaced = [str(j) for j in rest[:int(count)]]
+        pairs = rest[int(count):]
+        return unplaced, [(str(pairs[i]), str(pairs[i + 1])) for i in range(0, len(pairs), 2)]
 
     def forget(self, job_id: str) -> tuple[bool, list[str]]:
         """Take a job (cancelled, say) out of the waiting set and drop its pending reservations, those made

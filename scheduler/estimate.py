@@ -20,8 +20,13 @@ workspace and the combined image; ``CONTEXT_BYTES`` the CUDA context and library
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Callable, Mapping
 from typing import Any
+
+import redis
+
+from reconq.constants import RUNTIME_HISTORY
 
 GB = 10**9
 #: CUDA context, cuFFT plans and library handles.
@@ -74,6 +79,52 @@ def estimate_bytes(header: Any, params: Mapping[str, Any], pipeline: object | No
             raise EstimateError(f"pipeline {getattr(pipeline, 'name', pipeline)!r} estimated {value} bytes")
         return value
     return default_estimate(header, params)
+
+
+#: Run times kept per pipeline and protocol for :func:`history_seconds`.
+HISTORY_KEPT = 20
+
+RuntimeModel = Callable[[Any, Mapping[str, Any]], float]
+
+
+def estimate_seconds(header: Any, params: Mapping[str, Any], pipeline: object | None = None,
+                     history: float | None = None) -> float:
+    """The job's expected run time in seconds; 0 where nothing says (the scheduler then treats it as
+    typical). Order of precedence: ``params["expected_seconds"]``; the pipeline's
+    ``runtime_estimate(header, params) -> float``; ``history`` (the median of this pipeline's and
+    protocol's latest run times, :func:`history_seconds`). The scheduler uses it only to order waiting
+    jobs (long, large jobs first), so a rough figure is enough."""
+    if "expected_seconds" in params:
+        try:
+            value = float(params["expected_seconds"])
+        except (TypeError, ValueError) as e:
+            raise EstimateError(f"expected_seconds {params['expected_seconds']!r} is not a number") from e
+        if not value > 0:
+            raise EstimateError(f"expected_seconds must be positive, not {value}")
+        return value
+    model: RuntimeModel | None = getattr(pipeline, "runtime_estimate", None)
+    if model is not None:
+        return max(0.0, float(model(header, params)))
+    return history or 0.0
+
+
+def _history_key(pipeline: str, protocol: str) -> str:
+    return f"{RUNTIME_HISTORY}{pipeline}:{protocol}"
+
+
+def record_runtime(client: redis.Redis, pipeline: str, protocol: str, seconds: float) -> None:
+    """Keep a finished job's run time (the latest :data:`HISTORY_KEPT` per pipeline and protocol)."""
+    key = _history_key(pipeline, protocol)
+    pipe = client.pipeline()
+    pipe.lpush(key, f"{seconds:.3f}")
+    pipe.ltrim(key, 0, HISTORY_KEPT - 1)
+    pipe.execute()
+
+
+def history_seconds(client: redis.Redis, pipeline: str, protocol: str) -> float | None:
+    """The median of the latest run times of ``pipeline`` on ``protocol``; None if it has none."""
+    times = [float(x) for x in client.lrange(_history_key(pipeline, protocol), 0, -1)]
+    return statistics.median(times) if times else None
 
 
 def runs_on_cpu(pipeline: object) -> bool:

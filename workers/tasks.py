@@ -22,8 +22,9 @@ from reconq.redisconn import connect
 from reconq.settings import Settings
 from reconq.storage import ScanStore
 from scheduler.admission import Admission, Decision, Verdict
-from scheduler.estimate import GB, EstimateError, estimate_bytes, runs_on_cpu
+from scheduler.estimate import GB, EstimateError, record_runtime, runs_on_cpu
 from scheduler.inventory import make_inventory
+from scheduler.placement import estimate_job
 from scheduler.routing import gpu_queue, waiting_score
 from workers.heartbeat import Heartbeat
 from workers.inputs import InputsMissing, InputsNotReady, resolve_inputs
@@ -119,7 +120,8 @@ class JobRunner:
         if not self.settings.admission_control or self.admission is None:
             return self._execute(job, pipeline, need)
         score = waiting_score(job.queue, job.queued_at or job.created_at)
-        decision = self.admission.admit(self.slot.gpu_id, job_id, need, self.worker_name, score)
+        decision = self.admission.admit(self.slot.gpu_id, job_id, need, self.worker_name, score,
+                                        job.runtime_estimate_s)
         self._send_dispatched(decision)
         if decision.verdict is not Verdict.RUN:
             return self._not_now(job, pipeline, need, decision)
@@ -141,13 +143,7 @@ class JobRunner:
         return JobState.WAITING_INPUTS.value
 
     def _estimate(self, job: Job, pipeline: Pipeline) -> int:
-        if job.mem_estimate_bytes > 0:
-            return job.mem_estimate_bytes
-        with RawScan.open(self.scans.raw_path(job.scan_id)) as scan:
-            need = estimate_bytes(scan.header, job.params, pipeline)
-        self.store.update(job.id, mem_estimate_bytes=need)
-        self.store.log(job.id, f"GPU memory estimate {gb(need)}")
-        return need
+        return estimate_job(job, self.scans, pipeline, self.store).bytes
 
     def _not_now(self, job: Job, pipeline: Pipeline, need: int, d: Decision) -> str:
         """The job may not start on this GPU now: it waits, goes to the CPU queue, or fails (NEVER)."""
@@ -229,8 +225,10 @@ class JobRunner:
                 self.heartbeat.job_ended()
         if self.store.redis.hget(JOB_KEY + job.id, "state") == JobState.CANCELLED.value:
             return JobState.CANCELLED.value
+        elapsed = time.perf_counter() - t0
         self.store.set_state(job.id, JobState.DONE, progress=1.0, stage="done", result_path=str(result))
-        log.info("job %s: done in %.1f s -> %s", job.id, time.perf_counter() - t0, result)
+        record_runtime(self.store.redis, job.pipeline, job.protocol, elapsed)
+        log.info("job %s: done in %.1f s -> %s", job.id, elapsed, result)
         return JobState.DONE.value
 
     def _out_of_memory(self, job: Job, need: int, error: BaseException) -> str:

@@ -1,0 +1,132 @@
+"""Placement at submit: a job goes straight into the waiting set, where every GPU's fill sees it.
+
+Workers take jobs from the priority queues one at a time, and only when idle. A burst of queued jobs
+(a retro-recon batch, a busy afternoon) would therefore reach the scheduler in arrival order, a few at
+a time, and the first jobs to arrive would take the large GPUs whatever their size. Placed at submit,
+every queued job is in the waiting set at once, so each fill chooses among all of them (the order in
+:mod:`scheduler.admission`: ``stat`` jobs, then large jobs on the GPUs that can take them, then the
+largest share of memory x expected run time).
+
+:meth:`Placement.place` estimates a job's memory and run time where the submitting process can (the
+pipeline is registered there and the job names no other scan, whose arrival a worker waits for), stores
+both on the job, and calls :meth:`Admission.submit`. The job then waits in the waiting set, every GPU
+with live workers is filled at once, and the jobs reserved go to their GPUs' queues. Otherwise (no
+admission control, a pipeline or an estimate the submitter cannot make, no GPU with live workers, a job
+larger than every GPU) the job goes to its priority queue, and the first worker to take it estimates
+it and admits it, or sends it on to a CPU worker, or fails it saying why.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import redis
+from celery import Celery
+
+from recon.errors import ReconError
+from recon.pipelines import Pipeline, get_pipeline
+from recon.rawdata import RawScan
+from reconq.constants import JOB_KEY, RUN_JOB_TASK
+from reconq.jobs import Job, JobStore
+from reconq.settings import Settings
+from reconq.storage import ScanStore
+from scheduler.admission import Admission
+from scheduler.estimate import EstimateError, estimate_bytes, estimate_seconds, history_seconds
+from scheduler.routing import gpu_queue, waiting_score
+
+log = logging.getLogger(__name__)
+
+#: Parameters naming another scan the job needs (see :mod:`workers.inputs`).
+INPUT_PARAMS = ("reference_scan", "reference_protocol")
+
+
+@dataclass(frozen=True)
+class Estimate:
+    bytes: int  # GPU memory
+    seconds: float  # expected run time; 0: unknown
+
+
+def scan_header(path: Path) -> Any:
+    """The parsed MRD header of a stored raw file, read once per file and version: the jobs of a batch
+    often share scans, and a stored scan does not change (a rewritten file has a new mtime or size)."""
+    st = path.stat()
+    return _read_header(str(path), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=256)
+def _read_header(path: str, mtime_ns: int, size: int) -> Any:
+    with RawScan.open(path) as scan:
+        return scan.header
+
+
+def estimate_job(job: Job, scans: ScanStore, pipeline: Pipeline, store: JobStore) -> Estimate:
+    """The job's estimates, made from its header once and then kept on the job (with a log line)."""
+    if job.mem_estimate_bytes > 0:
+        return Estimate(job.mem_estimate_bytes, job.runtime_estimate_s)
+    header = scan_header(scans.raw_path(job.scan_id))
+    need = estimate_bytes(header, job.params, pipeline)
+    seconds = estimate_seconds(header, job.params, pipeline, history_seconds(store.redis, job.pipeline, job.protocol))
+    store.update(job.id, mem_estimate_bytes=need, runtime_estimate_s=seconds)
+    store.log(job.id, f"GPU memory estimate {need / 1e9:.1f} GB, run time "
+                      f"{f'{seconds:.0f} s' if seconds else 'not known'}")
+    job.mem_estimate_bytes, job.runtime_estimate_s = need, seconds
+    return Estimate(need, seconds)
+
+
+def send_to_queue(celery: Celery, client: redis.Redis, job_id: str, queue: str) -> None:
+    """Send a job's id to ``queue``; the task id is the job id and its attempt (as the workers send it)."""
+    attempts = client.hget(JOB_KEY + job_id, "attempts") or "0"
+    celery.send_task(RUN_JOB_TASK, args=[job_id], queue=queue, task_id=f"{job_id}.{attempts}")
+
+
+class Placement:
+    """Submit-time placement for one submitting process (gateway, API, benchmark)."""
+
+    def __init__(self, settings: Settings, store: JobStore, scans: ScanStore, celery: Celery) -> None:
+        self.settings, self.store, self.scans, self.celery = settings, store, scans, celery
+        self.admission = Admission(store.redis, settings.backfill_limit_s, settings.gpu_forget_s)
+
+    def place(self, job: Job) -> bool:
+        """Put a queued job in the waiting set and send the jobs the fills reserved to their GPUs' queues;
+        False if the job should go to its priority queue instead (see the module doc)."""
+        return not self.place_many([job])
+
+    def place_many(self, jobs: Sequence[Job]) -> list[Job]:
+        """Place queued jobs as one batch (the fills choose among all of them); returns those that should
+        go to their priority queues instead (see the module doc)."""
+        if not self.settings.admission_control:
+            return list(jobs)
+        entries, rest = [], []
+        for job in jobs:
+            estimate = self._estimate(job)
+            if estimate is None:
+                rest.append(job)
+            else:
+                entries.append((job.id, estimate.bytes, waiting_score(job.queue, job.queued_at or 0.0),
+                                estimate.seconds))
+        if not entries:
+            return rest
+        unplaced, dispatched = self.admission.submit(entries)
+        for other, gpu_id in dispatched:
+            log.info("job %s: memory reserved on %s; sent to its queue", other, gpu_id)
+            send_to_queue(self.celery, self.store.redis, other, gpu_queue(gpu_id))
+        return rest + [job for job in jobs if job.id in set(unplaced)]
+
+    def _estimate(self, job: Job) -> Estimate | None:
+        """The job's estimates, or None where a worker must make them (see the module doc)."""
+        if any(job.params.get(p) for p in INPUT_PARAMS):
+            return None
+        try:
+            pipeline = get_pipeline(job.pipeline)
+        except ReconError:
+            return None  # registered in the workers only (a plugin the submitter does not load)
+        try:
+            return estimate_job(job, self.scans, pipeline, self.store)
+        except (EstimateError, ReconError, OSError) as e:
+            log.info("job %s: not placed at submit (%s); a worker estimates it", job.id, e)
+            return None
