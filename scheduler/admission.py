@@ -443,8 +443,8 @@ for _, h in ipairs(fresh_gpus(now, forget)) do
 end
 local unplaced = {}
 for i = 0, count - 1 do
-  local job, need, seconds, score = ARGV[18 + 4 * i], tonumber(ARGV[19 + 4 * i]), ARGV[20 + 4 * i],
-    tonumber(ARGV[21 + 4 * i])
+  local job, need, seconds, score = ARGV[19 + 4 * i], tonumber(ARGV[20 + 4 * i]), ARGV[21 + 4 * i],
+    tonumber(ARGV[22 + 4 * i])
   if need > biggest then unplaced[#unplaced + 1] = job else wait(job, need, score, seconds) end
 end
 local out = {#unplaced}
