@@ -9,10 +9,20 @@ import pytest
 import redis
 
 from recon.simulate import synthetic_scan
-from reconq.constants import WORKER_HEARTBEAT, JobState
+from reconq.constants import GPU_RESERVATION_ENDS, WORKER_HEARTBEAT, JobState
 from reconq.jobs import Job, JobStore
 from scheduler.admission import Admission, Verdict
-from scheduler.estimate import CONTEXT_BYTES, GB, EstimateError, default_estimate, estimate_bytes
+from scheduler.estimate import (
+    CONTEXT_BYTES,
+    GB,
+    HISTORY_KEPT,
+    EstimateError,
+    default_estimate,
+    estimate_bytes,
+    estimate_seconds,
+    history_seconds,
+    record_runtime,
+)
 from scheduler.inventory import NoGpuInventory, SimulatedInventory, make_inventory
 from scheduler.routing import waiting_score
 
@@ -252,3 +262,107 @@ def test_a_job_that_does_not_fit_here_moves_to_a_gpu_with_idle_workers(client: r
     assert adm.waiting() == [] and [r.job_id for r in adm.reservations("big")] == ["a"]
     assert adm.admit("big", "a", 40 * GB, "b1", queued(store, "a")).verdict is Verdict.RUN  # started there
     assert [r.worker for r in adm.reservations("big")] == ["b1"]
+
+
+def test_run_time_estimate_precedence_params_then_pipeline_then_history(client: redis.Redis) -> None:
+    header = synthetic_scan(matrix=(32, 32), ncoil=2).header
+
+    class Timed:
+        name = "timed"
+
+        def runtime_estimate(self, header: object, params: object) -> float:
+            return 40.0
+
+    assert estimate_seconds(header, {"expected_seconds": "12.5"}, Timed(), history=99.0) == 12.5
+    assert estimate_seconds(header, {}, Timed(), history=99.0) == 40.0
+    assert estimate_seconds(header, {}, object(), history=99.0) == 99.0
+    assert estimate_seconds(header, {}, object()) == 0.0  # not known
+    for bad in ("soon", 0, -3):
+        with pytest.raises(EstimateError, match="expected_seconds"):
+            estimate_seconds(header, {"expected_seconds": bad})
+    assert history_seconds(client, "sense", "t1_tse") is None
+    for s in [100.0] * 5 + [10.0, 20.0, 30.0]:  # the latest HISTORY_KEPT count; the median resists outliers
+        record_runtime(client, "sense", "t1_tse", s)
+    assert history_seconds(client, "sense", "t1_tse") == 100.0
+    for _ in range(HISTORY_KEPT):
+        record_runtime(client, "sense", "t1_tse", 7.0)
+    assert history_seconds(client, "sense", "t1_tse") == 7.0  # the old runs are forgotten
+    assert history_seconds(client, "sense", "other") is None
+
+
+def submitted(store: JobStore, adm: Admission, *jobs: tuple[str, float, float], queue: str = "routine"
+              ) -> tuple[list[str], dict[str, str]]:
+    """Place (job id, GB, expected seconds) jobs as one batch; (jobs not placed, job -> GPU reserved)."""
+    now = time.time()
+    entries = [(job, int(size * GB), queued(store, job, queue, now), secs) for job, size, secs in jobs]
+    unplaced, dispatched = adm.submit(entries)
+    return unplaced, dict(dispatched)
+
+
+def test_a_batch_is_placed_as_a_whole(client: redis.Redis) -> None:
+    adm, store = Admission(client), JobStore(client)
+    gpus(adm, big=80, small=24)
+    workers(client, adm, "big", "b1", "b2", "b3", "b4")
+    workers(client, adm, "small", "s1", "s2")
+    # listed small first: placed one by one, the small jobs would take the big GPU
+    unplaced, placed = submitted(store, adm, ("s4", 4, 10), ("s3", 3, 10), ("m20", 20, 10), ("L40", 40, 10),
+                                 ("L38", 38, 10), ("m6", 6, 10))
+    assert unplaced == []
+    # the large jobs start at once on the one GPU that can take them, the mid-sized one on the small GPU;
+    # the 2 GB left on the big GPU fit nothing, and the rest wait
+    assert placed == {"L40": "big", "L38": "big", "m20": "small", "s4": "small"}
+    assert sorted(j for j, _, _ in adm.waiting()) == ["m6", "s3"]
+    assert adm.reserved_bytes("big") == 78 * GB and adm.reserved_bytes("small") == 24 * GB
+    # pending reservations belong to a live worker of their GPU: reclaimed if it dies
+    assert {r.worker.split(">")[0] for r in adm.reservations("big")} <= {"b1", "b2", "b3", "b4"}
+
+
+def test_jobs_no_gpu_can_take_are_left_to_their_queues(client: redis.Redis) -> None:
+    adm, store = Admission(client), JobStore(client)
+    gpus(adm, small=24)
+    assert submitted(store, adm, ("a", 4, 10)) == (["a"], {})  # no live worker yet
+    assert adm.waiting() == []
+    workers(client, adm, "small", "s1")
+    unplaced, placed = submitted(store, adm, ("huge", 30, 10), ("b", 4, 10))
+    assert unplaced == ["huge"] and placed == {"b": "small"}  # too large for every GPU: a worker decides
+    assert adm.waiting() == []
+
+
+def held_gpu(client: redis.Redis, adm: Admission, store: JobStore, held_queue: str) -> None:
+    """An 80 GB GPU running a 50 GB job expected to end in 100 s, and a waiting 70 GB job held for it."""
+    gpus(adm, big=80, small=24)  # 70 GB: a large job, which holds the one GPU it fits
+    workers(client, adm, "big", "b1", "b2", "b3", "b4")
+    workers(client, adm, "small", "s1")
+    now = time.time()
+    assert adm.admit("big", "run", 50 * GB, "b1", queued(store, "run", at=now), 100.0).verdict is Verdict.RUN
+    assert adm.admit("small", "busy", 24 * GB, "s1", queued(store, "busy", at=now), 1000.0).verdict is Verdict.RUN
+    assert adm.admit("big", "held", 70 * GB, "b2", queued(store, "held", held_queue, now), 50.0).verdict is Verdict.WAIT
+
+
+def test_backfill_starts_only_jobs_that_do_not_delay_the_held_job(client: redis.Redis) -> None:
+    adm, store = Admission(client), JobStore(client)
+    held_gpu(client, adm, store, "routine")
+    # the held job fits when `run` ends (in 100 s), with 10 GB to spare then
+    unplaced, placed = submitted(store, adm, ("short", 15, 10), ("long", 15, 500), ("tiny", 8, 500),
+                                 ("unknown", 15, 0))
+    # `short` ends before then, `tiny` fits the spare 10 GB; `long` would delay the held job, and
+    # `unknown` might: both wait
+    assert unplaced == [] and placed == {"tiny": "big", "short": "big"}
+    assert sorted(j for j, _, _ in adm.waiting()) == ["held", "long", "unknown"]
+
+
+def test_a_held_stat_job_is_backfilled_only_with_memory_it_never_needs(client: redis.Redis) -> None:
+    adm, store = Admission(client), JobStore(client)
+    held_gpu(client, adm, store, "stat")
+    # a patient waits: a job expected to end in time might not, so only the spare 10 GB is backfilled
+    unplaced, placed = submitted(store, adm, ("short", 15, 10), ("tiny", 8, 500))
+    assert unplaced == [] and placed == {"tiny": "big"}
+    assert sorted(j for j, _, _ in adm.waiting()) == ["held", "short"]
+
+
+def test_a_job_past_its_expected_end_stops_backfill_by_time(client: redis.Redis) -> None:
+    adm, store = Admission(client), JobStore(client)
+    held_gpu(client, adm, store, "routine")
+    client.hset(GPU_RESERVATION_ENDS + "big", "run", time.time() - 5)  # `run` overran its estimate
+    unplaced, placed = submitted(store, adm, ("short", 15, 10), ("tiny", 8, 500))
+    assert placed == {"tiny": "big"}  # the held job may fit any moment now: nothing ends "before" it

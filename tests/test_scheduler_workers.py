@@ -27,8 +27,9 @@ from reconq.redisconn import PrivateRedis
 from reconq.settings import Settings, load_settings
 from reconq.stack import settings_env
 from reconq.storage import ScanStore
-from scheduler.estimate import GB
+from scheduler.estimate import GB, history_seconds
 from scheduler.monitor import cluster_status, live_workers
+from scheduler.placement import Placement
 from workers.app import make_celery
 from workers.testpipelines import OVERCOMMITS, SIMULATED_PEAK
 
@@ -212,3 +213,28 @@ def test_gpus_table_and_api(sub: Submitter, client: redis.Redis, sched_settings:
     api = make_api(sched_settings.model_copy(update={"dashboard_public_read": True}), client)
     r = TestClient(api).get("/api/gpus")
     assert r.status_code == 200 and [g["id"] for g in r.json()["gpus"]] == ["testnode:sim0", "testnode:sim1"]
+
+
+def test_jobs_placed_at_submit_run_where_they_fit(sub: Submitter, client: redis.Redis,
+                                                  sched_settings: Settings) -> None:
+    """The gateway's path: the submitter estimates each job (here ``cartesian``, a pipeline it has, with the
+    memory stated) and places the batch in the waiting set; the workers only run what was reserved."""
+    placement = Placement(sched_settings, sub.store, ScanStore(sched_settings.data_dir), sub.celery)
+    sizes = {"pl-a": 20, "pl-b": 6, "pl-c": 3, "pl-huge": 40}
+    jobs = [Job(id=i, scan_id=sub.scan_id, pipeline="cartesian", queue="routine", protocol="pl-proto",
+                params={"gpu_memory_gb": gb, "expected_seconds": 2}) for i, gb in sizes.items()]
+    for job in jobs:
+        assert sub.store.create(job)
+        assert sub.store.set_state(job.id, JobState.QUEUED)
+    left = placement.place_many(jobs)
+    assert [j.id for j in left] == ["pl-huge"]  # larger than every GPU: left to its queue and a CPU worker
+    enqueue(sub.store, sub.celery, left[0])
+    done = sub.wait(list(sizes))
+    assert all(j.state is JobState.DONE for j in done.values()), {i: j.error for i, j in done.items()}
+    assert done["pl-a"].gpu == "testnode:sim1"  # 20 GB: only the 24 GB GPU
+    assert done["pl-b"].gpu.startswith("testnode:sim") and done["pl-c"].gpu.startswith("testnode:sim")
+    assert done["pl-huge"].gpu == "cpu"
+    for i, gb in sizes.items():  # the estimates are kept on the job
+        assert done[i].mem_estimate_bytes == gb * GB and done[i].runtime_estimate_s == 2
+    assert history_seconds(client, "cartesian", "pl-proto") is not None  # run times feed later estimates
+    wait_reservations_zero(client)
