@@ -22,12 +22,12 @@ import functools
 import json
 import logging
 import threading
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from celery import Celery
 
-from gateway.submit import enqueue, job_for_scan
+from gateway.submit import enqueue, enqueue_many, job_for_scan
 from reconq.constants import CPU_QUEUE, GPU_QUEUE_PREFIX, GPU_WAITING, JobState, Queue
 from reconq.jobs import Job, JobStore
 from reconq.storage import ScanState, ScanStore
@@ -212,24 +212,39 @@ class Actions:
                 return gpu_queue(g)
         return ""
 
-    @_serialised
     def retro_recon(self, scan_id: str, pipeline: str, params: dict[str, Any] | None, queue: Queue,
                     who: str) -> Job:
         """A new job ``<scan_id>-j<n>`` on a stored scan, with another pipeline or parameters."""
-        try:
-            record = self.scans.load(scan_id)
-        except (ValueError, OSError) as e:
-            raise ActionError(404, f"no stored scan {scan_id!r}") from e
-        if record.state is not ScanState.COMPLETE:
-            raise ActionError(409, f"scan {scan_id} is {record.state.value}; only a complete scan can be "
-                                   "reconstructed again")
+        return self.retro_recon_many([scan_id], pipeline, params, queue, who)[0]
+
+    @_serialised
+    def retro_recon_many(self, scan_ids: Sequence[str], pipeline: str, params: dict[str, Any] | None, queue: Queue,
+                         who: str) -> list[Job]:
+        """:meth:`retro_recon` of several scans as one batch: every scan is checked first (one refused,
+        none queued), and the jobs are placed together, so the scheduler chooses among all of them."""
+        if not scan_ids:
+            raise ActionError(422, "no scans named")
         if pipeline not in self.pipelines:
             raise ActionError(422, f"unknown pipeline {pipeline!r}; known pipelines: "
                                    + ", ".join(sorted(self.pipelines)))
-        job = job_for_scan(record, self.store.next_job_id(scan_id), queue.value, pipeline, params)
-        self.store.create(job)
-        enqueue(self.store, self.celery, job, self.placement)
-        self.store.record_action(job.id, who, "retro-recon", f"pipeline {pipeline} on queue {queue.value}, "
-                                                             f"params {json.dumps(job.params, sort_keys=True)}")
-        log.info("job %s: retro-recon of scan %s with %s by %s", job.id, scan_id, pipeline, who)
-        return self._job(job.id)
+        records = []
+        for scan_id in dict.fromkeys(scan_ids):
+            try:
+                record = self.scans.load(scan_id)
+            except (ValueError, OSError) as e:
+                raise ActionError(404, f"no stored scan {scan_id!r}") from e
+            if record.state is not ScanState.COMPLETE:
+                raise ActionError(409, f"scan {scan_id} is {record.state.value}; only a complete scan can be "
+                                       "reconstructed again")
+            records.append(record)
+        jobs = []
+        for record in records:
+            job = job_for_scan(record, self.store.next_job_id(record.scan_id), queue.value, pipeline, params)
+            self.store.create(job)
+            jobs.append(job)
+        enqueue_many(self.store, self.celery, jobs, self.placement)
+        for job in jobs:
+            self.store.record_action(job.id, who, "retro-recon", f"pipeline {pipeline} on queue {queue.value}, "
+                                                                 f"params {json.dumps(job.params, sort_keys=True)}")
+            log.info("job %s: retro-recon of scan %s with %s by %s", job.id, job.scan_id, pipeline, who)
+        return [self._job(job.id) for job in jobs]

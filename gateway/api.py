@@ -69,6 +69,9 @@ class JobOut(BaseModel):
     started_at: float | None
     finished_at: float | None
     run_time_s: float | None = Field(description="Seconds running: to the finish, or until now")
+    memory_estimate_gb: float | None = Field(description="GPU memory the scheduler reserves for it; null: not "
+                                                         "estimated yet")
+    expected_run_time_s: float | None = Field(description="Its expected run time; null: not known")
     worker: str
     gpu: str
     error: str
@@ -139,6 +142,11 @@ class RetroRecon(BaseModel):
     queue: Queue = Queue.BULK
 
 
+class RetroBatch(RetroRecon):
+    scan_ids: list[Annotated[str, Field(min_length=1, max_length=200)]] = Field(
+        min_length=1, max_length=1000, description="The stored scans; one job each, placed as one batch")
+
+
 def get_store(request: Request) -> JobStore:
     return request.app.state.jobs
 
@@ -189,6 +197,8 @@ def job_out(job: Job, who: Principal, now: float | None = None) -> JobOut:
     data["has_images"] = job.state is JobState.DONE and bool(job.result_path)
     data["patient"] = job.patient_id if who.staff else mask(job.patient_id)
     data["run_time_s"] = run_time(job, time.time() if now is None else now)
+    data["memory_estimate_gb"] = round(job.mem_estimate_bytes / 1e9, 2) if job.mem_estimate_bytes else None
+    data["expected_run_time_s"] = job.runtime_estimate_s or None
     return JobOut.model_validate(data)
 
 
@@ -319,6 +329,15 @@ def change_priority(job_id: JobId, body: PriorityChange, actions: ActionsDep, wh
 def retro_recon(scan_id: Annotated[str, PathParam(min_length=1, max_length=200)], actions: ActionsDep,
                 who: StaffDep, body: Annotated[RetroRecon, Body()]) -> JobOut:
     return job_out(actions.retro_recon(scan_id, body.pipeline, body.params, body.queue, who.name), who)
+
+
+@actions_router.post("/retro", response_model=list[JobOut], status_code=201,
+                     summary="Retro-recon of several scans as one batch (all checked first; placed together)",
+                     responses={**ACTION_ERRORS, 404: {"model": Problem, "description": "No such scan"},
+                                422: {"model": Problem, "description": "Unknown pipeline"}})
+def retro_recon_batch(actions: ActionsDep, who: StaffDep, body: Annotated[RetroBatch, Body()]) -> list[JobOut]:
+    jobs = actions.retro_recon_many(body.scan_ids, body.pipeline, body.params, body.queue, who.name)
+    return [job_out(job, who) for job in jobs]
 
 
 @status_router.get("/queues", response_model=list[QueueDepth], summary="Messages waiting per queue",

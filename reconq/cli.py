@@ -163,19 +163,22 @@ def cmd_retro(settings: Settings, args: argparse.Namespace) -> int:
     from reconq.jobs import JobStore
     from reconq.redisconn import connect
     from reconq.storage import ScanStore
+    from scheduler.placement import Placement
     from workers.app import make_celery
     from workers.plugins import load_plugins
 
     load_plugins(settings.plugin_dir, settings.parameter_map)
-    actions = Actions(JobStore(connect(settings)), make_celery(settings), ScanStore(settings.data_dir),
-                      pipeline_names())
+    store, celery, scans = JobStore(connect(settings)), make_celery(settings), ScanStore(settings.data_dir)
+    actions = Actions(store, celery, scans, pipeline_names(), Placement(settings, store, scans, celery))
     try:
-        job = actions.retro_recon(args.scan_id, args.pipeline, json.loads(args.params) if args.params else None,
-                                  Queue(args.queue), who=f"cli:{getpass.getuser()}")
+        jobs = actions.retro_recon_many(args.scan_id, args.pipeline,
+                                        json.loads(args.params) if args.params else None, Queue(args.queue),
+                                        who=f"cli:{getpass.getuser()}")
     except ActionError as e:
         print(f"reconq retro: {e.message}", file=sys.stderr)
         return 1
-    print(f"job {job.id} queued on {job.queue}: pipeline {job.pipeline} on scan {job.scan_id}")
+    for job in jobs:
+        print(f"job {job.id} queued on {job.queue}: pipeline {job.pipeline} on scan {job.scan_id}")
     return 0
 
 
@@ -229,8 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--protocol", default=None)
     p.add_argument("--job", default=None, help="ask for this job id instead of matching")
     p.add_argument("--out", required=True, help="MRD file to write the images to")
-    p = add("retro", cmd_retro, "retro-recon: a new job on a stored scan, with another pipeline or parameters")
-    p.add_argument("scan_id", help="the stored scan (see `reconq jobs` or the dashboard)")
+    p = add("retro", cmd_retro, "retro-recon: a new job on each stored scan named, with another pipeline or "
+                                "parameters (several scans are placed as one batch)")
+    p.add_argument("scan_id", nargs="+", help="the stored scan(s) (see `reconq jobs` or the dashboard)")
     p.add_argument("--pipeline", required=True)
     p.add_argument("--params", default=None, help="JSON parameters of the new job")
     p.add_argument("--queue", default="bulk", choices=["stat", "routine", "bulk"])

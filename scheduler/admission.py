@@ -8,25 +8,32 @@ never both take the last gigabytes.
 - A reservation is released when the job ends, however it ends (the worker's ``finally``), and
   reclaimed by the next script that looks at the GPU once the worker holding it stops sending
   heartbeats (its ``reconq:hb:<worker>`` key expired).
-- A job that does not fit now goes to the waiting set ``reconq:waiting``, ordered by queue rank
-  (``stat``, ``routine``, ``bulk``) and then by the time it was queued. Jobs leave it by *filling* a
-  GPU (:meth:`Admission.fill`): while the GPU has free memory and idle worker slots (its live workers,
-  registered by their heartbeats in ``reconq:gpuworkers:<gpu>``, less the jobs reserved there), reserve
-  a waiting job and send it to the GPU's own queue ``gpu.<id>``, which its workers consume first. A GPU
-  is filled when a job ends on it, when a job is admitted on it, by its idle workers every
-  ``dispatch_poll_s``, and, when a job fits neither the GPU that took it from its queue nor waits for
-  it, any other GPU with idle workers is filled at once (the job is *moved* there).
-- Which waiting job fills a GPU: first a ``stat`` job that fits now, in waiting order; then a *large*
-  job (too large for the smallest GPU: it can run on few GPUs) that fits now; else the best fit: the
-  job with the largest share of the GPU's memory, plus one share for every ``backfill_limit_s`` seconds
-  it has waited (jobs queued together keep best-fit order, which packs memory and starts large, long
-  jobs early; a job older by ``backfill_limit_s`` beats any younger one).
-- Holding: a ``stat`` job, the first job that has waited longer than ``backfill_limit_s``, and large
-  jobs (the smallest first), when they fit no GPU now, each claim one GPU, their *target*: of the GPUs
-  large enough and not claimed before, the one with the most memory available (it fits there soonest).
-  On its target another job starts only if the holding job still fits once the largest job running
-  there ends (of the jobs that fit the smallest GPU), so the hold costs little memory and ends at the
-  latest when that job ends. The other GPUs go on packing.
+- Jobs wait in the waiting set ``reconq:waiting``, ordered by queue rank (``stat``, ``routine``,
+  ``bulk``) and then by the time they were queued, with their memory need and expected run time. A job
+  gets there at submit (:meth:`Admission.submit`, see :mod:`scheduler.placement`: a batch goes in as a
+  whole), or when it does not fit the GPU of the worker that took it from its priority queue. Jobs leave
+  it by *filling* a GPU (:meth:`Admission.fill`): while the GPU has free memory and idle worker slots
+  (its live workers, registered by their heartbeats in ``reconq:gpuworkers:<gpu>``, less the jobs
+  reserved there), reserve a waiting job and send it to the GPU's own queue ``gpu.<id>``, which its
+  workers consume first. A GPU is filled at submit, when a job ends on it, when a job is admitted on
+  it, by its idle workers every ``dispatch_poll_s``, and, when a job fits neither the GPU that took it
+  from its queue nor waits for it, any other GPU with idle workers is filled at once (the job is
+  *moved* there).
+- Which waiting job fills a GPU: first a ``stat`` job that fits now, in waiting order; then the largest
+  *large* job (too large for the smallest GPU: it can run on few GPUs, and runs long) that fits now;
+  else the best fit: the job with the largest share of the GPU's memory x time (its share of the
+  memory times its expected run time over the longest among the fitting jobs), plus one for every
+  ``backfill_limit_s`` seconds it has waited. Jobs queued together thus start long, large jobs first and
+  leave short, small ones to fill the end; a job older by ``backfill_limit_s`` beats any younger one.
+- Holding, with EASY backfilling: a ``stat`` job, the first job that has waited longer than
+  ``backfill_limit_s``, and large jobs (the smallest first), when they fit no GPU now, each claim one
+  GPU, their *target*: of the GPUs large enough and not claimed before, the one with the most memory
+  available (it fits there soonest). On its target, the holding job's *shadow time* is when it would
+  fit if nothing else started there and the jobs running there ended when expected (reservations keep
+  their expected end in ``reconq:resvend:<gpu>``; one without a run time ends never). Another job starts
+  there only if it leaves the holding job its memory at the shadow time, or, when the holding job is
+  not a ``stat`` job, if it is expected to end by then; and one idle worker is kept for the holding
+  job. So a hold costs memory only for jobs that would delay it. The other GPUs go on packing.
 - A job larger than every GPU seen in the last ``gpu_forget_s`` is reported as fitting nowhere.
 
 Keys are in :mod:`reconq.constants` (and :data:`GPU_WORKERS` here); the job states the scripts read are

@@ -15,6 +15,11 @@ The default model, for a pipeline that reconstructs one volume at a time on the 
 complex64 sample; ``grid``: 1 for Cartesian, ``GRID_OVERSAMPLING ** ndim`` for non-Cartesian
 trajectories (gridding on an oversampled grid); ``WORK_FACTOR`` covers k-space, coil images, FFT
 workspace and the combined image; ``CONTEXT_BYTES`` the CUDA context and library handles.
+
+Run-time estimates (:func:`estimate_seconds`), which only order waiting jobs and let short jobs backfill
+memory held for a large one, come from ``params["expected_seconds"]``, the pipeline's
+``runtime_estimate(header, params) -> float``, or the median of the latest run times of the same
+pipeline and protocol (:func:`record_runtime` keeps them), in that order; else they are unknown.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ from PIL import Image as PILImage
 from gateway.api import make_api
 from gateway.auth import ACTION_HEADER, hash_password, hash_token, verify_secret
 from gateway.submit import enqueue
-from recon.simulate import synthetic_scan
+from recon.simulate import synthetic_scan, write_mrd
 from reconq.constants import GPU_SEEN, GPU_STATE, RUN_JOB_TASK, WORKER_HEARTBEAT, JobState
 from reconq.jobs import Job
 from reconq.settings import SettingsError
@@ -487,3 +487,33 @@ def test_plugin_pipelines_are_offered_for_retro_recon(settings):
     examples = Path(__file__).resolve().parents[1] / "examples" / "plugins"
     api = make_client(settings, dashboard_public_read=True, plugin_dir=examples)
     assert "hann_fft" in api.get("/api/pipelines").json()
+
+
+def test_retro_recon_of_several_scans_is_placed_as_one_batch(api, store, settings):
+    scans = ScanStore(settings.data_dir)
+    for scan_id in ("rb1", "rb2", "rb3"):
+        stored_scan(settings, scan_id)
+        write_mrd(synthetic_scan(matrix=(16, 16), ncoil=2), scans.raw_path(scan_id))
+    adm = Admission(store.redis)
+    adm.register_gpu("g0", 24 * GB, 24 * GB, "{}")
+    store.redis.set(WORKER_HEARTBEAT + "w", "{}", px=60_000)
+    adm.register_worker("g0", "w")  # one live worker: one job can start now
+    body = {"scan_ids": ["rb1", "rb2", "rb3"], "pipeline": "cartesian",
+            "params": {"gpu_memory_gb": 10, "expected_seconds": 30}}
+    assert api.post("/api/retro", json=body).status_code == 401
+    refused = api.post("/api/retro", json={**body, "scan_ids": ["rb1", "nope"]}, headers=STAFF)
+    assert refused.status_code == 404 and "no stored scan 'nope'" in refused.json()["detail"]
+    assert store.query(limit=10)[1] == 0  # one scan refused: nothing queued
+    r = api.post("/api/retro", json=body, headers=STAFF)
+    assert r.status_code == 201, r.json()
+    ids = [j["id"] for j in r.json()]
+    assert [i.split("-j")[0] for i in ids] == ["rb1", "rb2", "rb3"]
+    assert all(j["memory_estimate_gb"] == 10 and j["expected_run_time_s"] == 30 for j in r.json())
+    # placed at submit: one reserved on g0 and sent to its queue, two waiting for memory; none on `bulk`
+    assert queue_ids(store, "bulk") == [] and len(queue_ids(store, "gpu.g0")) == 1
+    assert sorted([r.job_id for r in adm.reservations("g0")] + [j for j, _, _ in adm.waiting()]) == ids
+    for job_id in ids:
+        job = store.get(job_id)
+        assert job.state is JobState.QUEUED and job.queue == "bulk"
+        assert job.mem_estimate_bytes == 10 * GB and job.runtime_estimate_s == 30
+        assert store.actions(job_id)[0]["action"] == "retro-recon"

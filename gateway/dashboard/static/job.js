@@ -26,6 +26,8 @@ function render(j) {
     fact("Queue", e(j.queue)) + fact("Attempts", j.attempts) + fact("Created", ReconQ.time(j.created_at)) +
     fact("Queued", ReconQ.time(j.queued_at)) + fact("Started", ReconQ.time(j.started_at)) +
     fact("Finished", ReconQ.time(j.finished_at)) + fact("Run time", ReconQ.duration(j.run_time_s)) +
+    fact("Expected run time", j.expected_run_time_s == null ? "not known" : ReconQ.duration(j.expected_run_time_s)) +
+    fact("GPU memory", j.memory_estimate_gb == null ? "not estimated" : `${j.memory_estimate_gb} GB`) +
     fact("GPU", e(j.gpu)) + fact("Worker", e(j.worker));
   document.getElementById("params").textContent = JSON.stringify(j.params, null, 2);
   document.querySelector("#stages tbody").innerHTML = j.stages.map((s) =>
