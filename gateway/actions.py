@@ -170,9 +170,9 @@ class Actions:
             raise ActionError(409, f"job {job_id} is {job.state.value}; only a queued job can change priority")
         change = f"queue {job.queue} -> {queue.value}"
         if job.state is JobState.QUEUED and take_from_queue(self.store, job.queue, task_ids(job)):
-            enqueue(self.store, self.celery, dataclasses.replace(job, queue=queue.value), self.placement)
-            if job.queued_at is not None:
-                self.store.update(job_id, queued_at=job.queued_at)  # still waiting since it was first queued
+            # still waiting since it was first queued: it keeps its age among the waiting jobs
+            enqueue(self.store, self.celery, dataclasses.replace(job, queue=queue.value), self.placement,
+                    since=job.queued_at)
             detail = change
         elif job.state is JobState.WAITING_INPUTS:  # its next look for the inputs is sent to the new queue
             self.store.update(job_id, queue=queue.value)

@@ -31,21 +31,31 @@ def first_job_id(scan_id: str) -> str:
     return f"{scan_id}-j1"
 
 
-def enqueue(store: JobStore, celery: Celery, job: Job, placement: Placement | None = None) -> None:
+def enqueue(store: JobStore, celery: Celery, job: Job, placement: Placement | None = None,
+            since: float | None = None) -> None:
     """Mark ``job`` queued and place it in the waiting set (with ``placement``, where it can: see
-    :mod:`scheduler.placement`), else send its id to its queue (the task id is the job id plus attempt)."""
-    enqueue_many(store, celery, [job], placement)
+    :mod:`scheduler.placement`), else send its id to its queue (the task id is the job id plus attempt).
+    ``since``: the time it has been queued since (a job moved to another queue keeps its place in time)."""
+    enqueue_many(store, celery, [job], placement, since)
 
 
-def enqueue_many(store: JobStore, celery: Celery, jobs: Sequence[Job], placement: Placement | None = None) -> None:
+def enqueue_many(store: JobStore, celery: Celery, jobs: Sequence[Job], placement: Placement | None = None,
+                 since: float | None = None) -> None:
     """:func:`enqueue` for a batch: with ``placement``, the jobs are placed as one batch, so the scheduler
-    chooses among all of them rather than starting them in the order they are listed."""
-    now = time.time()
+    chooses among all of them rather than starting them in the order they are listed. Should placement
+    fail (Redis, a broker error), every job still goes to its priority queue: none is left queued with
+    no message (a worker that takes one already waiting just admits it again)."""
+    when = since or time.time()
     queued = []
     for job in jobs:
-        if store.set_state(job.id, JobState.QUEUED, queue=job.queue, queued_at=now):
-            queued.append(dataclasses.replace(job, queued_at=now))
-    rest = placement.place_many(queued) if placement is not None else queued
+        if store.set_state(job.id, JobState.QUEUED, queue=job.queue, queued_at=when):
+            queued.append(dataclasses.replace(job, queued_at=when))
+    rest: Sequence[Job] = queued
+    if placement is not None:
+        try:
+            rest = placement.place_many(queued)
+        except Exception:
+            log.exception("placing %d job(s) failed; they go to their priority queues", len(queued))
     sent = {job.id for job in rest}
     for job in queued:
         if job.id not in sent:

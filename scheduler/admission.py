@@ -32,8 +32,9 @@ never both take the last gigabytes.
   fit if nothing else started there and the jobs running there ended when expected (reservations keep
   their expected end in ``reconq:resvend:<gpu>``; one without a run time ends never). Another job starts
   there only if it leaves the holding job its memory at the shadow time, or, when the holding job is
-  not a ``stat`` job, if it is expected to end by then; and one idle worker is kept for the holding
-  job. So a hold costs memory only for jobs that would delay it. The other GPUs go on packing.
+  not a ``stat`` job, if it is expected to end by then (a shadow time that depends on a job of unknown
+  run time allows only the first). So a hold costs memory only for jobs that would delay it. The other
+  GPUs go on packing.
 - A job larger than every GPU seen in the last ``gpu_forget_s`` is reported as fitting nowhere.
 
 Keys are in :mod:`reconq.constants` (and :data:`GPU_WORKERS` here); the job states the scripts read are
@@ -192,7 +193,9 @@ end
 
 -- The shadow of a job of `need` bytes held on g (EASY backfilling): the time it fits g if no other job
 -- starts there and the jobs there end when expected, and the memory left over then. A reservation whose
--- run time is not known ends never; one past its expected end, now.
+-- run time is not known ends at an unknown time (math.huge: then only the memory left over counts); one
+-- past its expected end, now. The reservation that lets it fit frees a worker slot too, so no slot is
+-- kept for it.
 local function shadow(g, avail, need, now)
   local ends = {}
   local resv = redis.call('HGETALL', RESV .. g)
@@ -248,7 +251,7 @@ local function pick(g, avail, total, now, limit, forget, maxscan)
   local function allowed(wneed, secs)
     if wneed > avail then return false end
     if held == nil or wneed <= extra then return true end
-    return (not strict) and secs > 0 and now + secs <= until_
+    return (not strict) and secs > 0 and until_ < math.huge and now + secs <= until_
   end
   local function claim(w, wneed, u)
     local t = target(wneed, now, forget, claimed, avails)
@@ -325,10 +328,7 @@ local function fill(g, owner, maxjobs, own, mine, now, limit, forget, maxscan)
       held = h
       break
     end
-    if h and h ~= w then
-      held = h
-      if slots <= 1 and workers > 0 then break end  -- the last idle worker is kept for the held job
-    end
+    if h and h ~= w then held = h end
     reserve(g, w, wneed, (w == mine) and owner or (owner .. PENDING), now)
     got[#got + 1] = w
     avail = avail - wneed

@@ -129,4 +129,6 @@ class Placement:
             return estimate_job(job, self.scans, pipeline, self.store)
         except (EstimateError, ReconError, OSError) as e:
             log.info("job %s: not placed at submit (%s); a worker estimates it", job.id, e)
-            return None
+        except Exception:  # a plugin's model may fail in any way: the worker fails the job saying why
+            log.exception("job %s: estimate failed at submit; a worker estimates it", job.id)
+        return None

@@ -328,15 +328,18 @@ def test_jobs_no_gpu_can_take_are_left_to_their_queues(client: redis.Redis) -> N
     assert adm.waiting() == []
 
 
-def held_gpu(client: redis.Redis, adm: Admission, store: JobStore, held_queue: str) -> None:
-    """An 80 GB GPU running a 50 GB job expected to end in 100 s, and a waiting 70 GB job held for it."""
+def held_gpu(client: redis.Redis, adm: Admission, store: JobStore, held_queue: str, run_seconds: float = 100.0,
+             nworkers: int = 4) -> None:
+    """An 80 GB GPU running a 50 GB job expected to end in ``run_seconds`` (0: not known), and a waiting
+    70 GB job held for it; ``nworkers`` workers on it."""
     gpus(adm, big=80, small=24)  # 70 GB: a large job, which holds the one GPU it fits
-    workers(client, adm, "big", "b1", "b2", "b3", "b4")
+    workers(client, adm, "big", *[f"b{i}" for i in range(1, nworkers + 1)])
     workers(client, adm, "small", "s1")
     now = time.time()
-    assert adm.admit("big", "run", 50 * GB, "b1", queued(store, "run", at=now), 100.0).verdict is Verdict.RUN
+    assert adm.admit("big", "run", 50 * GB, "b1", queued(store, "run", at=now), run_seconds).verdict is Verdict.RUN
     assert adm.admit("small", "busy", 24 * GB, "s1", queued(store, "busy", at=now), 1000.0).verdict is Verdict.RUN
     assert adm.admit("big", "held", 70 * GB, "b2", queued(store, "held", held_queue, now), 50.0).verdict is Verdict.WAIT
+    assert [j for j, _, _ in adm.waiting()] == ["held"]
 
 
 def test_backfill_starts_only_jobs_that_do_not_delay_the_held_job(client: redis.Redis) -> None:
@@ -366,3 +369,20 @@ def test_a_job_past_its_expected_end_stops_backfill_by_time(client: redis.Redis)
     client.hset(GPU_RESERVATION_ENDS + "big", "run", time.time() - 5)  # `run` overran its estimate
     unplaced, placed = submitted(store, adm, ("short", 15, 10), ("tiny", 8, 500))
     assert placed == {"tiny": "big"}  # the held job may fit any moment now: nothing ends "before" it
+    assert sorted(j for j, _, _ in adm.waiting()) == ["held", "short"]
+
+
+def test_backfill_uses_the_last_idle_worker(client: redis.Redis) -> None:
+    adm, store = Admission(client), JobStore(client)
+    held_gpu(client, adm, store, "routine", nworkers=2)  # one idle worker: the job that frees the memory
+    unplaced, placed = submitted(store, adm, ("short", 15, 10), ("tiny", 8, 500))  # frees a worker too
+    assert placed == {"tiny": "big"}  # the better fit of the two allowed
+    assert sorted(j for j, _, _ in adm.waiting()) == ["held", "short"]
+
+
+def test_a_hold_behind_a_job_of_unknown_run_time_backfills_only_spare_memory(client: redis.Redis) -> None:
+    adm, store = Admission(client), JobStore(client)
+    held_gpu(client, adm, store, "routine", run_seconds=0)  # when the held job fits is not known
+    unplaced, placed = submitted(store, adm, ("short", 15, 1), ("tiny", 8, 36000))
+    assert placed == {"tiny": "big"}  # the spare 10 GB, however long; not even a 1 s job beyond it
+    assert sorted(j for j, _, _ in adm.waiting()) == ["held", "short"]

@@ -227,7 +227,8 @@ class JobRunner:
             return JobState.CANCELLED.value
         elapsed = time.perf_counter() - t0
         self.store.set_state(job.id, JobState.DONE, progress=1.0, stage="done", result_path=str(result))
-        record_runtime(self.store.redis, job.pipeline, job.protocol, elapsed)
+        if self.slot.is_gpu:  # the run times that estimate GPU jobs (a CPU run is slower)
+            record_runtime(self.store.redis, job.pipeline, job.protocol, elapsed)
         log.info("job %s: done in %.1f s -> %s", job.id, elapsed, result)
         return JobState.DONE.value
 
