@@ -7,10 +7,10 @@ every queued job is in the waiting set at once, so each fill chooses among all o
 :mod:`scheduler.admission`: ``stat`` jobs, then large jobs on the GPUs that can take them, then the
 largest share of memory x expected run time).
 
-:meth:`Placement.place` estimates a job's memory and run time where the submitting process can (the
-pipeline is registered there and the job names no other scan, whose arrival a worker waits for), stores
-both on the job, and calls :meth:`Admission.submit`. The job then waits in the waiting set, every GPU
-with live workers is filled at once, and the jobs reserved go to their GPUs' queues. Otherwise (no
+:meth:`Placement.place_many` estimates each job's memory and run time where the submitting process can
+(the pipeline is registered there and the job names no other scan, whose arrival a worker waits for),
+stores both on the job, and calls :meth:`Admission.submit`. The jobs then wait in the waiting set, every
+GPU with live workers is filled at once, and the jobs reserved go to their GPUs' queues. Otherwise (no
 admission control, a pipeline or an estimate the submitter cannot make, no GPU with live workers, a job
 larger than every GPU) the job goes to its priority queue, and the first worker to take it estimates
 it and admits it, or sends it on to a CPU worker, or fails it saying why.
@@ -78,10 +78,12 @@ def estimate_job(job: Job, scans: ScanStore, pipeline: Pipeline, store: JobStore
     return Estimate(need, seconds)
 
 
-def send_to_queue(celery: Celery, client: redis.Redis, job_id: str, queue: str) -> None:
-    """Send a job's id to ``queue``; the task id is the job id and its attempt (as the workers send it)."""
+def send_to_queue(celery: Celery, client: redis.Redis, job_id: str, queue: str, countdown: float = 0.0) -> None:
+    """Send a job's id to ``queue`` (after ``countdown`` seconds); the task id is the job id and its
+    attempt, read from its record."""
     attempts = client.hget(JOB_KEY + job_id, "attempts") or "0"
-    celery.send_task(RUN_JOB_TASK, args=[job_id], queue=queue, task_id=f"{job_id}.{attempts}")
+    celery.send_task(RUN_JOB_TASK, args=[job_id], queue=queue, task_id=f"{job_id}.{attempts}",
+                     countdown=countdown or None)
 
 
 class Placement:
@@ -90,11 +92,6 @@ class Placement:
     def __init__(self, settings: Settings, store: JobStore, scans: ScanStore, celery: Celery) -> None:
         self.settings, self.store, self.scans, self.celery = settings, store, scans, celery
         self.admission = Admission(store.redis, settings.backfill_limit_s, settings.gpu_forget_s)
-
-    def place(self, job: Job) -> bool:
-        """Put a queued job in the waiting set and send the jobs the fills reserved to their GPUs' queues;
-        False if the job should go to its priority queue instead (see the module doc)."""
-        return not self.place_many([job])
 
     def place_many(self, jobs: Sequence[Job]) -> list[Job]:
         """Place queued jobs as one batch (the fills choose among all of them); returns those that should

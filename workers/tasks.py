@@ -24,7 +24,7 @@ from reconq.storage import ScanStore
 from scheduler.admission import Admission, Decision, Verdict
 from scheduler.estimate import GB, EstimateError, record_runtime, runs_on_cpu
 from scheduler.inventory import make_inventory
-from scheduler.placement import estimate_job
+from scheduler.placement import estimate_job, send_to_queue
 from scheduler.routing import gpu_queue, waiting_score
 from workers.heartbeat import Heartbeat
 from workers.inputs import InputsMissing, InputsNotReady, resolve_inputs
@@ -282,9 +282,7 @@ def register_tasks(app: Celery, settings: Settings, gpu_index: int | None = None
     runner: dict[str, JobRunner] = {}
 
     def send(job_id: str, queue: str, countdown: float = 0.0) -> None:
-        attempts = runner["r"].store.redis.hget(JOB_KEY + job_id, "attempts") or "0"
-        app.send_task(RUN_JOB_TASK, args=[job_id], queue=queue, task_id=f"{job_id}.{attempts}",
-                      countdown=countdown or None)
+        send_to_queue(app, runner["r"].store.redis, job_id, queue, countdown)
 
     def start(**_: object) -> None:
         if "r" in runner:
