@@ -47,7 +47,7 @@ sys.path.insert(0, str(ROOT))
 from gateway.submit import enqueue_many  # noqa: E402
 from recon.simulate import synthetic_scan, write_mrd  # noqa: E402
 from reconq.constants import RUN_JOB_TASK, JobState  # noqa: E402
-from reconq.jobs import Job, JobStore  # noqa: E402
+from reconq.jobs import Job, JobStore, task_id  # noqa: E402
 from reconq.redisconn import PrivateRedis  # noqa: E402
 from reconq.settings import Settings, load_settings  # noqa: E402
 from reconq.stack import settings_env  # noqa: E402
@@ -142,7 +142,7 @@ def run_policy(policy: str, specs: list[Spec], base: Settings, slots: int, workd
                 gpu = max(gpu_ids, key=lambda g: free[g])
             assigned[s.id] = gpu
             store.set_state(job.id, JobState.QUEUED, queue=job.queue)
-            celery.send_task(RUN_JOB_TASK, args=[job.id], queue=gpu_queue(gpu), task_id=f"{job.id}.0")
+            celery.send_task(RUN_JOB_TASK, args=[job.id], queue=gpu_queue(gpu), task_id=task_id(job.id, 0))
 
         t0 = time.time()
         by_arrival: dict[float, list[Spec]] = {}

@@ -29,7 +29,7 @@ from celery import Celery
 
 from gateway.submit import enqueue, enqueue_many, job_for_scan
 from reconq.constants import CPU_QUEUE, GPU_QUEUE_PREFIX, GPU_WAITING, JobState, Queue
-from reconq.jobs import Job, JobStore
+from reconq.jobs import Job, JobStore, task_id
 from reconq.storage import ScanState, ScanStore
 from scheduler.admission import PENDING_SUFFIX, Admission
 from scheduler.placement import Placement
@@ -51,7 +51,7 @@ class ActionError(Exception):
 
 def task_ids(job: Job) -> list[str]:
     """Every Celery task id the job may have had: one per attempt (see :func:`gateway.submit.enqueue`)."""
-    return [f"{job.id}.{n}" for n in range(job.attempts + 1)]
+    return [task_id(job.id, n) for n in range(job.attempts + 1)]
 
 
 def _messages(store: JobStore, queue: str, ids: Collection[str]) -> list[str]:

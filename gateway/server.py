@@ -9,6 +9,7 @@ import socket
 import threading
 import time
 from collections.abc import Collection
+from typing import Any
 
 import redis
 from celery import Celery
@@ -70,9 +71,9 @@ class Gateway:
     def announce(self, record: ScanRecord) -> None:
         announce_scan(self.jobs, record, self.settings.queue)
 
-    def submit(self, record: ScanRecord) -> Job:
+    def submit(self, record: ScanRecord, header: Any = None) -> Job:
         with self._submit_lock:  # Celery's producer is not meant to be shared between threads unguarded
-            return submit_scan(self.jobs, self.celery, record, self.settings.queue, self.placement)
+            return submit_scan(self.jobs, self.celery, record, self.settings.queue, self.placement, header)
 
     def bind(self) -> tuple[str, int]:
         """Reconcile disk with Redis, then open the listening socket."""

@@ -266,7 +266,7 @@ class Session:
             writer.abort()
             self._mark_incomplete(record, writer, e)
             raise
-        self._complete(record, writer, refusal, t_close)
+        self._complete(record, opening.header, writer, refusal, t_close)
 
     def _receive_data(self, writer: RawFileWriter, record: ScanRecord) -> None:
         src, limits = self.src, self.limits
@@ -318,7 +318,8 @@ class Session:
         record.images = writer.images
         record.bytes_received = self.src.bytes_read
 
-    def _complete(self, record: ScanRecord, writer: RawFileWriter, refusal: str | None, t_close: float) -> None:
+    def _complete(self, record: ScanRecord, header: ismrmrd.xsd.ismrmrdHeader, writer: RawFileWriter,
+                  refusal: str | None, t_close: float) -> None:
         gw = self.gw
         t_durable = time.perf_counter()
         record.state, record.completed_at = ScanState.COMPLETE, time.time()
@@ -328,7 +329,7 @@ class Session:
         if refusal:
             self.send(text("ERR", f"scan {record.scan_id} stored; no job made: {refusal}"), p.write_close())
             return
-        job = gw.submit(record)
+        job = gw.submit(record, header)  # parsed already: placing the job reads no file before the ack
         self.send(
             text("INF", f"job {job.id} queued: pipeline {job.pipeline}, {record.acquisitions} readouts stored"),
             p.write_close(),

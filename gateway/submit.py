@@ -11,15 +11,16 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import h5py
 import redis
 from celery import Celery
 
 from reconq.constants import RUN_JOB_TASK, JobState
-from reconq.jobs import Job, JobStore
+from reconq.jobs import Job, JobStore, task_id
 from reconq.storage import ScanRecord, ScanState, ScanStore
 from scheduler.placement import Placement
 
@@ -32,15 +33,16 @@ def first_job_id(scan_id: str) -> str:
 
 
 def enqueue(store: JobStore, celery: Celery, job: Job, placement: Placement | None = None,
-            since: float | None = None) -> None:
+            since: float | None = None, header: Any = None) -> None:
     """Mark ``job`` queued and place it in the waiting set (with ``placement``, where it can: see
     :mod:`scheduler.placement`), else send its id to its queue (the task id is the job id plus attempt).
-    ``since``: the time it has been queued since (a job moved to another queue keeps its place in time)."""
-    enqueue_many(store, celery, [job], placement, since)
+    ``since``: the time it has been queued since (a job moved to another queue keeps its place in time);
+    ``header``: its scan's parsed MRD header, where the caller has it (else placement reads it)."""
+    enqueue_many(store, celery, [job], placement, since, {job.scan_id: header} if header is not None else None)
 
 
 def enqueue_many(store: JobStore, celery: Celery, jobs: Sequence[Job], placement: Placement | None = None,
-                 since: float | None = None) -> None:
+                 since: float | None = None, headers: Mapping[str, Any] | None = None) -> None:
     """:func:`enqueue` for a batch: with ``placement``, the jobs are placed as one batch, so the scheduler
     chooses among all of them rather than starting them in the order they are listed. Should placement
     fail (Redis, a broker error), every job still goes to its priority queue: none is left queued with
@@ -53,7 +55,7 @@ def enqueue_many(store: JobStore, celery: Celery, jobs: Sequence[Job], placement
     rest: Sequence[Job] = queued
     if placement is not None:
         try:
-            rest = placement.place_many(queued)
+            rest = placement.place_many(queued, headers)
         except Exception:
             log.exception("placing %d job(s) failed; they go to their priority queues", len(queued))
     sent = {job.id for job in rest}
@@ -61,7 +63,7 @@ def enqueue_many(store: JobStore, celery: Celery, jobs: Sequence[Job], placement
         if job.id not in sent:
             log.info("job %s queued (%s, pipeline %s): waiting for GPU memory", job.id, job.queue, job.pipeline)
     for job in rest:
-        celery.send_task(RUN_JOB_TASK, args=[job.id], queue=job.queue, task_id=f"{job.id}.{job.attempts}")
+        celery.send_task(RUN_JOB_TASK, args=[job.id], queue=job.queue, task_id=task_id(job.id, job.attempts))
         log.info("job %s queued on %s (pipeline %s)", job.id, job.queue, job.pipeline)
 
 
@@ -102,18 +104,19 @@ def fail_receiving(store: JobStore, scan_id: str, why: str) -> None:
 
 
 def submit_scan(store: JobStore, celery: Celery, record: ScanRecord, queue: str,
-                placement: Placement | None = None) -> Job:
+                placement: Placement | None = None, header: Any = None) -> Job:
     """Create (or take the ``receiving`` record of) the scan's first job and enqueue it; a scan already
-    submitted gets its existing job back and is not queued twice."""
+    submitted gets its existing job back and is not queued twice. ``header``: the scan's parsed MRD
+    header, where the caller has it."""
     job = job_for_scan(record, first_job_id(record.scan_id), queue)
     if store.create(job):
-        enqueue(store, celery, job, placement)
+        enqueue(store, celery, job, placement, header=header)
         return job
     existing = store.get(job.id)
     assert existing is not None
     if existing.state is JobState.RECEIVING:
         store.update(job.id, params=job.params)  # a parameter TEXT may have come after the header
-        enqueue(store, celery, job, placement)
+        enqueue(store, celery, job, placement, header=header)
         return job
     log.info("job %s exists already (%s); not queued again", job.id, existing.state)
     return existing

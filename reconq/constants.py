@@ -7,6 +7,11 @@ from __future__ import annotations
 
 from enum import StrEnum
 
+#: Job parameters naming another scan the job needs: a scan id, or the protocol of the newest complete
+#: scan of the same patient and study (see :mod:`workers.inputs`).
+REFERENCE_SCAN, REFERENCE_PROTOCOL = "reference_scan", "reference_protocol"
+INPUT_PARAMS = (REFERENCE_SCAN, REFERENCE_PROTOCOL)
+
 #: Prefix of every Redis key ReconQ writes.
 KEY_PREFIX = "reconq:"
 #: Hash ``reconq:job:<job_id>``: one job record.

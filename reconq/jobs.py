@@ -126,6 +126,11 @@ class Job:
         return asdict(self)
 
 
+def task_id(job_id: str, attempt: int | str) -> str:
+    """The Celery task id of one attempt of a job (a job sent again after a failure gets a new one)."""
+    return f"{job_id}.{attempt}"
+
+
 def match_key(patient_id: str, study_uid: str, protocol: str) -> str:
     """Index key that ties a retrieval scan to the jobs of the same patient, study and protocol."""
     digest = hashlib.sha256("\x1f".join((patient_id, study_uid, protocol)).encode()).hexdigest()[:32]

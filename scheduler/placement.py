@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,8 +31,8 @@ from celery import Celery
 from recon.errors import ReconError
 from recon.pipelines import Pipeline, get_pipeline
 from recon.rawdata import RawScan
-from reconq.constants import JOB_KEY, RUN_JOB_TASK
-from reconq.jobs import Job, JobStore
+from reconq.constants import INPUT_PARAMS, JOB_KEY, RUN_JOB_TASK
+from reconq.jobs import Job, JobStore, task_id
 from reconq.settings import Settings
 from reconq.storage import ScanStore
 from scheduler.admission import Admission
@@ -40,10 +40,6 @@ from scheduler.estimate import EstimateError, estimate_bytes, estimate_seconds, 
 from scheduler.routing import gpu_queue, waiting_score
 
 log = logging.getLogger(__name__)
-
-#: Parameters naming another scan the job needs (see :mod:`workers.inputs`).
-INPUT_PARAMS = ("reference_scan", "reference_protocol")
-
 
 @dataclass(frozen=True)
 class Estimate:
@@ -64,11 +60,13 @@ def _read_header(path: str, mtime_ns: int, size: int) -> Any:
         return scan.header
 
 
-def estimate_job(job: Job, scans: ScanStore, pipeline: Pipeline, store: JobStore) -> Estimate:
-    """The job's estimates, made from its header once and then kept on the job (with a log line)."""
+def estimate_job(job: Job, scans: ScanStore, pipeline: Pipeline, store: JobStore, header: Any = None) -> Estimate:
+    """The job's estimates, made from its scan's header (``header``, or read from the raw file) once and
+    then kept on the job (with a log line)."""
     if job.mem_estimate_bytes > 0:
         return Estimate(job.mem_estimate_bytes, job.runtime_estimate_s)
-    header = scan_header(scans.raw_path(job.scan_id))
+    if header is None:
+        header = scan_header(scans.raw_path(job.scan_id))
     need = estimate_bytes(header, job.params, pipeline)
     seconds = estimate_seconds(header, job.params, pipeline, history_seconds(store.redis, job.pipeline, job.protocol))
     store.update(job.id, mem_estimate_bytes=need, runtime_estimate_s=seconds)
@@ -82,7 +80,7 @@ def send_to_queue(celery: Celery, client: redis.Redis, job_id: str, queue: str, 
     """Send a job's id to ``queue`` (after ``countdown`` seconds); the task id is the job id and its
     attempt, read from its record."""
     attempts = client.hget(JOB_KEY + job_id, "attempts") or "0"
-    celery.send_task(RUN_JOB_TASK, args=[job_id], queue=queue, task_id=f"{job_id}.{attempts}",
+    celery.send_task(RUN_JOB_TASK, args=[job_id], queue=queue, task_id=task_id(job_id, attempts),
                      countdown=countdown or None)
 
 
@@ -93,14 +91,15 @@ class Placement:
         self.settings, self.store, self.scans, self.celery = settings, store, scans, celery
         self.admission = Admission(store.redis, settings.backfill_limit_s, settings.gpu_forget_s)
 
-    def place_many(self, jobs: Sequence[Job]) -> list[Job]:
+    def place_many(self, jobs: Sequence[Job], headers: Mapping[str, Any] | None = None) -> list[Job]:
         """Place queued jobs as one batch (the fills choose among all of them); returns those that should
-        go to their priority queues instead (see the module doc)."""
+        go to their priority queues instead (see the module doc). ``headers``: parsed MRD headers by scan
+        id, where the caller has them (the gateway does), else they are read from the raw files."""
         if not self.settings.admission_control:
             return list(jobs)
         entries, rest = [], []
         for job in jobs:
-            estimate = self._estimate(job)
+            estimate = self._estimate(job, (headers or {}).get(job.scan_id))
             if estimate is None:
                 rest.append(job)
             else:
@@ -112,9 +111,10 @@ class Placement:
         for other, gpu_id in dispatched:
             log.info("job %s: memory reserved on %s; sent to its queue", other, gpu_id)
             send_to_queue(self.celery, self.store.redis, other, gpu_queue(gpu_id))
-        return rest + [job for job in jobs if job.id in set(unplaced)]
+        left = set(unplaced)
+        return rest + [job for job in jobs if job.id in left]
 
-    def _estimate(self, job: Job) -> Estimate | None:
+    def _estimate(self, job: Job, header: Any) -> Estimate | None:
         """The job's estimates, or None where a worker must make them (see the module doc)."""
         if any(job.params.get(p) for p in INPUT_PARAMS):
             return None
@@ -123,7 +123,7 @@ class Placement:
         except ReconError:
             return None  # registered in the workers only (a plugin the submitter does not load)
         try:
-            return estimate_job(job, self.scans, pipeline, self.store)
+            return estimate_job(job, self.scans, pipeline, self.store, header)
         except (EstimateError, ReconError, OSError) as e:
             log.info("job %s: not placed at submit (%s); a worker estimates it", job.id, e)
         except Exception:  # a plugin's model may fail in any way: the worker fails the job saying why

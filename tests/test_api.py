@@ -517,3 +517,18 @@ def test_retro_recon_of_several_scans_is_placed_as_one_batch(api, store, setting
         assert job.state is JobState.QUEUED and job.queue == "bulk"
         assert job.mem_estimate_bytes == 10 * GB and job.runtime_estimate_s == 30
         assert store.actions(job_id)[0]["action"] == "retro-recon"
+
+
+def test_a_job_moved_to_another_queue_keeps_its_age_among_waiting_jobs(api, store, settings):
+    adm = gpu_with_waiting_jobs(store)  # g0: 4 GB free, its one worker busy
+    stored_scan(settings, "mv")
+    write_mrd(synthetic_scan(matrix=(16, 16), ncoil=2), ScanStore(settings.data_dir).raw_path("mv"))
+    job = Job(id="mv-j1", scan_id="mv", pipeline="cartesian", queue="bulk", params={"gpu_memory_gb": 10})
+    store.create(job)
+    enqueue(store, api.app.state.actions.celery, job, since=1.5)  # on its queue since t = 1.5
+    assert queue_ids(store, "bulk") == ["mv-j1.0"]
+    r = api.post("/api/jobs/mv-j1/priority", json={"queue": "stat"}, headers=STAFF)
+    assert r.status_code == 200 and r.json()["queued_at"] == 1.5
+    # placed on the move: waiting for g0's memory, ordered as a stat job queued at 1.5, not as a new one
+    assert adm.waiting() == [("mv-j1", 10 * GB, waiting_score("stat", 1.5))]
+    assert queue_ids(store, "bulk") == [] and queue_ids(store, "stat") == []

@@ -8,9 +8,11 @@ import time
 import pytest
 import redis
 
+from recon.pipelines import get_pipeline
 from recon.simulate import synthetic_scan
 from reconq.constants import GPU_RESERVATION_ENDS, WORKER_HEARTBEAT, JobState
 from reconq.jobs import Job, JobStore
+from reconq.storage import ScanStore
 from scheduler.admission import Admission, Verdict
 from scheduler.estimate import (
     CONTEXT_BYTES,
@@ -24,6 +26,7 @@ from scheduler.estimate import (
     record_runtime,
 )
 from scheduler.inventory import NoGpuInventory, SimulatedInventory, make_inventory
+from scheduler.placement import Estimate, estimate_job
 from scheduler.routing import waiting_score
 
 
@@ -386,3 +389,18 @@ def test_a_hold_behind_a_job_of_unknown_run_time_backfills_only_spare_memory(cli
     unplaced, placed = submitted(store, adm, ("short", 15, 1), ("tiny", 8, 36000))
     assert placed == {"tiny": "big"}  # the spare 10 GB, however long; not even a 1 s job beyond it
     assert sorted(j for j, _, _ in adm.waiting()) == ["held", "short"]
+
+
+def test_estimates_use_the_header_the_caller_has(client: redis.Redis, tmp_path) -> None:
+    """The gateway places a job with the header it parsed: no raw file is read before the ack."""
+    store, scans = JobStore(client), ScanStore(tmp_path)  # no raw file stored for the scan
+    job = Job(id="h", scan_id="nofile", pipeline="cartesian", params={"expected_seconds": 5})
+    store.create(job)
+    pipeline = get_pipeline("cartesian")
+    with pytest.raises(FileNotFoundError):
+        estimate_job(job, scans, pipeline, store)
+    header = synthetic_scan(matrix=(32, 32), ncoil=2).header
+    estimate = estimate_job(job, scans, pipeline, store, header)
+    assert estimate == Estimate(estimate_bytes(header, job.params, pipeline), 5.0)
+    kept = store.get("h")
+    assert kept is not None and (kept.mem_estimate_bytes, kept.runtime_estimate_s) == (estimate.bytes, 5.0)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from reconq.constants import REFERENCE_PROTOCOL, REFERENCE_SCAN
 from reconq.jobs import Job
 from reconq.storage import ScanRecord, ScanState, ScanStore
 
@@ -43,7 +44,7 @@ def resolve_inputs(job: Job, scans: ScanStore) -> dict[str, Any]:
     """The job's parameters with ``reference`` (a raw file path) filled in where a reference is named."""
     params = dict(job.params)
     params.pop("reference", None)  # a file path: only ever set here, never taken from a client
-    scan_id, protocol = params.get("reference_scan"), params.get("reference_protocol")
+    scan_id, protocol = params.get(REFERENCE_SCAN), params.get(REFERENCE_PROTOCOL)
     if scan_id:
         try:
             record = scans.load(str(scan_id))
