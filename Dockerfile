@@ -2,6 +2,8 @@ FROM python:3.12-slim
 WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY reconq reconq
+COPY core core
+COPY api api
 COPY gateway gateway
 COPY workers workers
 COPY recon recon

@@ -18,13 +18,12 @@ from pathlib import Path
 import httpx
 import redis
 import uvicorn
-
-from gateway.api import make_api
-from gateway.auth import hash_token
-from reconq.constants import JobState
-from reconq.jobs import Job, JobStore
-from reconq.redisconn import PrivateRedis, free_port
-from reconq.settings import load_settings
+from reconq.api.app import make_api
+from reconq.api.auth import hash_token
+from reconq.core.constants import JobState
+from reconq.core.jobs import Job, JobStore
+from reconq.core.redisconn import PrivateRedis, free_port
+from reconq.core.settings import load_settings
 
 TOKEN = "bench-token-not-a-secret-0123456789"
 PAGE_TARGET_MS = 200.0

@@ -5,7 +5,7 @@ sender is not the bottleneck) over loopback:
 
 - into a minimal reader that copies the socket to a file and fsyncs it, and does nothing else: the
   limit of this machine (its own process); and, for reference, into the same reader with the
-  gateway's write-behind (:class:`gateway.rawfile.WriteBehind`), the best a plain copy does here;
+  gateway's write-behind (:class:`reconq.gateway.rawfile.WriteBehind`), the best a plain copy does here;
 - into the gateway (``python -m reconq.cli gateway`` in its own process, on a private Redis, its job
   queue consumed by nobody), timed until its CLOSE, i.e. to a complete, fsynced MRD file with the job
   recorded and queued.
@@ -49,14 +49,15 @@ import redis
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from gateway import client  # noqa: E402
-from gateway import protocol as p  # noqa: E402
-from gateway.rawfile import WriteBehind  # noqa: E402
-from reconq.jobs import JobStore  # noqa: E402
-from reconq.redisconn import PrivateRedis, free_port  # noqa: E402
-from reconq.settings import ENV_PREFIX, Settings, load_settings  # noqa: E402
+from reconq.core.jobs import JobStore  # noqa: E402
+from reconq.core.redisconn import PrivateRedis, free_port  # noqa: E402
+from reconq.core.settings import ENV_PREFIX, Settings, load_settings  # noqa: E402
+from reconq.core.storage import ScanState, ScanStore  # noqa: E402
+from reconq.gateway import client  # noqa: E402
+from reconq.gateway import protocol as p  # noqa: E402
+from reconq.gateway.rawfile import WriteBehind  # noqa: E402
+
 from reconq.stack import settings_env  # noqa: E402
-from reconq.storage import ScanState, ScanStore  # noqa: E402
 
 NCHA, NCOL = 32, 512
 BLOCK_READOUTS = 256  # one pre-serialized block: 256 readouts, about 34 MB

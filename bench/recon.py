@@ -33,11 +33,11 @@ import numpy as np
 # run as a script, this file's folder comes first on sys.path and its name shadows the package
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from recon import fft  # noqa: E402
-from recon.coilmaps import GridMaps, espirit_maps  # noqa: E402
-from recon.geometry import Grid  # noqa: E402
-from recon.sense import sense_columns  # noqa: E402
-from recon.simulate import Body  # noqa: E402
+from reconq.recon import fft  # noqa: E402
+from reconq.recon.coilmaps import GridMaps, espirit_maps  # noqa: E402
+from reconq.recon.geometry import Grid  # noqa: E402
+from reconq.recon.sense import sense_columns  # noqa: E402
+from reconq.recon.simulate import Body  # noqa: E402
 
 
 def phantom_kspace(shape, ncoil, accel, acs, noise, seed=0):

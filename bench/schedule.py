@@ -44,21 +44,22 @@ import redis
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from gateway.submit import enqueue_many  # noqa: E402
-from recon.simulate import synthetic_scan, write_mrd  # noqa: E402
-from reconq.constants import RUN_JOB_TASK, JobState  # noqa: E402
-from reconq.jobs import Job, JobStore, task_id  # noqa: E402
-from reconq.redisconn import PrivateRedis  # noqa: E402
-from reconq.settings import Settings, load_settings  # noqa: E402
+from reconq.core.celeryapp import make_celery  # noqa: E402
+from reconq.core.constants import RUN_JOB_TASK, JobState  # noqa: E402
+from reconq.core.jobs import Job, JobStore, task_id  # noqa: E402
+from reconq.core.redisconn import PrivateRedis  # noqa: E402
+from reconq.core.settings import Settings, load_settings  # noqa: E402
+from reconq.core.storage import ScanStore  # noqa: E402
+from reconq.recon.simulate import synthetic_scan, write_mrd  # noqa: E402
+from reconq.scheduler.inventory import make_inventory  # noqa: E402
+from reconq.scheduler.monitor import live_workers  # noqa: E402
+from reconq.scheduler.placement import Placement  # noqa: E402
+from reconq.scheduler.routing import gpu_queue  # noqa: E402
+from reconq.scheduler.submit import enqueue_many  # noqa: E402
+from reconq.workers.launcher import per_gpu_counts  # noqa: E402
+from reconq.workers.testpipelines import OVERCOMMITS, register_test_pipelines  # noqa: E402
+
 from reconq.stack import settings_env  # noqa: E402
-from reconq.storage import ScanStore  # noqa: E402
-from scheduler.inventory import make_inventory  # noqa: E402
-from scheduler.monitor import live_workers  # noqa: E402
-from scheduler.placement import Placement  # noqa: E402
-from scheduler.routing import gpu_queue  # noqa: E402
-from workers.app import make_celery  # noqa: E402
-from workers.launcher import per_gpu_counts  # noqa: E402
-from workers.testpipelines import OVERCOMMITS, register_test_pipelines  # noqa: E402
 
 GPUS_GB = [80.0, 80.0, 24.0, 24.0]
 NODE = "bench"

@@ -116,7 +116,7 @@ def _peak_kib(reset: bool) -> int:
 
 
 def _measure(reader: str, path: str, trace: bool) -> dict:
-    from parametermaps import read_twix  # imported before the baseline, as h5py is
+    from reconq.parametermaps import read_twix  # imported before the baseline, as h5py is
 
     reset = _reset_peak()
     base_rss = _peak_kib(reset)

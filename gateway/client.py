@@ -11,8 +11,7 @@ from typing import Any
 
 import ismrmrd
 import ismrmrd.xsd
-
-from gateway import protocol as p
+from reconq.gateway import protocol as p
 
 
 @dataclass

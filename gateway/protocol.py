@@ -178,7 +178,7 @@ def read_waveform(src: MessageSource, limits: Limits) -> tuple[bytes, bytes]:
 # ID 6 QUERY (Gadgetron's, not MRD) | 2 bytes id | uint64 reserved | uint64 correlation id
 #   | uint64 length | length bytes UTF-8 query
 def read_query(src: MessageSource, limits: Limits) -> str:
-    """The query text of a Gadgetron QUERY (the gateway answers none; see :mod:`gateway.session`)."""
+    """The query text of a Gadgetron QUERY (the gateway answers none; see :mod:`reconq.gateway.session`)."""
     _reserved, _correlation, length = _QUERY.unpack(src.read_exactly(_QUERY.size))
     if length > limits.max_text_bytes:
         raise ProtocolError(f"QUERY of {length} bytes exceeds the limit of {limits.max_text_bytes} bytes")

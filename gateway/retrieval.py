@@ -13,14 +13,14 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gateway import protocol as p
-from gateway.session import Opening, SessionError, identity, parameters_from_text, text
-from reconq.constants import JobState
-from reconq.jobs import Job
-from workers.results import read_images
+from reconq.core.constants import JobState
+from reconq.core.jobs import Job
+from reconq.core.results import read_images
+from reconq.gateway import protocol as p
+from reconq.gateway.session import Opening, SessionError, identity, parameters_from_text, text
 
 if TYPE_CHECKING:
-    from gateway.session import Session
+    from reconq.gateway.session import Session
 
 log = logging.getLogger(__name__)
 

@@ -13,15 +13,14 @@ from typing import Any
 
 import redis
 from celery import Celery
-
-from gateway import protocol as p
-from gateway.session import Session, text
-from gateway.submit import announce_scan, reconcile, submit_scan
-from reconq.constants import GATEWAY_STATS
-from reconq.jobs import Job, JobStore
-from reconq.settings import Settings
-from reconq.storage import ScanRecord, ScanStore
-from scheduler.placement import Placement
+from reconq.core.constants import GATEWAY_STATS
+from reconq.core.jobs import Job, JobStore
+from reconq.core.settings import Settings
+from reconq.core.storage import ScanRecord, ScanStore
+from reconq.gateway import protocol as p
+from reconq.gateway.session import Session, text
+from reconq.scheduler.placement import Placement
+from reconq.scheduler.submit import announce_scan, reconcile, submit_scan
 
 log = logging.getLogger(__name__)
 
@@ -30,10 +29,10 @@ RECEIVE_BUFFER_BYTES = 1 << 20  # the kernel doubles it for its own bookkeeping
 
 def make_gateway(settings: Settings) -> Gateway:
     """A gateway on the configured Redis; the allow-list is every registered pipeline and plugin."""
-    from recon.pipelines import pipeline_names
-    from reconq.redisconn import connect
-    from workers.app import make_celery
-    from workers.plugins import load_plugins
+    from reconq.core.celeryapp import make_celery
+    from reconq.core.redisconn import connect
+    from reconq.recon.pipelines import pipeline_names
+    from reconq.recon.plugins import load_plugins
 
     load_plugins(settings.plugin_dir, settings.parameter_map)
 

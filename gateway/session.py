@@ -2,7 +2,7 @@
 
 An acquisition scan is written to disk as it arrives and, after the client's CLOSE, made durable,
 recorded and queued; then the gateway answers with a TEXT naming the job and its own CLOSE. A
-retrieval scan is handed to :mod:`gateway.retrieval`.
+retrieval scan is handed to :mod:`reconq.gateway.retrieval`.
 
 Errors go back to the scanner as an ``ERR`` TEXT that says what was wrong, then CLOSE (also when the
 client closed its side mid-stream and may still read): bad messages, lengths past the limits, a
@@ -27,14 +27,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import ismrmrd.xsd
-
-from gateway import protocol as p
-from gateway.rawfile import RawFileWriter, WriteError, write_error
-from gateway.submit import fail_receiving
-from reconq.storage import ScanRecord, ScanState
+from reconq.core.storage import ScanRecord, ScanState
+from reconq.gateway import protocol as p
+from reconq.gateway.rawfile import RawFileWriter, WriteError, write_error
+from reconq.scheduler.submit import fail_receiving
 
 if TYPE_CHECKING:
-    from gateway.server import Gateway
+    from reconq.gateway.server import Gateway
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +142,7 @@ class Session:
                 return
             name, params = config_name(opening)
             if name is not None and name in self.gw.settings.retrieve_configs:
-                from gateway.retrieval import Retrieval
+                from reconq.gateway.retrieval import Retrieval
 
                 self.retrieval = True
                 Retrieval(self, opening, params).run()

@@ -1,10 +1,10 @@
 """Mapping of the MRD header and acquisitions into a twix-like structure (pure library).
 
-- :mod:`parametermaps.mapping`: the declarative map (``default_map.yaml`` plus site maps) and the
+- :mod:`reconq.parametermaps.mapping`: the declarative map (``default_map.yaml`` plus site maps) and the
   twix-like header it builds;
-- :mod:`parametermaps.sources`: where a map entry's value comes from (header paths, user parameters,
+- :mod:`reconq.parametermaps.sources`: where a map entry's value comes from (header paths, user parameters,
   readout headers, derived quantities);
-- :mod:`parametermaps.twix`: ``read_twix``, the lazily read twix-like scan and its parts.
+- :mod:`reconq.parametermaps.twix`: ``read_twix``, the lazily read twix-like scan and its parts.
 """
 
 from .errors import ParameterMapError, TwixError

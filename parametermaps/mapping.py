@@ -20,7 +20,7 @@ A map is a YAML file::
         type: int
         lookup: {cartesian: 1, radial: 2, spiral: 4}   # value → value, applied first
 
-Sources are described in :mod:`parametermaps.sources`. A site map has the same format; its entries
+Sources are described in :mod:`reconq.parametermaps.sources`. A site map has the same format; its entries
 are merged field by field into the default map's (a field set to ``null`` is removed), new entries
 are added, and ``drop`` removes entries. Maps are validated when loaded.
 """

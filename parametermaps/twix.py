@@ -23,7 +23,7 @@ one wins (see :attr:`TwixPart.n_duplicates`). Positions nothing was measured at 
 Arrays are complex64 in Fortran order (``Col`` fastest, as in mapVBVD).
 
 A selection allocates its output once and reads each readout's samples from the file straight into
-their place in it (see :mod:`parametermaps.mrdfile`); only readouts that need reshaping (a subset of
+their place in it (see :mod:`reconq.parametermaps.mrdfile`); only readouts that need reshaping (a subset of
 ``Col`` or ``Cha``, ``remove_os``, a readout shorter than the part's) go through a one-readout buffer.
 """
 

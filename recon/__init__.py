@@ -19,6 +19,6 @@ Modules, lowest layer first (array functions, operators, solvers, one run per re
     pipelines      the registry of named pipelines (``cartesian``, ``sense``)
 """
 
-from recon.errors import ReconError, UnknownPipelineError
+from reconq.recon.errors import ReconError, UnknownPipelineError
 
 __all__ = ["ReconError", "UnknownPipelineError"]

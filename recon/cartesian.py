@@ -25,12 +25,11 @@ import ismrmrd
 import ismrmrd.xsd as xsd
 import numpy as np
 import sigpy as sp
-
-from recon import fft
-from recon.coils import sos
-from recon.errors import ReconError
-from recon.images import ImageGeometry
-from recon.partialfourier import Extents, pocs
+from reconq.recon import fft
+from reconq.recon.coils import sos
+from reconq.recon.errors import ReconError
+from reconq.recon.images import ImageGeometry
+from reconq.recon.partialfourier import Extents, pocs
 
 logger = logging.getLogger(__name__)
 
@@ -324,8 +323,8 @@ def reconstruct(ksp, enc: CartesianEncoding, extents: Extents | None = None, com
     nx, ny, nz = enc.recon_matrix
     coil_img = sp.resize(coil_img, (ncoil, nz if enc.is3d else 1, ny, nx))
     if combine == "walsh":
-        from recon.coilmaps import walsh_maps
-        from recon.coils import combine_with_maps
+        from reconq.recon.coilmaps import walsh_maps
+        from reconq.recon.coils import combine_with_maps
 
         xp = sp.get_array_module(coil_img)
         return xp.abs(combine_with_maps(coil_img, walsh_maps(coil_img))).astype(np.float32)

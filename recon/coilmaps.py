@@ -22,10 +22,9 @@ from collections.abc import Sequence
 import numpy as np
 import sigpy as sp
 import sigpy.mri
-
-from recon import fft
-from recon.errors import ReconError
-from recon.geometry import Grid
+from reconq.recon import fft
+from reconq.recon.errors import ReconError
+from reconq.recon.geometry import Grid
 
 
 def lowres_shape(shape: Sequence[int], lowres: int) -> tuple[int, ...]:

@@ -1,6 +1,6 @@
 """Voxel grids in patient coordinates: where each pixel of a reconstructed volume lies.
 
-Convention (the one the centered FFTs of :mod:`recon.fft` give): the centre of voxel
+Convention (the one the centered FFTs of :mod:`reconq.recon.fft` give): the centre of voxel
 ``(p, i, j)`` of a ``(nz, ny, nx)`` grid is
 
     centre + (j - nx // 2) * dx * read_dir + (i - ny // 2) * dy * phase_dir + (p - nz // 2) * dz * slice_dir

@@ -17,8 +17,7 @@ import ismrmrd
 import ismrmrd.xsd as xsd
 import numpy as np
 import sigpy as sp
-
-from recon.errors import ReconError
+from reconq.recon.errors import ReconError
 
 Vec3 = tuple[float, float, float]
 DEFAULT_BITS_STORED = 12

@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 import sigpy as sp
-
-from recon.errors import ReconError
+from reconq.recon.errors import ReconError
 
 
 def noise_covariance(noise: np.ndarray) -> np.ndarray:

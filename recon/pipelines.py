@@ -16,13 +16,18 @@ from typing import Any, Protocol, TypeVar
 import ismrmrd
 import numpy as np
 import sigpy as sp
-
-from recon.cartesian import CartesianEncoding, KspaceBuffer, image_geometries, partial_fourier_extents, reconstruct
-from recon.errors import ReconError, UnknownPipelineError
-from recon.images import to_mrd_images
-from recon.noise import prewhiten
-from recon.rawdata import RawScan
-from recon.senserecon import SenseOptions, reference_maps, sense_volume, whitener
+from reconq.recon.cartesian import (
+    CartesianEncoding,
+    KspaceBuffer,
+    image_geometries,
+    partial_fourier_extents,
+    reconstruct,
+)
+from reconq.recon.errors import ReconError, UnknownPipelineError
+from reconq.recon.images import to_mrd_images
+from reconq.recon.noise import prewhiten
+from reconq.recon.rawdata import RawScan
+from reconq.recon.senserecon import SenseOptions, reference_maps, sense_volume, whitener
 
 logger = logging.getLogger(__name__)
 

@@ -30,9 +30,8 @@ from collections.abc import Callable
 
 import numpy as np
 import sigpy as sp
-
-from recon import fft
-from recon.errors import ReconError
+from reconq.recon import fft
+from reconq.recon.errors import ReconError
 
 logger = logging.getLogger(__name__)
 

@@ -20,15 +20,14 @@ from dataclasses import dataclass
 import ismrmrd.xsd as xsd
 import numpy as np
 import sigpy as sp
-
-from recon import fft
-from recon.cartesian import CartesianEncoding, KspaceBuffer, VolumeKey, _kspace_matrix, partial_fourier_extents
-from recon.coilmaps import GridMaps, espirit_maps, walsh_calibration_maps
-from recon.errors import ReconError
-from recon.geometry import Grid
-from recon.noise import noise_covariance, prewhiten, whitening_matrix
-from recon.partialfourier import Extents, pocs_image
-from recon.sense import sense_columns
+from reconq.recon import fft
+from reconq.recon.cartesian import CartesianEncoding, KspaceBuffer, VolumeKey, _kspace_matrix, partial_fourier_extents
+from reconq.recon.coilmaps import GridMaps, espirit_maps, walsh_calibration_maps
+from reconq.recon.errors import ReconError
+from reconq.recon.geometry import Grid
+from reconq.recon.noise import noise_covariance, prewhiten, whitening_matrix
+from reconq.recon.partialfourier import Extents, pocs_image
+from reconq.recon.sense import sense_columns
 
 logger = logging.getLogger(__name__)
 

@@ -1,10 +1,10 @@
 """Synthetic multi-coil Cartesian scans of an object that lives in patient coordinates.
 
 A :class:`Body` (a 3D Shepp-Logan phantom and a birdcage receive array, both placed in patient
-coordinates) is sampled on each scan's encoded voxel grid (:class:`recon.geometry.Grid`), so scans
+coordinates) is sampled on each scan's encoded voxel grid (:class:`reconq.recon.geometry.Grid`), so scans
 of any orientation, resolution and field of view see the same object and the same coil
 sensitivities: a reference scan and the scan it serves agree, as on a scanner. The k-space is the
-centered unitary FFT (:mod:`recon.fft`) of the coil images on the encoded grid (readout and phase
+centered unitary FFT (:mod:`reconq.recon.fft`) of the coil images on the encoded grid (readout and phase
 oversampling included), so the Cartesian recon inverts it exactly.
 
 The scan can be accelerated (every ``R``-th line in ky, and kz for 3D, with calibration lines
@@ -31,9 +31,8 @@ import ismrmrd.xsd as xsd
 import numpy as np
 import sigpy as sp
 import sigpy.sim
-
-from recon import fft
-from recon.geometry import Grid
+from reconq.recon import fft
+from reconq.recon.geometry import Grid
 
 Vec3 = Sequence[float]
 

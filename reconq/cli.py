@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from reconq.settings import Settings, SettingsError, load_settings
+from reconq.core.settings import Settings, SettingsError, load_settings
 
 log = logging.getLogger("reconq")
 
@@ -26,7 +26,7 @@ def _interrupt(*_: object) -> None:
 
 
 def cmd_gateway(settings: Settings, args: argparse.Namespace) -> int:
-    from gateway.server import make_gateway
+    from reconq.gateway.server import make_gateway
 
     gw = make_gateway(settings)
     gw.bind()
@@ -43,8 +43,8 @@ def cmd_gateway(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_api(settings: Settings, args: argparse.Namespace) -> int:
     import uvicorn
 
-    from gateway.api import make_api
-    from reconq.redisconn import connect
+    from reconq.api.app import make_api
+    from reconq.core.redisconn import connect
 
     uvicorn.run(make_api(settings, connect(settings)), host=settings.http_host, port=settings.http_port,
                 log_level="info")
@@ -52,9 +52,9 @@ def cmd_api(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
-    from scheduler.inventory import make_inventory
-    from workers.launcher import LaunchError, launch, run_worker
-    from workers.slot import parse_bind
+    from reconq.scheduler.inventory import make_inventory
+    from reconq.workers.launcher import LaunchError, launch, run_worker
+    from reconq.workers.slot import parse_bind
 
     if args.bind:  # one process of a launch: bound to one GPU or the CPU
         run_worker(settings, concurrency=1, name=args.name, gpu_index=parse_bind(args.bind))
@@ -73,8 +73,8 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_gpus(settings: Settings, args: argparse.Namespace) -> int:
-    from reconq.redisconn import connect
-    from scheduler.monitor import cluster_status, format_table
+    from reconq.core.redisconn import connect
+    from reconq.scheduler.monitor import cluster_status, format_table
 
     status = cluster_status(connect(settings), forget_s=settings.gpu_forget_s)
     print(status.model_dump_json(indent=2) if args.json else format_table(status))
@@ -105,7 +105,7 @@ def _print_reply(reply: Any) -> int:
 
 
 def cmd_send(settings: Settings, args: argparse.Namespace) -> int:
-    from gateway.client import send_file
+    from reconq.gateway.client import send_file
 
     params = json.loads(args.params) if args.params else None
     reply = send_file(args.host or settings.mrd_host, args.port or settings.mrd_port, Path(args.file),
@@ -116,8 +116,8 @@ def cmd_send(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_retrieve(settings: Settings, args: argparse.Namespace) -> int:
     import ismrmrd
 
-    from gateway import client
-    from workers.results import write_images
+    from reconq.core.results import write_images
+    from reconq.gateway import client
 
     if args.from_file:
         with ismrmrd.Dataset(args.from_file, "dataset", create_if_needed=False, mode="r") as dset:
@@ -139,9 +139,9 @@ def cmd_retrieve(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_jobs(settings: Settings, args: argparse.Namespace) -> int:
-    from reconq.constants import JobState
-    from reconq.jobs import JobStore
-    from reconq.redisconn import connect
+    from reconq.core.constants import JobState
+    from reconq.core.jobs import JobStore
+    from reconq.core.redisconn import connect
 
     store = JobStore(connect(settings))
     jobs, total = store.query(limit=args.limit, state=JobState(args.state) if args.state else None)
@@ -157,15 +157,15 @@ def cmd_retro(settings: Settings, args: argparse.Namespace) -> int:
     """A new job on a stored scan with another pipeline or parameters (run where the data folder is)."""
     import getpass
 
-    from gateway.actions import ActionError, Actions
-    from recon.pipelines import pipeline_names
-    from reconq.constants import Queue
-    from reconq.jobs import JobStore
-    from reconq.redisconn import connect
-    from reconq.storage import ScanStore
-    from scheduler.placement import Placement
-    from workers.app import make_celery
-    from workers.plugins import load_plugins
+    from reconq.core.celeryapp import make_celery
+    from reconq.core.constants import Queue
+    from reconq.core.jobs import JobStore
+    from reconq.core.redisconn import connect
+    from reconq.core.storage import ScanStore
+    from reconq.recon.pipelines import pipeline_names
+    from reconq.recon.plugins import load_plugins
+    from reconq.scheduler.actions import ActionError, Actions
+    from reconq.scheduler.placement import Placement
 
     load_plugins(settings.plugin_dir, settings.parameter_map)
     store, celery, scans = JobStore(connect(settings)), make_celery(settings), ScanStore(settings.data_dir)

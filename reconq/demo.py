@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image as PILImage
 
-from reconq.redisconn import free_port
-from reconq.settings import Settings
+from reconq.core.redisconn import free_port
+from reconq.core.settings import Settings
 from reconq.stack import Stack
 
 #: The demo fails if the retrieved images differ from the phantom by more than this (normalised RMS).
@@ -69,9 +69,9 @@ def write_pngs(images: list, folder: Path) -> list[Path]:
 
 
 def run_demo(settings: Settings, out: Path) -> int:
-    from gateway import client
-    from recon.simulate import synthetic_scan
-    from workers.results import write_images
+    from reconq.core.results import write_images
+    from reconq.gateway import client
+    from reconq.recon.simulate import synthetic_scan
 
     out = out.resolve()
     dashboard = f"http://{settings.http_host}:{settings.http_port}/"

@@ -18,8 +18,8 @@ import urllib.request
 from pathlib import Path
 from typing import IO
 
-from reconq.redisconn import PrivateRedis
-from reconq.settings import ENV_PREFIX, Settings
+from reconq.core.redisconn import PrivateRedis
+from reconq.core.settings import ENV_PREFIX, Settings
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ never both take the last gigabytes.
   heartbeats (its ``reconq:hb:<worker>`` key expired).
 - Jobs wait in the waiting set ``reconq:waiting``, ordered by queue rank (``stat``, ``routine``,
   ``bulk``) and then by the time they were queued, with their memory need and expected run time. A job
-  gets there at submit (:meth:`Admission.submit`, see :mod:`scheduler.placement`: a batch goes in as a
+  gets there at submit (:meth:`Admission.submit`, see :mod:`reconq.scheduler.placement`: a batch goes in as a
   whole), or when it does not fit the GPU of the worker that took it from its priority queue. Jobs leave
   it by *filling* a GPU (:meth:`Admission.fill`): while the GPU has free memory and idle worker slots
   (its live workers, registered by their heartbeats in ``reconq:gpuworkers:<gpu>``, less the jobs
@@ -37,7 +37,7 @@ never both take the last gigabytes.
   GPUs go on packing.
 - A job larger than every GPU seen in the last ``gpu_forget_s`` is reported as fitting nowhere.
 
-Keys are in :mod:`reconq.constants` (and :data:`GPU_WORKERS` here); the job states the scripts read are
+Keys are in :mod:`reconq.core.constants` (and :data:`GPU_WORKERS` here); the job states the scripts read are
 :class:`JobState` values.
 """
 
@@ -50,8 +50,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 import redis
-
-from reconq.constants import (
+from reconq.core.constants import (
     GPU_CAPACITY,
     GPU_RESERVATION_ENDS,
     GPU_RESERVATION_OWNERS,
@@ -67,7 +66,7 @@ from reconq.constants import (
     WORKER_HEARTBEAT,
     JobState,
 )
-from scheduler.routing import RANK_SPAN
+from reconq.scheduler.routing import RANK_SPAN
 
 log = logging.getLogger(__name__)
 
@@ -588,7 +587,7 @@ class Admission:
         """Place jobs at submit, ``(job id, bytes needed, score, expected seconds)`` each: put them in the
         waiting set and fill every GPU that has live workers, in one step (a batch is placed as a whole).
         Returns the jobs not placed (no GPU has live workers, or the job is larger than every GPU that
-        has), which go to their priority queues (see :mod:`scheduler.placement`), and the (job id, GPU id)
+        has), which go to their priority queues (see :mod:`reconq.scheduler.placement`), and the (job id, GPU id)
         reserved by the fills (these jobs or others) to send to their GPUs' queues."""
         flat = [str(x) for job_id, need, score, seconds in jobs for x in (job_id, need, repr(float(seconds)),
                                                                           repr(score))]

@@ -30,8 +30,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import redis
-
-from reconq.constants import RUNTIME_HISTORY
+from reconq.core.constants import RUNTIME_HISTORY
 
 GB = 10**9
 #: CUDA context, cuFFT plans and library handles.

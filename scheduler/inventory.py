@@ -20,7 +20,7 @@ import threading
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
-from reconq.settings import Settings
+from reconq.core.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,7 @@ import time
 
 import redis
 from pydantic import BaseModel
-
-from reconq.constants import (
+from reconq.core.constants import (
     CPU_QUEUE,
     GPU_SEEN,
     GPU_STATE,
@@ -21,9 +20,9 @@ from reconq.constants import (
     WORKER_HEARTBEAT,
     WORKERS_INDEX,
 )
-from scheduler.admission import PENDING_SUFFIX, Admission
-from scheduler.estimate import GB
-from scheduler.routing import gpu_queue
+from reconq.scheduler.admission import PENDING_SUFFIX, Admission
+from reconq.scheduler.estimate import GB
+from reconq.scheduler.routing import gpu_queue
 
 
 class ReservationOut(BaseModel):

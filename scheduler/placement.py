@@ -4,7 +4,7 @@ Workers take jobs from the priority queues one at a time, and only when idle. A 
 (a retro-recon batch, a busy afternoon) would therefore reach the scheduler in arrival order, a few at
 a time, and the first jobs to arrive would take the large GPUs whatever their size. Placed at submit,
 every queued job is in the waiting set at once, so each fill chooses among all of them (the order in
-:mod:`scheduler.admission`: ``stat`` jobs, then large jobs on the GPUs that can take them, then the
+:mod:`reconq.scheduler.admission`: ``stat`` jobs, then large jobs on the GPUs that can take them, then the
 largest share of memory x expected run time).
 
 :meth:`Placement.place_many` estimates each job's memory and run time where the submitting process can
@@ -27,17 +27,16 @@ from typing import Any
 
 import redis
 from celery import Celery
-
-from recon.errors import ReconError
-from recon.pipelines import Pipeline, get_pipeline
-from recon.rawdata import RawScan
-from reconq.constants import INPUT_PARAMS, JOB_KEY, RUN_JOB_TASK
-from reconq.jobs import Job, JobStore, task_id
-from reconq.settings import Settings
-from reconq.storage import ScanStore
-from scheduler.admission import Admission
-from scheduler.estimate import EstimateError, estimate_bytes, estimate_seconds, history_seconds
-from scheduler.routing import gpu_queue, waiting_score
+from reconq.core.constants import INPUT_PARAMS, JOB_KEY, RUN_JOB_TASK
+from reconq.core.jobs import Job, JobStore, task_id
+from reconq.core.settings import Settings
+from reconq.core.storage import ScanStore
+from reconq.recon.errors import ReconError
+from reconq.recon.pipelines import Pipeline, get_pipeline
+from reconq.recon.rawdata import RawScan
+from reconq.scheduler.admission import Admission
+from reconq.scheduler.estimate import EstimateError, estimate_bytes, estimate_seconds, history_seconds
+from reconq.scheduler.routing import gpu_queue, waiting_score
 
 log = logging.getLogger(__name__)
 

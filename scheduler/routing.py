@@ -16,7 +16,7 @@ CI runs everything on the CPU).
 
 from __future__ import annotations
 
-from reconq.constants import CPU_QUEUE, GPU_QUEUE_PREFIX, QUEUE_ORDER
+from reconq.core.constants import CPU_QUEUE, GPU_QUEUE_PREFIX, QUEUE_ORDER
 
 #: Score gap between queue ranks in the waiting set (above any epoch time in seconds).
 RANK_SPAN = 1e11

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 import redis
+from reconq.core.jobs import JobStore
+from reconq.core.redisconn import PrivateRedis
+from reconq.core.settings import Settings, load_settings
 
-from reconq.jobs import JobStore
-from reconq.redisconn import PrivateRedis
-from reconq.settings import Settings, load_settings
 from reconq.stack import settings_env
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,7 +105,7 @@ def worker(e2e_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> 
 @pytest.fixture(scope="module")
 def gateway(e2e_settings: Settings) -> Iterator[tuple[str, int]]:
     """The MRD gateway serving on loopback in this process (real TCP); yields (host, port)."""
-    from gateway.server import make_gateway
+    from reconq.gateway.server import make_gateway
 
     gw = make_gateway(e2e_settings)
     address = gw.start()

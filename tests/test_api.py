@@ -17,19 +17,18 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 from PIL import Image as PILImage
-
-from gateway.api import make_api
-from gateway.auth import ACTION_HEADER, hash_password, hash_token, verify_secret
-from gateway.submit import enqueue
-from recon.simulate import synthetic_scan, write_mrd
-from reconq.constants import GPU_SEEN, GPU_STATE, RUN_JOB_TASK, WORKER_HEARTBEAT, JobState
-from reconq.jobs import Job
-from reconq.settings import SettingsError
-from reconq.storage import ScanRecord, ScanState, ScanStore
-from scheduler.admission import Admission, Verdict
-from scheduler.estimate import GB
-from scheduler.routing import gpu_queue, waiting_score
-from workers.results import read_images, write_images
+from reconq.api.app import make_api
+from reconq.api.auth import ACTION_HEADER, hash_password, hash_token, verify_secret
+from reconq.core.constants import GPU_SEEN, GPU_STATE, RUN_JOB_TASK, WORKER_HEARTBEAT, JobState
+from reconq.core.jobs import Job
+from reconq.core.results import read_images, write_images
+from reconq.core.settings import SettingsError
+from reconq.core.storage import ScanRecord, ScanState, ScanStore
+from reconq.recon.simulate import synthetic_scan, write_mrd
+from reconq.scheduler.admission import Admission, Verdict
+from reconq.scheduler.estimate import GB
+from reconq.scheduler.routing import gpu_queue, waiting_score
+from reconq.scheduler.submit import enqueue
 
 PASSWORD = "a long and proper password"
 TOKEN = "test-token-0123456789abcdef"

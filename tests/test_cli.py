@@ -9,9 +9,8 @@ import time
 from pathlib import Path
 
 import ismrmrd
-
-from recon.simulate import synthetic_scan, write_mrd
-from reconq.redisconn import free_port
+from reconq.core.redisconn import free_port
+from reconq.recon.simulate import synthetic_scan, write_mrd
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -17,13 +17,12 @@ from pathlib import Path
 import pytest
 import redis
 import uvicorn
-
-from gateway import client
-from gateway.api import make_api
-from gateway.auth import hash_password
-from recon.simulate import synthetic_scan
-from reconq.redisconn import free_port
-from reconq.settings import Settings
+from reconq.api.app import make_api
+from reconq.api.auth import hash_password
+from reconq.core.redisconn import free_port
+from reconq.core.settings import Settings
+from reconq.gateway import client
+from reconq.recon.simulate import synthetic_scan
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
@@ -212,7 +211,7 @@ def test_connection_lost_is_shown(dash_settings, browser):
 
 
 def test_filters_narrow_the_table(gateway, live_api, browser, e2e_settings):
-    from reconq.jobs import Job, JobStore
+    from reconq.core.jobs import Job, JobStore
 
     store = JobStore(redis.Redis.from_url(e2e_settings.redis_url or "", decode_responses=True))
     for i, proto in enumerate(["filter_flair", "filter_dwi", "filter_flair_cor"]):

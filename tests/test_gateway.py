@@ -10,15 +10,14 @@ from collections.abc import Iterator
 import ismrmrd
 import numpy as np
 import pytest
-
-from gateway import client
-from gateway import protocol as p
-from gateway.server import Gateway, make_gateway
-from recon.simulate import synthetic_scan
-from reconq.constants import JobState
-from reconq.jobs import JobStore
-from reconq.settings import Settings
-from reconq.storage import ScanState, ScanStore
+from reconq.core.constants import JobState
+from reconq.core.jobs import JobStore
+from reconq.core.settings import Settings
+from reconq.core.storage import ScanState, ScanStore
+from reconq.gateway import client
+from reconq.gateway import protocol as p
+from reconq.gateway.server import Gateway, make_gateway
+from reconq.recon.simulate import synthetic_scan
 
 
 @pytest.fixture
@@ -273,7 +272,7 @@ def test_sessions_past_the_maximum_are_refused(settings, scan):
 
 
 def test_job_store_create_is_idempotent(store):
-    from reconq.jobs import Job
+    from reconq.core.jobs import Job
 
     job = Job(id="s1-j1", scan_id="s1", pipeline="cartesian")
     assert store.create(job) is True
@@ -282,7 +281,7 @@ def test_job_store_create_is_idempotent(store):
 
 
 def test_jobs_are_listed_newest_first_and_by_state(store: JobStore):
-    from reconq.jobs import Job
+    from reconq.core.jobs import Job
 
     for i in range(5):
         store.create(Job(id=f"j{i}", scan_id=f"s{i}", pipeline="cartesian", created_at=1000.0 + i))
@@ -294,7 +293,7 @@ def test_jobs_are_listed_newest_first_and_by_state(store: JobStore):
 
 
 def test_gateway_counts_sessions_bytes_and_failures_for_metrics(gw, store, scan):
-    from reconq.constants import GATEWAY_STATS
+    from reconq.core.constants import GATEWAY_STATS
 
     host, port = gw.address
     reply = client.send_scan(host, port, scan.header, scan.acquisitions, config="cartesian")
@@ -335,7 +334,7 @@ def test_retrieval_by_job_id_of_another_patient_is_refused(gw, store, scan):
 
 
 def test_retrieval_prefers_the_finished_job_over_a_newer_retro_recon(store):
-    from reconq.jobs import Job
+    from reconq.core.jobs import Job
 
     first = Job(id="s-j1", scan_id="s", pipeline="cartesian", patient_id="P", study_uid="S", protocol="t1",
                 created_at=1.0)
@@ -351,7 +350,7 @@ def test_retrieval_prefers_the_finished_job_over_a_newer_retro_recon(store):
 
 def test_a_cancelled_job_stays_cancelled(store):
     """A worker that took the job just before staff cancelled it cannot set it running (or anything else)."""
-    from reconq.jobs import Job
+    from reconq.core.jobs import Job
 
     store.create(Job(id="c-j1", scan_id="c", pipeline="cartesian"))
     assert store.set_state("c-j1", JobState.CANCELLED)

@@ -1,6 +1,6 @@
 """Property-based tests: random and mutated MRD streams never crash or hang the message reader or a session.
 
-The message reader (the readers of :mod:`gateway.protocol` over bytes in memory) may only end with the
+The message reader (the readers of :mod:`reconq.gateway.protocol` over bytes in memory) may only end with the
 client's CLOSE or a :class:`ProtocolError` (:class:`StreamClosed` included). A session fed the same
 streams over a socket pair ends within a deadline, never with an internal error, answers with CLOSE
 (after an ERR TEXT when it refused), and leaves no scan marked ``receiving``.
@@ -18,13 +18,12 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-
-from gateway import client
-from gateway import protocol as p
-from gateway.server import Gateway, make_gateway
-from gateway.session import Session
-from recon.simulate import synthetic_scan
-from reconq.storage import ScanState, ScanStore
+from reconq.core.storage import ScanState, ScanStore
+from reconq.gateway import client
+from reconq.gateway import protocol as p
+from reconq.gateway.server import Gateway, make_gateway
+from reconq.gateway.session import Session
+from reconq.recon.simulate import synthetic_scan
 
 LIMITS = p.Limits(max_header_bytes=64 << 10, max_text_bytes=4 << 10, max_acquisition_bytes=64 << 10,
                   max_image_bytes=64 << 10)
@@ -158,7 +157,7 @@ def run_session(gw: Gateway, data: bytes, timeout: float = 10.0) -> client.Reply
 @given(data=streams)
 def test_a_session_on_any_stream_ends_cleanly(fuzz_gateway, caplog, data: bytes):
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="gateway"):
+    with caplog.at_level(logging.WARNING, logger="reconq.gateway"):
         reply = run_session(fuzz_gateway, data)
     assert not [r for r in caplog.records if "internal error" in r.getMessage()], caplog.text
     if reply.texts and reply.texts[-1].startswith("ERR"):

@@ -26,17 +26,17 @@ import ismrmrd.hdf5
 import numpy as np
 import pytest
 import redis
+from reconq.core.constants import JobState
+from reconq.core.jobs import JobStore
+from reconq.core.settings import Settings
+from reconq.core.storage import ScanRecord, ScanState, ScanStore
+from reconq.gateway import client
+from reconq.gateway import protocol as p
+from reconq.gateway.rawfile import RawFileWriter
+from reconq.gateway.server import Gateway, make_gateway
+from reconq.recon.simulate import synthetic_scan
 
-from gateway import client
-from gateway import protocol as p
-from gateway.rawfile import RawFileWriter
-from gateway.server import Gateway, make_gateway
-from recon.simulate import synthetic_scan
-from reconq.constants import JobState
-from reconq.jobs import JobStore
-from reconq.settings import Settings
 from reconq.stack import settings_env
-from reconq.storage import ScanRecord, ScanState, ScanStore
 
 ROOT = Path(__file__).resolve().parents[1]
 _ACQ_FIELDS = ismrmrd.hdf5.acquisition_header_dtype.fields
@@ -396,7 +396,7 @@ def _spawn_gateway(settings: Settings, log_path: Path) -> subprocess.Popen[bytes
 def test_sigkill_mid_stream_then_restart(settings, store, scan, tmp_path):
     """Killed mid-scan and started again: the cut-off scan is incomplete and not queued; the scans completed
     before the kill are intact and queued exactly once, even though Redis lost every job record."""
-    from reconq.redisconn import free_port
+    from reconq.core.redisconn import free_port
 
     # small batches, each synced: the cut-off scan keeps what came before the last sync
     settings = settings.model_copy(update={"mrd_port": free_port(), "write_batch_bytes": 1 << 16,

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import pytest
-
-from reconq.jobs import Job
-from reconq.storage import ScanRecord, ScanState, ScanStore
-from workers.inputs import InputsMissing, InputsNotReady, resolve_inputs
+from reconq.core.jobs import Job
+from reconq.core.storage import ScanRecord, ScanState, ScanStore
+from reconq.workers.inputs import InputsMissing, InputsNotReady, resolve_inputs
 
 
 @pytest.fixture
@@ -61,7 +60,7 @@ def test_unusable_reference_is_an_error(scans):
 @pytest.fixture(scope="module")
 def e2e_settings(redis_server, tmp_path_factory):
     """conftest's e2e settings with a short poll for waiting inputs (overrides the shared fixture here)."""
-    from reconq.settings import load_settings
+    from reconq.core.settings import load_settings
 
     return load_settings(data_dir=tmp_path_factory.mktemp("inputs") / "data", redis_url=redis_server.url,
                          mrd_port=0, min_free_bytes=0, retrieve_wait_s=60.0, retrieve_poll_s=0.2,
@@ -72,11 +71,10 @@ def test_job_waits_for_its_reference_scan_then_runs(gateway, worker, e2e_setting
     import time
 
     import redis
-
-    from gateway import client
-    from recon.simulate import synthetic_scan
-    from reconq.constants import JobState
-    from reconq.jobs import JobStore
+    from reconq.core.constants import JobState
+    from reconq.core.jobs import JobStore
+    from reconq.gateway import client
+    from reconq.recon.simulate import synthetic_scan
 
     host, port = gateway
     store = JobStore(redis.Redis.from_url(e2e_settings.redis_url, decode_responses=True))

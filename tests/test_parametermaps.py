@@ -15,8 +15,7 @@ import ismrmrd.xsd as xsd
 import numpy as np
 import pytest
 import yaml
-
-from parametermaps import (
+from reconq.parametermaps import (
     DIMS,
     ParameterMap,
     ParameterMapError,
@@ -25,7 +24,7 @@ from parametermaps import (
     load_map,
     read_twix,
 )
-from parametermaps.sources import ScanContext
+from reconq.parametermaps.sources import ScanContext
 
 LOOP = (
     "kspace_encode_step_1",
@@ -468,7 +467,7 @@ def test_selection_scratch_memory_is_bounded(tmp_path: Path, storage: str) -> No
 _RSS_PROBE = """
 import sys
 import numpy as np
-from parametermaps import read_twix
+from reconq.parametermaps import read_twix
 
 def status(field):
     with open("/proc/self/status") as f:
@@ -683,7 +682,7 @@ def test_ill_typed_optional_field_falls_back_to_default(caplog: pytest.LogCaptur
     pmap = default_map().extended(
         {"entries": {"Meas.lCoil": {"source": "user.Coil", "type": "int", "default": -1}}}
     )
-    with caplog.at_level(logging.WARNING, logger="parametermaps.mapping"):
+    with caplog.at_level(logging.WARNING, logger="reconq.parametermaps.mapping"):
         hdr = pmap.apply(_context(scan_2d().header()))
     assert hdr.Meas.lCoil == -1
     assert "Meas.lCoil" in caplog.text and "user.Coil" in caplog.text
@@ -723,8 +722,7 @@ def _rows(n: int) -> np.ndarray:
 @pytest.mark.parametrize("storage", [{}, {"chunks": (5,)}, {"chunks": (5,), "compression": "gzip"}])
 def test_heads_read_from_storage_equal_hdf5s(tmp_path: Path, storage: dict) -> None:
     import h5py
-
-    from parametermaps.mrdfile import MrdFile
+    from reconq.parametermaps.mrdfile import MrdFile
 
     path = tmp_path / "raw.h5"
     rows = _rows(12)  # 12 rows: the last chunk of 5 is partial

@@ -6,10 +6,9 @@ normalised RMS error of about 1e-4; the bound is NRMSE < 1e-3 (noise-free data).
 
 import numpy as np
 import pytest
-
-from recon.pipelines import get_pipeline
-from recon.rawdata import RawScan
-from recon.simulate import synthetic_scan, write_mrd
+from reconq.recon.pipelines import get_pipeline
+from reconq.recon.rawdata import RawScan
+from reconq.recon.simulate import synthetic_scan, write_mrd
 
 NRMSE_BOUND = 1e-3
 
@@ -77,8 +76,7 @@ def test_progress_reports_the_stages(tmp_path):
 
 def test_buffer_averages_and_centres_lines():
     import ismrmrd
-
-    from recon.cartesian import CartesianEncoding, KspaceBuffer
+    from reconq.recon.cartesian import CartesianEncoding, KspaceBuffer
 
     scan = synthetic_scan(matrix=(8, 4), ncoil=2, readout_oversampling=2)
     enc = CartesianEncoding.from_header(scan.header)

@@ -2,9 +2,8 @@
 
 import numpy as np
 import pytest
-
-from recon import fft
-from recon.coils import sos
+from reconq.recon import fft
+from reconq.recon.coils import sos
 
 
 @pytest.mark.parametrize("axes", [(-1,), (-2, -1), (-3, -2, -1)])

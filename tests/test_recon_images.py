@@ -3,11 +3,10 @@
 import ismrmrd
 import numpy as np
 import pytest
+from reconq.recon.pipelines import get_pipeline
+from reconq.recon.rawdata import RawScan
+from reconq.recon.simulate import synthetic_scan, write_mrd
 from scipy.spatial.transform import Rotation
-
-from recon.pipelines import get_pipeline
-from recon.rawdata import RawScan
-from recon.simulate import synthetic_scan, write_mrd
 
 META_KEYS = {"DataRole", "WindowCenter", "WindowWidth", "SequenceDescriptionAdditional",
              "ImageProcessingHistory", "Keep_image_geometry", "ImageRowDir", "ImageColumnDir"}

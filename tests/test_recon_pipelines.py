@@ -2,11 +2,10 @@
 
 import ismrmrd.xsd as xsd
 import pytest
-
-from recon.errors import ReconError, UnknownPipelineError
-from recon.pipelines import get_pipeline, pipeline_names
-from recon.rawdata import RawScan
-from recon.simulate import synthetic_scan, write_mrd
+from reconq.recon.errors import ReconError, UnknownPipelineError
+from reconq.recon.pipelines import get_pipeline, pipeline_names
+from reconq.recon.rawdata import RawScan
+from reconq.recon.simulate import synthetic_scan, write_mrd
 
 
 def test_cartesian_is_registered():

@@ -2,11 +2,10 @@
 
 import numpy as np
 import pytest
-
-from recon.noise import noise_covariance, prewhiten, whitening_matrix
-from recon.pipelines import get_pipeline
-from recon.rawdata import RawScan
-from recon.simulate import synthetic_scan, write_mrd
+from reconq.recon.noise import noise_covariance, prewhiten, whitening_matrix
+from reconq.recon.pipelines import get_pipeline
+from reconq.recon.rawdata import RawScan
+from reconq.recon.simulate import synthetic_scan, write_mrd
 
 
 def nrmse(mag, ref):

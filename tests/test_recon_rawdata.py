@@ -3,10 +3,9 @@
 import ismrmrd
 import numpy as np
 import pytest
-
-from recon.errors import ReconError
-from recon.rawdata import RawScan
-from recon.simulate import synthetic_scan, write_mrd
+from reconq.recon.errors import ReconError
+from reconq.recon.rawdata import RawScan
+from reconq.recon.simulate import synthetic_scan, write_mrd
 
 
 @pytest.fixture

@@ -13,11 +13,10 @@ maximum), noise-free data. Bounds, with what limits them:
 
 import numpy as np
 import pytest
-
-from recon import fft, sense
-from recon.pipelines import get_pipeline
-from recon.rawdata import RawScan
-from recon.simulate import synthetic_scan, write_mrd
+from reconq.recon import fft, sense
+from reconq.recon.pipelines import get_pipeline
+from reconq.recon.rawdata import RawScan
+from reconq.recon.simulate import synthetic_scan, write_mrd
 
 
 def nrmse(mag, ref):
@@ -96,8 +95,8 @@ def test_cg_agrees_with_unfolding(tmp_path):
 
 
 def test_true_maps_give_the_phantom():
-    from recon.cartesian import CartesianEncoding, KspaceBuffer
-    from recon.senserecon import SenseOptions, sense_volume, solve_grid
+    from reconq.recon.cartesian import CartesianEncoding, KspaceBuffer
+    from reconq.recon.senserecon import SenseOptions, sense_volume, solve_grid
 
     scan = synthetic_scan(matrix=(64, 64), ncoil=8, acceleration=(2, 1), phase_oversampling=0.25)
     buffer = KspaceBuffer(CartesianEncoding.from_header(scan.header))
@@ -118,10 +117,9 @@ def _heads_and_data(scan):
 
 
 def test_reference_scan_of_another_geometry(tmp_path):
+    from reconq.recon.cartesian import CartesianEncoding, KspaceBuffer
+    from reconq.recon.senserecon import SenseOptions, sense_volume, solve_grid
     from scipy.spatial.transform import Rotation
-
-    from recon.cartesian import CartesianEncoding, KspaceBuffer
-    from recon.senserecon import SenseOptions, sense_volume, solve_grid
 
     tilt = Rotation.from_euler("xz", [15, 10], degrees=True).as_matrix()
     target = synthetic_scan(matrix=(96, 96), ncoil=8, nslices=2, acceleration=(2, 1), acs_lines=(0, 0),
@@ -144,7 +142,7 @@ def test_reference_scan_of_another_geometry(tmp_path):
 
 
 def test_without_calibration_lines_or_reference_is_refused(tmp_path):
-    from recon.errors import ReconError
+    from reconq.recon.errors import ReconError
 
     scan = synthetic_scan(matrix=(32, 32), ncoil=4, acceleration=(2, 1), acs_lines=(0, 0))
     with pytest.raises(ReconError, match="calibration lines"):

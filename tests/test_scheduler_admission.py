@@ -7,14 +7,13 @@ import time
 
 import pytest
 import redis
-
-from recon.pipelines import get_pipeline
-from recon.simulate import synthetic_scan
-from reconq.constants import GPU_RESERVATION_ENDS, WORKER_HEARTBEAT, JobState
-from reconq.jobs import Job, JobStore
-from reconq.storage import ScanStore
-from scheduler.admission import Admission, Verdict
-from scheduler.estimate import (
+from reconq.core.constants import GPU_RESERVATION_ENDS, WORKER_HEARTBEAT, JobState
+from reconq.core.jobs import Job, JobStore
+from reconq.core.storage import ScanStore
+from reconq.recon.pipelines import get_pipeline
+from reconq.recon.simulate import synthetic_scan
+from reconq.scheduler.admission import Admission, Verdict
+from reconq.scheduler.estimate import (
     CONTEXT_BYTES,
     GB,
     HISTORY_KEPT,
@@ -25,9 +24,9 @@ from scheduler.estimate import (
     history_seconds,
     record_runtime,
 )
-from scheduler.inventory import NoGpuInventory, SimulatedInventory, make_inventory
-from scheduler.placement import Estimate, estimate_job
-from scheduler.routing import waiting_score
+from reconq.scheduler.inventory import NoGpuInventory, SimulatedInventory, make_inventory
+from reconq.scheduler.placement import Estimate, estimate_job
+from reconq.scheduler.routing import waiting_score
 
 
 @pytest.fixture

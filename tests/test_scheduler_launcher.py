@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import pytest
-
-from reconq.settings import Settings
-from scheduler.inventory import make_inventory
-from workers.launcher import LaunchError, per_gpu_counts, plan
+from reconq.core.settings import Settings
+from reconq.scheduler.inventory import make_inventory
+from reconq.workers.launcher import LaunchError, per_gpu_counts, plan
 
 
 @pytest.fixture

@@ -16,22 +16,22 @@ from pathlib import Path
 
 import pytest
 import redis
+from reconq.core.celeryapp import make_celery
+from reconq.core.constants import GPU_RESERVATIONS, GPU_WAITING, JobState
+from reconq.core.jobs import Job, JobStore
+from reconq.core.redisconn import PrivateRedis
+from reconq.core.settings import Settings, load_settings
+from reconq.core.storage import ScanStore
+from reconq.recon.pipelines import pipeline_names
+from reconq.recon.simulate import synthetic_scan, write_mrd
+from reconq.scheduler.actions import Actions
+from reconq.scheduler.estimate import GB, history_seconds
+from reconq.scheduler.monitor import cluster_status, live_workers
+from reconq.scheduler.placement import Placement
+from reconq.scheduler.submit import enqueue
+from reconq.workers.testpipelines import OVERCOMMITS, SIMULATED_PEAK
 
-from gateway.actions import Actions
-from gateway.submit import enqueue
-from recon.pipelines import pipeline_names
-from recon.simulate import synthetic_scan, write_mrd
-from reconq.constants import GPU_RESERVATIONS, GPU_WAITING, JobState
-from reconq.jobs import Job, JobStore
-from reconq.redisconn import PrivateRedis
-from reconq.settings import Settings, load_settings
 from reconq.stack import settings_env
-from reconq.storage import ScanStore
-from scheduler.estimate import GB, history_seconds
-from scheduler.monitor import cluster_status, live_workers
-from scheduler.placement import Placement
-from workers.app import make_celery
-from workers.testpipelines import OVERCOMMITS, SIMULATED_PEAK
 
 ROOT = Path(__file__).resolve().parents[1]
 SLOTS = 5  # 2 per GPU, 1 CPU
@@ -207,8 +207,7 @@ def test_gpus_table_and_api(sub: Submitter, client: redis.Redis, sched_settings:
                          timeout=60, cwd=ROOT)
     assert out.returncode == 0 and "SIMULATED GPU 1 (24 GB)" in out.stdout, out.stdout + out.stderr
     from fastapi.testclient import TestClient
-
-    from gateway.api import make_api
+    from reconq.api.app import make_api
 
     api = make_api(sched_settings.model_copy(update={"dashboard_public_read": True}), client)
     r = TestClient(api).get("/api/gpus")

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-
-from reconq.settings import SettingsError, load_settings
+from reconq.core.settings import SettingsError, load_settings
 
 
 def test_environment_sets_values(monkeypatch, tmp_path):

@@ -6,14 +6,13 @@ import time
 
 import redis
 from conftest import start_worker, stop_process
-
-from gateway.submit import enqueue
-from recon.simulate import synthetic_scan, write_mrd
-from reconq.constants import JobState
-from reconq.jobs import Job, JobStore
-from reconq.settings import load_settings
-from reconq.storage import ScanStore
-from workers.app import make_celery, soft_time_limit
+from reconq.core.celeryapp import make_celery, soft_time_limit
+from reconq.core.constants import JobState
+from reconq.core.jobs import Job, JobStore
+from reconq.core.settings import load_settings
+from reconq.core.storage import ScanStore
+from reconq.recon.simulate import synthetic_scan, write_mrd
+from reconq.scheduler.submit import enqueue
 
 
 def test_soft_limit_comes_before_the_hard_one():

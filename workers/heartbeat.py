@@ -2,7 +2,7 @@
 
 Every ``heartbeat_interval_s`` a worker writes ``reconq:hb:<worker>`` (JSON: its GPU, running job;
 expires after ``heartbeat_ttl_s``) and, on a GPU, the GPU's state and capacity. A worker whose key has
-expired is dead: its reservations are reclaimed (see :mod:`scheduler.admission`). A GPU worker also
+expired is dead: its reservations are reclaimed (see :mod:`reconq.scheduler.admission`). A GPU worker also
 registers itself as one of its GPU's worker slots. Jobs are dispatched to a GPU when one ends or is
 admitted there; as a safety net, every ``dispatch_poll_s`` an idle GPU worker fills its GPU with waiting
 jobs that fit now (:meth:`Admission.fill`) and sends them to the GPU's queue, which it consumes first.
@@ -18,13 +18,12 @@ import time
 from collections.abc import Callable
 
 import redis
-
-from reconq.constants import GPU_RESERVATION_OWNERS, WORKER_HEARTBEAT, WORKERS_INDEX
-from reconq.settings import Settings
-from scheduler.admission import PENDING_SUFFIX, Admission
-from scheduler.inventory import Inventory, InventoryError
-from scheduler.routing import gpu_queue
-from workers.slot import Slot, node_name
+from reconq.core.constants import GPU_RESERVATION_OWNERS, WORKER_HEARTBEAT, WORKERS_INDEX
+from reconq.core.settings import Settings
+from reconq.scheduler.admission import PENDING_SUFFIX, Admission
+from reconq.scheduler.inventory import Inventory, InventoryError
+from reconq.scheduler.routing import gpu_queue
+from reconq.workers.slot import Slot, node_name
 
 log = logging.getLogger(__name__)
 

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from reconq.constants import REFERENCE_PROTOCOL, REFERENCE_SCAN
-from reconq.jobs import Job
-from reconq.storage import ScanRecord, ScanState, ScanStore
+from reconq.core.constants import REFERENCE_PROTOCOL, REFERENCE_SCAN
+from reconq.core.jobs import Job
+from reconq.core.storage import ScanRecord, ScanState, ScanStore
 
 
 class InputsNotReady(Exception):

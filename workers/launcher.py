@@ -8,7 +8,7 @@ GPU 1 (``CUDA_VISIBLE_DEVICES=<i>``, ``CUDA_DEVICE_ORDER=PCI_BUS_ID``, so CUDA's
 before it runs out of worker processes; the setting ``workers_per_gpu`` (``RECONQ_WORKERS_PER_GPU``),
 when set, takes the place of ``--per-gpu``. With a simulated inventory, ``--gpus`` names simulated GPUs,
 and their processes see no real GPU either. Each process is a Celery worker with one pool process,
-``acks_late``, ``reject_on_worker_lost`` and prefetch 1 (see :mod:`workers.app`). The launcher restarts
+``acks_late``, ``reject_on_worker_lost`` and prefetch 1 (see :mod:`reconq.core.celeryapp`). The launcher restarts
 a process that dies, and on SIGTERM or Ctrl-C stops them all: a warm shutdown (running jobs finish) for
 ``stop_timeout`` seconds, then a cold one, then SIGKILL.
 """
@@ -25,11 +25,11 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from reconq.settings import Settings
-from scheduler.inventory import GB, Inventory, InventoryError, make_inventory
-from workers.app import make_celery
-from workers.slot import cpu_slot, gpu_slot
-from workers.tasks import register_tasks
+from reconq.core.celeryapp import make_celery
+from reconq.core.settings import Settings
+from reconq.scheduler.inventory import GB, Inventory, InventoryError, make_inventory
+from reconq.workers.slot import cpu_slot, gpu_slot
+from reconq.workers.tasks import register_tasks
 
 log = logging.getLogger(__name__)
 

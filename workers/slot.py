@@ -6,9 +6,9 @@ import os
 import socket
 from dataclasses import dataclass
 
-from reconq.settings import Settings
-from scheduler.inventory import Inventory, InventoryError
-from scheduler.routing import cpu_worker_queues, gpu_worker_queues
+from reconq.core.settings import Settings
+from reconq.scheduler.inventory import Inventory, InventoryError
+from reconq.scheduler.routing import cpu_worker_queues, gpu_worker_queues
 
 
 @dataclass(frozen=True)

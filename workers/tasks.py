@@ -12,24 +12,23 @@ import ismrmrd
 from celery import Celery
 from celery.exceptions import SoftTimeLimitExceeded
 from celery.signals import worker_process_init, worker_process_shutdown
-
-from recon.errors import ReconError
-from recon.pipelines import Pipeline, get_pipeline
-from recon.rawdata import RawScan
-from reconq.constants import CPU_QUEUE, JOB_KEY, RUN_JOB_TASK, JobState
-from reconq.jobs import Job, JobStore
-from reconq.redisconn import connect
-from reconq.settings import Settings
-from reconq.storage import ScanStore
-from scheduler.admission import Admission, Decision, Verdict
-from scheduler.estimate import GB, EstimateError, record_runtime, runs_on_cpu
-from scheduler.inventory import make_inventory
-from scheduler.placement import estimate_job, send_to_queue
-from scheduler.routing import gpu_queue, waiting_score
-from workers.heartbeat import Heartbeat
-from workers.inputs import InputsMissing, InputsNotReady, resolve_inputs
-from workers.results import write_images
-from workers.slot import Slot, cpu_slot, gpu_slot, worker_name
+from reconq.core.constants import CPU_QUEUE, JOB_KEY, RUN_JOB_TASK, JobState
+from reconq.core.jobs import Job, JobStore
+from reconq.core.redisconn import connect
+from reconq.core.results import write_images
+from reconq.core.settings import Settings
+from reconq.core.storage import ScanStore
+from reconq.recon.errors import ReconError
+from reconq.recon.pipelines import Pipeline, get_pipeline
+from reconq.recon.rawdata import RawScan
+from reconq.scheduler.admission import Admission, Decision, Verdict
+from reconq.scheduler.estimate import GB, EstimateError, record_runtime, runs_on_cpu
+from reconq.scheduler.inventory import make_inventory
+from reconq.scheduler.placement import estimate_job, send_to_queue
+from reconq.scheduler.routing import gpu_queue, waiting_score
+from reconq.workers.heartbeat import Heartbeat
+from reconq.workers.inputs import InputsMissing, InputsNotReady, resolve_inputs
+from reconq.workers.slot import Slot, cpu_slot, gpu_slot, worker_name
 
 log = logging.getLogger(__name__)
 
@@ -276,7 +275,7 @@ def register_tasks(app: Celery, settings: Settings, gpu_index: int | None = None
     Each worker process (Celery's pool child) builds its runner and starts its heartbeat when it starts,
     and stops the heartbeat when it stops. The recon plugins are registered here, in the parent.
     """
-    from workers.plugins import load_plugins
+    from reconq.recon.plugins import load_plugins
 
     load_plugins(settings.plugin_dir, settings.parameter_map)
     runner: dict[str, JobRunner] = {}
@@ -293,7 +292,7 @@ def register_tasks(app: Celery, settings: Settings, gpu_index: int | None = None
         name = worker_name(settings)
         admission = Admission(client, settings.backfill_limit_s, settings.gpu_forget_s)
         if settings.enable_test_pipelines:
-            from workers.testpipelines import register_test_pipelines
+            from reconq.workers.testpipelines import register_test_pipelines
 
             register_test_pipelines(client, slot.gpu_id)
         heartbeat = Heartbeat(settings, client, admission, slot, inventory, name, send)

@@ -19,12 +19,11 @@ from typing import Any
 import ismrmrd
 import numpy as np
 import redis
-
-from recon.errors import ReconError
-from recon.pipelines import ProgressFn, register
-from recon.rawdata import RawScan
-from reconq.constants import GPU_TOTAL, KEY_PREFIX
-from scheduler.estimate import GB
+from reconq.core.constants import GPU_TOTAL, KEY_PREFIX
+from reconq.recon.errors import ReconError
+from reconq.recon.pipelines import ProgressFn, register
+from reconq.recon.rawdata import RawScan
+from reconq.scheduler.estimate import GB
 
 #: Hash: gpu id -> bytes booked by running ``sleep`` jobs.
 SIMULATED_USE = KEY_PREFIX + "test:simuse"

@@ -1,18 +1,18 @@
 """Staff actions on jobs: retry, cancel, change priority, retro-recon. Each one is recorded on the job.
 
 Celery's Redis transport keeps a queue as a Redis list of JSON messages whose ``headers.id`` is the
-task id (``<job id>.<attempts>``, see :func:`gateway.submit.enqueue`). A ``queued`` job is in one of
+task id (``<job id>.<attempts>``, see :func:`reconq.scheduler.submit.enqueue`). A ``queued`` job is in one of
 these places:
 
 - its priority queue (``job.queue``: ``stat``, ``routine``, ``bulk``), not yet taken by a worker;
-- the waiting set of :mod:`scheduler.admission`, waiting for GPU memory (no Celery message at all);
+- the waiting set of :mod:`reconq.scheduler.admission`, waiting for GPU memory (no Celery message at all);
 - a GPU's own queue ``gpu.<id>`` (memory reserved there, no worker started it yet) or the ``cpu`` queue;
 - in a worker's hands, about to be admitted or started.
 
 A queued job is moved or cancelled by taking its message out of its list (``LREM``, atomic: either the
 action or a worker gets it), or its entry out of the waiting set (one Lua script). A job a worker has
 already taken is revoked through Celery's control channel; stopping the running recon is the worker's
-part. A cancelled job's state is never overwritten by a worker (:meth:`reconq.jobs.JobStore.update`).
+part. A cancelled job's state is never overwritten by a worker (:meth:`reconq.core.jobs.JobStore.update`).
 """
 
 from __future__ import annotations
@@ -26,14 +26,13 @@ from collections.abc import Callable, Collection, Sequence
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from celery import Celery
-
-from gateway.submit import enqueue, enqueue_many, job_for_scan
-from reconq.constants import CPU_QUEUE, GPU_QUEUE_PREFIX, GPU_WAITING, JobState, Queue
-from reconq.jobs import Job, JobStore, task_id
-from reconq.storage import ScanState, ScanStore
-from scheduler.admission import PENDING_SUFFIX, Admission
-from scheduler.placement import Placement
-from scheduler.routing import gpu_queue, waiting_score
+from reconq.core.constants import CPU_QUEUE, GPU_QUEUE_PREFIX, GPU_WAITING, JobState, Queue
+from reconq.core.jobs import Job, JobStore, task_id
+from reconq.core.storage import ScanState, ScanStore
+from reconq.scheduler.admission import PENDING_SUFFIX, Admission
+from reconq.scheduler.placement import Placement
+from reconq.scheduler.routing import gpu_queue, waiting_score
+from reconq.scheduler.submit import enqueue, enqueue_many, job_for_scan
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +49,7 @@ class ActionError(Exception):
 
 
 def task_ids(job: Job) -> list[str]:
-    """Every Celery task id the job may have had: one per attempt (see :func:`gateway.submit.enqueue`)."""
+    """Every Celery task id the job may have had: one per attempt (see :func:`reconq.scheduler.submit.enqueue`)."""
     return [task_id(job.id, n) for n in range(job.attempts + 1)]
 
 

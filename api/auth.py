@@ -1,7 +1,7 @@
 """Staff sign-in: hashed passwords and tokens from settings, sessions in Redis, FastAPI dependencies.
 
 Secrets are never stored or logged in clear: settings hold ``scrypt$...`` password hashes and
-``sha256$...`` token hashes (``python -m gateway.auth`` makes them); a dashboard session is a random
+``sha256$...`` token hashes (``python -m reconq.api.auth`` makes them); a dashboard session is a random
 token in an HttpOnly cookie whose SHA-256 alone is kept in Redis, with a time to live.
 
 A request is signed in by the session cookie or by ``Authorization: Bearer <token>`` (a staff token or
@@ -24,10 +24,9 @@ from typing import Annotated, Literal
 import redis
 from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from pydantic import BaseModel, Field
-
-from gateway.problems import problem
-from reconq.constants import SESSION_KEY, SIGNIN_FAILURES
-from reconq.settings import Settings, SettingsError
+from reconq.api.problems import problem
+from reconq.core.constants import SESSION_KEY, SIGNIN_FAILURES
+from reconq.core.settings import Settings, SettingsError
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +73,7 @@ def check_auth_settings(settings: Settings) -> None:
     for name, stored in {**settings.staff_passwords, **settings.staff_tokens}.items():
         if stored.partition("$")[0] not in ("scrypt", "sha256"):
             raise SettingsError(f"sign-in secret of {name!r} is not a scrypt$/sha256$ hash "
-                                "(make one with `python -m gateway.auth`)")
+                                "(make one with `python -m reconq.api.auth`)")
         if any(verify_secret(p, stored) for p in PLACEHOLDERS):
             if settings.environment != "development":
                 raise SettingsError(f"sign-in secret of {name!r} is a placeholder; set a real one "
@@ -223,7 +222,7 @@ def me(request: Request, who: PrincipalDep) -> Me:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m gateway.auth [--token]``: print the hash of a password (asked for) or of a new token."""
+    """``python -m reconq.api.auth [--token]``: print the hash of a password (asked for) or of a new token."""
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--token", action="store_true", help="make a new random API token and its hash")
     args = parser.parse_args(argv)

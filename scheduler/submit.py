@@ -18,11 +18,10 @@ from typing import Any
 import h5py
 import redis
 from celery import Celery
-
-from reconq.constants import RUN_JOB_TASK, JobState
-from reconq.jobs import Job, JobStore, task_id
-from reconq.storage import ScanRecord, ScanState, ScanStore
-from scheduler.placement import Placement
+from reconq.core.constants import RUN_JOB_TASK, JobState
+from reconq.core.jobs import Job, JobStore, task_id
+from reconq.core.storage import ScanRecord, ScanState, ScanStore
+from reconq.scheduler.placement import Placement
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +34,7 @@ def first_job_id(scan_id: str) -> str:
 def enqueue(store: JobStore, celery: Celery, job: Job, placement: Placement | None = None,
             since: float | None = None, header: Any = None) -> None:
     """Mark ``job`` queued and place it in the waiting set (with ``placement``, where it can: see
-    :mod:`scheduler.placement`), else send its id to its queue (the task id is the job id plus attempt).
+    :mod:`reconq.scheduler.placement`), else send its id to its queue (the task id is the job id plus attempt).
     ``since``: the time it has been queued since (a job moved to another queue keeps its place in time);
     ``header``: its scan's parsed MRD header, where the caller has it (else placement reads it)."""
     enqueue_many(store, celery, [job], placement, since, {job.scan_id: header} if header is not None else None)

@@ -16,8 +16,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import redis
-
-from reconq.constants import (
+from reconq.core.constants import (
     EVENTS_CHANNEL,
     JOB_ACTIONS,
     JOB_KEY,
@@ -87,9 +86,9 @@ class Job:
     study_uid: str = ""
     protocol: str = ""
     measurement_id: str = ""
-    #: GPU memory the job needs, from :mod:`scheduler.estimate` (0: not estimated yet).
+    #: GPU memory the job needs, from :mod:`reconq.scheduler.estimate` (0: not estimated yet).
     mem_estimate_bytes: int = 0
-    #: Expected run time in seconds, from :mod:`scheduler.estimate` (0: unknown or not estimated yet).
+    #: Expected run time in seconds, from :mod:`reconq.scheduler.estimate` (0: unknown or not estimated yet).
     runtime_estimate_s: float = 0.0
     #: GPU out-of-memory errors the job has had (each sent it back to wait).
     oom_count: int = 0

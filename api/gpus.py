@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
-
-from gateway.auth import ViewerDep
-from scheduler.monitor import ClusterOut, cluster_status
+from reconq.api.auth import ViewerDep
+from reconq.scheduler.monitor import ClusterOut, cluster_status
 
 gpus_router = APIRouter(tags=["gpus"])
 

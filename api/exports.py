@@ -1,6 +1,6 @@
 """A job's result images for people: PNG previews rendered on the server, and DICOM (pydicom) in a zip.
 
-Result files are MRD image files (see :mod:`workers.results`); the MRD header stored with them gives
+Result files are MRD image files (see :mod:`reconq.core.results`); the MRD header stored with them gives
 the patient and study for DICOM.
 """
 
@@ -19,8 +19,7 @@ import pydicom
 from PIL import Image as PILImage
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
-
-from workers.results import read_images
+from reconq.core.results import read_images
 
 #: How many slices the job page previews at most (evenly spread over the images).
 PREVIEW_COUNT = 4
@@ -61,7 +60,7 @@ def png_of(image: ismrmrd.Image) -> bytes:
 
 
 def preview_png(path: Path, index: int) -> bytes:
-    """PNG of image ``index`` (in :func:`workers.results.read_images` order) of a result file."""
+    """PNG of image ``index`` (in :func:`reconq.core.results.read_images` order) of a result file."""
     images = read_images(path)
     if not 0 <= index < len(images):
         raise IndexError(f"image {index} out of range (the result has {len(images)})")

@@ -6,10 +6,9 @@ from collections.abc import Sequence
 
 from celery import Celery
 from kombu import Queue as KombuQueue
-
-from reconq.constants import QUEUE_ORDER
-from reconq.redisconn import require_redis_url
-from reconq.settings import Settings, SettingsError
+from reconq.core.constants import QUEUE_ORDER
+from reconq.core.redisconn import require_redis_url
+from reconq.core.settings import Settings, SettingsError
 
 
 def soft_time_limit(hard_s: int) -> int:
@@ -18,13 +17,13 @@ def soft_time_limit(hard_s: int) -> int:
 
 
 def make_celery(settings: Settings, queues: Sequence[str] | None = None) -> Celery:
-    """A Celery app on ``settings.redis_url``; tasks are registered by :func:`workers.tasks.register_tasks`.
+    """A Celery app on ``settings.redis_url``; tasks are registered by :func:`reconq.workers.tasks.register_tasks`.
 
     - ``acks_late`` + ``reject_on_worker_lost``: a job whose worker dies is delivered again;
     - prefetch 1: a worker holds no job it has not started, so another idle worker can take it;
     - a visibility timeout above the longest recon, so a running job is not redelivered meanwhile;
     - queues polled in priority order (``stat`` before ``routine`` before ``bulk``); a worker passes its
-      own ``queues`` in the order it consumes them (see :mod:`scheduler.routing`).
+      own ``queues`` in the order it consumes them (see :mod:`reconq.scheduler.routing`).
     """
     if settings.visibility_timeout_s <= settings.job_time_limit_s:
         raise SettingsError(f"RECONQ_VISIBILITY_TIMEOUT_S ({settings.visibility_timeout_s}) must exceed "

@@ -3,7 +3,7 @@
 Jobs by state and the run-time histogram come from the job records; queue depths from Celery's queue
 lists; retrieval outcomes from the retrieval log; gateway counters from the hash
 ``reconq:stats:gateway`` when the gateway keeps one; GPUs from the workers' heartbeats
-(:func:`scheduler.monitor.cluster_status`, as ``/api/gpus``).
+(:func:`reconq.scheduler.monitor.cluster_status`, as ``/api/gpus``).
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import math
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 
-from reconq.constants import GATEWAY_STATS, QUEUE_ORDER, JobState
-from reconq.jobs import JobStore
-from scheduler.monitor import GpuOut
+from reconq.core.constants import GATEWAY_STATS, QUEUE_ORDER, JobState
+from reconq.core.jobs import JobStore
+from reconq.scheduler.monitor import GpuOut
 
 #: Upper bounds (seconds) of the job run-time histogram.
 DURATION_BUCKETS = (10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 4 * 3600.0)

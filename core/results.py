@@ -7,8 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import ismrmrd
-
-from reconq.storage import fsync_path
+from reconq.core.storage import fsync_path
 
 
 def write_images(path: Path, images: Sequence[ismrmrd.Image], xml: str | None = None) -> None:

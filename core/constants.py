@@ -8,7 +8,7 @@ from __future__ import annotations
 from enum import StrEnum
 
 #: Job parameters naming another scan the job needs: a scan id, or the protocol of the newest complete
-#: scan of the same patient and study (see :mod:`workers.inputs`).
+#: scan of the same patient and study (see :mod:`reconq.workers.inputs`).
 REFERENCE_SCAN, REFERENCE_PROTOCOL = "reference_scan", "reference_protocol"
 INPUT_PARAMS = (REFERENCE_SCAN, REFERENCE_PROTOCOL)
 
@@ -89,7 +89,7 @@ GPU_WAITING = KEY_PREFIX + "waiting"
 #: Hash: job id -> bytes needed, for the jobs in :data:`GPU_WAITING`.
 GPU_WAITING_NEED = KEY_PREFIX + "waitneed"
 #: Hash: job id -> expected run time in seconds, for the jobs in :data:`GPU_WAITING` whose run time is
-#: estimated (see :mod:`scheduler.estimate`).
+#: estimated (see :mod:`reconq.scheduler.estimate`).
 GPU_WAITING_SECONDS = KEY_PREFIX + "waitsecs"
 #: List per pipeline and protocol (``<prefix><pipeline>:<protocol>``): the run times of its latest jobs.
 RUNTIME_HISTORY = KEY_PREFIX + "runtimes:"

@@ -25,19 +25,18 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
+from reconq.api import exports, metrics
+from reconq.api.auth import Principal, StaffDep, ViewerDep, auth_router, check_auth_settings
+from reconq.api.gpus import gpus_router
+from reconq.api.problems import Problem, ValidationProblem
+from reconq.core.constants import EVENTS_CHANNEL, JobState, Queue
+from reconq.core.jobs import Job, JobStore
+from reconq.core.settings import Settings
+from reconq.core.storage import ScanStore
+from reconq.scheduler.actions import ActionError, Actions
+from reconq.scheduler.monitor import cluster_status
+from reconq.scheduler.placement import Placement
 from typing_extensions import TypeAliasType
-
-from gateway import exports, metrics
-from gateway.actions import ActionError, Actions
-from gateway.api_gpus import gpus_router
-from gateway.auth import Principal, StaffDep, ViewerDep, auth_router, check_auth_settings
-from gateway.problems import Problem, ValidationProblem
-from reconq.constants import EVENTS_CHANNEL, JobState, Queue
-from reconq.jobs import Job, JobStore
-from reconq.settings import Settings
-from reconq.storage import ScanStore
-from scheduler.monitor import cluster_status
-from scheduler.placement import Placement
 
 log = logging.getLogger(__name__)
 
@@ -454,9 +453,9 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
 
 def make_api(settings: Settings, client: redis.Redis, celery: Celery | None = None) -> FastAPI:
     """The API on ``client``; ``celery`` (default: built from the settings) queues and revokes tasks."""
-    from recon.pipelines import pipeline_names
-    from workers.app import make_celery
-    from workers.plugins import load_plugins
+    from reconq.core.celeryapp import make_celery
+    from reconq.recon.pipelines import pipeline_names
+    from reconq.recon.plugins import load_plugins
 
     check_auth_settings(settings)
     load_plugins(settings.plugin_dir, settings.parameter_map)  # retro-recon may name a plugin pipeline

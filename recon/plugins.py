@@ -1,7 +1,7 @@
 """Offline recon code as inline pipelines.
 
 A physicist's function ``recon(twix, params, progress)``, written against the twix-like object of
-:mod:`parametermaps`, becomes a pipeline that configs can name. It is registered either
+:mod:`reconq.parametermaps`, becomes a pipeline that configs can name. It is registered either
 
 - through a Python entry point in the group ``reconq.pipelines`` (``name = "package.module:recon"``), or
 - as a ``*.py`` file in the folder ``RECONQ_PLUGIN_DIR``: the file defines ``recon`` and optionally
@@ -25,12 +25,11 @@ from typing import Any
 
 import ismrmrd
 import numpy as np
-
-from parametermaps import ParameterMap, load_map, read_twix
-from recon.errors import ReconError
-from recon.images import ImageGeometry, to_mrd_images
-from recon.pipelines import ProgressFn, pipeline_names, register
-from recon.rawdata import RawScan
+from reconq.parametermaps import ParameterMap, load_map, read_twix
+from reconq.recon.errors import ReconError
+from reconq.recon.images import ImageGeometry, to_mrd_images
+from reconq.recon.pipelines import ProgressFn, pipeline_names, register
+from reconq.recon.rawdata import RawScan
 
 log = logging.getLogger(__name__)
 

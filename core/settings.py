@@ -110,11 +110,11 @@ class Settings(BaseSettings):
     )
     staff_passwords: dict[str, str] = Field(
         default_factory=dict,
-        description='Staff sign-in by password: JSON {"name": "scrypt$..."}; hashes from `python -m gateway.auth`',
+        description='Staff sign-in by password: JSON {"name": "scrypt$..."}; hashes from `python -m reconq.api.auth`',
     )
     staff_tokens: dict[str, str] = Field(
         default_factory=dict,
-        description='Staff API tokens: JSON {"name": "sha256$..."}; hashes from `python -m gateway.auth --token`',
+        description='Staff API tokens: JSON {"name": "sha256$..."}; hashes from `python -m reconq.api.auth --token`',
     )
     dashboard_public_read: bool = Field(
         False, description="Let anyone who reaches the API view jobs (read-only, patient identifiers masked)"

@@ -14,8 +14,7 @@ import time
 from pathlib import Path
 
 import redis
-
-from reconq.settings import Settings, SettingsError
+from reconq.core.settings import Settings, SettingsError
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""The HTTP API and the dashboard (FastAPI): jobs, downloads, previews, actions, GPUs, metrics."""

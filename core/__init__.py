@@ -1,0 +1,4 @@
+"""The foundation every role shares: settings, job states, Redis keys, storage, Redis and Celery plumbing.
+
+It imports nothing else of ReconQ.
+"""
