@@ -3,7 +3,8 @@
 Routes: jobs (paged, filtered), one job with its log, stage timings, staff actions and previews; result
 downloads (MRD, DICOM); staff actions (retry, cancel, priority, retro-recon); queues, retrievals,
 pipelines; live job events (server-sent events from Redis pub/sub); ``/metrics``; the dashboard pages.
-Built by :func:`make_api` from the settings and a Redis client, so tests need no monkeypatching.
+Built by :func:`create_api` from services made once (:func:`reconq.services.make_api`), so tests need no
+monkeypatching.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from typing import Annotated
 
 import redis
 import redis.asyncio as aioredis
-from celery import Celery
 from fastapi import APIRouter, Body, Depends, FastAPI, HTTPException, Query, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
@@ -29,13 +29,13 @@ from reconq.api import exports, metrics
 from reconq.api.auth import Principal, StaffDep, ViewerDep, auth_router, check_auth_settings
 from reconq.api.gpus import gpus_router
 from reconq.api.problems import Problem, ValidationProblem
-from reconq.core.constants import EVENTS_CHANNEL, JobState, Queue
+from reconq.core.constants import EVENTS_CHANNEL, Queue
 from reconq.core.jobs import Job, JobStore
 from reconq.core.settings import Settings
+from reconq.core.states import JobState
 from reconq.core.storage import ScanStore
 from reconq.scheduler.actions import ActionError, Actions
 from reconq.scheduler.monitor import cluster_status
-from reconq.scheduler.placement import Placement
 from typing_extensions import TypeAliasType
 
 log = logging.getLogger(__name__)
@@ -451,23 +451,16 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
                         status_code=422)
 
 
-def make_api(settings: Settings, client: redis.Redis, celery: Celery | None = None) -> FastAPI:
-    """The API on ``client``; ``celery`` (default: built from the settings) queues and revokes tasks."""
-    from reconq.core.celeryapp import make_celery
-    from reconq.recon.pipelines import pipeline_names
-    from reconq.recon.plugins import load_plugins
-
+def create_api(settings: Settings, jobs: JobStore, scans: ScanStore, actions: Actions) -> FastAPI:
+    """The API on these services (built by :func:`reconq.services.make_api`)."""
     check_auth_settings(settings)
-    load_plugins(settings.plugin_dir, settings.parameter_map)  # retro-recon may name a plugin pipeline
     app = FastAPI(title="ReconQ", version="0.1.0", description="Asynchronous inline MRI reconstruction: "
                   "jobs, staff actions, live events and the technologists' dashboard")
     app.state.settings = settings
-    app.state.jobs = JobStore(client)
-    app.state.redis_url = _redis_url(settings, client)
-    celery = celery or make_celery(settings)
-    scans = ScanStore(settings.data_dir)
-    app.state.actions = Actions(app.state.jobs, celery, scans, pipeline_names(),
-                                Placement(settings, app.state.jobs, scans, celery))
+    app.state.jobs = jobs
+    app.state.scans = scans
+    app.state.redis_url = _redis_url(settings, jobs.redis)
+    app.state.actions = actions
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(ActionError, _action_error)
     app.include_router(jobs_router)

@@ -12,8 +12,9 @@ import math
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 
-from reconq.core.constants import GATEWAY_STATS, QUEUE_ORDER, JobState
+from reconq.core.constants import GATEWAY_STATS, QUEUE_ORDER
 from reconq.core.jobs import JobStore
+from reconq.core.states import JobState
 from reconq.scheduler.monitor import GpuOut
 
 #: Upper bounds (seconds) of the job run-time histogram.

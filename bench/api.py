@@ -20,10 +20,10 @@ import redis
 import uvicorn
 from reconq.api.app import make_api
 from reconq.api.auth import hash_token
-from reconq.core.constants import JobState
 from reconq.core.jobs import Job, JobStore
 from reconq.core.redisconn import PrivateRedis, free_port
 from reconq.core.settings import load_settings
+from reconq.core.states import JobState
 
 TOKEN = "bench-token-not-a-secret-0123456789"
 PAGE_TARGET_MS = 200.0

@@ -45,9 +45,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from reconq.core.celeryapp import make_celery  # noqa: E402
-from reconq.core.constants import RUN_JOB_TASK, JobState  # noqa: E402
-from reconq.core.jobs import Job, JobStore, task_id  # noqa: E402
+from reconq.core.states import JobState  # noqa: E402
+from reconq.core.jobs import Job, JobStore  # noqa: E402
 from reconq.core.redisconn import PrivateRedis  # noqa: E402
+from reconq.core.sender import TaskSender  # noqa: E402
 from reconq.core.settings import Settings, load_settings  # noqa: E402
 from reconq.core.storage import ScanStore  # noqa: E402
 from reconq.recon.simulate import synthetic_scan, write_mrd  # noqa: E402
@@ -124,8 +125,8 @@ def run_policy(policy: str, specs: list[Spec], base: Settings, slots: int, workd
     log = workdir / f"workers-{policy}.log"
     proc = start_workers(settings, slots, log)
     try:
-        store, celery = JobStore(client), make_celery(settings)
-        placement = Placement(settings, store, ScanStore(settings.data_dir), celery)
+        store, sender = JobStore(client), TaskSender(make_celery(settings))
+        placement = Placement(settings, store, ScanStore(settings.data_dir), sender)
         gpu_ids = [f"{NODE}:sim{i}" for i in range(len(GPUS_GB))]
         assigned: dict[str, str] = {}
 
@@ -143,7 +144,7 @@ def run_policy(policy: str, specs: list[Spec], base: Settings, slots: int, workd
                 gpu = max(gpu_ids, key=lambda g: free[g])
             assigned[s.id] = gpu
             store.set_state(job.id, JobState.QUEUED, queue=job.queue)
-            celery.send_task(RUN_JOB_TASK, args=[job.id], queue=gpu_queue(gpu), task_id=task_id(job.id, 0))
+            sender.send(job.id, gpu_queue(gpu), 0)
 
         t0 = time.time()
         by_arrival: dict[float, list[Spec]] = {}
@@ -160,7 +161,7 @@ def run_policy(policy: str, specs: list[Spec], base: Settings, slots: int, workd
             for job in jobs:
                 store.create(job)
             if policy == "reconq":
-                enqueue_many(store, celery, jobs, placement)
+                enqueue_many(store, sender, jobs, placement)
                 continue
             for s, job in zip(batch, jobs, strict=True):
                 k += 1

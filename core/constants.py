@@ -1,4 +1,4 @@
-"""The job vocabulary every role shares: job states, queue names, Redis keys, the task name.
+"""The vocabulary every role shares: queue names, Redis keys, the task name (job states: :mod:`reconq.core.states`).
 
 Gateway, workers, scheduler and the API import these names from here and nowhere else.
 """
@@ -31,22 +31,6 @@ EVENTS_CHANNEL = KEY_PREFIX + "events"
 
 #: Celery task that runs one job; its only argument is the job id (never patient data).
 RUN_JOB_TASK = "reconq.run_job"
-
-
-class JobState(StrEnum):
-    """Where a job is: ``receiving → queued → waiting_inputs → running → done | failed | cancelled``."""
-
-    RECEIVING = "receiving"
-    QUEUED = "queued"
-    WAITING_INPUTS = "waiting_inputs"
-    RUNNING = "running"
-    DONE = "done"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-    @property
-    def finished(self) -> bool:
-        return self in (JobState.DONE, JobState.FAILED, JobState.CANCELLED)
 
 
 class Queue(StrEnum):

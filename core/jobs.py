@@ -26,8 +26,8 @@ from reconq.core.constants import (
     RETRIEVALS,
     SCAN_JOB_SEQ,
     SCAN_JOBS,
-    JobState,
 )
+from reconq.core.states import JobState
 
 log = logging.getLogger(__name__)
 
@@ -123,11 +123,6 @@ class Job:
     def public(self) -> dict[str, Any]:
         """The record as JSON-ready data."""
         return asdict(self)
-
-
-def task_id(job_id: str, attempt: int | str) -> str:
-    """The Celery task id of one attempt of a job (a job sent again after a failure gets a new one)."""
-    return f"{job_id}.{attempt}"
 
 
 def match_key(patient_id: str, study_uid: str, protocol: str) -> str:

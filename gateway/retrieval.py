@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from reconq.core.constants import JobState
 from reconq.core.jobs import Job
 from reconq.core.results import read_images
+from reconq.core.states import JobState
 from reconq.gateway import protocol as p
 from reconq.gateway.session import Opening, SessionError, identity, parameters_from_text, text
 

@@ -12,9 +12,9 @@ from collections.abc import Collection
 from typing import Any
 
 import redis
-from celery import Celery
 from reconq.core.constants import GATEWAY_STATS
 from reconq.core.jobs import Job, JobStore
+from reconq.core.sender import TaskSender
 from reconq.core.settings import Settings
 from reconq.core.storage import ScanRecord, ScanStore
 from reconq.gateway import protocol as p
@@ -27,28 +27,19 @@ log = logging.getLogger(__name__)
 RECEIVE_BUFFER_BYTES = 1 << 20  # the kernel doubles it for its own bookkeeping
 
 
-def make_gateway(settings: Settings) -> Gateway:
-    """A gateway on the configured Redis; the allow-list is every registered pipeline and plugin."""
-    from reconq.core.celeryapp import make_celery
-    from reconq.core.redisconn import connect
-    from reconq.recon.pipelines import pipeline_names
-    from reconq.recon.plugins import load_plugins
-
-    load_plugins(settings.plugin_dir, settings.parameter_map)
-
-    return Gateway(settings, JobStore(connect(settings)), make_celery(settings), pipeline_names())
-
-
 class Gateway:
-    """Listens for MRD sessions; :meth:`start` serves in a background thread, :meth:`serve_forever` here."""
+    """Listens for MRD sessions; :meth:`start` serves in a background thread, :meth:`serve_forever` here.
 
-    def __init__(self, settings: Settings, jobs: JobStore, celery: Celery, pipelines: Collection[str]) -> None:
+    Built by :func:`reconq.services.make_gateway`; ``pipelines`` is the allow-list of config names."""
+
+    def __init__(self, settings: Settings, jobs: JobStore, scans: ScanStore, sender: TaskSender,
+                 placement: Placement, pipelines: Collection[str]) -> None:
         self.settings = settings
         self.jobs = jobs
-        self.celery = celery
+        self.scans = scans
+        self.sender = sender
+        self.placement = placement
         self.pipelines = frozenset(pipelines)
-        self.scans = ScanStore(settings.data_dir)
-        self.placement = Placement(settings, jobs, self.scans, celery)
         self.limits = p.Limits(
             max_header_bytes=settings.max_header_bytes,
             max_text_bytes=settings.max_text_bytes,
@@ -56,7 +47,6 @@ class Gateway:
             max_image_bytes=settings.max_image_bytes,
         )
         self._slots = threading.BoundedSemaphore(settings.max_connections)
-        self._submit_lock = threading.Lock()
         self._listener: socket.socket | None = None
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -71,13 +61,12 @@ class Gateway:
         announce_scan(self.jobs, record, self.settings.queue)
 
     def submit(self, record: ScanRecord, header: Any = None) -> Job:
-        with self._submit_lock:  # Celery's producer is not meant to be shared between threads unguarded
-            return submit_scan(self.jobs, self.celery, record, self.settings.queue, self.placement, header)
+        return submit_scan(self.jobs, self.sender, record, self.settings.queue, self.placement, header)
 
     def bind(self) -> tuple[str, int]:
         """Reconcile disk with Redis, then open the listening socket."""
-        with self._submit_lock:
-            requeued = reconcile(self.scans, self.jobs, self.celery, self.settings.queue, placement=self.placement)
+        with self.sender.exclusive():
+            requeued = reconcile(self.scans, self.jobs, self.sender, self.settings.queue, placement=self.placement)
         if requeued:
             log.warning("start-up: %d complete scan(s) without a job were queued again", len(requeued))
         listener = socket.create_server((self.settings.mrd_host, self.settings.mrd_port), reuse_port=False,
@@ -96,8 +85,8 @@ class Gateway:
         ack, or Redis restarted without its data), so none waits for the gateway's next start."""
         while not self._stopping.wait(self.settings.reconcile_interval_s):
             try:
-                with self._submit_lock:
-                    requeued = reconcile(self.scans, self.jobs, self.celery, self.settings.queue, at_start=False,
+                with self.sender.exclusive():
+                    requeued = reconcile(self.scans, self.jobs, self.sender, self.settings.queue, at_start=False,
                                          placement=self.placement)
             except Exception:  # Redis down again, a scan folder being written: try at the next interval
                 log.exception("periodic reconcile failed; trying again in %g s", self.settings.reconcile_interval_s)

@@ -26,7 +26,7 @@ def _interrupt(*_: object) -> None:
 
 
 def cmd_gateway(settings: Settings, args: argparse.Namespace) -> int:
-    from reconq.gateway.server import make_gateway
+    from reconq.services import make_gateway
 
     gw = make_gateway(settings)
     gw.bind()
@@ -43,8 +43,8 @@ def cmd_gateway(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_api(settings: Settings, args: argparse.Namespace) -> int:
     import uvicorn
 
-    from reconq.api.app import make_api
     from reconq.core.redisconn import connect
+    from reconq.services import make_api
 
     uvicorn.run(make_api(settings, connect(settings)), host=settings.http_host, port=settings.http_port,
                 log_level="info")
@@ -139,9 +139,9 @@ def cmd_retrieve(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_jobs(settings: Settings, args: argparse.Namespace) -> int:
-    from reconq.core.constants import JobState
     from reconq.core.jobs import JobStore
     from reconq.core.redisconn import connect
+    from reconq.core.states import JobState
 
     store = JobStore(connect(settings))
     jobs, total = store.query(limit=args.limit, state=JobState(args.state) if args.state else None)
@@ -157,19 +157,11 @@ def cmd_retro(settings: Settings, args: argparse.Namespace) -> int:
     """A new job on a stored scan with another pipeline or parameters (run where the data folder is)."""
     import getpass
 
-    from reconq.core.celeryapp import make_celery
     from reconq.core.constants import Queue
-    from reconq.core.jobs import JobStore
-    from reconq.core.redisconn import connect
-    from reconq.core.storage import ScanStore
-    from reconq.recon.pipelines import pipeline_names
-    from reconq.recon.plugins import load_plugins
-    from reconq.scheduler.actions import ActionError, Actions
-    from reconq.scheduler.placement import Placement
+    from reconq.scheduler.actions import ActionError
+    from reconq.services import build_services
 
-    load_plugins(settings.plugin_dir, settings.parameter_map)
-    store, celery, scans = JobStore(connect(settings)), make_celery(settings), ScanStore(settings.data_dir)
-    actions = Actions(store, celery, scans, pipeline_names(), Placement(settings, store, scans, celery))
+    actions = build_services(settings).actions
     try:
         jobs = actions.retro_recon_many(args.scan_id, args.pipeline,
                                         json.loads(args.params) if args.params else None, Queue(args.queue),

@@ -21,13 +21,13 @@ import dataclasses
 import functools
 import json
 import logging
-import threading
 from collections.abc import Callable, Collection, Sequence
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
-from celery import Celery
-from reconq.core.constants import CPU_QUEUE, GPU_QUEUE_PREFIX, GPU_WAITING, JobState, Queue
-from reconq.core.jobs import Job, JobStore, task_id
+from reconq.core.constants import CPU_QUEUE, GPU_QUEUE_PREFIX, GPU_WAITING, Queue
+from reconq.core.jobs import Job, JobStore
+from reconq.core.sender import TaskSender, task_id
+from reconq.core.states import JobState
 from reconq.core.storage import ScanState, ScanStore
 from reconq.scheduler.admission import PENDING_SUFFIX, Admission
 from reconq.scheduler.placement import Placement
@@ -86,25 +86,24 @@ R = TypeVar("R")
 
 
 def _serialised(method: Callable[Concatenate[Actions, P], R]) -> Callable[Concatenate[Actions, P], R]:
-    """One action at a time: Celery's producer is not meant to be shared between threads unguarded."""
+    """One action at a time (each reads, then queues or revokes): the sender's producer, held throughout."""
 
     @functools.wraps(method)
     def wrapper(self: Actions, *args: P.args, **kwargs: P.kwargs) -> R:
-        with self.lock:
+        with self.sender.exclusive():
             return method(self, *args, **kwargs)
 
     return wrapper
 
 
 class Actions:
-    """The staff actions, on one job store, Celery app and data root."""
+    """The staff actions, on one job store, task sender and data root."""
 
-    def __init__(self, store: JobStore, celery: Celery, scans: ScanStore, pipelines: Collection[str],
+    def __init__(self, store: JobStore, sender: TaskSender, scans: ScanStore, pipelines: Collection[str],
                  placement: Placement | None = None) -> None:
-        self.store, self.celery, self.scans, self.pipelines = store, celery, scans, pipelines
+        self.store, self.sender, self.scans, self.pipelines = store, sender, scans, pipelines
         self.placement = placement  # jobs queued by an action are placed at submit where they can be
         self.admission = Admission(store.redis)
-        self.lock = threading.Lock()
 
     def _job(self, job_id: str) -> Job:
         job = self.store.get(job_id)
@@ -121,7 +120,7 @@ class Actions:
         self.store.update(job_id, error="", progress=0.0, stage="")
         self.store.clear_fields(job_id, "finished_at", "started_at")
         self.store.record_action(job_id, who, "retry", f"previous error: {job.error}" if job.error else "")
-        enqueue(self.store, self.celery, job, self.placement)
+        enqueue(self.store, self.sender, job, self.placement)
         log.info("job %s retried by %s", job_id, who)
         return self._job(job_id)
 
@@ -146,7 +145,7 @@ class Actions:
         if where:
             how = "taken off " + " and ".join(where)
         else:
-            self.celery.control.revoke(sorted(ids))
+            self.sender.revoke(sorted(ids))
             how = f"task revoked while {job.state.value}"
         if dropped:
             how += f"; GPU memory reserved for it on {', '.join(dropped)} freed"
@@ -170,7 +169,7 @@ class Actions:
         change = f"queue {job.queue} -> {queue.value}"
         if job.state is JobState.QUEUED and take_from_queue(self.store, job.queue, task_ids(job)):
             # still waiting since it was first queued: it keeps its age among the waiting jobs
-            enqueue(self.store, self.celery, dataclasses.replace(job, queue=queue.value), self.placement,
+            enqueue(self.store, self.sender, dataclasses.replace(job, queue=queue.value), self.placement,
                     since=job.queued_at)
             detail = change
         elif job.state is JobState.WAITING_INPUTS:  # its next look for the inputs is sent to the new queue
@@ -241,7 +240,7 @@ class Actions:
             job = job_for_scan(record, self.store.next_job_id(record.scan_id), queue.value, pipeline, params)
             self.store.create(job)
             jobs.append(job)
-        enqueue_many(self.store, self.celery, jobs, self.placement)
+        enqueue_many(self.store, self.sender, jobs, self.placement)
         for job in jobs:
             self.store.record_action(job.id, who, "retro-recon", f"pipeline {pipeline} on queue {queue.value}, "
                                                                  f"params {json.dumps(job.params, sort_keys=True)}")

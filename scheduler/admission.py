@@ -64,8 +64,8 @@ from reconq.core.constants import (
     JOB_KEY,
     KEY_PREFIX,
     WORKER_HEARTBEAT,
-    JobState,
 )
+from reconq.core.states import JobState
 from reconq.scheduler.routing import RANK_SPAN
 
 log = logging.getLogger(__name__)

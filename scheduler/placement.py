@@ -25,10 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import redis
-from celery import Celery
-from reconq.core.constants import INPUT_PARAMS, JOB_KEY, RUN_JOB_TASK
-from reconq.core.jobs import Job, JobStore, task_id
+from reconq.core.constants import INPUT_PARAMS
+from reconq.core.jobs import Job, JobStore
+from reconq.core.sender import TaskSender
 from reconq.core.settings import Settings
 from reconq.core.storage import ScanStore
 from reconq.recon.errors import ReconError
@@ -75,19 +74,11 @@ def estimate_job(job: Job, scans: ScanStore, pipeline: Pipeline, store: JobStore
     return Estimate(need, seconds)
 
 
-def send_to_queue(celery: Celery, client: redis.Redis, job_id: str, queue: str, countdown: float = 0.0) -> None:
-    """Send a job's id to ``queue`` (after ``countdown`` seconds); the task id is the job id and its
-    attempt, read from its record."""
-    attempts = client.hget(JOB_KEY + job_id, "attempts") or "0"
-    celery.send_task(RUN_JOB_TASK, args=[job_id], queue=queue, task_id=task_id(job_id, attempts),
-                     countdown=countdown or None)
-
-
 class Placement:
     """Submit-time placement for one submitting process (gateway, API, benchmark)."""
 
-    def __init__(self, settings: Settings, store: JobStore, scans: ScanStore, celery: Celery) -> None:
-        self.settings, self.store, self.scans, self.celery = settings, store, scans, celery
+    def __init__(self, settings: Settings, store: JobStore, scans: ScanStore, sender: TaskSender) -> None:
+        self.settings, self.store, self.scans, self.sender = settings, store, scans, sender
         self.admission = Admission(store.redis, settings.backfill_limit_s, settings.gpu_forget_s)
 
     def place_many(self, jobs: Sequence[Job], headers: Mapping[str, Any] | None = None) -> list[Job]:
@@ -109,7 +100,7 @@ class Placement:
         unplaced, dispatched = self.admission.submit(entries)
         for other, gpu_id in dispatched:
             log.info("job %s: memory reserved on %s; sent to its queue", other, gpu_id)
-            send_to_queue(self.celery, self.store.redis, other, gpu_queue(gpu_id))
+            self.sender.send_current(self.store.redis, other, gpu_queue(gpu_id))
         left = set(unplaced)
         return rest + [job for job in jobs if job.id in left]
 

@@ -17,9 +17,9 @@ from typing import Any
 
 import h5py
 import redis
-from celery import Celery
-from reconq.core.constants import RUN_JOB_TASK, JobState
-from reconq.core.jobs import Job, JobStore, task_id
+from reconq.core.jobs import Job, JobStore
+from reconq.core.sender import TaskSender
+from reconq.core.states import JobState
 from reconq.core.storage import ScanRecord, ScanState, ScanStore
 from reconq.scheduler.placement import Placement
 
@@ -31,16 +31,16 @@ def first_job_id(scan_id: str) -> str:
     return f"{scan_id}-j1"
 
 
-def enqueue(store: JobStore, celery: Celery, job: Job, placement: Placement | None = None,
+def enqueue(store: JobStore, sender: TaskSender, job: Job, placement: Placement | None = None,
             since: float | None = None, header: Any = None) -> None:
     """Mark ``job`` queued and place it in the waiting set (with ``placement``, where it can: see
     :mod:`reconq.scheduler.placement`), else send its id to its queue (the task id is the job id plus attempt).
     ``since``: the time it has been queued since (a job moved to another queue keeps its place in time);
     ``header``: its scan's parsed MRD header, where the caller has it (else placement reads it)."""
-    enqueue_many(store, celery, [job], placement, since, {job.scan_id: header} if header is not None else None)
+    enqueue_many(store, sender, [job], placement, since, {job.scan_id: header} if header is not None else None)
 
 
-def enqueue_many(store: JobStore, celery: Celery, jobs: Sequence[Job], placement: Placement | None = None,
+def enqueue_many(store: JobStore, sender: TaskSender, jobs: Sequence[Job], placement: Placement | None = None,
                  since: float | None = None, headers: Mapping[str, Any] | None = None) -> None:
     """:func:`enqueue` for a batch: with ``placement``, the jobs are placed as one batch, so the scheduler
     chooses among all of them rather than starting them in the order they are listed. Should placement
@@ -62,7 +62,7 @@ def enqueue_many(store: JobStore, celery: Celery, jobs: Sequence[Job], placement
         if job.id not in sent:
             log.info("job %s queued (%s, pipeline %s): waiting for GPU memory", job.id, job.queue, job.pipeline)
     for job in rest:
-        celery.send_task(RUN_JOB_TASK, args=[job.id], queue=job.queue, task_id=task_id(job.id, job.attempts))
+        sender.send(job.id, job.queue, job.attempts)
         log.info("job %s queued on %s (pipeline %s)", job.id, job.queue, job.pipeline)
 
 
@@ -102,20 +102,20 @@ def fail_receiving(store: JobStore, scan_id: str, why: str) -> None:
         log.warning("job %s: could not be marked failed (%s)", first_job_id(scan_id), e)
 
 
-def submit_scan(store: JobStore, celery: Celery, record: ScanRecord, queue: str,
+def submit_scan(store: JobStore, sender: TaskSender, record: ScanRecord, queue: str,
                 placement: Placement | None = None, header: Any = None) -> Job:
     """Create (or take the ``receiving`` record of) the scan's first job and enqueue it; a scan already
     submitted gets its existing job back and is not queued twice. ``header``: the scan's parsed MRD
     header, where the caller has it."""
     job = job_for_scan(record, first_job_id(record.scan_id), queue)
     if store.create(job):
-        enqueue(store, celery, job, placement, header=header)
+        enqueue(store, sender, job, placement, header=header)
         return job
     existing = store.get(job.id)
     assert existing is not None
     if existing.state is JobState.RECEIVING:
         store.update(job.id, params=job.params)  # a parameter TEXT may have come after the header
-        enqueue(store, celery, job, placement, header=header)
+        enqueue(store, sender, job, placement, header=header)
         return job
     log.info("job %s exists already (%s); not queued again", job.id, existing.state)
     return existing
@@ -148,7 +148,7 @@ def mark_interrupted(scans: ScanStore) -> list[str]:
     return marked
 
 
-def reconcile(scans: ScanStore, store: JobStore, celery: Celery, queue: str, at_start: bool = True,
+def reconcile(scans: ScanStore, store: JobStore, sender: TaskSender, queue: str, at_start: bool = True,
               placement: Placement | None = None) -> list[str]:
     """Queue every complete scan that has no job in Redis; at start-up, first mark the scans that a
     stopped gateway left receiving as incomplete (later, such a scan may be a session still running).
@@ -167,7 +167,7 @@ def reconcile(scans: ScanStore, store: JobStore, celery: Celery, queue: str, at_
             continue  # complete, with its job (a scan marked complete whose job was never queued is not)
         if first is None and store.jobs_for_scan(record.scan_id):
             continue
-        job = submit_scan(store, celery, record, queue, placement)
+        job = submit_scan(store, sender, record, queue, placement)
         log.warning("job %s re-queued from disk: Redis had no job for complete scan %s", job.id, record.scan_id)
         queued.append(job.id)
     return queued

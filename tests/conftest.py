@@ -105,7 +105,7 @@ def worker(e2e_settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> 
 @pytest.fixture(scope="module")
 def gateway(e2e_settings: Settings) -> Iterator[tuple[str, int]]:
     """The MRD gateway serving on loopback in this process (real TCP); yields (host, port)."""
-    from reconq.gateway.server import make_gateway
+    from reconq.services import make_gateway
 
     gw = make_gateway(e2e_settings)
     address = gw.start()

@@ -17,18 +17,20 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 from PIL import Image as PILImage
-from reconq.api.app import make_api
 from reconq.api.auth import ACTION_HEADER, hash_password, hash_token, verify_secret
-from reconq.core.constants import GPU_SEEN, GPU_STATE, RUN_JOB_TASK, WORKER_HEARTBEAT, JobState
+from reconq.core.constants import GPU_SEEN, GPU_STATE, RUN_JOB_TASK, WORKER_HEARTBEAT
 from reconq.core.jobs import Job
 from reconq.core.results import read_images, write_images
 from reconq.core.settings import SettingsError
+from reconq.core.states import JobState
 from reconq.core.storage import ScanRecord, ScanState, ScanStore
 from reconq.recon.simulate import synthetic_scan, write_mrd
 from reconq.scheduler.admission import Admission, Verdict
 from reconq.scheduler.estimate import GB
 from reconq.scheduler.routing import gpu_queue, waiting_score
 from reconq.scheduler.submit import enqueue
+
+from reconq.services import make_api
 
 PASSWORD = "a long and proper password"
 TOKEN = "test-token-0123456789abcdef"
@@ -255,7 +257,7 @@ def test_retry_failed_job(api, store):
 def test_cancel_queued_job_takes_it_off_its_queue(api, store, settings):
     job = Job(id="c1", scan_id="s", pipeline="cartesian")
     store.create(job)
-    enqueue(store, api.app.state.actions.celery, job)
+    enqueue(store, api.app.state.actions.sender, job)
     assert queue_ids(store, "routine") == ["c1.0"]
     r = api.post("/api/jobs/c1/cancel", headers=STAFF)
     assert r.status_code == 200 and r.json()["state"] == "cancelled"
@@ -284,7 +286,7 @@ def test_cancel_running_job_revokes_its_task(api, store):
 def test_change_priority_moves_the_queued_job(api, store):
     job = Job(id="p1", scan_id="s", pipeline="cartesian", queue="bulk")
     store.create(job)
-    enqueue(store, api.app.state.actions.celery, job)
+    enqueue(store, api.app.state.actions.sender, job)
     queued_at = store.get("p1").queued_at
     r = api.post("/api/jobs/p1/priority", json={"queue": "stat"}, headers=STAFF)
     assert r.status_code == 200 and r.json()["queue"] == "stat" and r.json()["queued_at"] == queued_at
@@ -319,7 +321,7 @@ def dispatch_to_gpu(api, store, adm: Admission, job_id: str) -> None:
     """Free ``g0`` so that ``job_id`` is reserved there (pending) and sent to ``gpu.g0``, as a worker does."""
     adm.release("g0", "big", "w")
     assert adm.fill("g0", "w") == [job_id]
-    api.app.state.actions.celery.send_task(RUN_JOB_TASK, args=[job_id], queue=gpu_queue("g0"),
+    api.app.state.actions.sender.celery.send_task(RUN_JOB_TASK, args=[job_id], queue=gpu_queue("g0"),
                                            task_id=f"{job_id}.0")
 
 
@@ -345,7 +347,7 @@ def test_cancel_job_admitted_to_a_gpu_takes_its_message_and_reservation(api, sto
 
 def test_cancel_job_in_the_cpu_queue_takes_its_message(api, store):
     store.create(Job(id="cc", scan_id="s", pipeline="cartesian"))
-    api.app.state.actions.celery.send_task(RUN_JOB_TASK, args=["cc"], queue="cpu", task_id="cc.0")
+    api.app.state.actions.sender.celery.send_task(RUN_JOB_TASK, args=["cc"], queue="cpu", task_id="cc.0")
     assert api.post("/api/jobs/cc/cancel", headers=STAFF).status_code == 200
     assert queue_ids(store, "cpu") == [] and store.actions("cc")[0]["detail"] == "taken off queue cpu"
 
@@ -524,7 +526,7 @@ def test_a_job_moved_to_another_queue_keeps_its_age_among_waiting_jobs(api, stor
     write_mrd(synthetic_scan(matrix=(16, 16), ncoil=2), ScanStore(settings.data_dir).raw_path("mv"))
     job = Job(id="mv-j1", scan_id="mv", pipeline="cartesian", queue="bulk", params={"gpu_memory_gb": 10})
     store.create(job)
-    enqueue(store, api.app.state.actions.celery, job, since=1.5)  # on its queue since t = 1.5
+    enqueue(store, api.app.state.actions.sender, job, since=1.5)  # on its queue since t = 1.5
     assert queue_ids(store, "bulk") == ["mv-j1.0"]
     r = api.post("/api/jobs/mv-j1/priority", json={"queue": "stat"}, headers=STAFF)
     assert r.status_code == 200 and r.json()["queued_at"] == 1.5

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import redis
-from reconq.core.constants import JobState
 from reconq.core.jobs import JobStore
+from reconq.core.states import JobState
 from reconq.gateway import client
 from reconq.recon.simulate import synthetic_scan
 

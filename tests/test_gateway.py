@@ -10,14 +10,16 @@ from collections.abc import Iterator
 import ismrmrd
 import numpy as np
 import pytest
-from reconq.core.constants import JobState
 from reconq.core.jobs import JobStore
 from reconq.core.settings import Settings
+from reconq.core.states import JobState
 from reconq.core.storage import ScanState, ScanStore
 from reconq.gateway import client
 from reconq.gateway import protocol as p
-from reconq.gateway.server import Gateway, make_gateway
+from reconq.gateway.server import Gateway
 from reconq.recon.simulate import synthetic_scan
+
+from reconq.services import make_gateway
 
 
 @pytest.fixture

@@ -26,16 +26,17 @@ import ismrmrd.hdf5
 import numpy as np
 import pytest
 import redis
-from reconq.core.constants import JobState
 from reconq.core.jobs import JobStore
 from reconq.core.settings import Settings
+from reconq.core.states import JobState
 from reconq.core.storage import ScanRecord, ScanState, ScanStore
 from reconq.gateway import client
 from reconq.gateway import protocol as p
 from reconq.gateway.rawfile import RawFileWriter
-from reconq.gateway.server import Gateway, make_gateway
+from reconq.gateway.server import Gateway
 from reconq.recon.simulate import synthetic_scan
 
+from reconq.services import make_gateway
 from reconq.stack import settings_env
 
 ROOT = Path(__file__).resolve().parents[1]

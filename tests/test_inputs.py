@@ -71,8 +71,8 @@ def test_job_waits_for_its_reference_scan_then_runs(gateway, worker, e2e_setting
     import time
 
     import redis
-    from reconq.core.constants import JobState
     from reconq.core.jobs import JobStore
+    from reconq.core.states import JobState
     from reconq.gateway import client
     from reconq.recon.simulate import synthetic_scan
 

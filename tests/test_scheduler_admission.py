@@ -7,8 +7,9 @@ import time
 
 import pytest
 import redis
-from reconq.core.constants import GPU_RESERVATION_ENDS, WORKER_HEARTBEAT, JobState
+from reconq.core.constants import GPU_RESERVATION_ENDS, WORKER_HEARTBEAT
 from reconq.core.jobs import Job, JobStore
+from reconq.core.states import JobState
 from reconq.core.storage import ScanStore
 from reconq.recon.pipelines import get_pipeline
 from reconq.recon.simulate import synthetic_scan

@@ -17,10 +17,12 @@ from pathlib import Path
 import pytest
 import redis
 from reconq.core.celeryapp import make_celery
-from reconq.core.constants import GPU_RESERVATIONS, GPU_WAITING, JobState
+from reconq.core.constants import GPU_RESERVATIONS, GPU_WAITING
 from reconq.core.jobs import Job, JobStore
 from reconq.core.redisconn import PrivateRedis
+from reconq.core.sender import TaskSender
 from reconq.core.settings import Settings, load_settings
+from reconq.core.states import JobState
 from reconq.core.storage import ScanStore
 from reconq.recon.pipelines import pipeline_names
 from reconq.recon.simulate import synthetic_scan, write_mrd
@@ -85,16 +87,16 @@ def scan_id(sched_settings: Settings) -> str:
 class Submitter:
     def __init__(self, settings: Settings, client: redis.Redis, scan_id: str) -> None:
         self.store = JobStore(client)
-        self.celery = make_celery(settings)
+        self.sender = TaskSender(make_celery(settings))
         self.scan_id = scan_id
-        self.actions = Actions(self.store, self.celery, ScanStore(settings.data_dir), pipeline_names())
+        self.actions = Actions(self.store, self.sender, ScanStore(settings.data_dir), pipeline_names())
 
     def submit(self, job_id: str, gb: float, seconds: float, queue: str = "routine", pipeline: str = "sleep",
                **params: object) -> str:
         job = Job(id=job_id, scan_id=self.scan_id, pipeline=pipeline, queue=queue,
                   params={"memory_gb": gb, "seconds": seconds, **params})
         assert self.store.create(job)
-        enqueue(self.store, self.celery, job)
+        enqueue(self.store, self.sender, job)
         return job_id
 
     def wait(self, ids: list[str], timeout: float = 60) -> dict[str, Job]:
@@ -207,7 +209,8 @@ def test_gpus_table_and_api(sub: Submitter, client: redis.Redis, sched_settings:
                          timeout=60, cwd=ROOT)
     assert out.returncode == 0 and "SIMULATED GPU 1 (24 GB)" in out.stdout, out.stdout + out.stderr
     from fastapi.testclient import TestClient
-    from reconq.api.app import make_api
+
+    from reconq.services import make_api
 
     api = make_api(sched_settings.model_copy(update={"dashboard_public_read": True}), client)
     r = TestClient(api).get("/api/gpus")
@@ -218,7 +221,7 @@ def test_jobs_placed_at_submit_run_where_they_fit(sub: Submitter, client: redis.
                                                   sched_settings: Settings) -> None:
     """The gateway's path: the submitter estimates each job (here ``cartesian``, a pipeline it has, with the
     memory stated) and places the batch in the waiting set; the workers only run what was reserved."""
-    placement = Placement(sched_settings, sub.store, ScanStore(sched_settings.data_dir), sub.celery)
+    placement = Placement(sched_settings, sub.store, ScanStore(sched_settings.data_dir), sub.sender)
     sizes = {"pl-a": 20, "pl-b": 6, "pl-c": 3, "pl-huge": 40}
     jobs = [Job(id=i, scan_id=sub.scan_id, pipeline="cartesian", queue="routine", protocol="pl-proto",
                 params={"gpu_memory_gb": gb, "expected_seconds": 2}) for i, gb in sizes.items()]
@@ -227,7 +230,7 @@ def test_jobs_placed_at_submit_run_where_they_fit(sub: Submitter, client: redis.
         assert sub.store.set_state(job.id, JobState.QUEUED)
     left = placement.place_many(jobs)
     assert [j.id for j in left] == ["pl-huge"]  # larger than every GPU: left to its queue and a CPU worker
-    enqueue(sub.store, sub.celery, left[0])
+    enqueue(sub.store, sub.sender, left[0])
     done = sub.wait(list(sizes))
     assert all(j.state is JobState.DONE for j in done.values()), {i: j.error for i, j in done.items()}
     assert done["pl-a"].gpu == "testnode:sim1"  # 20 GB: only the 24 GB GPU

@@ -7,9 +7,10 @@ import time
 import redis
 from conftest import start_worker, stop_process
 from reconq.core.celeryapp import make_celery, soft_time_limit
-from reconq.core.constants import JobState
 from reconq.core.jobs import Job, JobStore
+from reconq.core.sender import TaskSender
 from reconq.core.settings import load_settings
+from reconq.core.states import JobState
 from reconq.core.storage import ScanStore
 from reconq.recon.simulate import synthetic_scan, write_mrd
 from reconq.scheduler.submit import enqueue
@@ -35,7 +36,7 @@ def test_a_recon_past_the_time_limit_fails_with_the_reason(redis_server, tmp_pat
         store = JobStore(client)
         job = Job(id="slow-j1", scan_id="slow", pipeline="sleep", params={"seconds": 60, "memory_gb": 1})
         store.create(job)
-        enqueue(store, make_celery(settings), job)
+        enqueue(store, TaskSender(make_celery(settings)), job)
         deadline = time.monotonic() + 40
         while not (done := store.get(job.id)).state.finished and time.monotonic() < deadline:
             time.sleep(0.2)

@@ -12,11 +12,13 @@ import ismrmrd
 from celery import Celery
 from celery.exceptions import SoftTimeLimitExceeded
 from celery.signals import worker_process_init, worker_process_shutdown
-from reconq.core.constants import CPU_QUEUE, JOB_KEY, RUN_JOB_TASK, JobState
+from reconq.core.constants import CPU_QUEUE, JOB_KEY, RUN_JOB_TASK
 from reconq.core.jobs import Job, JobStore
 from reconq.core.redisconn import connect
 from reconq.core.results import write_images
+from reconq.core.sender import TaskSender
 from reconq.core.settings import Settings
+from reconq.core.states import JobState
 from reconq.core.storage import ScanStore
 from reconq.recon.errors import ReconError
 from reconq.recon.pipelines import Pipeline, get_pipeline
@@ -24,7 +26,7 @@ from reconq.recon.rawdata import RawScan
 from reconq.scheduler.admission import Admission, Decision, Verdict
 from reconq.scheduler.estimate import GB, EstimateError, record_runtime, runs_on_cpu
 from reconq.scheduler.inventory import make_inventory
-from reconq.scheduler.placement import estimate_job, send_to_queue
+from reconq.scheduler.placement import estimate_job
 from reconq.scheduler.routing import gpu_queue, waiting_score
 from reconq.workers.heartbeat import Heartbeat
 from reconq.workers.inputs import InputsMissing, InputsNotReady, resolve_inputs
@@ -279,9 +281,10 @@ def register_tasks(app: Celery, settings: Settings, gpu_index: int | None = None
 
     load_plugins(settings.plugin_dir, settings.parameter_map)
     runner: dict[str, JobRunner] = {}
+    sender = TaskSender(app)
 
     def send(job_id: str, queue: str, countdown: float = 0.0) -> None:
-        send_to_queue(app, runner["r"].store.redis, job_id, queue, countdown)
+        sender.send_current(runner["r"].store.redis, job_id, queue, countdown)
 
     def start(**_: object) -> None:
         if "r" in runner:
