@@ -25,6 +25,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
+from typing_extensions import TypeAliasType
+
 from reconq.api import exports, metrics
 from reconq.api.auth import Principal, StaffDep, ViewerDep, auth_router, check_auth_settings
 from reconq.api.gpus import gpus_router
@@ -36,7 +38,6 @@ from reconq.core.states import JobState
 from reconq.core.storage import ScanStore
 from reconq.scheduler.actions import ActionError, Actions
 from reconq.scheduler.monitor import cluster_status
-from typing_extensions import TypeAliasType
 
 log = logging.getLogger(__name__)
 

@@ -24,6 +24,7 @@ from typing import Annotated, Literal
 import redis
 from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from pydantic import BaseModel, Field
+
 from reconq.api.problems import problem
 from reconq.core.constants import SESSION_KEY, SIGNIN_FAILURES
 from reconq.core.settings import Settings, SettingsError

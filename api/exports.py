@@ -19,6 +19,7 @@ import pydicom
 from PIL import Image as PILImage
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+
 from reconq.core.results import read_images
 
 #: How many slices the job page previews at most (evenly spread over the images).

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
+
 from reconq.api.auth import ViewerDep
 from reconq.scheduler.monitor import ClusterOut, cluster_status
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 import redis
 import uvicorn
+
 from reconq.api.app import make_api
 from reconq.api.auth import hash_token
 from reconq.core.jobs import Job, JobStore

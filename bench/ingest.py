@@ -56,7 +56,6 @@ from reconq.core.storage import ScanState, ScanStore  # noqa: E402
 from reconq.gateway import client  # noqa: E402
 from reconq.gateway import protocol as p  # noqa: E402
 from reconq.gateway.rawfile import WriteBehind  # noqa: E402
-
 from reconq.stack import settings_env  # noqa: E402
 
 NCHA, NCOL = 32, 512

@@ -45,11 +45,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from reconq.core.celeryapp import make_celery  # noqa: E402
-from reconq.core.states import JobState  # noqa: E402
 from reconq.core.jobs import Job, JobStore  # noqa: E402
 from reconq.core.redisconn import PrivateRedis  # noqa: E402
 from reconq.core.sender import TaskSender  # noqa: E402
 from reconq.core.settings import Settings, load_settings  # noqa: E402
+from reconq.core.states import JobState  # noqa: E402
 from reconq.core.storage import ScanStore  # noqa: E402
 from reconq.recon.simulate import synthetic_scan, write_mrd  # noqa: E402
 from reconq.scheduler.inventory import make_inventory  # noqa: E402
@@ -57,10 +57,9 @@ from reconq.scheduler.monitor import live_workers  # noqa: E402
 from reconq.scheduler.placement import Placement  # noqa: E402
 from reconq.scheduler.routing import gpu_queue  # noqa: E402
 from reconq.scheduler.submit import enqueue_many  # noqa: E402
+from reconq.stack import settings_env  # noqa: E402
 from reconq.workers.launcher import per_gpu_counts  # noqa: E402
 from reconq.workers.testpipelines import OVERCOMMITS, register_test_pipelines  # noqa: E402
-
-from reconq.stack import settings_env  # noqa: E402
 
 GPUS_GB = [80.0, 80.0, 24.0, 24.0]
 NODE = "bench"

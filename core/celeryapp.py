@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 from celery import Celery
 from kombu import Queue as KombuQueue
+
 from reconq.core.constants import QUEUE_ORDER
 from reconq.core.redisconn import require_redis_url
 from reconq.core.settings import Settings, SettingsError

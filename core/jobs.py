@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import redis
+
 from reconq.core.constants import (
     EVENTS_CHANNEL,
     JOB_ACTIONS,

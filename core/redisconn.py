@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import redis
+
 from reconq.core.settings import Settings, SettingsError
 
 log = logging.getLogger(__name__)

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import ismrmrd
+
 from reconq.core.storage import fsync_path
 
 

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 
 import redis
 from celery import Celery
+
 from reconq.core.constants import JOB_KEY, RUN_JOB_TASK
 
 

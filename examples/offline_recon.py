@@ -10,6 +10,7 @@ coils. `examples/plugins/hann_fft.py` is the same code as an inline ReconQ pipel
 import sys
 
 import numpy as np
+
 from reconq.parametermaps import read_twix
 
 

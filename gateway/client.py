@@ -11,6 +11,7 @@ from typing import Any
 
 import ismrmrd
 import ismrmrd.xsd
+
 from reconq.gateway import protocol as p
 
 

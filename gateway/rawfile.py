@@ -43,6 +43,7 @@ import h5py
 import ismrmrd
 import ismrmrd.hdf5
 import numpy as np
+
 from reconq.core.storage import fsync_path
 
 log = logging.getLogger(__name__)

@@ -12,6 +12,7 @@ from collections.abc import Collection
 from typing import Any
 
 import redis
+
 from reconq.core.constants import GATEWAY_STATS
 from reconq.core.jobs import Job, JobStore
 from reconq.core.sender import TaskSender

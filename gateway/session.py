@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import ismrmrd.xsd
+
 from reconq.core.storage import ScanRecord, ScanState
 from reconq.gateway import protocol as p
 from reconq.gateway.rawfile import RawFileWriter, WriteError, write_error

@@ -25,6 +25,7 @@ import ismrmrd
 import ismrmrd.xsd as xsd
 import numpy as np
 import sigpy as sp
+
 from reconq.recon import fft
 from reconq.recon.coils import sos
 from reconq.recon.errors import ReconError

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 import numpy as np
 import sigpy as sp
 import sigpy.mri
+
 from reconq.recon import fft
 from reconq.recon.errors import ReconError
 from reconq.recon.geometry import Grid

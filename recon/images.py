@@ -17,6 +17,7 @@ import ismrmrd
 import ismrmrd.xsd as xsd
 import numpy as np
 import sigpy as sp
+
 from reconq.recon.errors import ReconError
 
 Vec3 = tuple[float, float, float]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 import sigpy as sp
+
 from reconq.recon.errors import ReconError
 
 

@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import sigpy as sp
+
 from reconq.recon import fft
 
 #: ``{axis: (lo, hi)}``: the acquired index range of each partial k-space axis.

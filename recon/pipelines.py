@@ -16,6 +16,7 @@ from typing import Any, Protocol, TypeVar
 import ismrmrd
 import numpy as np
 import sigpy as sp
+
 from reconq.recon.cartesian import (
     CartesianEncoding,
     KspaceBuffer,

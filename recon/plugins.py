@@ -25,6 +25,7 @@ from typing import Any
 
 import ismrmrd
 import numpy as np
+
 from reconq.parametermaps import ParameterMap, load_map, read_twix
 from reconq.recon.errors import ReconError
 from reconq.recon.images import ImageGeometry, to_mrd_images

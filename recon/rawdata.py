@@ -21,6 +21,7 @@ import h5py
 import ismrmrd
 import ismrmrd.xsd
 import numpy as np
+
 from reconq.recon.errors import ReconError
 
 logger = logging.getLogger(__name__)

@@ -30,6 +30,7 @@ from collections.abc import Callable
 
 import numpy as np
 import sigpy as sp
+
 from reconq.recon import fft
 from reconq.recon.errors import ReconError
 

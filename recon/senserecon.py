@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import ismrmrd.xsd as xsd
 import numpy as np
 import sigpy as sp
+
 from reconq.recon import fft
 from reconq.recon.cartesian import CartesianEncoding, KspaceBuffer, VolumeKey, _kspace_matrix, partial_fourier_extents
 from reconq.recon.coilmaps import GridMaps, espirit_maps, walsh_calibration_maps

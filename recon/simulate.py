@@ -31,6 +31,7 @@ import ismrmrd.xsd as xsd
 import numpy as np
 import sigpy as sp
 import sigpy.sim
+
 from reconq.recon import fft
 from reconq.recon.geometry import Grid
 

@@ -50,6 +50,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 import redis
+
 from reconq.core.constants import (
     GPU_CAPACITY,
     GPU_RESERVATION_ENDS,

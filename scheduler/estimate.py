@@ -30,6 +30,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import redis
+
 from reconq.core.constants import RUNTIME_HISTORY
 
 GB = 10**9

@@ -11,6 +11,7 @@ import time
 
 import redis
 from pydantic import BaseModel
+
 from reconq.core.constants import (
     CPU_QUEUE,
     GPU_SEEN,

@@ -17,6 +17,7 @@ from typing import Any
 
 import h5py
 import redis
+
 from reconq.core.jobs import Job, JobStore
 from reconq.core.sender import TaskSender
 from reconq.core.states import JobState

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 import redis
+
 from reconq.core.jobs import JobStore
 from reconq.core.redisconn import PrivateRedis
 from reconq.core.settings import Settings, load_settings
-
 from reconq.stack import settings_env
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -17,6 +17,7 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 from PIL import Image as PILImage
+
 from reconq.api.auth import ACTION_HEADER, hash_password, hash_token, verify_secret
 from reconq.core.constants import GPU_SEEN, GPU_STATE, RUN_JOB_TASK, WORKER_HEARTBEAT
 from reconq.core.jobs import Job
@@ -29,7 +30,6 @@ from reconq.scheduler.admission import Admission, Verdict
 from reconq.scheduler.estimate import GB
 from reconq.scheduler.routing import gpu_queue, waiting_score
 from reconq.scheduler.submit import enqueue
-
 from reconq.services import make_api
 
 PASSWORD = "a long and proper password"

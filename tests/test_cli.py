@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import ismrmrd
+
 from reconq.core.redisconn import free_port
 from reconq.recon.simulate import synthetic_scan, write_mrd
 

@@ -17,12 +17,12 @@ from pathlib import Path
 import pytest
 import redis
 import uvicorn
+
 from reconq.api.auth import hash_password
 from reconq.core.redisconn import free_port
 from reconq.core.settings import Settings
 from reconq.gateway import client
 from reconq.recon.simulate import synthetic_scan
-
 from reconq.services import make_api
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")

@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import redis
+
 from reconq.core.jobs import JobStore
 from reconq.core.states import JobState
+from reconq.demo import expected_magnitude, nrmse
 from reconq.gateway import client
 from reconq.recon.simulate import synthetic_scan
-
-from reconq.demo import expected_magnitude, nrmse
 
 #: Retrieved images of a noiseless phantom must match it to this normalised RMS error (uint16 rounding
 #: of a 12-bit range is about 1e-4 of the maximum).

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 import ismrmrd
 import numpy as np
 import pytest
+
 from reconq.core.jobs import JobStore
 from reconq.core.settings import Settings
 from reconq.core.states import JobState
@@ -18,7 +19,6 @@ from reconq.gateway import client
 from reconq.gateway import protocol as p
 from reconq.gateway.server import Gateway
 from reconq.recon.simulate import synthetic_scan
-
 from reconq.services import make_gateway
 
 

@@ -18,13 +18,13 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+
 from reconq.core.storage import ScanState, ScanStore
 from reconq.gateway import client
 from reconq.gateway import protocol as p
 from reconq.gateway.server import Gateway
 from reconq.gateway.session import Session
 from reconq.recon.simulate import synthetic_scan
-
 from reconq.services import make_gateway
 
 LIMITS = p.Limits(max_header_bytes=64 << 10, max_text_bytes=4 << 10, max_acquisition_bytes=64 << 10,

@@ -26,6 +26,7 @@ import ismrmrd.hdf5
 import numpy as np
 import pytest
 import redis
+
 from reconq.core.jobs import JobStore
 from reconq.core.settings import Settings
 from reconq.core.states import JobState
@@ -35,7 +36,6 @@ from reconq.gateway import protocol as p
 from reconq.gateway.rawfile import RawFileWriter
 from reconq.gateway.server import Gateway
 from reconq.recon.simulate import synthetic_scan
-
 from reconq.services import make_gateway
 from reconq.stack import settings_env
 

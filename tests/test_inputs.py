@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from reconq.core.jobs import Job
 from reconq.core.storage import ScanRecord, ScanState, ScanStore
 from reconq.workers.inputs import InputsMissing, InputsNotReady, resolve_inputs
@@ -71,6 +72,7 @@ def test_job_waits_for_its_reference_scan_then_runs(gateway, worker, e2e_setting
     import time
 
     import redis
+
     from reconq.core.jobs import JobStore
     from reconq.core.states import JobState
     from reconq.gateway import client

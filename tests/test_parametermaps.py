@@ -15,6 +15,7 @@ import ismrmrd.xsd as xsd
 import numpy as np
 import pytest
 import yaml
+
 from reconq.parametermaps import (
     DIMS,
     ParameterMap,
@@ -722,6 +723,7 @@ def _rows(n: int) -> np.ndarray:
 @pytest.mark.parametrize("storage", [{}, {"chunks": (5,)}, {"chunks": (5,), "compression": "gzip"}])
 def test_heads_read_from_storage_equal_hdf5s(tmp_path: Path, storage: dict) -> None:
     import h5py
+
     from reconq.parametermaps.mrdfile import MrdFile
 
     path = tmp_path / "raw.h5"

@@ -6,14 +6,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from reconq.core.settings import Settings, load_settings
+from reconq.demo import expected_magnitude, nrmse
 from reconq.gateway import client
 from reconq.recon.pipelines import get_pipeline
 from reconq.recon.plugins import PluginError, load_plugins
 from reconq.recon.rawdata import RawScan
 from reconq.recon.simulate import synthetic_scan, write_mrd
-
-from reconq.demo import expected_magnitude, nrmse
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "plugins"
 #: The example plugin with its filter off is a plain FFT + sum of squares: only uint16 rounding remains.

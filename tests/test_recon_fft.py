@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+
 from reconq.recon import fft
 from reconq.recon.coils import sos
 

@@ -3,10 +3,11 @@
 import ismrmrd
 import numpy as np
 import pytest
+from scipy.spatial.transform import Rotation
+
 from reconq.recon.pipelines import get_pipeline
 from reconq.recon.rawdata import RawScan
 from reconq.recon.simulate import synthetic_scan, write_mrd
-from scipy.spatial.transform import Rotation
 
 META_KEYS = {"DataRole", "WindowCenter", "WindowWidth", "SequenceDescriptionAdditional",
              "ImageProcessingHistory", "Keep_image_geometry", "ImageRowDir", "ImageColumnDir"}

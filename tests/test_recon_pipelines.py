@@ -2,6 +2,7 @@
 
 import ismrmrd.xsd as xsd
 import pytest
+
 from reconq.recon.errors import ReconError, UnknownPipelineError
 from reconq.recon.pipelines import get_pipeline, pipeline_names
 from reconq.recon.rawdata import RawScan

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+
 from reconq.recon.noise import noise_covariance, prewhiten, whitening_matrix
 from reconq.recon.pipelines import get_pipeline
 from reconq.recon.rawdata import RawScan

@@ -3,6 +3,7 @@
 import ismrmrd
 import numpy as np
 import pytest
+
 from reconq.recon.errors import ReconError
 from reconq.recon.rawdata import RawScan
 from reconq.recon.simulate import synthetic_scan, write_mrd

@@ -13,6 +13,7 @@ maximum), noise-free data. Bounds, with what limits them:
 
 import numpy as np
 import pytest
+
 from reconq.recon import fft, sense
 from reconq.recon.pipelines import get_pipeline
 from reconq.recon.rawdata import RawScan
@@ -117,9 +118,10 @@ def _heads_and_data(scan):
 
 
 def test_reference_scan_of_another_geometry(tmp_path):
+    from scipy.spatial.transform import Rotation
+
     from reconq.recon.cartesian import CartesianEncoding, KspaceBuffer
     from reconq.recon.senserecon import SenseOptions, sense_volume, solve_grid
-    from scipy.spatial.transform import Rotation
 
     tilt = Rotation.from_euler("xz", [15, 10], degrees=True).as_matrix()
     target = synthetic_scan(matrix=(96, 96), ncoil=8, nslices=2, acceleration=(2, 1), acs_lines=(0, 0),

@@ -7,6 +7,7 @@ import time
 
 import pytest
 import redis
+
 from reconq.core.constants import GPU_RESERVATION_ENDS, WORKER_HEARTBEAT
 from reconq.core.jobs import Job, JobStore
 from reconq.core.states import JobState

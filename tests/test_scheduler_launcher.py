@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from reconq.core.settings import Settings
 from reconq.scheduler.inventory import make_inventory
 from reconq.workers.launcher import LaunchError, per_gpu_counts, plan

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import redis
+
 from reconq.core.celeryapp import make_celery
 from reconq.core.constants import GPU_RESERVATIONS, GPU_WAITING
 from reconq.core.jobs import Job, JobStore
@@ -31,9 +32,8 @@ from reconq.scheduler.estimate import GB, history_seconds
 from reconq.scheduler.monitor import cluster_status, live_workers
 from reconq.scheduler.placement import Placement
 from reconq.scheduler.submit import enqueue
-from reconq.workers.testpipelines import OVERCOMMITS, SIMULATED_PEAK
-
 from reconq.stack import settings_env
+from reconq.workers.testpipelines import OVERCOMMITS, SIMULATED_PEAK
 
 ROOT = Path(__file__).resolve().parents[1]
 SLOTS = 5  # 2 per GPU, 1 CPU

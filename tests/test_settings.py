@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from reconq.core.settings import SettingsError, load_settings
 
 

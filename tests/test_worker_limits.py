@@ -6,6 +6,7 @@ import time
 
 import redis
 from conftest import start_worker, stop_process
+
 from reconq.core.celeryapp import make_celery, soft_time_limit
 from reconq.core.jobs import Job, JobStore
 from reconq.core.sender import TaskSender

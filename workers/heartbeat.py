@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 
 import redis
+
 from reconq.core.constants import GPU_RESERVATION_OWNERS, WORKER_HEARTBEAT, WORKERS_INDEX
 from reconq.core.settings import Settings
 from reconq.scheduler.admission import PENDING_SUFFIX, Admission

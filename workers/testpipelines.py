@@ -19,6 +19,7 @@ from typing import Any
 import ismrmrd
 import numpy as np
 import redis
+
 from reconq.core.constants import GPU_TOTAL, KEY_PREFIX
 from reconq.recon.errors import ReconError
 from reconq.recon.pipelines import ProgressFn, register
