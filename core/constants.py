@@ -24,6 +24,8 @@ MATCH_INDEX = KEY_PREFIX + "match:"
 SCAN_JOBS = KEY_PREFIX + "scanjobs:"
 #: List ``reconq:log:<job_id>`` of the job's log lines.
 JOB_LOG = KEY_PREFIX + "log:"
+#: List ``reconq:stages:<job_id>`` of the job's stage marks (JSON: stage, at; stage '' when it ended).
+JOB_STAGES = KEY_PREFIX + "stages:"
 #: Sorted set of retrieval outcomes (member ``<time>:<ok|miss>:<nonce>``, scored by time).
 RETRIEVALS = KEY_PREFIX + "retrievals"
 #: Pub/sub channel of job changes (JSON: id, state, progress, stage).

@@ -1,7 +1,10 @@
 """Job records in Redis: create (idempotently), update, list, and find the job a retrieval scan wants.
 
 A job is a Redis hash ``reconq:job:<id>``; every change is also published on ``reconq:events`` so the
-dashboard and waiting retrieval sessions hear of it at once.
+dashboard and waiting retrieval sessions hear of it at once. Its state changes only through
+:meth:`JobStore.set_state`, along the transitions of :mod:`reconq.core.states` (checked atomically in
+Redis); a change the table does not allow is refused and logged, and the job keeps its state. Its stages
+(``reading``, ``coil maps``, ...) are recorded as they begin, for the timings the job page shows.
 """
 
 from __future__ import annotations
@@ -22,13 +25,15 @@ from reconq.core.constants import (
     JOB_ACTIONS,
     JOB_KEY,
     JOB_LOG,
+    JOB_STAGES,
     JOBS_INDEX,
     MATCH_INDEX,
     RETRIEVALS,
     SCAN_JOB_SEQ,
     SCAN_JOBS,
 )
-from reconq.core.states import JobState
+from reconq.core.scripts import load_script
+from reconq.core.states import STAMPS, JobState, allowed_from
 
 log = logging.getLogger(__name__)
 
@@ -36,30 +41,8 @@ _JSON_FIELDS = {"params"}
 _FLOAT_FIELDS = {"progress", "created_at", "queued_at", "started_at", "finished_at", "runtime_estimate_s"}
 _INT_FIELDS = {"attempts", "mem_estimate_bytes", "oom_count"}
 _LOG_LINES_KEPT = 500
+_STAGES_KEPT = 200
 _SCAN_PAGE = 1000
-
-
-
-# Create a job hash and its indexes unless the id exists. KEYS: job, all-jobs index, match index, scan's
-# jobs; ARGV: created_at, job id, then field/value pairs.
-_CREATE_SCRIPT = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 3))
-redis.call('ZADD', KEYS[2], ARGV[1], ARGV[2])
-redis.call('ZADD', KEYS[3], ARGV[1], ARGV[2])
-redis.call('SADD', KEYS[4], ARGV[2])
-return 1
-"""
-# Set fields of an existing job; a cancelled job's state is not changed. ARGV: the new state ('' when the
-# state is not changed), then field/value pairs.
-_UPDATE_SCRIPT = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
-if ARGV[1] ~= '' and ARGV[1] ~= 'cancelled' and redis.call('HGET', KEYS[1], 'state') == 'cancelled' then
-  return 0
-end
-redis.call('HSET', KEYS[1], unpack(ARGV, 2))
-return 1
-"""
 
 
 @dataclass
@@ -126,6 +109,16 @@ class Job:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class StageTiming:
+    """One stage of a job: when it began (epoch seconds) and how long it lasted (to the next stage, the
+    job's end, or now)."""
+
+    stage: str
+    started_at: float
+    seconds: float
+
+
 def match_key(patient_id: str, study_uid: str, protocol: str) -> str:
     """Index key that ties a retrieval scan to the jobs of the same patient, study and protocol."""
     digest = hashlib.sha256("\x1f".join((patient_id, study_uid, protocol)).encode()).hexdigest()[:32]
@@ -137,8 +130,8 @@ class JobStore:
 
     def __init__(self, client: redis.Redis) -> None:
         self.redis = client
-        self._create = client.register_script(_CREATE_SCRIPT)
-        self._update = client.register_script(_UPDATE_SCRIPT)
+        self._create = load_script(client, "reconq.core", "job_create")
+        self._update = load_script(client, "reconq.core", "job_update")
 
     def create(self, job: Job) -> bool:
         """Record ``job`` and its indexes at once; False (and nothing written) if the id exists already."""
@@ -155,33 +148,73 @@ class JobStore:
         return Job.from_redis(raw) if raw.get("scan_id") else None
 
     def update(self, job_id: str, **changes: Any) -> bool:
-        """Set fields of an existing job and publish the change. A cancelled job stays cancelled: a change
-        of state away from it (a worker that took the job just before the cancel) is not written, and
-        False is returned; so is any change to a job that does not exist."""
+        """Set fields (not the state: see :meth:`set_state`) of an existing job and publish the change;
+        False if there is no such job."""
+        if "state" in changes:
+            raise KeyError("a job's state is changed by set_state only")
+        return self._write(job_id, None, changes)[0]
+
+    def set_state(self, job_id: str, state: JobState, **changes: Any) -> bool:
+        """Move the job to ``state`` (with other field changes, and the state's timestamp unless given),
+        if the transition table allows it from the state it is in. A move it does not allow, such as a
+        late worker setting a finished job running or anything changing a cancelled one, is refused and
+        logged: nothing is written and False is returned (so it is for a job that does not exist)."""
+        now = time.time()
+        if stamp := STAMPS.get(state):
+            changes.setdefault(stamp, now)
+        written, before = self._write(job_id, state, changes)
+        if not written:
+            return False
+        if before != state.value:
+            self.log(job_id, f"state {state.value}" + (f": {changes['error']}" if changes.get("error") else ""))
+        if state.finished:
+            self._mark_stage(job_id, "", changes.get("finished_at", now))
+        return True
+
+    def _write(self, job_id: str, state: JobState | None, changes: dict[str, Any]) -> tuple[bool, str]:
+        """Write ``changes`` (and ``state``, if allowed) in one script; (written, the state before)."""
         job_fields = {f.name for f in fields(Job)}
         bad = set(changes) - job_fields
         if bad:
             raise KeyError(f"not job fields: {sorted(bad)}")
+        if state is not None:
+            changes = {**changes, "state": state.value}
         mapping = {k: (json.dumps(v) if k in _JSON_FIELDS else str(v)) for k, v in changes.items()}
-        state = str(changes.get("state", ""))
-        if self._update(keys=[JOB_KEY + job_id], args=[state, *[x for kv in mapping.items() for x in kv]]) != 1:
-            log.info("job %s: not changed to %s (%s)", job_id, state or sorted(changes),
-                     "cancelled" if self.redis.exists(JOB_KEY + job_id) else "no such job")
-            return False
+        allowed = " ".join(s.value for s in allowed_from(state)) if state is not None else ""
+        written, current = self._update(keys=[JOB_KEY + job_id],
+                                        args=[state.value if state else "", allowed,
+                                              *[x for kv in mapping.items() for x in kv]])
+        if written == -1:
+            log.info("job %s: not changed (no such job)", job_id)
+            return False, ""
+        if written == 0:
+            log.warning("job %s: change of state %s -> %s refused (not an allowed transition); it stays %s",
+                        job_id, current or "(none)", state.value if state else "", current or "(none)")
+            return False, current
         self._publish(job_id, **{k: v for k, v in changes.items() if k in ("state", "progress", "stage")})
-        return True
+        return True, current
 
-    def set_state(self, job_id: str, state: JobState, **changes: Any) -> bool:
-        now = time.time()
-        stamp = {JobState.QUEUED: "queued_at", JobState.RUNNING: "started_at"}.get(state)
-        if stamp:
-            changes.setdefault(stamp, now)
-        if state.finished:
-            changes.setdefault("finished_at", now)
-        if not self.update(job_id, state=state.value, **changes):
-            return False
-        self.log(job_id, f"state {state.value}" + (f": {changes['error']}" if changes.get("error") else ""))
-        return True
+    def enter_stage(self, job_id: str, stage: str, at: float | None = None) -> None:
+        """Record that the job's recon began ``stage`` (for the stage timings; the log says so too)."""
+        self.log(job_id, f"stage {stage}")
+        self._mark_stage(job_id, stage, time.time() if at is None else at)
+
+    def _mark_stage(self, job_id: str, stage: str, at: float) -> None:
+        """Append a stage mark (``''``: the job ended) to the job's list of stages."""
+        key = JOB_STAGES + job_id
+        pipe = self.redis.pipeline()
+        pipe.rpush(key, json.dumps({"stage": stage, "at": at}))
+        pipe.ltrim(key, -_STAGES_KEPT, -1)
+        pipe.execute()
+
+    def stage_timings(self, job: Job, now: float | None = None) -> list[StageTiming]:
+        """Per stage of ``job``'s recon, when it began and how long it lasted (to the next stage, the end
+        of the job, or ``now`` while it runs)."""
+        marks = [json.loads(m) for m in self.redis.lrange(JOB_STAGES + job.id, 0, -1)]
+        end = job.finished_at or (time.time() if now is None else now)
+        ends = [m["at"] for m in marks[1:]] + [end]
+        return [StageTiming(m["stage"], m["at"], max(0.0, nxt - m["at"]))
+                for m, nxt in zip(marks, ends, strict=True) if m["stage"]]
 
     def log(self, job_id: str, line: str) -> None:
         """Append a line to the job's log (kept to the newest few hundred)."""

@@ -55,9 +55,9 @@ CANCELLABLE: frozenset[JobState] = frozenset(s for s, nxt in TRANSITIONS.items()
 #: States in which a job is on its way (to be waited for by a retrieval scan).
 ACTIVE: frozenset[JobState] = frozenset(JobState) - FINISHED
 
-#: The timestamp each state sets when entered (a job's ``queued_at``, ``started_at``, ``finished_at``).
-STAMPS: dict[JobState, str] = {S.QUEUED: "queued_at", S.RUNNING: "started_at",
-                               **{s: "finished_at" for s in FINISHED}}
+#: The timestamp a change to each state sets unless the writer gives it (``queued_at`` is always given:
+#: a job moved between queues, or sent back to wait, keeps the age it had).
+STAMPS: dict[JobState, str] = {S.RUNNING: "started_at", **{s: "finished_at" for s in FINISHED}}
 
 
 def allowed_from(target: JobState) -> list[JobState]:

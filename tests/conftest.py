@@ -20,6 +20,13 @@ from reconq.stack import settings_env
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def _no_caller_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test sees the settings it gives, never the ``RECONQ_*`` variables of whoever runs the suite."""
+    for name in [n for n in os.environ if n.startswith("RECONQ_")]:
+        monkeypatch.delenv(name)
+
+
 @pytest.fixture
 def cuda() -> int:
     """For tests marked ``gpu``: skip, with the reason shown, unless cupy and a CUDA device are there."""

@@ -287,6 +287,7 @@ def test_jobs_are_listed_newest_first_and_by_state(store: JobStore):
 
     for i in range(5):
         store.create(Job(id=f"j{i}", scan_id=f"s{i}", pipeline="cartesian", created_at=1000.0 + i))
+    store.set_state("j1", JobState.RUNNING)
     store.set_state("j1", JobState.DONE)
     assert [j.id for j in store.query(limit=3)[0]] == ["j4", "j3", "j2"]
     assert [j.id for j in store.query(state=JobState.DONE)[0]] == ["j1"]
@@ -345,6 +346,7 @@ def test_retrieval_prefers_the_finished_job_over_a_newer_retro_recon(store):
     store.create(first)
     store.create(retro)
     assert store.find_for_retrieval("P", "S", "t1").id == "s-j2"  # both on their way: the newest
+    store.set_state("s-j1", JobState.RUNNING)
     store.set_state("s-j1", JobState.DONE)
     assert store.find_for_retrieval("P", "S", "t1").id == "s-j1"  # a finished one beats a newer running one
     assert store.find_for_retrieval("P", "S", "other") is None
@@ -357,7 +359,7 @@ def test_a_cancelled_job_stays_cancelled(store):
     store.create(Job(id="c-j1", scan_id="c", pipeline="cartesian"))
     assert store.set_state("c-j1", JobState.CANCELLED)
     assert store.set_state("c-j1", JobState.RUNNING, stage="starting") is False
-    assert store.update("c-j1", state=JobState.QUEUED.value) is False
+    assert store.set_state("c-j1", JobState.QUEUED) is False
     job = store.get("c-j1")
     assert job.state is JobState.CANCELLED and job.stage == ""
     assert store.update("c-j1", progress=0.5)  # fields other than the state may still change

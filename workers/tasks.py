@@ -73,7 +73,7 @@ class ProgressReporter:
         if self.store.redis.hget(JOB_KEY + self.job_id, "state") == JobState.CANCELLED.value:
             raise JobCancelled(self.job_id)
         if stage != self._stage:
-            self.store.log(self.job_id, f"stage {stage}")
+            self.store.enter_stage(self.job_id, stage)
         self._last, self._stage = now, stage
         self.store.update(self.job_id, progress=round(min(max(fraction, 0.0), 1.0), 4), stage=stage)
 
@@ -151,7 +151,7 @@ class JobRunner:
         """The job may not start on this GPU now: it waits, goes to the CPU queue, or fails (NEVER)."""
         here = self.slot.gpu_id
         if d.verdict is Verdict.MOVED:
-            self.store.update(job.id, state=JobState.QUEUED.value, stage=f"{gb(need)} of GPU memory reserved on "
+            self.store.set_state(job.id, JobState.QUEUED, stage=f"{gb(need)} of GPU memory reserved on "
                                                                           f"{d.other_job}; sent there")
             log.info("job %s: does not fit %s now; %s of GPU memory reserved on %s", job.id, here, gb(need),
                      d.other_job)
@@ -167,7 +167,7 @@ class JobRunner:
             why = f"more than {here} has; a larger GPU ({gb(d.bytes)}) will take it"
         else:
             return self._fits_no_gpu(job, pipeline, need, d.bytes)
-        self.store.update(job.id, state=JobState.QUEUED.value, stage=f"waiting for {gb(need)} of GPU memory: {why}")
+        self.store.set_state(job.id, JobState.QUEUED, stage=f"waiting for {gb(need)} of GPU memory: {why}")
         log.info("job %s: waits for %s of GPU memory (%s)", job.id, gb(need), why)
         return JobState.QUEUED.value
 
@@ -175,7 +175,7 @@ class JobRunner:
         what = f"needs {gb(need)} of GPU memory, more than any GPU has (largest: {gb(largest)})"
         if not runs_on_cpu(pipeline):
             return self._fail(job.id, f"{what}, and pipeline {job.pipeline} cannot run on the CPU")
-        self.store.update(job.id, state=JobState.QUEUED.value, stage=f"{what}: queued for a CPU worker")
+        self.store.set_state(job.id, JobState.QUEUED, stage=f"{what}: queued for a CPU worker")
         self.send(job.id, CPU_QUEUE)
         log.info("job %s: %s; sent to the CPU queue", job.id, what)
         return JobState.QUEUED.value
@@ -241,7 +241,7 @@ class JobRunner:
             self.store.update(job.id, oom_count=count)
             return self._fail(job.id, f"GPU out of memory {count} times (last estimate {gb(need)}): {error}")
         new_need = int(need * self.settings.oom_estimate_factor)
-        self.store.update(job.id, state=JobState.QUEUED.value, oom_count=count, mem_estimate_bytes=new_need,
+        self.store.set_state(job.id, JobState.QUEUED, oom_count=count, mem_estimate_bytes=new_need,
                           progress=0.0, stage=f"GPU out of memory on {self.gpu} ({count}x); waits again for "
                                               f"{gb(new_need)}")
         self.store.log(job.id, f"GPU out of memory on {self.gpu}: {error}; estimate {gb(need)} -> {gb(new_need)}")
