@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import socket
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Protocol
+from typing import Any, Protocol
 
 import ismrmrd
 import ismrmrd.hdf5
@@ -229,6 +230,58 @@ def write_waveform(wav: ismrmrd.Waveform) -> bytes:
     chunks: list[bytes] = [ID.pack(MessageId.WAVEFORM)]
     wav.serialize_into(lambda b: chunks.append(bytes(b)))
     return b"".join(chunks)
+
+
+# --- the message-reader table ---------------------------------------------------------------------
+
+#: Reads the body of one message (its id already read) and returns it parsed: a str for the
+#: config, header and text messages, ``(header bytes, payload bytes)`` for readouts and waveforms,
+#: an :class:`ismrmrd.Image` for images.
+Reader = Callable[[MessageSource, Limits], Any]
+
+
+def _read_config_text(src: MessageSource, limits: Limits) -> str:
+    return read_length_prefixed(src, limits.max_header_bytes, "CONFIG_TEXT")
+
+
+def _read_header(src: MessageSource, limits: Limits) -> str:
+    return read_length_prefixed(src, limits.max_header_bytes, "HEADER")
+
+
+def _read_text(src: MessageSource, limits: Limits) -> str:
+    return read_length_prefixed(src, limits.max_text_bytes, "TEXT")
+
+
+#: How the body of every known message is read, by id: the one table that acquisition scans, retrieval
+#: scans and the fuzz tests use. (An acquisition scan reads readout and waveform payloads straight into
+#: the raw-file writer instead, through :func:`read_acquisition_head` / :func:`read_waveform_head`.)
+READERS: dict[MessageId, Reader] = {
+    MessageId.CONFIG_FILE: lambda src, _limits: read_config_file(src),
+    MessageId.CONFIG_TEXT: _read_config_text,
+    MessageId.HEADER: _read_header,
+    MessageId.TEXT: _read_text,
+    MessageId.QUERY: read_query,
+    MessageId.ACQUISITION: read_acquisition,
+    MessageId.WAVEFORM: read_waveform,
+    MessageId.IMAGE: read_image,
+}
+
+
+def describe(msg: int) -> str:
+    """A message id as the scanner's log should show it."""
+    try:
+        return f"{MessageId(msg).name} (message id {msg})"
+    except ValueError:
+        return f"unknown message id {msg}"
+
+
+def read_body(src: MessageSource, limits: Limits, msg: int) -> Any:
+    """The body of message ``msg`` read by :data:`READERS`; :class:`ProtocolError` for an unknown id (its
+    length is unknown, so the stream cannot be read past it)."""
+    reader = READERS.get(msg)  # type: ignore[call-overload]
+    if reader is None:
+        raise ProtocolError(f"unexpected {describe(msg)}")
+    return reader(src, limits)
 
 
 class SocketSource:

@@ -19,7 +19,9 @@ from reconq.core.sender import TaskSender
 from reconq.core.settings import Settings
 from reconq.core.storage import ScanRecord, ScanStore
 from reconq.gateway import protocol as p
-from reconq.gateway.session import Session, text
+from reconq.gateway.context import SessionContext
+from reconq.gateway.session import Session
+from reconq.gateway.stream import text
 from reconq.scheduler.placement import Placement
 from reconq.scheduler.submit import announce_scan, reconcile, submit_scan
 
@@ -47,6 +49,7 @@ class Gateway:
             max_acquisition_bytes=settings.max_acquisition_bytes,
             max_image_bytes=settings.max_image_bytes,
         )
+        self.context = SessionContext(settings, jobs, scans, self.limits, self.pipelines, self.submit, self.announce)
         self._slots = threading.BoundedSemaphore(settings.max_connections)
         self._listener: socket.socket | None = None
         self._stopping = threading.Event()
@@ -148,15 +151,15 @@ class Gateway:
             close_gracefully(sock)
 
     def _serve(self, sock: socket.socket, peer: str) -> None:
-        session = Session(self, sock, peer)
+        session = Session(self.context, sock, peer)
         self._count({"sessions_active": 1})
         try:
             session.run()
         finally:
             self._slots.release()
             close_gracefully(sock)
-            self._count({"sessions_active": -1, "sessions_total": int(session.src.bytes_read > 0),
-                         "bytes_received_total": session.src.bytes_read,
+            self._count({"sessions_active": -1, "sessions_total": int(session.bytes_read > 0),
+                         "bytes_received_total": session.bytes_read,
                          "sessions_failed_total": int(session.failed),
                          "retrieval_sessions_total": int(session.retrieval)})
 

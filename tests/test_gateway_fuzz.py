@@ -46,31 +46,12 @@ def _base_stream() -> bytes:
 BASE = _base_stream()
 
 
-def _text(src: p.MessageSource, limits: p.Limits) -> str:
-    return p.read_length_prefixed(src, limits.max_header_bytes, "text")
-
-
-READERS = {
-    M.CONFIG_FILE: lambda src, limits: p.read_config_file(src),
-    M.CONFIG_TEXT: _text,
-    M.HEADER: _text,
-    M.TEXT: _text,
-    M.QUERY: p.read_query,
-    M.ACQUISITION: p.read_acquisition,
-    M.WAVEFORM: p.read_waveform,
-    M.IMAGE: p.read_image,
-}
-
-
 def read_all(data: bytes) -> int:
     """Read messages until CLOSE; returns how many were read."""
     src = p.BytesSource(data)
     n = 0
     while (msg := p.read_message_id(src)) != M.CLOSE:
-        reader = READERS.get(msg)  # type: ignore[call-overload]
-        if reader is None:
-            raise p.ProtocolError(f"unknown message id {msg}")
-        reader(src, LIMITS)
+        p.read_body(src, LIMITS, msg)  # the gateway's own reader table
         n += 1
     return n
 
@@ -136,7 +117,7 @@ def run_session(gw: Gateway, data: bytes, timeout: float = 10.0) -> client.Reply
     ours, theirs = socket.socketpair()
     ours.settimeout(gw.settings.idle_timeout_s)
     theirs.settimeout(timeout)
-    session = threading.Thread(target=lambda: Session(gw, ours, "fuzz").run(), daemon=True)
+    session = threading.Thread(target=lambda: Session(gw.context, ours, "fuzz").run(), daemon=True)
     session.start()
 
     def send() -> None:

@@ -1,0 +1,152 @@
+"""Acquisition scans: the stream written to disk as it arrives, then made durable, recorded and queued.
+
+After the client's CLOSE the raw file is fsynced, ``scan.json`` says ``complete``, the job is recorded
+and queued, and the gateway answers with a TEXT naming the job and its own CLOSE. A scan cut off or
+refused midway is kept, marked ``incomplete`` with the reason, and not queued.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import ismrmrd.xsd
+
+from reconq.core.storage import ScanRecord, ScanState
+from reconq.gateway import protocol as p
+from reconq.gateway.context import SessionContext
+from reconq.gateway.opening import Opening, identity, parameters_from_text
+from reconq.gateway.rawfile import RawFileWriter, write_error
+from reconq.gateway.stream import MessageStream, SessionError, text
+from reconq.scheduler.submit import fail_receiving
+
+log = logging.getLogger(__name__)
+
+
+def reason(error: BaseException, idle_timeout_s: float) -> str:
+    """What went wrong, as the scanner and ``scan.json`` should say it."""
+    if isinstance(error, TimeoutError):
+        return f"no data from the client for {idle_timeout_s:g} s; session ended"
+    return str(error) or type(error).__name__
+
+
+class Acquisition:
+    """Receives one acquisition scan; :meth:`run` raises what ends the session (the session reports it)."""
+
+    def __init__(self, stream: MessageStream, ctx: SessionContext, opening: Opening, name: str | None,
+                 params: dict[str, Any]) -> None:
+        self.stream, self.ctx, self.opening, self.name, self.params = stream, ctx, opening, name, params
+
+    def run(self) -> None:
+        ctx, name = self.ctx, self.name
+        pipeline = name or ctx.settings.default_pipeline
+        refusal = None if pipeline in ctx.pipelines else (
+            f"unknown pipeline {pipeline!r}; known: {', '.join(sorted(ctx.pipelines))}. "
+            "The scan is stored but no job is made"
+        )
+        if ctx.scans.free_bytes() < ctx.settings.min_free_bytes:
+            raise SessionError(
+                f"not enough free disk space in the data folder ({ctx.scans.free_bytes() >> 20} MiB free, "
+                f"{ctx.settings.min_free_bytes >> 20} MiB required); scan refused"
+            )
+        who = identity(self.opening.header)
+        record = ScanRecord(
+            scan_id=ctx.scans.new_scan_id(), client=self.stream.peer, config=name,
+            pipeline=None if refusal else pipeline, params=self.params, patient_id=who["patient_id"],
+            study_uid=who["study_uid"], protocol=who["protocol"], measurement_id=who["measurement_id"],
+        )
+        try:
+            ctx.scans.create(record)
+        except OSError as e:
+            raise write_error(e) from e
+        try:
+            writer = RawFileWriter(ctx.scans.raw_path(record.scan_id), ctx.settings.write_batch_bytes,
+                                   ctx.settings.write_sync_bytes)
+        except OSError as e:
+            error = write_error(e)
+            self._mark_incomplete(record, None, error)
+            raise error from e
+        log.info("scan %s from %s: config %s, protocol %r", record.scan_id, self.stream.peer, name, record.protocol)
+        if refusal:
+            self.stream.send(text("ERR", refusal))
+        else:
+            ctx.announce(record)
+        try:
+            writer.write_header(self.opening.xml)
+            writer.write_config(self.opening.config_file, self.opening.config_text)
+            self._receive_data(writer, record)
+            t_close = time.perf_counter()
+            writer.finish()
+        except BaseException as e:
+            writer.abort()
+            self._mark_incomplete(record, writer, e)
+            raise
+        self._complete(record, self.opening.header, writer, refusal, t_close)
+
+    def _receive_data(self, writer: RawFileWriter, record: ScanRecord) -> None:
+        stream = self.stream
+        src, limits = stream.src, stream.limits
+        seen_data = False
+
+        def acquisition() -> None:
+            nonlocal seen_data
+            seen_data = True
+            writer.add_acquisition_into(*p.read_acquisition_head(src, limits), src.read_into)
+
+        def waveform() -> None:
+            writer.add_waveform_into(*p.read_waveform_head(src, limits), src.read_into)
+
+        def image() -> None:
+            writer.add_image(stream.read(p.MessageId.IMAGE))
+
+        def text_message() -> None:
+            body = str(stream.read(p.MessageId.TEXT))
+            if not seen_data and body.lstrip().startswith("{"):
+                record.params.update(parameters_from_text(body))
+                return
+            log.info("scan %s: client says: %.200s", record.scan_id, body)
+
+        stream.read_until_close({
+            p.MessageId.ACQUISITION: acquisition, p.MessageId.WAVEFORM: waveform,
+            p.MessageId.IMAGE: image, p.MessageId.TEXT: text_message,
+        })
+
+    def _mark_incomplete(self, record: ScanRecord, writer: RawFileWriter | None, error: BaseException) -> None:
+        record.state, record.error = ScanState.INCOMPLETE, reason(error, self.ctx.settings.idle_timeout_s)
+        if writer is not None:
+            self._count(record, writer)
+        try:
+            self.ctx.scans.save(record)
+        except OSError:
+            log.exception("scan %s: could not record it as incomplete", record.scan_id)
+        log.warning("scan %s incomplete (%s); kept, not queued", record.scan_id, record.error)
+        if record.pipeline:
+            fail_receiving(self.ctx.jobs, record.scan_id, record.error or "cut off")
+
+    def _count(self, record: ScanRecord, writer: RawFileWriter) -> None:
+        record.acquisitions, record.waveforms = writer.written_acquisitions, writer.written_waveforms
+        record.images = writer.images
+        record.bytes_received = self.stream.bytes_read
+
+    def _complete(self, record: ScanRecord, header: ismrmrd.xsd.ismrmrdHeader, writer: RawFileWriter,
+                  refusal: str | None, t_close: float) -> None:
+        t_durable = time.perf_counter()
+        record.state, record.completed_at = ScanState.COMPLETE, time.time()
+        self._count(record, writer)
+        self.ctx.scans.save(record)
+        t_recorded = time.perf_counter()
+        if refusal:
+            self.stream.send(text("ERR", f"scan {record.scan_id} stored; no job made: {refusal}"), p.write_close())
+            return
+        job = self.ctx.submit(record, header)  # parsed already: placing the job reads no file before the ack
+        self.stream.send(
+            text("INF", f"job {job.id} queued: pipeline {job.pipeline}, {record.acquisitions} readouts stored"),
+            p.write_close(),
+        )
+        t_ack = time.perf_counter()
+        log.info("scan %s complete: %d readouts, %.1f MB; job %s; ack %.1f ms (file durable %.1f, scan.json %.1f, "
+                 "job queued %.1f)", record.scan_id, record.acquisitions, record.bytes_received / 1e6, job.id,
+                 1e3 * (t_ack - t_close), 1e3 * (t_durable - t_close), 1e3 * (t_recorded - t_durable),
+                 1e3 * (t_ack - t_recorded))
+

@@ -1,0 +1,72 @@
+"""The distribution: one import name, package data installed, and the import layers that hold it up.
+
+ReconQ's folders (gateway/, workers/, recon/, ...) install under the single top-level name ``reconq``,
+so nothing generic lands in a user's environment. The layers of pyproject.toml's ``[tool.importlinter]``
+are checked here on an installed copy (the tree ``lint-imports`` reads), and shown to catch an upward
+import.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("wheel")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(out), str(ROOT)],
+                   check=True, capture_output=True, timeout=300)
+    (built,) = out.glob("reconq-*.whl")
+    return built
+
+
+@pytest.fixture(scope="module")
+def installed(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The wheel unpacked as pip would install it into site-packages."""
+    target = tmp_path_factory.mktemp("site")
+    with zipfile.ZipFile(wheel) as zf:
+        zf.extractall(target)
+    return target
+
+
+def lint_imports(tree: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(LINT_IMPORTS), "--no-cache", str(ROOT / "pyproject.toml")], cwd=tree,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_the_wheel_installs_one_top_level_name(wheel: Path):
+    with zipfile.ZipFile(wheel) as zf:
+        names = zf.namelist()
+        dist_info = next(n.split("/")[0] for n in names if n.endswith(".dist-info/METADATA"))
+        top_level = zf.read(f"{dist_info}/top_level.txt").decode().split()
+    assert top_level == ["reconq"]
+    assert {n.split("/")[0] for n in names} == {"reconq", dist_info}
+    for needed in ("reconq/gateway/protocol.py", "reconq/api/dashboard/index.html",
+                   "reconq/parametermaps/default_map.yaml", "reconq/core/lua/job_update.lua",
+                   "reconq/recon/__init__.py", "reconq/scheduler/admission.py", "reconq/workers/tasks.py"):
+        assert needed in names, needed
+
+
+def test_the_import_layers_hold(installed: Path):
+    result = lint_imports(installed)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "0 broken" in result.stdout
+
+
+def test_an_upward_import_breaks_the_layers(installed: Path, tmp_path: Path):
+    tree = tmp_path / "site"
+    shutil.copytree(installed, tree)
+    with (tree / "reconq" / "core" / "storage.py").open("a") as f:
+        f.write("\nfrom reconq.scheduler import routing  # noqa: E402,F401 - an upward import\n")
+    result = lint_imports(tree)
+    assert result.returncode == 1, result.stdout
+    assert "BROKEN" in result.stdout and "reconq.core.storage -> reconq.scheduler.routing" in result.stdout
