@@ -1,4 +1,5 @@
-"""The foundation every role shares: settings, job states, Redis keys, storage, Redis and Celery plumbing.
+"""The foundation every role shares: settings, job states, Redis keys, storage, the raw MRD file reader
+(``mrdfile``), Redis and Celery plumbing.
 
 It imports nothing else of ReconQ.
 """

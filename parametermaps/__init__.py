@@ -5,6 +5,9 @@
 - :mod:`reconq.parametermaps.sources`: where a map entry's value comes from (header paths, user parameters,
   readout headers, derived quantities);
 - :mod:`reconq.parametermaps.twix`: ``read_twix``, the lazily read twix-like scan and its parts.
+
+Raw files are read through the foundation's MRD reader, :mod:`reconq.core.mrdfile`, the only module of
+ReconQ this package imports.
 """
 
 from .errors import ParameterMapError, TwixError

@@ -23,7 +23,7 @@ one wins (see :attr:`TwixPart.n_duplicates`). Positions nothing was measured at 
 Arrays are complex64 in Fortran order (``Col`` fastest, as in mapVBVD).
 
 A selection allocates its output once and reads each readout's samples from the file straight into
-their place in it (see :mod:`reconq.parametermaps.mrdfile`); only readouts that need reshaping (a subset of
+their place in it (see :mod:`reconq.core.mrdfile`); only readouts that need reshaping (a subset of
 ``Col`` or ``Cha``, ``remove_os``, a readout shorter than the part's) go through a one-readout buffer.
 """
 
@@ -38,9 +38,10 @@ import ismrmrd
 import ismrmrd.xsd
 import numpy as np
 
+from reconq.core.mrdfile import Dest, MrdFile, MrdFileError
+
 from .errors import TwixError
 from .mapping import ParameterMap, TwixHeader, load_map
-from .mrdfile import Dest, MrdFile
 from .sources import ScanContext
 
 log = logging.getLogger(__name__)
@@ -385,13 +386,16 @@ class TwixScan:
     def __init__(self, path: str | os.PathLike[str], param_map: ParameterMap | None = None,
                  dataset: str = "dataset") -> None:
         self.path = os.fspath(path)
-        self._file = MrdFile(path, dataset)
+        try:
+            self._file = MrdFile(path, dataset)
+        except MrdFileError as e:
+            raise TwixError(str(e)) from e
         self.heads: np.ndarray = self._file.heads
         try:
             try:
-                self.mrd_header = ismrmrd.xsd.CreateFromDocument(self._file.xml)
-            except Exception as e:  # the XML parser's errors have no common base worth naming
-                raise TwixError(f"{self.path}: the MRD header XML cannot be parsed: {e}") from e
+                self.mrd_header: ismrmrd.xsd.ismrmrdHeader = self._file.header
+            except MrdFileError as e:
+                raise TwixError(str(e)) from e
             rows = sort_readouts(self.heads["flags"])
             self.parts = {name: TwixPart(name, self, rows[name]) for name in PARTS}
             ctx = ScanContext(self.mrd_header, self.heads, rows["image"], rows["refscan"])

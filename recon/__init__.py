@@ -1,6 +1,7 @@
-"""ReconQ reconstruction library: raw MRD reading, Cartesian and SENSE recon, scanner-ready images.
+"""ReconQ reconstruction library: the pipeline contract, Cartesian and SENSE recon, scanner-ready images.
 
-A pure library: numpy/cupy arrays (the caller picks the device), sigpy, scipy, h5py and ismrmrd.
+A pure library: numpy/cupy arrays (the caller picks the device), sigpy, scipy, h5py and ismrmrd. Raw
+files are read through the foundation's one MRD reader, :mod:`reconq.core.mrdfile`.
 
 Modules, lowest layer first (array functions, operators, solvers, one run per recon):
     errors         the exception family (ReconError, UnknownPipelineError)
@@ -11,12 +12,18 @@ Modules, lowest layer first (array functions, operators, solvers, one run per re
     coils          coil combination (sum of squares, with maps)
     coilmaps       ESPIRiT and Walsh maps, resampling between grids (reference scans)
     sense          the SENSE operator, CG and direct unfolding, the readout-column driver
-    rawdata        RawScan, a read-only view of a raw MRD HDF5 file
-    cartesian      k-space buffering and the Cartesian reconstruction
-    senserecon     the SENSE reconstruction of one volume, reference-scan maps
     images         magnitude images in the scanner's conventions (uint16, geometry, meta)
+    rawdata        RawScan, a read-only view of a raw MRD file: header, readout headers, chunks of
+                   readouts with their samples and trajectories
+    kspace         Cartesian k-space buffering (KspaceBuffer, one k-space per VolumeKey), the
+                   encoding, partial Fourier extents and image geometry of a buffered volume
+    cartesian      the Cartesian reconstruction of one volume (POCS, FFT, recon space, coil combination)
+    senserecon     the SENSE reconstruction of one volume, reference-scan maps
     simulate       synthetic multi-coil scans in patient coordinates for tests and benchmarks
-    pipelines      the registry of named pipelines (``cartesian``, ``sense``)
+    pipeline       the pipeline contract: name, run, memory and run-time estimates, cpu_capable
+    pipelines      the built-in pipelines (``cartesian``, ``sense``)
+    registry       the registry of named pipelines (register, get_pipeline, pipeline_names)
+    plugins        offline twix-style recon functions as pipelines (plugin files, entry points)
 """
 
 from reconq.recon.errors import ReconError, UnknownPipelineError

@@ -1,7 +1,10 @@
-"""The registry of named reconstruction pipelines.
+"""The built-in pipelines, ``cartesian`` and ``sense`` (:data:`BUILTIN_PIPELINES`), on the contract of
+:mod:`reconq.recon.pipeline`; :mod:`reconq.recon.registry` registers them.
 
-A pipeline turns a raw scan into scanner-ready images. Workers look one up by the config name
-the scanner sent; an unknown name is an error, never a silent fallback.
+Both read the scan into a :class:`reconq.recon.kspace.KspaceBuffer` (:func:`read_scan`), reconstruct it
+volume by volume on the device ``params["device"]`` names, and make scanner images. Their GPU memory
+follows the scheduler's header-based model, and their run time the history of earlier runs, so they
+keep the contract's default estimates.
 
 References:
     Ning et al. Asynchronous inline reconstruction. Magn Reson Med 2026, doi 10.1002/mrm.70304.
@@ -10,71 +13,31 @@ References:
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
-from typing import Any, Protocol, TypeVar
+from collections.abc import Mapping
+from typing import Any
 
 import ismrmrd
 import numpy as np
 import sigpy as sp
 
-from reconq.recon.cartesian import (
-    CartesianEncoding,
-    KspaceBuffer,
-    image_geometries,
-    partial_fourier_extents,
-    reconstruct,
-)
-from reconq.recon.errors import ReconError, UnknownPipelineError
+from reconq.recon.cartesian import reconstruct
+from reconq.recon.errors import ReconError
 from reconq.recon.images import to_mrd_images
+from reconq.recon.kspace import CartesianEncoding, KspaceBuffer, image_geometries, partial_fourier_extents
 from reconq.recon.noise import prewhiten
+from reconq.recon.pipeline import Pipeline, ProgressFn
 from reconq.recon.rawdata import RawScan
 from reconq.recon.senserecon import SenseOptions, reference_maps, sense_volume, whitener
 
 logger = logging.getLogger(__name__)
 
-ProgressFn = Callable[[float, str], None]
 
-
-class Pipeline(Protocol):
-    """A named reconstruction: ``run`` reports progress (fraction 0..1, stage) as it goes."""
-
-    name: str
-
-    def run(self, scan: RawScan, params: Mapping[str, Any], progress: ProgressFn) -> list[ismrmrd.Image]: ...
-
-
-P = TypeVar("P", bound=Pipeline)
-_REGISTRY: dict[str, Pipeline] = {}
-
-
-def register(pipeline: P) -> P:
-    """Register a pipeline instance under its ``name``; returns it (usable as a decorator on an instance)."""
-    if not getattr(pipeline, "name", None):
-        raise ReconError(f"pipeline {pipeline!r} has no name")
-    _REGISTRY[pipeline.name] = pipeline
-    return pipeline
-
-
-def get_pipeline(name: str) -> Pipeline:
-    """The pipeline registered as ``name``; raises UnknownPipelineError naming the known ones."""
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise UnknownPipelineError(
-            f"unknown pipeline {name!r}; known pipelines: {', '.join(pipeline_names())}") from None
-
-
-def pipeline_names() -> list[str]:
-    """The registered pipeline names, sorted."""
-    return sorted(_REGISTRY)
-
-
-class CartesianPipeline:
+class CartesianPipeline(Pipeline):
     """Cartesian FFT and coil combination, noise pre-whitened, partial Fourier by POCS, uint16 images.
 
     Params (all optional): ``combine`` (``"sos"``, the default, or ``"walsh"``), ``keep_averages``
     (false: averages are averaged), ``prewhiten`` (true: use the scan's noise readouts), ``device``
-    (sigpy device id, -1 CPU, the default), ``chunk`` (readouts per HDF5 read, 2048),
+    (sigpy device id, -1 CPU, the default), ``chunk`` (readouts read at a time, 2048),
     ``series_index`` (1), ``description`` (the pipeline name).
     """
 
@@ -99,7 +62,7 @@ class CartesianPipeline:
         return _images(self.name, scan, params, mags, geometry, progress)
 
 
-class SensePipeline:
+class SensePipeline(Pipeline):
     """SENSE with coil maps from the scan's calibration lines or from a reference scan.
 
     Params (all optional): ``reference`` (path of a fully sampled reference scan's raw MRD file:
@@ -156,9 +119,9 @@ def read_scan(scan: RawScan, enc: CartesianEncoding, params: Mapping[str, Any], 
     """Buffer all readouts of ``scan``; progress runs from 0 to ``share``."""
     buffer = KspaceBuffer(enc, keep_averages=_flag(params, "keep_averages", False))
     progress(0.0, "reading")
-    for start, heads, data in scan.iter_chunks(int(params.get("chunk", 2048))):
-        buffer.add(heads, data)
-        progress(share * (start + len(heads)) / len(scan), "reading")
+    for chunk in scan.iter_chunks(int(params.get("chunk", 2048))):
+        buffer.add(chunk.heads, chunk.data)
+        progress(share * (chunk.start + len(chunk.heads)) / len(scan), "reading")
     if not buffer.volume_keys():
         raise ReconError(f"{scan.path}: no imaging readouts ({buffer.skipped} skipped)")
     return buffer
@@ -190,5 +153,5 @@ def _device(value: Any) -> sp.Device:
         raise ReconError(f"device {value!r} is not usable: {e}") from e
 
 
-register(CartesianPipeline())
-register(SensePipeline())
+#: The pipelines every ReconQ process knows, registered by :mod:`reconq.recon.registry`.
+BUILTIN_PIPELINES: tuple[Pipeline, ...] = (CartesianPipeline(), SensePipeline())

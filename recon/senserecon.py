@@ -22,10 +22,10 @@ import numpy as np
 import sigpy as sp
 
 from reconq.recon import fft
-from reconq.recon.cartesian import CartesianEncoding, KspaceBuffer, VolumeKey, _kspace_matrix, partial_fourier_extents
 from reconq.recon.coilmaps import GridMaps, espirit_maps, walsh_calibration_maps
 from reconq.recon.errors import ReconError
 from reconq.recon.geometry import Grid
+from reconq.recon.kspace import CartesianEncoding, KspaceBuffer, VolumeKey, kspace_matrix, partial_fourier_extents
 from reconq.recon.noise import noise_covariance, prewhiten, whitening_matrix
 from reconq.recon.partialfourier import Extents, pocs_image
 from reconq.recon.sense import sense_columns
@@ -108,7 +108,7 @@ def solve_grid(head: np.void, enc: CartesianEncoding) -> Grid:
 
 def readout_transform(ksp, enc: CartesianEncoding):
     """Inverse FFT along the readout, oversampling cropped: ``(ncoil, nz, ny, nx_enc)`` -> ``(..., nx_recon)``."""
-    nkx = _kspace_matrix(enc)[2]
+    nkx = kspace_matrix(enc)[2]
     ksp = sp.resize(ksp, ksp.shape[:-1] + (nkx,))
     return sp.resize(fft.ifft(ksp, axes=(-1,)), ksp.shape[:-1] + (enc.recon_matrix[0],))
 
@@ -146,7 +146,7 @@ def image_extents(extents: Extents, enc: CartesianEncoding) -> Extents:
     """Partial-Fourier extents on the k-space grid of the SENSE image (readout at the recon FOV)."""
     out = {axis: e for axis, e in extents.items() if axis != -1}
     if -1 in extents:
-        n_enc, n_r, nkx = enc.enc_matrix[0], enc.recon_matrix[0], _kspace_matrix(enc)[2]
+        n_enc, n_r, nkx = enc.enc_matrix[0], enc.recon_matrix[0], kspace_matrix(enc)[2]
         lo, hi = ((k - n_enc // 2) * n_r / nkx + n_r // 2 for k in (extents[-1][0], extents[-1][1] - 1))
         out[-1] = (int(np.ceil(lo)), int(np.floor(hi)) + 1)
     return out
@@ -154,7 +154,7 @@ def image_extents(extents: Extents, enc: CartesianEncoding) -> Extents:
 
 def to_recon_space(img, enc: CartesianEncoding):
     """Resample ``(nz, ny_enc, nx)`` to the recon pixel size in y and z and crop to the recon matrix."""
-    nz_k, ny_k, _ = _kspace_matrix(enc)
+    nz_k, ny_k, _ = kspace_matrix(enc)
     if (nz_k, ny_k) != img.shape[:2]:
         axes = (-3, -2) if enc.is3d else (-2,)
         k = sp.resize(fft.fft(img, axes=axes), (nz_k, ny_k, img.shape[2]))

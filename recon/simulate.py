@@ -431,8 +431,10 @@ def _slice_acquisitions(ksp, plan, s, noise, rng, chol) -> list[ismrmrd.Acquisit
 
 
 def write_mrd(scan: SyntheticScan, path: str | os.PathLike) -> Path:
-    """Write ``scan`` as a raw MRD HDF5 file (``ismrmrd.Dataset`` layout); returns the path."""
+    """Write ``scan`` as a raw MRD HDF5 file (``ismrmrd.Dataset`` layout), replacing any file at ``path``
+    (``ismrmrd.Dataset`` would append to it); returns the path."""
     path = Path(path)
+    path.unlink(missing_ok=True)
     with ismrmrd.Dataset(str(path), "dataset", create_if_needed=True) as dataset:
         dataset.write_xml_header(xsd.ToXML(scan.header))
         for acq in scan.acquisitions:

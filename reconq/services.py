@@ -22,8 +22,8 @@ from reconq.core.sender import TaskSender
 from reconq.core.settings import Settings
 from reconq.core.storage import ScanStore
 from reconq.gateway.server import Gateway
-from reconq.recon.pipelines import pipeline_names
 from reconq.recon.plugins import load_plugins
+from reconq.recon.registry import pipeline_names
 from reconq.scheduler.actions import Actions
 from reconq.scheduler.placement import Placement
 

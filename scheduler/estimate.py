@@ -3,8 +3,9 @@
 Order of precedence:
 
 1. ``params["gpu_memory_gb"]``: the sender (or an admin's retro-recon) states the need;
-2. the pipeline's own model: a ``memory_estimate(header, params) -> int`` (bytes) attribute on the
-   pipeline object, for pipelines whose needs the default model does not describe;
+2. the pipeline's own model, ``pipeline.memory_estimate(header, params)`` (bytes; the hook of
+   :class:`reconq.recon.pipeline.Pipeline`), for pipelines whose needs the default model does not
+   describe; ``None``, the contract's default, passes on to
 3. :func:`default_estimate`.
 
 The default model, for a pipeline that reconstructs one volume at a time on the GPU::
@@ -18,20 +19,22 @@ workspace and the combined image; ``CONTEXT_BYTES`` the CUDA context and library
 
 Run-time estimates (:func:`estimate_seconds`), which only order waiting jobs and let short jobs backfill
 memory held for a large one, come from ``params["expected_seconds"]``, the pipeline's
-``runtime_estimate(header, params) -> float``, or the median of the latest run times of the same
-pipeline and protocol (:func:`record_runtime` keeps them), in that order; else they are unknown.
+``runtime_estimate(header, params)`` (seconds; ``None``: not known), or the median of the latest run
+times of the same pipeline and protocol (:func:`record_runtime` keeps them), in that order; else they
+are unknown.
 """
 
 from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import redis
 
 from reconq.core.constants import RUNTIME_HISTORY
+from reconq.recon.pipeline import Pipeline
 
 GB = 10**9
 #: CUDA context, cuFFT plans and library handles.
@@ -42,9 +45,6 @@ WORK_FACTOR = 4
 GRID_OVERSAMPLING = 1.25
 #: Bytes of one complex64 sample.
 SAMPLE_BYTES = 8
-
-MemoryModel = Callable[[Any, Mapping[str, Any]], int]
-
 
 class EstimateError(ValueError):
     """A header or parameter from which no estimate can be made."""
@@ -67,8 +67,9 @@ def default_estimate(header: Any, params: Mapping[str, Any]) -> int:
     return CONTEXT_BYTES + int(math.ceil(WORK_FACTOR * grid * volume))
 
 
-def estimate_bytes(header: Any, params: Mapping[str, Any], pipeline: object | None = None) -> int:
-    """The job's GPU memory need in bytes (see the module docstring for the order of precedence)."""
+def estimate_bytes(header: Any, params: Mapping[str, Any], pipeline: Pipeline | None = None) -> int:
+    """The job's GPU memory need in bytes (see the module docstring for the order of precedence);
+    ``pipeline`` None: the parameters, else the default model."""
     if "gpu_memory_gb" in params:
         try:
             value = float(params["gpu_memory_gb"])
@@ -77,28 +78,25 @@ def estimate_bytes(header: Any, params: Mapping[str, Any], pipeline: object | No
         if value <= 0:
             raise EstimateError(f"gpu_memory_gb must be positive, not {value}")
         return int(value * GB)
-    model: MemoryModel | None = getattr(pipeline, "memory_estimate", None)
-    if model is not None:
-        value = int(model(header, params))
-        if value <= 0:
-            raise EstimateError(f"pipeline {getattr(pipeline, 'name', pipeline)!r} estimated {value} bytes")
-        return value
-    return default_estimate(header, params)
+    own = pipeline.memory_estimate(header, params) if pipeline is not None else None
+    if pipeline is None or own is None:
+        return default_estimate(header, params)
+    if int(own) <= 0:
+        raise EstimateError(f"pipeline {pipeline.name!r} estimated {own} bytes")
+    return int(own)
 
 
 #: Run times kept per pipeline and protocol for :func:`history_seconds`.
 HISTORY_KEPT = 20
 
-RuntimeModel = Callable[[Any, Mapping[str, Any]], float]
 
-
-def estimate_seconds(header: Any, params: Mapping[str, Any], pipeline: object | None = None,
+def estimate_seconds(header: Any, params: Mapping[str, Any], pipeline: Pipeline | None = None,
                      history: float | None = None) -> float:
     """The job's expected run time in seconds; 0 where nothing says (the scheduler then treats it as
     typical). Order of precedence: ``params["expected_seconds"]``; the pipeline's
-    ``runtime_estimate(header, params) -> float``; ``history`` (the median of this pipeline's and
-    protocol's latest run times, :func:`history_seconds`). The scheduler uses it only to order waiting
-    jobs (long, large jobs first), so a rough figure is enough."""
+    ``runtime_estimate(header, params)``, unless it returns ``None``; ``history`` (the median of this
+    pipeline's and protocol's latest run times, :func:`history_seconds`). The scheduler uses it only to
+    order waiting jobs (long, large jobs first), so a rough figure is enough."""
     if "expected_seconds" in params:
         try:
             value = float(params["expected_seconds"])
@@ -107,9 +105,9 @@ def estimate_seconds(header: Any, params: Mapping[str, Any], pipeline: object | 
         if not value > 0:
             raise EstimateError(f"expected_seconds must be positive, not {value}")
         return value
-    model: RuntimeModel | None = getattr(pipeline, "runtime_estimate", None)
-    if model is not None:
-        return max(0.0, float(model(header, params)))
+    own = pipeline.runtime_estimate(header, params) if pipeline is not None else None
+    if own is not None:
+        return max(0.0, float(own))
     return history or 0.0
 
 
@@ -131,7 +129,3 @@ def history_seconds(client: redis.Redis, pipeline: str, protocol: str) -> float 
     times = [float(x) for x in client.lrange(_history_key(pipeline, protocol), 0, -1)]
     return statistics.median(times) if times else None
 
-
-def runs_on_cpu(pipeline: object) -> bool:
-    """Whether a pipeline may run on a CPU worker (a ``cpu_capable = False`` attribute says no)."""
-    return bool(getattr(pipeline, "cpu_capable", True))

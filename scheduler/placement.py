@@ -27,12 +27,13 @@ from typing import Any
 
 from reconq.core.constants import INPUT_PARAMS
 from reconq.core.jobs import Job, JobStore
+from reconq.core.mrdfile import MrdFileError, read_header
 from reconq.core.sender import TaskSender
 from reconq.core.settings import Settings
 from reconq.core.storage import ScanStore
 from reconq.recon.errors import ReconError
-from reconq.recon.pipelines import Pipeline, get_pipeline
-from reconq.recon.rawdata import RawScan
+from reconq.recon.pipeline import Pipeline
+from reconq.recon.registry import get_pipeline
 from reconq.scheduler.admission import Admission
 from reconq.scheduler.estimate import EstimateError, estimate_bytes, estimate_seconds, history_seconds
 from reconq.scheduler.routing import gpu_queue, waiting_score
@@ -47,15 +48,15 @@ class Estimate:
 
 def scan_header(path: Path) -> Any:
     """The parsed MRD header of a stored raw file, read once per file and version: the jobs of a batch
-    often share scans, and a stored scan does not change (a rewritten file has a new mtime or size)."""
+    often share scans, and a stored scan does not change (a rewritten file has a new mtime or size).
+    Only ``/dataset/xml`` is read (:func:`reconq.core.mrdfile.read_header`), never the readouts."""
     st = path.stat()
     return _read_header(str(path), st.st_mtime_ns, st.st_size)
 
 
 @functools.lru_cache(maxsize=256)
 def _read_header(path: str, mtime_ns: int, size: int) -> Any:
-    with RawScan.open(path) as scan:
-        return scan.header
+    return read_header(path)
 
 
 def estimate_job(job: Job, scans: ScanStore, pipeline: Pipeline, store: JobStore, header: Any = None) -> Estimate:
@@ -114,7 +115,7 @@ class Placement:
             return None  # registered in the workers only (a plugin the submitter does not load)
         try:
             return estimate_job(job, self.scans, pipeline, self.store, header)
-        except (EstimateError, ReconError, OSError) as e:
+        except (EstimateError, ReconError, MrdFileError, OSError) as e:
             log.info("job %s: not placed at submit (%s); a worker estimates it", job.id, e)
         except Exception:  # a plugin's model may fail in any way: the worker fails the job saying why
             log.exception("job %s: estimate failed at submit; a worker estimates it", job.id)

@@ -724,7 +724,7 @@ def _rows(n: int) -> np.ndarray:
 def test_heads_read_from_storage_equal_hdf5s(tmp_path: Path, storage: dict) -> None:
     import h5py
 
-    from reconq.parametermaps.mrdfile import MrdFile
+    from reconq.core.mrdfile import MrdFile
 
     path = tmp_path / "raw.h5"
     rows = _rows(12)  # 12 rows: the last chunk of 5 is partial

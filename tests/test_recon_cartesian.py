@@ -7,8 +7,8 @@ normalised RMS error of about 1e-4; the bound is NRMSE < 1e-3 (noise-free data).
 import numpy as np
 import pytest
 
-from reconq.recon.pipelines import get_pipeline
 from reconq.recon.rawdata import RawScan
+from reconq.recon.registry import get_pipeline
 from reconq.recon.simulate import synthetic_scan, write_mrd
 
 NRMSE_BOUND = 1e-3
@@ -78,7 +78,7 @@ def test_progress_reports_the_stages(tmp_path):
 def test_buffer_averages_and_centres_lines():
     import ismrmrd
 
-    from reconq.recon.cartesian import CartesianEncoding, KspaceBuffer
+    from reconq.recon.kspace import CartesianEncoding, KspaceBuffer
 
     scan = synthetic_scan(matrix=(8, 4), ncoil=2, readout_oversampling=2)
     enc = CartesianEncoding.from_header(scan.header)

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from scipy.spatial.transform import Rotation
 
-from reconq.recon.pipelines import get_pipeline
 from reconq.recon.rawdata import RawScan
+from reconq.recon.registry import get_pipeline
 from reconq.recon.simulate import synthetic_scan, write_mrd
 
 META_KEYS = {"DataRole", "WindowCenter", "WindowWidth", "SequenceDescriptionAdditional",

@@ -4,8 +4,8 @@ import ismrmrd.xsd as xsd
 import pytest
 
 from reconq.recon.errors import ReconError, UnknownPipelineError
-from reconq.recon.pipelines import get_pipeline, pipeline_names
 from reconq.recon.rawdata import RawScan
+from reconq.recon.registry import get_pipeline, pipeline_names
 from reconq.recon.simulate import synthetic_scan, write_mrd
 
 

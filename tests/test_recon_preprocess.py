@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from reconq.recon.noise import noise_covariance, prewhiten, whitening_matrix
-from reconq.recon.pipelines import get_pipeline
 from reconq.recon.rawdata import RawScan
+from reconq.recon.registry import get_pipeline
 from reconq.recon.simulate import synthetic_scan, write_mrd
 
 

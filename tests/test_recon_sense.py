@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from reconq.recon import fft, sense
-from reconq.recon.pipelines import get_pipeline
 from reconq.recon.rawdata import RawScan
+from reconq.recon.registry import get_pipeline
 from reconq.recon.simulate import synthetic_scan, write_mrd
 
 
@@ -96,7 +96,7 @@ def test_cg_agrees_with_unfolding(tmp_path):
 
 
 def test_true_maps_give_the_phantom():
-    from reconq.recon.cartesian import CartesianEncoding, KspaceBuffer
+    from reconq.recon.kspace import CartesianEncoding, KspaceBuffer
     from reconq.recon.senserecon import SenseOptions, sense_volume, solve_grid
 
     scan = synthetic_scan(matrix=(64, 64), ncoil=8, acceleration=(2, 1), phase_oversampling=0.25)
@@ -120,7 +120,7 @@ def _heads_and_data(scan):
 def test_reference_scan_of_another_geometry(tmp_path):
     from scipy.spatial.transform import Rotation
 
-    from reconq.recon.cartesian import CartesianEncoding, KspaceBuffer
+    from reconq.recon.kspace import CartesianEncoding, KspaceBuffer
     from reconq.recon.senserecon import SenseOptions, sense_volume, solve_grid
 
     tilt = Rotation.from_euler("xz", [15, 10], degrees=True).as_matrix()

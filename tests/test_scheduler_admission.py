@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping
+from typing import Any
 
 import pytest
 import redis
@@ -12,7 +14,8 @@ from reconq.core.constants import GPU_RESERVATION_ENDS, WORKER_HEARTBEAT
 from reconq.core.jobs import Job, JobStore
 from reconq.core.states import JobState
 from reconq.core.storage import ScanStore
-from reconq.recon.pipelines import get_pipeline
+from reconq.recon.pipeline import Pipeline
+from reconq.recon.registry import get_pipeline
 from reconq.recon.simulate import synthetic_scan
 from reconq.scheduler.admission import Admission, Verdict
 from reconq.scheduler.estimate import (
@@ -160,18 +163,37 @@ def test_default_estimate_grows_with_matrix_and_coils() -> None:
     assert default_estimate(big, {}) == CONTEXT_BYTES + 4 * enc.x * enc.y * max(1, enc.z) * 16 * 8
 
 
+class Plain(Pipeline):
+    """A pipeline that keeps the contract's defaults."""
+
+    name = "plain"
+
+    def run(self, scan: object, params: Mapping[str, Any], progress: object) -> list:
+        return []
+
+
+def test_the_contract_defaults() -> None:
+    header = synthetic_scan(matrix=(32, 32), ncoil=2).header
+    plain = Plain()
+    assert plain.cpu_capable is True
+    assert plain.memory_estimate(header, {}) is None and plain.runtime_estimate(header, {}) is None
+    with pytest.raises(TypeError):
+        Pipeline()  # type: ignore[abstract]  # run is required
+
+
 def test_estimate_precedence_params_then_pipeline_then_default() -> None:
     header = synthetic_scan(matrix=(32, 32), ncoil=2).header
 
-    class Own:
+    class Own(Plain):
         name = "own"
 
-        def memory_estimate(self, header: object, params: object) -> int:
-            return 7 * GB
+        def memory_estimate(self, header: object, params: Mapping[str, Any]) -> int | None:
+            return None if params.get("generic") else 7 * GB
 
     assert estimate_bytes(header, {"gpu_memory_gb": 3}, Own()) == 3 * GB
     assert estimate_bytes(header, {}, Own()) == 7 * GB
-    assert estimate_bytes(header, {}, object()) == default_estimate(header, {})
+    assert estimate_bytes(header, {"generic": True}, Own()) == default_estimate(header, {})  # None: the model
+    assert estimate_bytes(header, {}, Plain()) == estimate_bytes(header, {}) == default_estimate(header, {})
     with pytest.raises(EstimateError):
         estimate_bytes(header, {"gpu_memory_gb": -1})
 
@@ -271,7 +293,7 @@ def test_a_job_that_does_not_fit_here_moves_to_a_gpu_with_idle_workers(client: r
 def test_run_time_estimate_precedence_params_then_pipeline_then_history(client: redis.Redis) -> None:
     header = synthetic_scan(matrix=(32, 32), ncoil=2).header
 
-    class Timed:
+    class Timed(Plain):
         name = "timed"
 
         def runtime_estimate(self, header: object, params: object) -> float:
@@ -279,8 +301,8 @@ def test_run_time_estimate_precedence_params_then_pipeline_then_history(client: 
 
     assert estimate_seconds(header, {"expected_seconds": "12.5"}, Timed(), history=99.0) == 12.5
     assert estimate_seconds(header, {}, Timed(), history=99.0) == 40.0
-    assert estimate_seconds(header, {}, object(), history=99.0) == 99.0
-    assert estimate_seconds(header, {}, object()) == 0.0  # not known
+    assert estimate_seconds(header, {}, Plain(), history=99.0) == 99.0  # None from the hook: the history
+    assert estimate_seconds(header, {}, Plain()) == estimate_seconds(header, {}) == 0.0  # not known
     for bad in ("soon", 0, -3):
         with pytest.raises(EstimateError, match="expected_seconds"):
             estimate_seconds(header, {"expected_seconds": bad})

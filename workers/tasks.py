@@ -15,6 +15,7 @@ from celery.signals import worker_process_init, worker_process_shutdown
 
 from reconq.core.constants import CPU_QUEUE, JOB_KEY, RUN_JOB_TASK
 from reconq.core.jobs import Job, JobStore
+from reconq.core.mrdfile import MrdFileError
 from reconq.core.redisconn import connect
 from reconq.core.results import write_images
 from reconq.core.sender import TaskSender
@@ -22,10 +23,11 @@ from reconq.core.settings import Settings
 from reconq.core.states import JobState
 from reconq.core.storage import ScanStore
 from reconq.recon.errors import ReconError
-from reconq.recon.pipelines import Pipeline, get_pipeline
+from reconq.recon.pipeline import Pipeline
 from reconq.recon.rawdata import RawScan
+from reconq.recon.registry import get_pipeline
 from reconq.scheduler.admission import Admission, Decision, Verdict
-from reconq.scheduler.estimate import GB, EstimateError, record_runtime, runs_on_cpu
+from reconq.scheduler.estimate import GB, EstimateError, record_runtime
 from reconq.scheduler.inventory import make_inventory
 from reconq.scheduler.placement import estimate_job
 from reconq.scheduler.routing import gpu_queue, waiting_score
@@ -113,10 +115,10 @@ class JobRunner:
         try:
             pipeline = get_pipeline(job.pipeline)
             need = self._estimate(job, pipeline)
-        except (ReconError, EstimateError, OSError) as e:
+        except (ReconError, EstimateError, MrdFileError, OSError) as e:
             return self._fail(job_id, f"no memory estimate: {e}")
         if not self.slot.is_gpu:
-            if not runs_on_cpu(pipeline):
+            if not pipeline.cpu_capable:
                 return self._fail(job_id, f"pipeline {job.pipeline} needs a GPU and this worker has none")
             return self._execute(job, pipeline, need)
         if not self.settings.admission_control or self.admission is None:
@@ -173,7 +175,7 @@ class JobRunner:
 
     def _fits_no_gpu(self, job: Job, pipeline: Pipeline, need: int, largest: int) -> str:
         what = f"needs {gb(need)} of GPU memory, more than any GPU has (largest: {gb(largest)})"
-        if not runs_on_cpu(pipeline):
+        if not pipeline.cpu_capable:
             return self._fail(job.id, f"{what}, and pipeline {job.pipeline} cannot run on the CPU")
         self.store.set_state(job.id, JobState.QUEUED, stage=f"{what}: queued for a CPU worker")
         self.send(job.id, CPU_QUEUE)

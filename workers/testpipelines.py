@@ -22,8 +22,9 @@ import redis
 
 from reconq.core.constants import GPU_TOTAL, KEY_PREFIX
 from reconq.recon.errors import ReconError
-from reconq.recon.pipelines import ProgressFn, register
+from reconq.recon.pipeline import Pipeline, ProgressFn
 from reconq.recon.rawdata import RawScan
+from reconq.recon.registry import register
 from reconq.scheduler.estimate import GB
 
 #: Hash: gpu id -> bytes booked by running ``sleep`` jobs.
@@ -63,7 +64,7 @@ class UseTracker:
             self.redis.hincrby(SIMULATED_USE, self.gpu_id, -nbytes)
 
 
-class SleepPipeline:
+class SleepPipeline(Pipeline):
     """A timed sleep with a declared GPU memory need (see the module docstring)."""
 
     def __init__(self, name: str, tracker: UseTracker, cpu_capable: bool = True) -> None:

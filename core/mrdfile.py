@@ -1,9 +1,16 @@
-"""Low-level reads of a raw MRD (ISMRMRD HDF5) file: the XML header, every readout's acquisition header
-without its samples, and the samples (or trajectory) of chosen readouts, read straight into the
-caller's array.
+"""Reads of a raw MRD (ISMRMRD HDF5) file: the XML header alone (:func:`read_header`), every readout's
+acquisition header without its samples, and the samples (or trajectory) of chosen readouts, read
+straight into the caller's array (:class:`MrdFile`). The one raw-file reader of ReconQ: the recon's
+``RawScan``, the twix-like view of ``parametermaps`` and the scheduler's estimates all read through it.
 
+Layout (as ``ismrmrd.Dataset`` writes it): ``/dataset/xml`` (one variable-length string, the header),
+``/dataset/data`` (absent while a scan has no readouts) and an optional ``/dataset/waveforms``.
 ``/dataset/data`` is a compound of ``head`` (``acquisition_header_dtype``), ``traj`` and ``data``
 (variable-length float32; ``data`` interleaves re/im, channel-major; ``traj`` is samples × dimensions).
+
+:func:`read_header` opens the file and reads ``/dataset/xml`` only: a scheduler that wants the matrix
+and the channels of a scan need not touch its readouts.
+
 Asking HDF5 for the ``head`` member alone still converts the variable-length members, which reads
 every sample: a 5 GB scan would be read once to find its headers and again for its data. So the rows
 are read from the dataset's storage directly: the fixed-size part of each row (the header and two
@@ -31,9 +38,8 @@ from typing import Any
 
 import h5py
 import ismrmrd.hdf5
+import ismrmrd.xsd
 import numpy as np
-
-from .errors import TwixError
 
 HEAD_DTYPE = ismrmrd.hdf5.acquisition_header_dtype
 #: A variable-length reference as stored: length, global heap collection address, object index.
@@ -49,27 +55,91 @@ _MEMBERS = {"data": (np.complex64, 2), "traj": (np.float32, 1)}  # dtype, float3
 Dest = Callable[[int, tuple[int, int]], "np.ndarray | None"]
 
 
+class MrdFileError(ValueError):
+    """A file that is not a raw MRD file, or whose header cannot be parsed (the message names the file)."""
+
+
+def read_xml(path: str | os.PathLike[str], dataset: str = "dataset") -> str:
+    """The header XML of the raw MRD file ``path``: ``/dataset/xml`` alone is read.
+
+    Raises OSError where the file cannot be opened and :class:`MrdFileError` where it has no header."""
+    with h5py.File(os.fspath(path), "r") as file:
+        return _xml(file, os.fspath(path), dataset)
+
+
+def read_header(path: str | os.PathLike[str], dataset: str = "dataset") -> ismrmrd.xsd.ismrmrdHeader:
+    """The parsed MRD header of the raw MRD file ``path``, read from ``/dataset/xml`` alone (no readout
+    is touched: a few milliseconds whatever the file's size). Raises as :func:`read_xml`, and
+    :class:`MrdFileError` where the XML cannot be parsed."""
+    return parse_header(read_xml(path, dataset), os.fspath(path))
+
+
+def parse_header(xml: str, source: str) -> ismrmrd.xsd.ismrmrdHeader:
+    """``xml`` parsed as an MRD header; :class:`MrdFileError` naming ``source`` where it cannot be."""
+    try:
+        return ismrmrd.xsd.CreateFromDocument(xml)
+    except Exception as e:  # the XML parser's errors have no common base worth naming
+        raise MrdFileError(f"{source}: the MRD header XML cannot be parsed: {e}") from e
+
+
+def _xml(file: h5py.File, path: str, dataset: str) -> str:
+    try:
+        xml = file[dataset]["xml"][0]
+    except (KeyError, ValueError, IndexError, TypeError) as e:
+        raise MrdFileError(f"{path} is not a raw MRD file: it has no /{dataset}/xml header ({e})") from e
+    return xml.decode("utf-8") if isinstance(xml, bytes) else str(xml)
+
+
 class MrdFile:
-    """An open raw MRD file: ``xml`` (the header text), ``heads`` (every readout's header, in file
-    order), :meth:`readouts` and :meth:`read`. Close it, or use ``with``."""
+    """An open raw MRD file: ``xml`` (the header text), :attr:`header` (parsed when first asked for),
+    ``heads`` (every readout's header, in file order: ``(n,)`` of ``HEAD_DTYPE``, read once without the
+    samples), :meth:`readouts` and :meth:`read`. A file without ``/dataset/data`` has no readouts.
+    Close it, or use ``with``.
+
+    Raises OSError where the file cannot be opened, :class:`MrdFileError` where it is not raw MRD."""
 
     def __init__(self, path: str | os.PathLike[str], dataset: str = "dataset") -> None:
         self.path = os.fspath(path)
         self._file = h5py.File(self.path, "r")
         self._fd = -1
+        self._header: ismrmrd.xsd.ismrmrdHeader | None = None
         try:
-            group = self._file[dataset]
-            xml = group["xml"][0]
-            self.xml: str = xml.decode() if isinstance(xml, bytes) else str(xml)
-            self._data = group["data"]
-            self.heads, self._refs = read_rows(self._data, self.path)
+            self.xml: str = _xml(self._file, self.path, dataset)
+            self._data: h5py.Dataset | None = self._file[dataset].get("data")
+            if self._data is None:
+                self.heads, self._refs = np.zeros(0, HEAD_DTYPE), None
+            else:
+                self.heads, self._refs = read_rows(self._data, self.path)
             if self._refs is not None:
                 self._fd = os.open(self.path, os.O_RDONLY)
-        except (KeyError, OSError, ValueError) as e:
+        except MrdFileError:
             self.close()
-            raise TwixError(
-                f"{self.path} is not a raw MRD file with /{dataset}/xml and /{dataset}/data: {e}") from e
+            raise
+        except (KeyError, OSError, ValueError, TypeError) as e:
+            self.close()
+            raise MrdFileError(f"{self.path} is not a raw MRD file with /{dataset}/xml and /{dataset}/data: "
+                               f"{e}") from e
         self._heap = _Heap(self._fd)
+
+    @property
+    def header(self) -> ismrmrd.xsd.ismrmrdHeader:
+        """The parsed header (parsed once); :class:`MrdFileError` where the XML cannot be parsed."""
+        if self._header is None:
+            self._header = parse_header(self.xml, self.path)
+        return self._header
+
+    @property
+    def closed(self) -> bool:
+        return not self._file  # an h5py File is falsy once closed
+
+    def __len__(self) -> int:
+        return len(self.heads)
+
+    def __enter__(self) -> MrdFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def shape(self, row: int, member: str = "data") -> tuple[int, int]:
         """The array shape of ``member`` of readout ``row``: ``data`` (active_channels,
@@ -91,7 +161,7 @@ class MrdFile:
         """``member`` of each of ``rows`` (ascending): ``None`` where it was read into ``dest(i, shape)``
         (a C-contiguous array of that shape and of the member's dtype), else a new array."""
         if member not in _MEMBERS:
-            raise TwixError(f"{member!r} is not one of {sorted(_MEMBERS)}")
+            raise MrdFileError(f"{member!r} is not one of {sorted(_MEMBERS)}")
         dtype = _MEMBERS[member][0]
         if self._refs is None:
             yield from self._read_hdf5(rows, member, dest)
@@ -110,6 +180,7 @@ class MrdFile:
         dtype = _MEMBERS[member][0]
         i = 0
         for start, stop in _runs(rows, self.heads):
+            assert self._data is not None  # a file without /dataset/data has no rows to read
             block = self._data[start:stop][member]
             for r in rows[np.searchsorted(rows, start): np.searchsorted(rows, stop)]:
                 shape = self.shape(int(r), member)
@@ -122,6 +193,7 @@ class MrdFile:
             del block
 
     def close(self) -> None:
+        """Release the file (closing twice is harmless)."""
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1

@@ -1,0 +1,78 @@
+"""The pipeline contract: every hook the scheduler and the workers call on a reconstruction.
+
+A pipeline turns one stored raw scan into scanner-ready images. Subclass :class:`Pipeline`, give it a
+``name`` and a :meth:`~Pipeline.run`, and override the estimates where the defaults do not describe
+it; register an instance (:func:`reconq.recon.registry.register`), or write a plugin
+(:mod:`reconq.recon.plugins`), which declares the same hooks as module-level names.
+
+Who calls what:
+
+- the submitter (gateway, API) and the first worker to take a job call :meth:`~Pipeline.memory_estimate`
+  and :meth:`~Pipeline.runtime_estimate` with the scan's parsed header and the job's parameters
+  (:mod:`reconq.scheduler.estimate`: a ``gpu_memory_gb`` or ``expected_seconds`` job parameter comes
+  first; ``None`` from a hook falls back to the header-based memory model and the run-time history);
+- a CPU worker runs a job only where :attr:`~Pipeline.cpu_capable` is true;
+- the worker calls :meth:`~Pipeline.run` on its GPU (``params["device"]``) or on the CPU.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import ismrmrd
+import ismrmrd.xsd
+
+from reconq.recon.rawdata import RawScan
+
+#: ``progress(fraction, stage)``: fraction of the recon done, 0..1, and a short stage text ("reading").
+ProgressFn = Callable[[float, str], None]
+
+
+class Pipeline(ABC):
+    """A named reconstruction with its resource estimates.
+
+    Attributes:
+        name: the config name scanners and retro-recon requests use (unique among registered pipelines).
+        cpu_capable: whether a worker without a GPU may run it (default True; False for a pipeline
+            that needs cupy or a GPU-only library).
+    """
+
+    name: str = ""
+    cpu_capable: bool = True
+
+    @abstractmethod
+    def run(self, scan: RawScan, params: Mapping[str, Any], progress: ProgressFn) -> list[ismrmrd.Image]:
+        """Reconstruct ``scan``.
+
+        Args:
+            scan: the raw scan, open (header, readout headers, chunks of readouts with trajectories).
+            params: the job's parameters (JSON values); ``device`` is the sigpy device id (-1: CPU) the
+                worker chose. Unknown keys are ignored.
+            progress: called now and then; it raises when the job is cancelled, which stops the recon.
+
+        Returns:
+            MRD images in the scanner's conventions (:func:`reconq.recon.images.to_mrd_images`).
+
+        Raises:
+            ReconError: the scan or its parameters cannot be reconstructed; the message is shown to the
+                technologist.
+        """
+
+    def memory_estimate(self, header: ismrmrd.xsd.ismrmrdHeader, params: Mapping[str, Any]) -> int | None:
+        """GPU memory, in bytes, the recon of a scan with ``header`` needs at its peak (CUDA context
+        included); ``None`` (the default): the generic header-based model of
+        :func:`reconq.scheduler.estimate.default_estimate` (one multi-coil volume at a time).
+
+        Called where the job is placed, with the parsed header only: it must not read the raw file."""
+        return None
+
+    def runtime_estimate(self, header: ismrmrd.xsd.ismrmrdHeader, params: Mapping[str, Any]) -> float | None:
+        """Expected run time on a GPU, in seconds; ``None`` (the default): the median of this pipeline's
+        latest run times on the same protocol, else unknown. Only orders waiting jobs and lets short jobs
+        backfill memory held for a large one, so a rough figure is enough."""
+        return None
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r}>"
