@@ -19,12 +19,12 @@ import httpx
 import redis
 import uvicorn
 
-from reconq.api.app import make_api
 from reconq.api.auth import hash_token
 from reconq.core.jobs import Job, JobStore
 from reconq.core.redisconn import PrivateRedis, free_port
 from reconq.core.settings import load_settings
 from reconq.core.states import JobState
+from reconq.services import make_api
 
 TOKEN = "bench-token-not-a-secret-0123456789"
 PAGE_TARGET_MS = 200.0

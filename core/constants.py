@@ -68,7 +68,7 @@ GPU_SEEN = KEY_PREFIX + "gpuseen"
 GPU_STATE = KEY_PREFIX + "gpus"
 #: String ``reconq:hb:<worker>`` with a TTL: a worker's heartbeat (JSON: its GPU and running job).
 WORKER_HEARTBEAT = KEY_PREFIX + "hb:"
-#: Set of worker names that have sent heartbeats (expired ones are pruned by readers).
+#: Set of worker names that have sent heartbeats (readers skip expired ones; heartbeats prune them).
 WORKERS_INDEX = KEY_PREFIX + "workers"
 #: Sorted set of jobs waiting for GPU memory, scored by queue rank then time queued.
 GPU_WAITING = KEY_PREFIX + "waiting"

@@ -73,11 +73,13 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_gpus(settings: Settings, args: argparse.Namespace) -> int:
+    import dataclasses
+
     from reconq.core.redisconn import connect
     from reconq.scheduler.monitor import cluster_status, format_table
 
     status = cluster_status(connect(settings), forget_s=settings.gpu_forget_s)
-    print(status.model_dump_json(indent=2) if args.json else format_table(status))
+    print(json.dumps(dataclasses.asdict(status), indent=2) if args.json else format_table(status))
     return 0
 
 
@@ -166,8 +168,8 @@ def cmd_retro(settings: Settings, args: argparse.Namespace) -> int:
         jobs = actions.retro_recon_many(args.scan_id, args.pipeline,
                                         json.loads(args.params) if args.params else None, Queue(args.queue),
                                         who=f"cli:{getpass.getuser()}")
-    except ActionError as e:
-        print(f"reconq retro: {e.message}", file=sys.stderr)
+    except ActionError as e:  # no such scan, an unknown pipeline, a scan not complete
+        print(f"reconq retro: {e}", file=sys.stderr)
         return 1
     for job in jobs:
         print(f"job {job.id} queued on {job.queue}: pipeline {job.pipeline} on scan {job.scan_id}")

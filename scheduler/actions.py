@@ -12,7 +12,11 @@ these places:
 A queued job is moved or cancelled by taking its message out of its list (``LREM``, atomic: either the
 action or a worker gets it), or its entry out of the waiting set (one Lua script). A job a worker has
 already taken is revoked through Celery's control channel; stopping the running recon is the worker's
-part. A cancelled job's state is never overwritten by a worker (:meth:`reconq.core.jobs.JobStore.update`).
+part. A cancelled job's state is never overwritten by a worker (:meth:`reconq.core.jobs.JobStore.set_state`).
+
+An action that cannot be done raises one of the :class:`ActionError` family (:class:`JobNotFound`,
+:class:`ScanNotFound`, :class:`ActionRefused`, :class:`InvalidAction`), whose message says why; the callers
+(the HTTP API, the command line) decide how to answer each.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 from reconq.core.constants import CPU_QUEUE, GPU_QUEUE_PREFIX, GPU_WAITING, Queue
 from reconq.core.jobs import Job, JobStore
 from reconq.core.sender import TaskSender, task_id
-from reconq.core.states import JobState
+from reconq.core.states import CANCELLABLE, FINISHED, JobState, can_move
 from reconq.core.storage import ScanState, ScanStore
 from reconq.scheduler.admission import PENDING_SUFFIX, Admission
 from reconq.scheduler.placement import Placement
@@ -36,16 +40,30 @@ from reconq.scheduler.submit import enqueue, enqueue_many, job_for_scan
 
 log = logging.getLogger(__name__)
 
-CANCELLABLE = (JobState.RECEIVING, JobState.QUEUED, JobState.WAITING_INPUTS, JobState.RUNNING)
+#: Finished states a staff retry queues again (the transition table's way back from an end).
+RETRYABLE: frozenset[JobState] = frozenset(s for s in FINISHED if can_move(s, JobState.QUEUED))
+#: States in which a job may change queue (priority): not yet taken to run.
+REPRIORITISABLE: frozenset[JobState] = frozenset({JobState.QUEUED, JobState.WAITING_INPUTS})
 
 
 class ActionError(Exception):
-    """An action that cannot be done; ``status`` is the HTTP status that says why."""
+    """A staff action that cannot be done; the message says why."""
 
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
+
+class JobNotFound(ActionError):
+    """No job has the id given."""
+
+
+class ScanNotFound(ActionError):
+    """No stored scan has the id given."""
+
+
+class ActionRefused(ActionError):
+    """The action is not possible in the state the job or scan is in now."""
+
+
+class InvalidAction(ActionError):
+    """The action itself is malformed: no scans named, an unknown pipeline."""
 
 
 def task_ids(job: Job) -> list[str]:
@@ -108,15 +126,15 @@ class Actions:
     def _job(self, job_id: str) -> Job:
         job = self.store.get(job_id)
         if job is None:
-            raise ActionError(404, f"no job {job_id!r}")
+            raise JobNotFound(f"no job {job_id!r}")
         return job
 
     @_serialised
     def retry(self, job_id: str, who: str) -> Job:
         """Queue a failed job again (same id, same queue; its attempts go on counting)."""
         job = self._job(job_id)
-        if job.state is not JobState.FAILED:
-            raise ActionError(409, f"job {job_id} is {job.state.value}; only a failed job can be retried")
+        if job.state not in RETRYABLE:
+            raise ActionRefused(f"job {job_id} is {job.state.value}; only a failed job can be retried")
         self.store.update(job_id, error="", progress=0.0, stage="")
         self.store.clear_fields(job_id, "finished_at", "started_at")
         self.store.record_action(job_id, who, "retry", f"previous error: {job.error}" if job.error else "")
@@ -131,8 +149,8 @@ class Actions:
         where none was found, revoke its task ids (a worker holds it)."""
         job = self._job(job_id)
         if job.state not in CANCELLABLE:
-            raise ActionError(409, f"job {job_id} is {job.state.value}; only a queued, waiting or running "
-                                   "job can be cancelled")
+            raise ActionRefused(f"job {job_id} is {job.state.value}; only a queued, waiting or running "
+                                "job can be cancelled")
         # cancelled first: from now on no worker starts it, and admission drops it wherever it sees it
         self.store.set_state(job_id, JobState.CANCELLED, stage="cancelled")
         ids = set(task_ids(job))
@@ -163,9 +181,9 @@ class Actions:
         is queued again. A job a worker holds, or that is running or finished, is refused."""
         job = self._job(job_id)
         if job.queue == queue.value:
-            raise ActionError(409, f"job {job_id} is on queue {queue.value} already")
-        if job.state not in (JobState.QUEUED, JobState.WAITING_INPUTS):
-            raise ActionError(409, f"job {job_id} is {job.state.value}; only a queued job can change priority")
+            raise ActionRefused(f"job {job_id} is on queue {queue.value} already")
+        if job.state not in REPRIORITISABLE:
+            raise ActionRefused(f"job {job_id} is {job.state.value}; only a queued job can change priority")
         change = f"queue {job.queue} -> {queue.value}"
         if job.state is JobState.QUEUED and take_from_queue(self.store, job.queue, task_ids(job)):
             # still waiting since it was first queued: it keeps its age among the waiting jobs
@@ -182,7 +200,7 @@ class Actions:
             self.store.update(job_id, queue=queue.value)
             detail = f"{change}; already admitted to {where}, it keeps its place (it is about to run)"
         else:
-            raise ActionError(409, f"job {job_id} has just been taken by a worker; it is no longer queued")
+            raise ActionRefused(f"job {job_id} has just been taken by a worker; it is no longer queued")
         self.store.record_action(job_id, who, "priority", detail)
         log.info("job %s: %s by %s", job_id, detail, who)
         return self._job(job_id)
@@ -221,19 +239,19 @@ class Actions:
         """:meth:`retro_recon` of several scans as one batch: every scan is checked first (one refused,
         none queued), and the jobs are placed together, so the scheduler chooses among all of them."""
         if not scan_ids:
-            raise ActionError(422, "no scans named")
+            raise InvalidAction("no scans named")
         if pipeline not in self.pipelines:
-            raise ActionError(422, f"unknown pipeline {pipeline!r}; known pipelines: "
-                                   + ", ".join(sorted(self.pipelines)))
+            raise InvalidAction(f"unknown pipeline {pipeline!r}; known pipelines: "
+                                + ", ".join(sorted(self.pipelines)))
         records = []
         for scan_id in dict.fromkeys(scan_ids):
             try:
                 record = self.scans.load(scan_id)
             except (ValueError, OSError) as e:
-                raise ActionError(404, f"no stored scan {scan_id!r}") from e
+                raise ScanNotFound(f"no stored scan {scan_id!r}") from e
             if record.state is not ScanState.COMPLETE:
-                raise ActionError(409, f"scan {scan_id} is {record.state.value}; only a complete scan can be "
-                                       "reconstructed again")
+                raise ActionRefused(f"scan {scan_id} is {record.state.value}; only a complete scan can be "
+                                    "reconstructed again")
             records.append(record)
         jobs = []
         for record in records:

@@ -19,18 +19,32 @@ from fastapi.testclient import TestClient
 from PIL import Image as PILImage
 
 from reconq.api.auth import ACTION_HEADER, hash_password, hash_token, verify_secret
-from reconq.core.constants import GPU_SEEN, GPU_STATE, RUN_JOB_TASK, WORKER_HEARTBEAT
+from reconq.api.problems import ACTION_ERROR_STATUS
+from reconq.core.constants import (
+    GPU_RESERVATION_OWNERS,
+    GPU_RESERVATIONS,
+    GPU_SEEN,
+    GPU_STATE,
+    QUEUE_ORDER,
+    RUN_JOB_TASK,
+    WORKER_HEARTBEAT,
+    WORKERS_INDEX,
+)
 from reconq.core.jobs import Job
 from reconq.core.results import read_images, write_images
 from reconq.core.settings import SettingsError
-from reconq.core.states import JobState
+from reconq.core.states import ACTIVE, CANCELLABLE, FINISHED, TRANSITIONS, JobState
 from reconq.core.storage import ScanRecord, ScanState, ScanStore
 from reconq.recon.simulate import synthetic_scan, write_mrd
-from reconq.scheduler.admission import Admission, Verdict
+from reconq.scheduler.actions import ActionError
+from reconq.scheduler.admission import PENDING_SUFFIX, Admission, Verdict
 from reconq.scheduler.estimate import GB
+from reconq.scheduler.inventory import SimulatedInventory
 from reconq.scheduler.routing import gpu_queue, waiting_score
 from reconq.scheduler.submit import enqueue
 from reconq.services import make_api
+from reconq.workers.heartbeat import Heartbeat
+from reconq.workers.slot import Slot
 
 PASSWORD = "a long and proper password"
 TOKEN = "test-token-0123456789abcdef"
@@ -85,6 +99,7 @@ def test_jobs_list_one_job_and_images(api, store, tmp_path):
         store.create(Job(id=f"j{i}", scan_id=f"s{i}", pipeline="cartesian", created_at=100.0 + i,
                          protocol="t1", patient_id="SECRET"))
     images = result_file(tmp_path / "r.h5")
+    store.set_state("j1", JobState.RUNNING, attempts=1)
     store.set_state("j1", JobState.DONE, result_path=str(tmp_path / "r.h5"), progress=1.0)
 
     page = api.get("/api/jobs", params={"limit": 2}).json()
@@ -106,9 +121,22 @@ def test_jobs_list_one_job_and_images(api, store, tmp_path):
     assert np.array_equal(read_images(downloaded)[0].data, images[0].data)
 
 
+def test_stage_timings_come_from_the_recorded_stages(api, store):
+    store.create(Job(id="st1", scan_id="s", pipeline="cartesian"))
+    store.set_state("st1", JobState.RUNNING, attempts=1, started_at=100.0)
+    store.enter_stage("st1", "reading", at=100.0)
+    store.enter_stage("st1", "fft", at=103.0)
+    store.set_state("st1", JobState.DONE, finished_at=110.0, progress=1.0)
+    one = api.get("/api/jobs/st1", headers=STAFF).json()
+    # the log lines carry the wall-clock time of writing; the stages their own records
+    assert one["stages"] == [{"stage": "reading", "started_at": 100.0, "seconds": 3.0},
+                             {"stage": "fft", "started_at": 103.0, "seconds": 7.0}]
+
+
 def test_previews_and_dicom(api, store, tmp_path):
     images = result_file(tmp_path / "r.h5")
     store.create(Job(id="d1", scan_id="s", pipeline="cartesian", protocol="t1"))
+    store.set_state("d1", JobState.RUNNING, attempts=1)
     store.set_state("d1", JobState.DONE, result_path=str(tmp_path / "r.h5"))
 
     png = api.get("/api/jobs/d1/previews/2.png")
@@ -176,7 +204,8 @@ def test_refusals_say_what_is_wrong(api, store):
 
 def test_viewing_needs_sign_in_unless_settings_allow(closed_api, store):
     store.create(Job(id="v1", scan_id="s", pipeline="cartesian"))
-    for path in ("/api/jobs", "/api/jobs/v1", "/api/queues", "/api/retrievals", "/api/pipelines", "/api/events"):
+    for path in ("/api/jobs", "/api/jobs/v1", "/api/queues", "/api/retrievals", "/api/pipelines", "/api/events",
+                 "/api/vocabulary", "/api/gpus"):
         r = closed_api.get(path)
         assert r.status_code == 401 and "sign in to view jobs" in r.json()["detail"], path
     assert closed_api.get("/api/jobs", headers=STAFF).status_code == 200
@@ -420,7 +449,8 @@ def test_queues_retrievals_and_pipelines(api, store):
 def test_metrics_in_prometheus_text(api, store):
     store.create(Job(id="m1", scan_id="s", pipeline="cartesian"))
     store.create(Job(id="m2", scan_id="s", pipeline="cartesian"))
-    store.update("m2", state="done", started_at=100.0, finished_at=145.0)
+    store.set_state("m2", JobState.RUNNING, attempts=1, started_at=100.0)
+    store.set_state("m2", JobState.DONE, finished_at=145.0)
     store.redis.rpush("routine", "x")
     store.record_retrieval(True)
     store.redis.hset("reconq:stats:gateway", mapping={"bytes_received_total": 1234, "sessions_active": 2})
@@ -453,7 +483,7 @@ def test_openapi_is_complete_and_typed(api):
             "/api/jobs/{job_id}/previews/{index}.png", "/api/jobs/{job_id}/retry", "/api/jobs/{job_id}/cancel",
             "/api/jobs/{job_id}/priority", "/api/scans/{scan_id}/jobs", "/api/queues", "/api/retrievals",
             "/api/pipelines", "/api/health", "/api/events", "/api/auth/signin", "/api/auth/signout",
-            "/api/auth/me", "/metrics"} <= set(spec["paths"])
+            "/api/auth/me", "/api/vocabulary", "/api/gpus", "/metrics"} <= set(spec["paths"])
 
     def untyped(node, where):  # a schema that says nothing is an `Any`
         if isinstance(node, dict):
@@ -533,3 +563,59 @@ def test_a_job_moved_to_another_queue_keeps_its_age_among_waiting_jobs(api, stor
     # placed on the move: waiting for g0's memory, ordered as a stat job queued at 1.5, not as a new one
     assert adm.waiting() == [("mv-j1", 10 * GB, waiting_score("stat", 1.5))]
     assert queue_ids(store, "bulk") == [] and queue_ids(store, "stat") == []
+
+
+def test_vocabulary_is_the_state_machine_and_the_queues(api, closed_api):
+    v = api.get("/api/vocabulary").json()
+    assert v["states"] == [s.value for s in JobState]
+    assert v["transitions"] == {s.value: sorted(t.value for t in nxt) for s, nxt in TRANSITIONS.items()}
+    assert set(v["finished"]) == {s.value for s in FINISHED} and set(v["active"]) == {s.value for s in ACTIVE}
+    assert set(v["cancellable"]) == {s.value for s in CANCELLABLE} == set(v["actions"]["cancel"])
+    assert v["queues"] == [q.value for q in QUEUE_ORDER] == ["stat", "routine", "bulk"]
+    assert v["actions"]["retry"] == ["failed"] and set(v["actions"]["priority"]) == {"queued", "waiting_inputs"}
+    assert closed_api.get("/api/vocabulary").status_code == 401  # as /api/queues
+
+
+def test_every_action_error_has_an_http_status():
+    assert set(ActionError.__subclasses__()) <= set(ACTION_ERROR_STATUS)
+
+
+def redis_snapshot(url: str) -> dict[bytes, tuple[bytes, bool]]:
+    """Every key of the database with its serialised value (``DUMP``) and whether it expires."""
+    raw = redis.Redis.from_url(url)
+    return {k: (raw.dump(k), raw.pttl(k) > 0) for k in sorted(raw.scan_iter(count=1000))}
+
+
+def test_gpus_and_metrics_only_read_and_skip_what_dead_workers_left(api, store, settings):
+    """What dead workers leave behind (a name in the worker index, reservations) is skipped by the reads
+    and removed by a live worker's heartbeat."""
+    state = {"name": "Simulated 24 GB", "host": "n1", "index": 0, "simulated": True, "total_bytes": 24 * GB,
+             "used_bytes": 0, "free_bytes": 24 * GB, "utilization_pct": None, "temperature_c": None}
+    adm = Admission(store.redis)
+    adm.register_gpu("n1:0", 24 * GB, 24 * GB, json.dumps(state))
+    beat = {"host": "n1", "pid": 7, "gpu_id": "n1:0", "job": "r-live", "job_since": 1.0, "seen": time.time(),
+            "queues": ["gpu.n1:0"]}
+    store.redis.set(WORKER_HEARTBEAT + "live", json.dumps(beat), px=60_000)
+    store.redis.sadd(WORKERS_INDEX, "live", "gone")  # "gone": its heartbeat expired
+    adm.register_worker("n1:0", "live")
+    store.create(Job(id="r-pend", scan_id="s", pipeline="cartesian"))
+    store.set_state("r-pend", JobState.CANCELLED)  # reserved for it, then cancelled before any worker took it
+    store.redis.hset(GPU_RESERVATIONS + "n1:0", mapping={"r-live": 4 * GB, "r-dead": 6 * GB, "r-pend": 2 * GB})
+    store.redis.hset(GPU_RESERVATION_OWNERS + "n1:0",
+                     mapping={"r-live": "live", "r-dead": "gone", "r-pend": "live" + PENDING_SUFFIX})
+
+    before = redis_snapshot(settings.redis_url)
+    gpus = api.get("/api/gpus").json()
+    metrics = api.get("/metrics").text
+    assert redis_snapshot(settings.redis_url) == before  # nothing written, nothing pruned
+
+    (gpu,) = gpus["gpus"]
+    assert [w["name"] for w in gpu["workers"]] == ["live"] and gpu["alive"]
+    assert [r["job_id"] for r in gpu["reservations"]] == ["r-live"] and gpu["reserved_bytes"] == 4 * GB
+    assert f'reconq_gpu_memory_reserved_bytes{{gpu="n1:0",host="n1",simulated="true"}} {4 * GB}' in metrics
+
+    heartbeat = Heartbeat(settings, store.redis, adm, Slot(None, "", False, ("routine",)), SimulatedInventory([24]),
+                          "live", send=lambda job, queue: None)
+    heartbeat.prune()  # a writer: the live worker's heartbeat removes what the dead one left
+    assert store.redis.smembers(WORKERS_INDEX) == {"live"}
+    assert [r.job_id for r in adm.reservations("n1:0")] == ["r-live"]

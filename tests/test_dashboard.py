@@ -19,8 +19,10 @@ import redis
 import uvicorn
 
 from reconq.api.auth import hash_password
+from reconq.core.constants import QUEUE_ORDER
 from reconq.core.redisconn import free_port
 from reconq.core.settings import Settings
+from reconq.core.states import JobState
 from reconq.gateway import client
 from reconq.recon.simulate import synthetic_scan
 from reconq.services import make_api
@@ -116,6 +118,12 @@ def row(driver: webdriver.Chrome, job_id: str) -> list[str] | None:
         "return r ? [...r.querySelectorAll('td')].map((c) => c.innerText) : null", job_id)
 
 
+def options(driver: webdriver.Chrome, select: str) -> list[str]:
+    """The texts of a select's options."""
+    return driver.execute_script(
+        "return [...document.querySelector(arguments[0]).options].map((o) => o.text)", select)
+
+
 def sign_in(driver: webdriver.Chrome) -> None:
     form = driver.find_element(By.ID, "signin")
     form.find_element(By.NAME, "name").send_keys("alice")
@@ -180,6 +188,10 @@ def test_failed_job_shows_its_error_and_staff_can_retry_it(gateway, worker, live
                      and d.find_element(By.ID, "error"), "the error")
     assert error.text.startswith("Error: ") and len(error.text) > 10
     assert browser.find_element(By.ID, "state").text.lower() == "failed"
+    # the buttons and choices follow the server's vocabulary: a failed job may be retried, not cancelled
+    assert browser.find_element(By.ID, "retry").is_enabled() and not browser.find_element(By.ID, "cancel").is_enabled()
+    assert options(browser, "#queue") == [q.value for q in QUEUE_ORDER]
+    assert browser.find_element(By.ID, "retro-queue").get_attribute("value") == QUEUE_ORDER[-1].value
     screenshot(browser, "dashboard-failed-job.png")
 
     browser.find_element(By.ID, "retry").click()
@@ -220,6 +232,8 @@ def test_filters_narrow_the_table(gateway, live_api, browser, e2e_settings):
                          created_at=time.time() - i))
     browser.get(live_api.url + "/")
     wait_for(browser, lambda d: row(d, "filt-0") is not None, "the jobs")
+    wait_for(browser, lambda d: len(options(d, "#filters select[name=state]")) > 1, "the state filter's choices")
+    assert options(browser, "#filters select[name=state]") == ["any", *(s.value for s in JobState)]
     form = browser.find_element(By.ID, "filters")
     form.find_element(By.NAME, "protocol").send_keys("FLAIR")
     form.find_element(By.CSS_SELECTOR, "button[type=submit]").click()

@@ -25,7 +25,7 @@ from reconq.core.sender import TaskSender
 from reconq.core.settings import Settings, load_settings
 from reconq.core.states import JobState
 from reconq.core.storage import ScanStore
-from reconq.recon.pipelines import pipeline_names
+from reconq.recon.registry import pipeline_names
 from reconq.recon.simulate import synthetic_scan, write_mrd
 from reconq.scheduler.actions import Actions
 from reconq.scheduler.estimate import GB, history_seconds

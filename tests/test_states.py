@@ -79,9 +79,9 @@ def test_stage_timings_come_from_structured_records(store: JobStore):
 
 
 def test_derived_sets_and_vocabulary_follow_the_table():
-    assert FINISHED == {s for s in JobState if s.finished}
+    assert {s for s in JobState if s.finished} == FINISHED
     assert all(JobState.CANCELLED in TRANSITIONS[s] for s in CANCELLABLE)
-    assert not (FINISHED & CANCELLABLE) and ACTIVE | FINISHED == set(JobState)
+    assert not (FINISHED & CANCELLABLE) and set(JobState) == ACTIVE | FINISHED
     assert all(not TRANSITIONS[s] - {JobState.QUEUED} for s in FINISHED)  # only a retry leaves an end state
     v = vocabulary()
     assert v["states"] == [s.value for s in JobState]

@@ -2,7 +2,9 @@
 
 Every ``heartbeat_interval_s`` a worker writes ``reconq:hb:<worker>`` (JSON: its GPU, running job;
 expires after ``heartbeat_ttl_s``) and, on a GPU, the GPU's state and capacity. A worker whose key has
-expired is dead: its reservations are reclaimed (see :mod:`reconq.scheduler.admission`). A GPU worker also
+expired is dead: its reservations are reclaimed (see :mod:`reconq.scheduler.admission`), and each live
+worker's periodic heartbeat prunes what dead ones left: their names in the worker index and their
+reservations (readers such as :mod:`reconq.scheduler.monitor` only skip them). A GPU worker also
 registers itself as one of its GPU's worker slots. Jobs are dispatched to a GPU when one ends or is
 admitted there; as a safety net, every ``dispatch_poll_s`` an idle GPU worker fills its GPU with waiting
 jobs that fit now (:meth:`Admission.fill`) and sends them to the GPU's queue, which it consumes first.
@@ -82,6 +84,21 @@ class Heartbeat:
             self.admission.register_worker(self.slot.gpu_id, self.name)
             self._report_gpu()
 
+    def prune(self) -> None:
+        """Remove what dead workers left behind: their names in the worker index (their heartbeat key
+        expired), their GPU memory reservations and pending reservations of jobs that finished before a worker
+        started them (:meth:`Admission.reclaim`). A worker late enough for its
+        key to expire just as it beats again is back in the index at its next beat."""
+        names = sorted(self.redis.smembers(WORKERS_INDEX))
+        beats = self.redis.mget([WORKER_HEARTBEAT + n for n in names]) if names else []
+        dead = [n for n, beat in zip(names, beats, strict=True) if beat is None]
+        if dead:
+            self.redis.srem(WORKERS_INDEX, *dead)
+            log.info("worker %s: dropped expired workers from the index: %s", self.name, ", ".join(dead))
+        if reclaimed := self.admission.reclaim():
+            log.info("worker %s: reclaimed %d GPU memory reservations (worker gone or job finished)", self.name,
+                     reclaimed)
+
     def _report_gpu(self) -> None:
         assert self.slot.gpu_index is not None
         try:
@@ -120,6 +137,7 @@ class Heartbeat:
                 if time.monotonic() >= next_beat:
                     next_beat = time.monotonic() + self.settings.heartbeat_interval_s
                     self.beat()
+                    self.prune()
                 if self.settings.admission_control:
                     self._idle_dispatch()
             except redis.RedisError as e:

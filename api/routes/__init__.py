@@ -1,1 +1,9 @@
-"""One router per resource."""
+"""One router per resource (:func:`reconq.api.app.create_api` includes :data:`ROUTERS`)."""
+
+from __future__ import annotations
+
+from reconq.api.routes import actions, auth, events, gpus, jobs, metrics, pages, retro, status
+
+#: jobs, staff actions on them, retro-recon, status panels, live events, GPUs, sign-in, metrics, pages
+ROUTERS = (jobs.router, actions.router, retro.router, status.router, events.router, gpus.router, auth.router,
+           metrics.router, pages.router)

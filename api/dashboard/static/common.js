@@ -3,6 +3,7 @@
 
 const ReconQ = {
   me: { name: "", staff: false, public_read: false },
+  vocab: null,  // GET /api/vocabulary: the job states, their transitions, the queues, the actions' states
 
   async api(path, options = {}) {
     const opts = { credentials: "same-origin", ...options, headers: { ...(options.headers || {}) } };
@@ -20,6 +21,16 @@ const ReconQ = {
       throw err;
     }
     return data;
+  },
+
+  // The server's job states and queues, fetched once (again after a refusal, e.g. before sign-in).
+  async vocabulary() {
+    if (!ReconQ.vocab) ReconQ.vocab = await ReconQ.api("/api/vocabulary");
+    return ReconQ.vocab;
+  },
+
+  options(values) {
+    return values.map((v) => `<option>${ReconQ.esc(v)}</option>`).join("");
   },
 
   notice(text) {

@@ -6,7 +6,16 @@ let previewsShown = "";
 
 function fact(name, value) { return `<tr><th>${name}</th><td>${value}</td></tr>`; }
 
-function render(j) {
+// The queue choices, once: every queue for a move; a retro-recon goes on the last (lowest) by default.
+function fillQueues(v) {
+  const move = document.getElementById("queue"), retro = document.getElementById("retro-queue");
+  if (move.options.length) return;
+  move.innerHTML = ReconQ.options(v.queues);
+  retro.innerHTML = ReconQ.options(v.queues);
+  retro.value = v.queues[v.queues.length - 1];
+}
+
+function render(j, v) {
   document.title = `ReconQ: job ${j.id}`;
   document.getElementById("job-id").textContent = j.id;
   const st = document.getElementById("state");
@@ -48,16 +57,19 @@ function render(j) {
     `<tr><td>${ReconQ.time(a.at)}</td><th>${e(a.who)}</th><td>${e(a.action)}</td><td>${e(a.detail)}</td></tr>`).join("")
     || "<tr><td>nothing</td></tr>";
   document.getElementById("queue").value = j.queue;
-  document.getElementById("retry").disabled = j.state !== "failed";
-  document.getElementById("cancel").disabled = !["queued", "waiting_inputs", "running", "receiving"].includes(j.state);
-  document.getElementById("priority").disabled = j.state !== "queued";
+  // each action where the server allows it (the vocabulary's states per action)
+  for (const action of ["retry", "cancel", "priority"]) {
+    document.getElementById(action).disabled = !v.actions[action].includes(j.state);
+  }
   document.getElementById("log").textContent = j.log.join("\n");
   window.reconqJob = j;
 }
 
 async function load() {
   try {
-    render(await ReconQ.api(`/api/jobs/${encodeURIComponent(jobId)}`));
+    const [vocab, job] = await Promise.all([ReconQ.vocabulary(), ReconQ.api(`/api/jobs/${encodeURIComponent(jobId)}`)]);
+    fillQueues(vocab);
+    render(job, vocab);
     ReconQ.notice("");
     if (!ReconQ.source) ReconQ.listen((ev) => { if (ev.id === jobId) reload(); }, () => reload());
   } catch (e) {

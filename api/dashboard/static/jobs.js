@@ -28,6 +28,15 @@ function rowHtml(j) {
     `<td>${ReconQ.duration(j.run_time_s)}</td><td>${ReconQ.esc(j.gpu)}</td><td>${j.attempts}</td>`;
 }
 
+// The state filter's choices, from the server's states (once they could be read: sign-in may be needed).
+async function fillFilters() {
+  const select = document.getElementById("filters").state;
+  if (select.options.length > 1) return;
+  try {
+    select.innerHTML = `<option value="">any</option>${ReconQ.options((await ReconQ.vocabulary()).states)}`;
+  } catch (e) { /* shown by loadJobs() */ }
+}
+
 async function loadJobs() {
   let page;
   try {
@@ -129,7 +138,8 @@ document.getElementById("prev").onclick = () => { offset = Math.max(0, offset - 
 document.getElementById("next").onclick = () => { offset += PAGE; reload(); };
 
 (async () => {
-  await ReconQ.loadMe(() => { reload(); loadPanels(); });
+  await ReconQ.loadMe(() => { fillFilters(); reload(); loadPanels(); });
+  fillFilters();
   if (await loadJobs()) startListening();
   loadPanels();
   setInterval(loadGpus, 10000);

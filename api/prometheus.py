@@ -3,7 +3,7 @@
 Jobs by state and the run-time histogram come from the job records; queue depths from Celery's queue
 lists; retrieval outcomes from the retrieval log; gateway counters from the hash
 ``reconq:stats:gateway`` when the gateway keeps one; GPUs from the workers' heartbeats
-(:func:`reconq.scheduler.monitor.cluster_status`, as ``/api/gpus``).
+(:func:`reconq.scheduler.monitor.cluster_status`, as ``/api/gpus``). A scrape only reads.
 """
 
 from __future__ import annotations
@@ -15,11 +15,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from reconq.core.constants import GATEWAY_STATS, QUEUE_ORDER
 from reconq.core.jobs import JobStore
 from reconq.core.states import JobState
-from reconq.scheduler.monitor import GpuOut
+from reconq.scheduler.monitor import GpuStatus
 
 #: Upper bounds (seconds) of the job run-time histogram.
 DURATION_BUCKETS = (10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 4 * 3600.0)
-
 
 
 def _escape(value: str) -> str:
@@ -61,7 +60,7 @@ def _histogram(name: str, doc: str, values: Sequence[float]) -> list[str]:
     return _family(name, "histogram", doc, samples)
 
 
-def _gpu_lines(gpus: Sequence[GpuOut]) -> list[str]:
+def _gpu_lines(gpus: Sequence[GpuStatus]) -> list[str]:
     families = {
         "reconq_gpu_memory_used_bytes": ("GPU memory in use, as the workers report it.", "used_bytes"),
         "reconq_gpu_memory_total_bytes": ("GPU memory in all.", "total_bytes"),
@@ -78,7 +77,7 @@ def _gpu_lines(gpus: Sequence[GpuOut]) -> list[str]:
     return out
 
 
-def render(store: JobStore, gpus: Sequence[GpuOut]) -> str:
+def render(store: JobStore, gpus: Sequence[GpuStatus]) -> str:
     """Every ReconQ metric as Prometheus text."""
     states, durations = _job_samples(store)
     out = _family("reconq_jobs", "gauge", "Jobs by state.",

@@ -1,0 +1,55 @@
+"""``GET /api/events``: job changes as server-sent events, relayed from Redis pub/sub."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import redis
+import redis.asyncio as aioredis
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+
+from reconq.api.deps import RedisUrlDep, ViewerDep
+from reconq.api.problems import VIEW_ERRORS
+from reconq.api.schemas import TEXT
+from reconq.core.constants import EVENTS_CHANNEL
+
+log = logging.getLogger(__name__)
+
+#: Seconds between keep-alive comments on the event stream (proxies drop silent connections).
+SSE_KEEPALIVE_S = 15.0
+
+router = APIRouter(prefix="/api", tags=["status"])
+
+
+async def _event_stream(request: Request, redis_url: str) -> AsyncIterator[str]:
+    client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+    pubsub = client.pubsub()
+    try:
+        await pubsub.subscribe(EVENTS_CHANNEL)
+        yield "retry: 2000\nevent: hello\ndata: {}\n\n"
+        quiet_since = time.monotonic()
+        while not await request.is_disconnected():
+            msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+            if msg is not None:
+                yield f"data: {msg['data']}\n\n"
+                quiet_since = time.monotonic()
+            elif time.monotonic() - quiet_since > SSE_KEEPALIVE_S:
+                yield ": keep-alive\n\n"
+                quiet_since = time.monotonic()
+    except (redis.RedisError, OSError) as e:
+        log.warning("event stream ends: Redis: %s", e)
+    finally:
+        await pubsub.aclose()
+        await client.aclose()
+
+
+@router.get("/events", response_class=StreamingResponse, summary="Job changes as server-sent events",
+            responses={**VIEW_ERRORS, 200: {"content": {"text/event-stream": TEXT},
+                                            "description": "`data:` JSON {id, state?, progress?, stage?, "
+                                                           "action?} per change"}})
+async def events(request: Request, redis_url: RedisUrlDep, who: ViewerDep) -> StreamingResponse:
+    return StreamingResponse(_event_stream(request, redis_url), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -1,0 +1,107 @@
+"""``/api/jobs``: jobs, paged and filtered; one job with its log, stage timings, staff actions and
+previews; its result as MRD or DICOM."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, HTTPException, Query
+from fastapi import Path as PathParam
+from fastapi.responses import FileResponse, Response
+
+from reconq.api import exports
+from reconq.api.deps import JobId, JobStoreDep, StaffDep, ViewerDep
+from reconq.api.problems import JOB_ERRORS, Responses, problem
+from reconq.api.schemas import BINARY, ActionRecord, JobDetail, JobOut, JobPage, StageTiming
+from reconq.core.jobs import Job, JobStore
+from reconq.core.states import JobState
+
+router = APIRouter(prefix="/api/jobs", tags=["jobs"])
+
+NO_IMAGES: Responses = {409: problem("No images yet")}
+
+
+def job_or_404(store: JobStore, job_id: str) -> Job:
+    job = store.get(job_id)
+    if job is None:
+        raise HTTPException(404, f"no job {job_id!r}")
+    return job
+
+
+def _result_file(job: Job) -> Path | None:
+    if job.state is not JobState.DONE or not job.result_path or not Path(job.result_path).is_file():
+        return None
+    return Path(job.result_path)
+
+
+def _result_or_409(job: Job) -> Path:
+    path = _result_file(job)
+    if path is None:
+        raise HTTPException(409, f"job {job.id} has no images (state {job.state.value})")
+    return path
+
+
+def _epoch(value: datetime | None) -> float | None:
+    return None if value is None else value.timestamp()
+
+
+@router.get("", response_model=JobPage, summary="Jobs, newest first, filtered", responses=JOB_ERRORS)
+def list_jobs(
+    store: JobStoreDep,
+    who: ViewerDep,
+    offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    state: JobState | None = None,
+    protocol: Annotated[str, Query(max_length=200, description="Substring of the protocol name")] = "",
+    since: Annotated[datetime | None, Query(description="Created at or after (ISO date or time)")] = None,
+    until: Annotated[datetime | None, Query(description="Created before (ISO date or time)")] = None,
+) -> JobPage:
+    lo, hi = _epoch(since), _epoch(until)
+    if lo is not None and hi is not None and lo >= hi:
+        raise HTTPException(422, "`since` must be before `until`")
+    jobs, total = store.query(offset, limit, state, protocol, lo, hi)
+    now = time.time()
+    return JobPage(total=total, offset=offset, limit=limit, jobs=[JobOut.of(j, who.staff, now) for j in jobs])
+
+
+@router.get("/{job_id}", response_model=JobDetail, summary="One job, with its log, stages and actions",
+            responses=JOB_ERRORS)
+def get_job(job_id: JobId, store: JobStoreDep, who: ViewerDep) -> JobDetail:
+    job = job_or_404(store, job_id)
+    path = _result_file(job)
+    count = exports.count_images(path) if path is not None else 0
+    return JobDetail(**JobOut.of(job, who.staff).model_dump(), log=store.log_lines(job_id),
+                     stages=[StageTiming.model_validate(t, from_attributes=True) for t in store.stage_timings(job)],
+                     actions=[ActionRecord(**a) for a in store.actions(job_id)],
+                     previews=exports.preview_indexes(count), image_count=count)
+
+
+@router.get("/{job_id}/images", response_class=FileResponse, summary="The result MRD file (staff)",
+            responses={**JOB_ERRORS, **NO_IMAGES, 200: {"content": {"application/x-hdf5": BINARY}}})
+def get_job_images(job_id: JobId, store: JobStoreDep, who: StaffDep) -> FileResponse:
+    path = _result_or_409(job_or_404(store, job_id))
+    return FileResponse(path, media_type="application/x-hdf5", filename=f"{job_id}.h5")
+
+
+@router.get("/{job_id}/dicom", response_class=Response, summary="The result as DICOM files in a zip (staff)",
+            responses={**JOB_ERRORS, **NO_IMAGES, 200: {"content": {"application/zip": BINARY}}})
+def get_job_dicom(job_id: JobId, store: JobStoreDep, who: StaffDep) -> Response:
+    job = job_or_404(store, job_id)
+    data = exports.dicom_zip(_result_or_409(job), job.id, f"{job.protocol} {job.pipeline} ReconQ".strip())
+    return Response(data, media_type="application/zip",
+                    headers={"Content-Disposition": f'attachment; filename="{job_id}-dicom.zip"'})
+
+
+@router.get("/{job_id}/previews/{index}.png", response_class=Response, summary="PNG preview of one image",
+            responses={**JOB_ERRORS, **NO_IMAGES, 200: {"content": {"image/png": BINARY}}})
+def get_preview(job_id: JobId, index: Annotated[int, PathParam(ge=0)], store: JobStoreDep,
+                who: ViewerDep) -> Response:
+    path = _result_or_409(job_or_404(store, job_id))
+    try:
+        png = exports.preview_png(path, index)
+    except IndexError as e:
+        raise HTTPException(404, str(e)) from e
+    return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})

@@ -1,0 +1,248 @@
+"""Every model the HTTP API reads or answers with (its OpenAPI description is built from these).
+
+The services hand out plain records (:class:`reconq.core.jobs.Job`, the dataclasses of
+:mod:`reconq.scheduler.monitor`); the models here say what of them goes over the wire, and how.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Annotated
+
+from pydantic import BaseModel, Field
+from typing_extensions import TypeAliasType
+
+from reconq.core.constants import Queue
+from reconq.core.jobs import Job
+from reconq.core.states import JobState
+from reconq.scheduler.monitor import ClusterStatus
+
+#: A pipeline parameter: JSON, spelled out so that the OpenAPI description says what it may hold.
+Param = TypeAliasType("Param", "str | int | float | bool | None | list[Param] | dict[str, Param]")
+#: OpenAPI content of answers that are not JSON.
+BINARY = {"schema": {"type": "string", "format": "binary"}}
+TEXT = {"schema": {"type": "string"}}
+
+
+# --- jobs -----------------------------------------------------------------------------------------
+
+def mask(patient_id: str) -> str:
+    """A patient ID as anonymous viewers see it: first and last character only."""
+    if len(patient_id) <= 2:
+        return "*" * len(patient_id)
+    return patient_id[0] + "*" * (len(patient_id) - 2) + patient_id[-1]
+
+
+def run_time(job: Job, now: float) -> float | None:
+    """Seconds the job has run: to its finish, or until ``now`` while it runs."""
+    if job.started_at is None:
+        return None
+    end = job.finished_at if job.finished_at is not None else (now if job.state is JobState.RUNNING else None)
+    return None if end is None else max(0.0, end - job.started_at)
+
+
+class JobOut(BaseModel):
+    """One job as listed. ``patient`` is masked unless the viewer is signed in as staff."""
+
+    id: str
+    scan_id: str
+    pipeline: str
+    params: dict[str, Param]
+    state: JobState
+    queue: str
+    progress: float = Field(ge=0, le=1)
+    stage: str
+    attempts: int
+    created_at: float = Field(description="Epoch seconds")
+    queued_at: float | None
+    started_at: float | None
+    finished_at: float | None
+    run_time_s: float | None = Field(description="Seconds running: to the finish, or until now")
+    memory_estimate_gb: float | None = Field(description="GPU memory the scheduler reserves for it; null: not "
+                                                         "estimated yet")
+    expected_run_time_s: float | None = Field(description="Its expected run time; null: not known")
+    worker: str
+    gpu: str
+    error: str
+    protocol: str
+    measurement_id: str
+    patient: str = Field(description="Patient ID; masked for viewers who are not signed in as staff")
+    has_images: bool
+
+    @classmethod
+    def of(cls, job: Job, staff: bool, now: float | None = None) -> JobOut:
+        """``job`` as a viewer sees it (``staff``: the patient ID unmasked)."""
+        data = job.public()
+        data["has_images"] = job.state is JobState.DONE and bool(job.result_path)
+        data["patient"] = job.patient_id if staff else mask(job.patient_id)
+        data["run_time_s"] = run_time(job, time.time() if now is None else now)
+        data["memory_estimate_gb"] = round(job.mem_estimate_bytes / 1e9, 2) if job.mem_estimate_bytes else None
+        data["expected_run_time_s"] = job.runtime_estimate_s or None
+        return cls.model_validate(data)
+
+
+class StageTiming(BaseModel):
+    stage: str
+    started_at: float = Field(description="Epoch seconds")
+    seconds: float
+
+
+class ActionRecord(BaseModel):
+    at: float
+    who: str
+    action: str
+    detail: str
+
+
+class JobDetail(JobOut):
+    """One job with everything the job page shows."""
+
+    log: list[str]
+    stages: list[StageTiming]
+    actions: list[ActionRecord]
+    previews: list[int] = Field(description="Indexes of the images with a PNG preview")
+    image_count: int
+
+
+class JobPage(BaseModel):
+    total: int = Field(description="Jobs matching the filters")
+    offset: int
+    limit: int
+    jobs: list[JobOut]
+
+
+# --- staff actions --------------------------------------------------------------------------------
+
+class PriorityChange(BaseModel):
+    queue: Queue = Field(description="stat (first), routine or bulk (last)")
+
+
+class RetroRecon(BaseModel):
+    pipeline: str = Field(min_length=1, max_length=100)
+    params: dict[str, Param] | None = Field(None, description="Pipeline parameters; null: the scan's own")
+    queue: Queue = Queue.BULK
+
+
+class RetroBatch(RetroRecon):
+    scan_ids: list[Annotated[str, Field(min_length=1, max_length=200)]] = Field(
+        min_length=1, max_length=1000, description="The stored scans; one job each, placed as one batch")
+
+
+# --- status ---------------------------------------------------------------------------------------
+
+class Health(BaseModel):
+    status: str
+    redis: bool
+
+
+class QueueDepth(BaseModel):
+    name: Queue
+    depth: int
+
+
+class RetrievalRate(BaseModel):
+    found: int
+    not_found: int
+    rate: float | None = Field(description="found / all; null when there were none")
+
+
+class Retrievals(BaseModel):
+    day: RetrievalRate
+    week: RetrievalRate
+
+
+class ActionStates(BaseModel):
+    """The states in which each staff action is possible."""
+
+    retry: list[JobState]
+    cancel: list[JobState]
+    priority: list[JobState]
+
+
+class Vocabulary(BaseModel):
+    """The job state machine and the queues, so that the dashboard hard-codes neither."""
+
+    states: list[JobState] = Field(description="Every state, in the order a job goes through them")
+    transitions: dict[JobState, list[JobState]] = Field(description="State -> the states it may change to")
+    finished: list[JobState] = Field(description="States a job ends in")
+    cancellable: list[JobState] = Field(description="States from which staff may cancel a job")
+    active: list[JobState] = Field(description="States of a job on its way (not finished)")
+    queues: list[Queue] = Field(description="The priority queues, served first to last")
+    actions: ActionStates
+
+
+# --- sign-in --------------------------------------------------------------------------------------
+
+class SignIn(BaseModel):
+    """Sign in with a name and password, or with an API token."""
+
+    name: str = Field("", max_length=100, description="Staff name (with `password`)")
+    password: str = Field("", max_length=1000, description="Password (with `name`)")
+    token: str = Field("", max_length=1000, description="API token (instead of name and password)")
+
+
+class Me(BaseModel):
+    """The viewer as the API sees it."""
+
+    name: str
+    staff: bool
+    public_read: bool = Field(description="Whether viewing without sign-in is allowed")
+
+
+# --- GPUs -----------------------------------------------------------------------------------------
+
+class ReservationOut(BaseModel):
+    job_id: str
+    bytes: int
+    worker: str
+    started: bool = Field(description="False: reserved for a job sent to the GPU's queue, not started yet")
+
+
+class WorkerOut(BaseModel):
+    name: str
+    host: str
+    pid: int
+    gpu_id: str = Field(description='"" for a CPU worker')
+    job_id: str = Field(description='"" when idle')
+    job_since: float | None
+    seen: float
+    queues: list[str]
+
+
+class GpuOut(BaseModel):
+    id: str
+    name: str
+    host: str
+    index: int
+    simulated: bool
+    total_bytes: int
+    used_bytes: int
+    free_bytes: int
+    reserved_bytes: int
+    utilization_pct: float | None
+    temperature_c: float | None
+    seen: float
+    alive: bool = Field(description="A worker of this GPU sent a heartbeat within its TTL")
+    queued: int = Field(description="Jobs in the GPU's own queue, memory reserved, not started")
+    workers: list[WorkerOut]
+    reservations: list[ReservationOut]
+
+
+class WaitingJobOut(BaseModel):
+    job_id: str
+    queue: str
+    need_bytes: int
+    stage: str
+
+
+class ClusterOut(BaseModel):
+    at: float
+    gpus: list[GpuOut]
+    cpu_workers: list[WorkerOut]
+    waiting: list[WaitingJobOut]
+    queues: dict[str, int] = Field(description="stat, routine, bulk, cpu: messages not yet taken by a worker")
+
+    @classmethod
+    def of(cls, status: ClusterStatus) -> ClusterOut:
+        return cls.model_validate(dataclasses.asdict(status))
