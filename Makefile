@@ -37,8 +37,8 @@ lint: imports
 	MYPYPATH=build/lint $(BIN)/mypy -p reconq
 
 # The import layers of pyproject.toml's [tool.importlinter], checked on an installed copy: there every
-# folder sits under reconq/ as in the wheel, which is the tree lint-imports reads.
+# folder sits under reconq/ as in the wheel, which is the tree lint-imports (and mypy) read.
 imports: setup
-	rm -rf build/lint
+	rm -rf build  # setuptools would pack stale files left in build/lib
 	$(BIN)/pip install --quiet --no-deps --target build/lint .
 	cd build/lint && $(CURDIR)/$(BIN)/lint-imports --no-cache $(CURDIR)/pyproject.toml
