@@ -37,8 +37,13 @@ never both take the last gigabytes.
   GPUs go on packing.
 - A job larger than every GPU seen in the last ``gpu_forget_s`` is reported as fitting nowhere.
 
-Keys are in :mod:`reconq.core.constants` (and :data:`GPU_WORKERS` here); the job states the scripts read are
-:class:`JobState` values.
+The scripts are the ``.lua`` files in ``lua/`` (those that pick jobs share ``lua/common.lua``, prepended when
+they are loaded); each file's header lists its keys and arguments in order, and the dataclasses below build
+the arguments by name in that order. Every key a script touches is passed to it, but job records, whose
+state it reads (``lua/common.lua`` says why). The caller reads the GPUs and workers in Redis first and
+passes their keys; a script that finds one more returns :data:`STALE` before it writes anything, and is
+run again. Keys are in :mod:`reconq.core.constants` (and :data:`GPU_WORKERS` here); the job states the
+scripts read are :class:`JobState` values.
 """
 
 from __future__ import annotations
@@ -46,10 +51,12 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from enum import StrEnum
+from typing import Any
 
 import redis
+from redis.commands.core import Script
 
 from reconq.core.constants import (
     GPU_CAPACITY,
@@ -66,6 +73,7 @@ from reconq.core.constants import (
     KEY_PREFIX,
     WORKER_HEARTBEAT,
 )
+from reconq.core.scripts import load_joined, load_script
 from reconq.core.states import JobState
 from reconq.scheduler.routing import RANK_SPAN
 
@@ -82,411 +90,121 @@ MAX_FILL = 64
 #: GPU's queue); such a reservation is also dropped once the job is finished (cancelled meanwhile).
 PENDING_SUFFIX = ">pending"
 
-_COMMON = """
-local RESV, OWNERS, CAP, TOTAL, SEEN, HB, WAIT, NEED, JOB, WORKERS, SECS, ENDS = ARGV[1], ARGV[2], ARGV[3],
-  ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10], ARGV[11], ARGV[12]
-local SPAN = %(span)r
-local PENDING = '%(pending)s'
+#: Error a script returns, having written nothing, when Redis names a GPU or a worker that appeared after
+#: its caller read the lists of them (see ``lua/common.lua``); the caller reads them again.
+STALE = "STALE"
+#: Attempts at a script whose lists went stale each time before :class:`StaleLists` is raised.
+ATTEMPTS = 8
 
-local function finished(job)
-  local st = redis.call('HGET', JOB .. job, 'state')
-  return (not st) or st == '%(done)s' or st == '%(failed)s' or st == '%(cancelled)s'
-end
+_PACKAGE = "reconq.scheduler"
+#: The first keys of every script that includes ``lua/common.lua``, in order: KEYS[1..6].
+_SHARED_KEYS = (GPU_CAPACITY, GPU_TOTAL, GPU_SEEN, GPU_WAITING, GPU_WAITING_NEED, GPU_WAITING_SECONDS)
+#: A GPU's reservation hashes (key prefixes; the GPU id follows), in order: KEYS[1..3] of ``lua/release.lua``.
+_RESERVATION_KEYS = (GPU_RESERVATIONS, GPU_RESERVATION_OWNERS, GPU_RESERVATION_ENDS)
+#: The keys of each listed GPU, in order: KEYS[3+4i..6+4i] of a script that includes ``lua/common.lua``.
+_GPU_KEYS = (*_RESERVATION_KEYS, GPU_WORKERS)
+#: The keys of ``lua/wait.lua``, in order.
+_WAIT_KEYS = (GPU_WAITING, GPU_WAITING_NEED, GPU_WAITING_SECONDS)
+#: The states of a finished job: its waiting entry and its pending reservations are dropped.
+_FINISHED = " ".join(s.value for s in (JobState.DONE, JobState.FAILED, JobState.CANCELLED))
 
-local function unreserve(g, job)
-  redis.call('HDEL', RESV .. g, job)
-  redis.call('HDEL', OWNERS .. g, job)
-  redis.call('HDEL', ENDS .. g, job)
-end
 
--- drop reservations on g whose worker's heartbeat expired; return the bytes reserved, but `except`'s
-local function reclaim_and_sum(g, except)
-  local owners = redis.call('HGETALL', OWNERS .. g)
-  for i = 1, #owners, 2 do
-    local o = owners[i + 1]
-    local pending = string.sub(o, -#PENDING) == PENDING
-    local name = pending and string.sub(o, 1, -#PENDING - 1) or o
-    if redis.call('EXISTS', HB .. name) == 0 or (pending and finished(owners[i])) then
-      unreserve(g, owners[i])
-    end
-  end
-  local sum = 0
-  local resv = redis.call('HGETALL', RESV .. g)
-  for i = 1, #resv, 2 do
-    if resv[i] ~= except then sum = sum + tonumber(resv[i + 1]) end
-  end
-  return sum
-end
+class StaleLists(RuntimeError):
+    """GPUs or workers kept appearing between reading their lists and running a script."""
 
-local function unwait(job)
-  redis.call('ZREM', WAIT, job)
-  redis.call('HDEL', NEED, job)
-  redis.call('HDEL', SECS, job)
-end
 
--- `seconds`: the expected run time (0 or nil: unknown; a job sent back to wait keeps the one it had)
-local function wait(job, need, score, seconds)
-  redis.call('ZADD', WAIT, score, job)
-  redis.call('HSET', NEED, job, need)
-  if seconds and tonumber(seconds) > 0 then redis.call('HSET', SECS, job, seconds) end
-end
+@dataclass(frozen=True)
+class _Args:
+    """A script's own arguments: ARGV[1..n], in the order of the fields (see the script's header)."""
 
--- reserve on g for a job (waiting or not); its expected end (now + its expected run time) is kept when
--- known, for the backfill of `pick`
-local function reserve(g, job, need, owner, now)
-  local secs = tonumber(redis.call('HGET', SECS, job) or '0')
-  redis.call('HSET', RESV .. g, job, need)
-  redis.call('HSET', OWNERS .. g, job, owner)
-  if secs > 0 then redis.call('HSET', ENDS .. g, job, now + secs) end
-  unwait(job)
-end
+    def argv(self) -> list[str | int | float]:
+        return [getattr(self, f.name) for f in fields(self)]
 
--- 2 for a stat job, 1 for another job waiting longer than `limit` seconds, else 0
-local function urgency(score, now, limit)
-  local rank = math.floor(score / SPAN)
-  if rank == 0 then return 2 end
-  if (now - (score - rank * SPAN)) > limit then return 1 end
-  return 0
-end
 
-local function number(key, field)
-  return tonumber(redis.call('HGET', key, field) or '0')
-end
+@dataclass(frozen=True)
+class _Policy(_Args):
+    """ARGV[1..5] of the scripts that pick waiting jobs (admit, fill, submit)."""
 
--- live workers of g (dead ones are dropped)
-local function live_workers(g)
-  local n = 0
-  for _, w in ipairs(redis.call('HKEYS', WORKERS .. g)) do
-    if redis.call('EXISTS', HB .. w) == 1 then n = n + 1 else redis.call('HDEL', WORKERS .. g, w) end
-  end
-  return n
-end
+    now: float
+    backfill_limit_s: float
+    gpu_forget_s: float
+    max_scan: int
+    max_fill: int
 
--- GPUs seen in the last `forget` seconds
-local function fresh_gpus(now, forget)
-  local out = {}
-  local seen = redis.call('HGETALL', SEEN)
-  for i = 1, #seen, 2 do
-    if now - tonumber(seen[i + 1]) <= forget then out[#out + 1] = seen[i] end
-  end
-  table.sort(out)
-  return out
-end
 
--- the size of the smallest GPU seen
-local SMALLEST = nil
-local function smallest_gpu(now, forget)
-  if SMALLEST == nil then
-    SMALLEST = math.huge
-    for _, h in ipairs(fresh_gpus(now, forget)) do
-      local t = number(TOTAL, h)
-      if t < SMALLEST then SMALLEST = t end
-    end
-  end
-  return SMALLEST
-end
+@dataclass(frozen=True)
+class _AdmitArgs(_Policy):
+    """ARGV[1..11] of ``lua/admit.lua``."""
 
--- memory available on h now
-local function available(h)
-  return number(CAP, h) - reclaim_and_sum(h, '')
-end
+    gpu: str
+    job: str
+    need: int
+    owner: str
+    score: float
+    seconds: float
 
--- The shadow of a job of `need` bytes held on g (EASY backfilling): the time it fits g if no other job
--- starts there and the jobs there end when expected, and the memory left over then. A reservation whose
--- run time is not known ends at an unknown time (math.huge: then only the memory left over counts); one
--- past its expected end, now. The reservation that lets it fit frees a worker slot too, so no slot is
--- kept for it.
-local function shadow(g, avail, need, now)
-  local ends = {}
-  local resv = redis.call('HGETALL', RESV .. g)
-  for i = 1, #resv, 2 do
-    local e = redis.call('HGET', ENDS .. g, resv[i])
-    ends[#ends + 1] = {e and math.max(tonumber(e), now) or math.huge, tonumber(resv[i + 1])}
-  end
-  table.sort(ends, function(a, b) return a[1] < b[1] end)
-  local free, at = avail, now
-  for _, e in ipairs(ends) do
-    if free >= need then break end
-    free, at = free + e[2], e[1]
-  end
-  if free < need then return math.huge, 0 end
-  return at, free - need
-end
 
--- the GPU a holding job of `need` bytes waits for: of those large enough and not `claimed` by a holding
--- job before it, the one with the most memory available now (it fits there soonest)
-local function target(need, now, forget, claimed, avails)
-  local best, most = nil, -1
-  for _, h in ipairs(fresh_gpus(now, forget)) do
-    if not claimed[h] and number(TOTAL, h) >= need then
-      if avails[h] == nil then avails[h] = available(h) end
-      if avails[h] > most then best, most = h, avails[h] end
-    end
-  end
-  return best
-end
+@dataclass(frozen=True)
+class _FillArgs(_Policy):
+    """ARGV[1..7] of ``lua/fill.lua`` (``max_fill``: the jobs this fill reserves at most)."""
 
--- The waiting job to start on g now, with its need; or nil and the holding job g is kept for (or nil).
--- Holding jobs, of those that fit g: every stat job, the first job in waiting order that has waited past
--- the limit, and every job too large for the smallest GPU (a large job). A stat job that fits now starts
--- first, in waiting order; then the largest large job that fits now (large jobs run long, and only the
--- large GPUs take them). A holding job that fits nowhere now claims its target GPU, so two holding jobs
--- wait for two GPUs (stat and long-waiting jobs in waiting order, then large jobs, the smallest first).
--- On its target, other jobs are backfilled (EASY backfilling): a job may start only if it leaves the
--- holding job its memory at the shadow time (see `shadow`), or, unless the holding job is a stat job, if
--- it is expected to end by then. Among those, the largest share of g's memory x expected run time.
-local function pick(g, avail, total, now, limit, forget, maxscan)
-  local list = redis.call('ZRANGE', WAIT, 0, maxscan - 1, 'WITHSCORES')
-  local best, bestneed = nil, -1
-  local aged = false
-  local smallest = smallest_gpu(now, forget)
-  local claimed, avails, fits = {}, {}, {}
-  local held = nil
-  local until_, extra, strict = math.huge, avail, false  -- the hold's shadow time and memory left then
-  local bigs = {}
-  local large, largeneed = nil, -1  -- the largest large job that fits now
-  local known, nknown = 0, 0  -- expected run times of the fitting jobs that have one
-  local function secs_of(w) return tonumber(redis.call('HGET', SECS, w) or '0') end
-  -- whether a job of `wneed` bytes expected to run `secs` (0: not known) may start without delaying `held`
-  local function allowed(wneed, secs)
-    if wneed > avail then return false end
-    if held == nil or wneed <= extra then return true end
-    return (not strict) and secs > 0 and until_ < math.huge and now + secs <= until_
-  end
-  local function claim(w, wneed, u)
-    local t = target(wneed, now, forget, claimed, avails)
-    if t ~= nil then
-      claimed[t] = true
-      if t == g and held == nil then
-        held, strict = w, u == 2
-        until_, extra = shadow(g, avail, wneed, now)
-      end
-    end
-  end
-  for i = 1, #list, 2 do
-    local w = list[i]
-    if finished(w) then
-      unwait(w)
-    else
-      local wneed = number(NEED, w)
-      local score = tonumber(list[i + 1])
-      local u = wneed <= total and urgency(score, now, limit) or 0
-      local first = u == 2 or (wneed <= total and wneed > smallest)  -- goes first where it fits
-      local holder = first or (u == 1 and not aged)
-      if u == 1 then aged = true end
-      if u == 2 and allowed(wneed, secs_of(w)) then return w, wneed, held end
-      if first and u ~= 2 and wneed <= avail then
-        if wneed > largeneed and allowed(wneed, secs_of(w)) then large, largeneed = w, wneed end
-      elseif holder and wneed > avail and u == 0 then
-        bigs[#bigs + 1] = {w, wneed}
-      elseif holder and wneed > avail then
-        claim(w, wneed, u)
-      elseif wneed <= avail then
-        local rank = math.floor(score / SPAN)
-        local secs = secs_of(w)
-        if secs > 0 then known, nknown = known + secs, nknown + 1 end
-        fits[#fits + 1] = {w, wneed, math.max(0, now - (score - rank * SPAN)) / limit, secs}
-      end
-    end
-  end
-  if large ~= nil then return large, largeneed, held end
-  -- large jobs claim GPUs after stat and long-waiting jobs, the smallest first (it fits soonest)
-  table.sort(bigs, function(a, b) return a[2] < b[2] end)
-  for _, c in ipairs(bigs) do claim(c[1], c[2], 0) end
-  -- the best fit allowed: the largest share of g's memory x time (the share of g, times the expected run
-  -- time over the longest of the fitting jobs; a job without an estimate counts the mean of those with
-  -- one), plus one for every `limit` seconds waited (jobs queued together keep this order, which starts
-  -- long, large jobs first and leaves short, small ones to fill the end; a job older by `limit` beats any
-  -- younger one)
-  local mean = nknown > 0 and known / nknown or 1
-  local longest = 0
-  for _, c in ipairs(fits) do
-    if (c[4] > 0 and c[4] or mean) > longest then longest = c[4] > 0 and c[4] or mean end
-  end
-  local bestkey = -1
-  for _, c in ipairs(fits) do
-    local key = (c[2] / total) * ((c[4] > 0 and c[4] or mean) / longest) + c[3]
-    if key > bestkey and allowed(c[2], c[4]) then best, bestneed, bestkey = c[1], c[2], key end
-  end
-  return best, bestneed, held
-end
+    gpu: str
+    owner: str
 
--- reserve waiting jobs on g while memory and idle worker slots last (at most `maxjobs`); `mine` (the
--- caller's own job, if any) is reserved for `owner`, the others as pending. A GPU without registered
--- workers has one slot if `own` (the caller works on it), else none.
-local function fill(g, owner, maxjobs, own, mine, now, limit, forget, maxscan)
-  local workers = live_workers(g)
-  local total = number(TOTAL, g)
-  local avail = number(CAP, g) - reclaim_and_sum(g, '')
-  local slots
-  if workers == 0 then slots = own and 1 or 0 else slots = workers - redis.call('HLEN', RESV .. g) end
-  slots = math.min(slots, maxjobs)
-  local got, held = {}, nil
-  while slots > 0 do
-    local w, wneed, h = pick(g, avail, total, now, limit, forget, maxscan)
-    if not w then
-      held = h
-      break
-    end
-    if h and h ~= w then held = h end
-    reserve(g, w, wneed, (w == mine) and owner or (owner .. PENDING), now)
-    got[#got + 1] = w
-    avail = avail - wneed
-    slots = slots - 1
-  end
-  if slots <= 0 and not held and mine ~= '' then
-    local _, _, h = pick(g, avail, total, now, limit, forget, maxscan)
-    held = h
-  end
-  return got, held, avail
-end
-"""
-_COMMON %= {  # noqa: UP031 - Lua's braces rule out str.format
-    "span": RANK_SPAN, "done": JobState.DONE.value, "failed": JobState.FAILED.value,
-    "cancelled": JobState.CANCELLED.value, "pending": PENDING_SUFFIX,
-}
 
-_ADMIT = _COMMON + """
-local g, job, need, owner = ARGV[13], ARGV[14], tonumber(ARGV[15]), ARGV[16]
-local score, now, limit, forget = tonumber(ARGV[17]), tonumber(ARGV[18]), tonumber(ARGV[19]), tonumber(ARGV[20])
-local maxscan, maxfill, seconds = tonumber(ARGV[21]), tonumber(ARGV[22]), ARGV[23]
-if redis.call('HEXISTS', RESV .. g, job) == 1 then  -- dispatched here, or redelivered here
-  redis.call('HSET', OWNERS .. g, job, owner)
-  unwait(job)
-  return {'run', '', '0'}
-end
-local total = number(TOTAL, g)
-local biggest = total
-local gpus = fresh_gpus(now, forget)
-for _, h in ipairs(gpus) do
-  local t = number(TOTAL, h)
-  if t > biggest then biggest = t end
-end
-if need > biggest then
-  unwait(job)
-  return {'never', '', tostring(biggest)}
-end
-wait(job, need, score, seconds)
-local out = {}
-local got, held, avail = fill(g, owner, maxfill, true, job, now, limit, forget, maxscan)
-local ran, first = false, ''
-for _, w in ipairs(got) do
-  if w == job then ran = true else
-    if first == '' then first = w end
-    out[#out + 1] = w
-    out[#out + 1] = g
-  end
-end
-local moved = ''
-if not ran then  -- other GPUs with idle workers may take it, or other waiting jobs, now
-  for _, h in ipairs(gpus) do
-    if h ~= g and live_workers(h) > 0 then
-      local got2 = fill(h, owner, maxfill, false, '', now, limit, forget, maxscan)
-      for _, w in ipairs(got2) do
-        if w == job then moved = h end
-        out[#out + 1] = w
-        out[#out + 1] = h
-      end
-    end
-  end
-end
-local res
-if ran then res = {'run', '', tostring(avail)}
-elseif moved ~= '' then res = {'moved', moved, tostring(avail)}
-elseif first ~= '' then res = {'swap', first, tostring(avail)}
-elseif held and held ~= job then res = {'held', held, tostring(avail)}
-elseif need <= total then res = {'wait', '', tostring(avail)}
-else res = {'bigger', '', tostring(biggest)} end
-for _, x in ipairs(out) do res[#res + 1] = x end
-return res
-"""
+@dataclass(frozen=True)
+class _SubmitArgs(_Policy):
+    """ARGV[1..6+4C] of ``lua/submit.lua``: the policy, the number of jobs C, then job, bytes needed, score
+    and expected seconds of each."""
 
-_FILL = _COMMON + """
-local g, owner, now, limit, maxscan = ARGV[13], ARGV[14], tonumber(ARGV[15]), tonumber(ARGV[16]), tonumber(ARGV[17])
-local maxjobs, forget = tonumber(ARGV[18]), tonumber(ARGV[19])
-if redis.call('ZCARD', WAIT) == 0 then return {} end
-local got = fill(g, owner, maxjobs, true, '', now, limit, forget, maxscan)
-return got
-"""
+    jobs: tuple[tuple[str, int, float, float], ...]
 
-_RELEASE = _COMMON + """
-local g, job, owner = ARGV[13], ARGV[14], ARGV[15]
-if owner ~= '' and redis.call('HGET', OWNERS .. g, job) ~= owner then return 0 end
-unreserve(g, job)
-return 1
-"""
+    def argv(self) -> list[str | int | float]:
+        policy = [getattr(self, f.name) for f in fields(_Policy)]
+        return [*policy, len(self.jobs), *(x for job in self.jobs for x in job)]
 
-_RECLAIM = _COMMON + """
-local gpus = redis.call('HKEYS', TOTAL)
-local n = 0
-for _, g in ipairs(gpus) do
-  local before = redis.call('HLEN', RESV .. g)
-  reclaim_and_sum(g, '')
-  live_workers(g)
-  n = n + before - redis.call('HLEN', RESV .. g)
-end
-return n
-"""
 
-# jobs placed at submit: into the waiting set, then every GPU with live workers is filled, once for them
-# all (a batch is placed as a whole: best fit among all its jobs, not in the order they are listed).
-# ARGV: count, then job, need, seconds, score per job. Returns {count not placed, those jobs..., then
-# job, GPU pairs reserved by the fills (these jobs or others) to send to their GPUs' queues}. A job is not
-# placed when no GPU with live workers was seen, or it is larger than every GPU that has them: it goes to
-# its priority queue and the first worker that takes it decides (a CPU worker may take it, say).
-_SUBMIT = _COMMON + """
-local now, limit, forget = tonumber(ARGV[13]), tonumber(ARGV[14]), tonumber(ARGV[15])
-local maxscan, maxfill, count = tonumber(ARGV[16]), tonumber(ARGV[17]), tonumber(ARGV[18])
-local live, biggest = {}, 0
-for _, h in ipairs(fresh_gpus(now, forget)) do
-  local worker = nil
-  for _, w in ipairs(redis.call('HKEYS', WORKERS .. h)) do
-    if redis.call('EXISTS', HB .. w) == 1 then worker = w break end
-  end
-  if worker then
-    live[#live + 1] = {h, worker}
-    if number(TOTAL, h) > biggest then biggest = number(TOTAL, h) end
-  end
-end
-local unplaced = {}
-for i = 0, count - 1 do
-  local job, need, seconds, score = ARGV[19 + 4 * i], tonumber(ARGV[20 + 4 * i]), ARGV[21 + 4 * i],
-    tonumber(ARGV[22 + 4 * i])
-  if need > biggest then unplaced[#unplaced + 1] = job else wait(job, need, score, seconds) end
-end
-local out = {#unplaced}
-for _, job in ipairs(unplaced) do out[#out + 1] = job end
-for _, hw in ipairs(live) do
-  -- pending reservations are owned by a live worker of the GPU: reclaimed if that worker dies
-  for _, w in ipairs(fill(hw[1], hw[2], maxfill, false, '', now, limit, forget, maxscan)) do
-    out[#out + 1] = w
-    out[#out + 1] = hw[1]
-  end
-end
-return out
-"""
+@dataclass(frozen=True)
+class _ForgetArgs(_Args):
+    """ARGV[1] of ``lua/forget.lua``."""
 
-_WAIT = _COMMON + """
-wait(ARGV[13], ARGV[14], ARGV[15], ARGV[16])
-return 1
-"""
+    job: str
 
-# a cancelled job: out of the waiting set, and its pending reservations (no worker started it) dropped; a
-# reservation a worker holds is the worker's to release. Returns {1 if it was waiting else 0, GPUs...}
-_FORGET = _COMMON + """
-local job = ARGV[13]
-local out = {redis.call('ZREM', WAIT, job)}
-redis.call('HDEL', NEED, job)
-redis.call('HDEL', SECS, job)
-for _, g in ipairs(redis.call('HKEYS', TOTAL)) do
-  local o = redis.call('HGET', OWNERS .. g, job)
-  if o and string.sub(o, -#PENDING) == PENDING then
-    unreserve(g, job)
-    out[#out + 1] = g
-  end
-end
-return out
-"""
+
+@dataclass(frozen=True)
+class _ReleaseArgs(_Args):
+    """ARGV[1..2] of ``lua/release.lua``."""
+
+    job: str
+    owner: str
+
+
+@dataclass(frozen=True)
+class _WaitArgs(_Args):
+    """ARGV[1..4] of ``lua/wait.lua``."""
+
+    job: str
+    need: int
+    score: float
+    seconds: float
+
+
+@dataclass(frozen=True)
+class _Lists:
+    """The GPUs and workers a script that includes ``lua/common.lua`` may touch, read just before it runs:
+    its keys, and the shared arguments that follow its own."""
+
+    gpus: tuple[str, ...]
+    workers: tuple[str, ...]
+
+    def keys(self) -> list[str]:
+        """KEYS: the shared keys, four per GPU, then one heartbeat per worker."""
+        per_gpu = [prefix + gpu for gpu in self.gpus for prefix in _GPU_KEYS]
+        return [*_SHARED_KEYS, *per_gpu, *(WORKER_HEARTBEAT + w for w in self.workers)]
+
+    def argv(self) -> list[str | int | float]:
+        """ARGV[N+1..]: the job record prefix, the constants, then the GPU list and the worker list."""
+        return [JOB_KEY, PENDING_SUFFIX, RANK_SPAN, _FINISHED, len(self.gpus), *self.gpus, *self.workers]
 
 
 class Verdict(StrEnum):
@@ -524,19 +242,13 @@ class Admission:
         self.redis = client
         self.backfill_limit_s = backfill_limit_s
         self.gpu_forget_s = gpu_forget_s
-        self._admit = client.register_script(_ADMIT)
-        self._fill = client.register_script(_FILL)
-        self._release = client.register_script(_RELEASE)
-        self._reclaim = client.register_script(_RECLAIM)
-        self._wait = client.register_script(_WAIT)
-        self._submit = client.register_script(_SUBMIT)
-        self._forget = client.register_script(_FORGET)
-
-    @staticmethod
-    def _keys() -> list[str]:
-        return [GPU_RESERVATIONS, GPU_RESERVATION_OWNERS, GPU_CAPACITY, GPU_TOTAL, GPU_SEEN, WORKER_HEARTBEAT,
-                GPU_WAITING, GPU_WAITING_NEED, JOB_KEY, GPU_WORKERS, GPU_WAITING_SECONDS,
-                GPU_RESERVATION_ENDS]
+        self._admit = load_joined(client, _PACKAGE, ("common", "admit"))
+        self._fill = load_joined(client, _PACKAGE, ("common", "fill"))
+        self._submit = load_joined(client, _PACKAGE, ("common", "submit"))
+        self._reclaim = load_joined(client, _PACKAGE, ("common", "reclaim"))
+        self._forget = load_joined(client, _PACKAGE, ("common", "forget"))
+        self._release = load_script(client, _PACKAGE, "release")
+        self._wait = load_script(client, _PACKAGE, "wait")
 
     def register_gpu(self, gpu_id: str, total: int, capacity: int, state_json: str) -> None:
         """Record a GPU's size, the memory reservations may share, and its state (heartbeats do this)."""
@@ -557,17 +269,15 @@ class Admission:
     def admit(self, gpu_id: str, job_id: str, need: int, owner: str, score: float, seconds: float = 0.0) -> Decision:
         """Reserve ``need`` bytes for ``job_id`` on ``gpu_id`` if it may start there now (see module doc);
         ``seconds`` is its expected run time (0: unknown), which orders it among waiting jobs."""
-        verdict, other, amount, *rest = self._admit(args=[
-            *self._keys(), gpu_id, job_id, need, owner, repr(score), repr(time.time()),
-            self.backfill_limit_s, self.gpu_forget_s, MAX_SCAN, MAX_FILL, repr(float(seconds))])
-        pairs = tuple((str(rest[i]), str(rest[i + 1])) for i in range(0, len(rest), 2))
-        return Decision(Verdict(verdict), other, int(float(amount)), pairs)
+        args = _AdmitArgs(**self._policy(MAX_FILL), gpu=gpu_id, job=job_id, need=need, owner=owner, score=score,
+                          seconds=float(seconds))
+        verdict, other, amount, *rest = self._run(self._admit, args, gpu_id, owner)
+        return Decision(Verdict(verdict), other, int(float(amount)), _pairs(rest))
 
     def fill(self, gpu_id: str, owner: str, max_jobs: int = MAX_FILL) -> list[str]:
         """Reserve waiting jobs on ``gpu_id`` while its memory and idle worker slots last (at most
         ``max_jobs``), in the order of the module doc; their ids, to send to the GPU's queue."""
-        jobs = self._fill(args=[*self._keys(), gpu_id, owner, repr(time.time()), self.backfill_limit_s, MAX_SCAN,
-                                max_jobs, self.gpu_forget_s])
+        jobs = self._run(self._fill, _FillArgs(**self._policy(max_jobs), gpu=gpu_id, owner=owner), gpu_id, owner)
         return [str(j) for j in jobs or []]
 
     def dispatch(self, gpu_id: str, owner: str) -> str | None:
@@ -578,11 +288,13 @@ class Admission:
     def release(self, gpu_id: str, job_id: str, owner: str = "") -> bool:
         """Drop ``owner``'s reservation of ``job_id`` on ``gpu_id`` (any owner's if ``owner`` is empty);
         False if there was none."""
-        return bool(self._release(args=[*self._keys(), gpu_id, job_id, owner]))
+        keys = [prefix + gpu_id for prefix in _RESERVATION_KEYS]
+        return bool(self._release(keys=keys, args=_ReleaseArgs(job=job_id, owner=owner).argv()))
 
     def wait(self, job_id: str, need: int, score: float, seconds: float = 0.0) -> None:
         """Put a job in the waiting set (after a GPU out-of-memory error, for one)."""
-        self._wait(args=[*self._keys(), job_id, need, repr(score), repr(float(seconds))])
+        args = _WaitArgs(job=job_id, need=need, score=score, seconds=float(seconds))
+        self._wait(keys=list(_WAIT_KEYS), args=args.argv())
 
     def submit(self, jobs: Sequence[tuple[str, int, float, float]]) -> tuple[list[str], list[tuple[str, str]]]:
         """Place jobs at submit, ``(job id, bytes needed, score, expected seconds)`` each: put them in the
@@ -590,24 +302,20 @@ class Admission:
         Returns the jobs not placed (no GPU has live workers, or the job is larger than every GPU that
         has), which go to their priority queues (see :mod:`reconq.scheduler.placement`), and the (job id, GPU id)
         reserved by the fills (these jobs or others) to send to their GPUs' queues."""
-        flat = [str(x) for job_id, need, score, seconds in jobs for x in (job_id, need, repr(float(seconds)),
-                                                                          repr(score))]
-        count, *rest = self._submit(args=[*self._keys(), repr(time.time()), self.backfill_limit_s,
-                                          self.gpu_forget_s, MAX_SCAN, MAX_FILL, len(jobs), *flat])
-        unplaced = [str(j) for j in rest[:int(count)]]
-        pairs = rest[int(count):]
-        return unplaced, [(str(pairs[i]), str(pairs[i + 1])) for i in range(0, len(pairs), 2)]
+        entries = tuple((job_id, need, score, float(seconds)) for job_id, need, score, seconds in jobs)
+        count, *rest = self._run(self._submit, _SubmitArgs(**self._policy(MAX_FILL), jobs=entries))
+        return [str(j) for j in rest[:int(count)]], list(_pairs(rest[int(count):]))
 
     def forget(self, job_id: str) -> tuple[bool, list[str]]:
         """Take a job (cancelled, say) out of the waiting set and drop its pending reservations, those made
         for it while no worker has started it, in one step; a reservation a worker holds is left to that
         worker. Returns whether it was waiting, and the GPUs whose pending reservation was dropped."""
-        was_waiting, *dropped = self._forget(args=[*self._keys(), job_id])
+        was_waiting, *dropped = self._run(self._forget, _ForgetArgs(job=job_id))
         return bool(int(was_waiting)), [str(g) for g in dropped]
 
     def reclaim(self) -> int:
         """Drop every reservation whose worker's heartbeat expired; returns how many."""
-        return int(self._reclaim(args=self._keys()))
+        return int(self._run(self._reclaim, _Args()))
 
     def reservations(self, gpu_id: str) -> list[Reservation]:
         pipe = self.redis.pipeline()
@@ -629,3 +337,43 @@ class Admission:
         pipe.hgetall(GPU_WAITING_NEED)
         entries, needs = pipe.execute()
         return [(job, int(needs.get(job, 0)), score) for job, score in entries]
+
+    def _policy(self, max_fill: int) -> dict[str, Any]:
+        """The :class:`_Policy` fields of a script call made now."""
+        return {"now": time.time(), "backfill_limit_s": self.backfill_limit_s, "gpu_forget_s": self.gpu_forget_s,
+                "max_scan": MAX_SCAN, "max_fill": max_fill}
+
+    def _lists(self, gpu: str | None, owner: str | None) -> _Lists:
+        """Every GPU Redis knows (and ``gpu``), and every worker registered on one of them or named by a
+        reservation there (and ``owner``)."""
+        pipe = self.redis.pipeline()
+        pipe.hkeys(GPU_TOTAL)
+        pipe.hkeys(GPU_SEEN)
+        total, seen = pipe.execute()
+        gpus = sorted({*total, *seen, *([gpu] if gpu is not None else [])})
+        for g in gpus:
+            pipe.hkeys(GPU_WORKERS + g)
+            pipe.hvals(GPU_RESERVATION_OWNERS + g)
+        names = {name.removesuffix(PENDING_SUFFIX) for group in pipe.execute() for name in group}
+        if owner is not None:
+            names.add(owner)
+        return _Lists(tuple(gpus), tuple(sorted(names)))
+
+    def _run(self, script: Script, args: _Args, gpu: str | None = None, owner: str | None = None) -> Any:
+        """Run a script that includes ``lua/common.lua`` with ``args`` and the keys of every GPU and worker
+        it may touch (and ``gpu``, ``owner``, its own); read them again if one appeared in between."""
+        for attempt in range(1, ATTEMPTS + 1):
+            lists = self._lists(gpu, owner)
+            try:
+                return script(keys=lists.keys(), args=[*args.argv(), *lists.argv()])
+            except redis.ResponseError as exc:
+                if not str(exc).startswith(STALE):
+                    raise
+                log.debug("attempt %d: %s appeared meanwhile; reading the lists again", attempt,
+                          str(exc).removeprefix(STALE).strip())
+        raise StaleLists(f"GPUs or workers kept appearing over {ATTEMPTS} attempts")
+
+
+def _pairs(flat: Sequence[object]) -> tuple[tuple[str, str], ...]:
+    """``[a, b, c, d, ...]`` as ``((a, b), (c, d), ...)``, as strings."""
+    return tuple((str(flat[i]), str(flat[i + 1])) for i in range(0, len(flat), 2))

@@ -427,3 +427,27 @@ def test_estimates_use_the_header_the_caller_has(client: redis.Redis, tmp_path) 
     assert estimate == Estimate(estimate_bytes(header, job.params, pipeline), 5.0)
     kept = store.get("h")
     assert kept is not None and (kept.mem_estimate_bytes, kept.runtime_estimate_s) == (estimate.bytes, 5.0)
+
+
+def redis_contents(client: redis.Redis) -> dict[str, object]:
+    return {key: client.dump(key) for key in sorted(client.keys("*"))}
+
+
+def test_a_script_whose_gpu_list_is_stale_writes_nothing(client: redis.Redis) -> None:
+    """Every key a script touches is passed to it: one that finds a GPU its caller did not list (a GPU that
+    appeared between the read and the run) refuses before writing, and the caller reads the lists again."""
+    from reconq.scheduler.admission import STALE, _AdmitArgs, _Lists
+
+    adm, store = Admission(client), JobStore(client)
+    gpus(adm, g0=24, g1=24)
+    alive(client, "w0")
+    queued(store, "a")
+    full = adm._lists("g0", "w0")
+    assert full.gpus == ("g0", "g1")
+    partial = _Lists(("g0",), full.workers)
+    args = _AdmitArgs(**adm._policy(4), gpu="g0", job="a", need=GB, owner="w0", score=1.0, seconds=0.0)
+    before = redis_contents(client)
+    with pytest.raises(redis.ResponseError, match=STALE):
+        adm._admit(keys=partial.keys(), args=[*args.argv(), *partial.argv()])
+    assert redis_contents(client) == before
+    assert adm.admit("g0", "a", GB, "w0", 1.0).verdict is Verdict.RUN  # with fresh lists it goes through
