@@ -16,7 +16,6 @@ from dataclasses import dataclass, field, replace
 import ismrmrd
 import ismrmrd.xsd as xsd
 import numpy as np
-import sigpy as sp
 
 from reconq.recon.errors import ReconError
 
@@ -118,7 +117,7 @@ def to_mrd_images(
     Returns:
         ``nimg`` uint16 images with ``image_index`` 1..nimg.
     """
-    mag = np.asarray(sp.to_device(mag, sp.cpu_device))
+    mag = np.asarray(mag.get() if hasattr(mag, "get") else mag)  # a cupy array to the host
     if mag.ndim != 3 or len(geometry) != mag.shape[0]:
         raise ReconError(f"{mag.shape} magnitudes for {len(geometry)} geometries: need (nimg, ny, nx)")
     scaled = to_uint16(mag, bits_stored(header))

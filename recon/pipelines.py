@@ -1,35 +1,22 @@
 """The built-in pipelines, ``cartesian`` and ``sense`` (:data:`BUILTIN_PIPELINES`), on the contract of
 :mod:`reconq.recon.pipeline`; :mod:`reconq.recon.registry` registers them.
 
-Both read the scan into a :class:`reconq.recon.kspace.KspaceBuffer` (:func:`read_scan`), reconstruct it
-volume by volume on the device ``params["device"]`` names, and make scanner images. Their GPU memory
-follows the scheduler's header-based model, and their run time the history of earlier runs, so they
-keep the contract's default estimates.
-
-References:
-    Ning et al. Asynchronous inline reconstruction. Magn Reson Med 2026, doi 10.1002/mrm.70304.
+These classes declare the contract; the reconstructions they run live in :mod:`reconq.recon.runs`,
+imported when a job runs. So the processes that only queue jobs and estimate them (the gateway, the API,
+the command line) start without the recon's numerical stack (sigpy, numba, scipy.signal: over a second).
+Their GPU memory follows the scheduler's header-based model, and their run time the history of earlier
+runs, so they keep the contract's default estimates.
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 from typing import Any
 
 import ismrmrd
-import numpy as np
-import sigpy as sp
 
-from reconq.recon.cartesian import reconstruct
-from reconq.recon.errors import ReconError
-from reconq.recon.images import to_mrd_images
-from reconq.recon.kspace import CartesianEncoding, KspaceBuffer, image_geometries, partial_fourier_extents
-from reconq.recon.noise import prewhiten
 from reconq.recon.pipeline import Pipeline, ProgressFn
 from reconq.recon.rawdata import RawScan
-from reconq.recon.senserecon import SenseOptions, reference_maps, sense_volume, whitener
-
-logger = logging.getLogger(__name__)
 
 
 class CartesianPipeline(Pipeline):
@@ -44,22 +31,9 @@ class CartesianPipeline(Pipeline):
     name = "cartesian"
 
     def run(self, scan: RawScan, params: Mapping[str, Any], progress: ProgressFn) -> list[ismrmrd.Image]:
-        enc = CartesianEncoding.from_header(scan.header)
-        buffer = read_scan(scan, enc, params, progress, 0.6)
-        w = whitener(buffer) if _flag(params, "prewhiten", True) else None
-        progress(0.6, "fft")
-        mags, geometry = [], []
-        device = _device(params.get("device", -1))
-        with device:
-            for key in buffer.volume_keys():
-                ksp = sp.to_device(buffer.kspace(key), device)
-                if w is not None:
-                    ksp = prewhiten(ksp, w)
-                img = reconstruct(ksp, enc, partial_fourier_extents(buffer, key),
-                                  combine=str(params.get("combine", "sos")))
-                mags.append(sp.to_device(img, sp.cpu_device))
-                geometry += image_geometries(buffer, key)
-        return _images(self.name, scan, params, mags, geometry, progress)
+        from reconq.recon.runs import run_cartesian  # the numerical stack, loaded when a job runs
+
+        return run_cartesian(scan, params, progress, self.name)
 
 
 class SensePipeline(Pipeline):
@@ -77,80 +51,9 @@ class SensePipeline(Pipeline):
     name = "sense"
 
     def run(self, scan: RawScan, params: Mapping[str, Any], progress: ProgressFn) -> list[ismrmrd.Image]:
-        enc = CartesianEncoding.from_header(scan.header)
-        opts = _sense_options(params)
-        buffer = read_scan(scan, enc, params, progress, 0.5)
-        w = whitener(buffer) if opts.prewhiten else None
-        reference = _reference(params, opts, progress) if params.get("reference") else None
-        mags, geometry = [], []
-        device = _device(params.get("device", -1))
-        keys = buffer.volume_keys()
-        for i, key in enumerate(keys):
-            progress(0.6 + 0.3 * i / len(keys), "sense")
-            img = sense_volume(buffer, key, scan.header, opts, device, reference, w)
-            mags.append(np.abs(sp.to_device(img, sp.cpu_device)).astype(np.float32))
-            geometry += image_geometries(buffer, key)
-        return _images(self.name, scan, params, mags, geometry, progress)
+        from reconq.recon.runs import run_sense  # the numerical stack, loaded when a job runs
 
-
-def _sense_options(params: Mapping[str, Any]) -> SenseOptions:
-    try:
-        return SenseOptions(maps=str(params.get("maps", "espirit")), method=str(params.get("method", "auto")),
-                            lamda=float(params.get("lamda", 1e-4)), niter=int(params.get("niter", 20)),
-                            batch=int(params.get("batch", 32)), lowres=int(params.get("lowres", 48)),
-                            prewhiten=_flag(params, "prewhiten", True))
-    except (TypeError, ValueError) as e:
-        raise ReconError(f"invalid SENSE parameter: {e}") from e
-
-
-def _reference(params: Mapping[str, Any], opts: SenseOptions, progress: ProgressFn):
-    progress(0.5, "reference")
-    with RawScan.open(params["reference"]) as ref:
-        enc = CartesianEncoding.from_header(ref.header)
-        buffer = read_scan(ref, enc, {"chunk": params.get("chunk", 2048)}, lambda f, s: None, 0.0)
-        if not buffer.volume_keys():
-            raise ReconError(f"reference {ref.path}: no imaging readouts")
-        w = whitener(buffer) if opts.prewhiten else None
-        return reference_maps(buffer, ref.header, opts, w)
-
-
-def read_scan(scan: RawScan, enc: CartesianEncoding, params: Mapping[str, Any], progress: ProgressFn,
-              share: float) -> KspaceBuffer:
-    """Buffer all readouts of ``scan``; progress runs from 0 to ``share``."""
-    buffer = KspaceBuffer(enc, keep_averages=_flag(params, "keep_averages", False))
-    progress(0.0, "reading")
-    for chunk in scan.iter_chunks(int(params.get("chunk", 2048))):
-        buffer.add(chunk.heads, chunk.data)
-        progress(share * (chunk.start + len(chunk.heads)) / len(scan), "reading")
-    if not buffer.volume_keys():
-        raise ReconError(f"{scan.path}: no imaging readouts ({buffer.skipped} skipped)")
-    return buffer
-
-
-def _images(name: str, scan: RawScan, params: Mapping[str, Any], mags: list, geometry: list,
-            progress: ProgressFn) -> list[ismrmrd.Image]:
-    progress(0.9, "images")
-    images = to_mrd_images(np.concatenate(mags), geometry, scan.header,
-                           series_index=int(params.get("series_index", 1)),
-                           description=str(params.get("description", name)),
-                           history=("RECONQ", name))
-    progress(1.0, "images")
-    logger.info("%s: %s, %d images from %d volumes", scan.path.name, name, len(images), len(mags))
-    return images
-
-
-def _flag(params: Mapping[str, Any], name: str, default: bool) -> bool:
-    value = params.get(name, default)
-    if isinstance(value, str):
-        return value.strip().lower() in ("1", "true", "yes", "on")
-    return bool(value)
-
-
-def _device(value: Any) -> sp.Device:
-    try:
-        return sp.Device(int(value))
-    except (TypeError, ValueError) as e:
-        raise ReconError(f"device {value!r} is not usable: {e}") from e
+        return run_sense(scan, params, progress, self.name)
 
 
 #: The pipelines every ReconQ process knows, registered by :mod:`reconq.recon.registry`.

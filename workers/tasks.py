@@ -280,6 +280,7 @@ def register_tasks(app: Celery, settings: Settings, gpu_index: int | None = None
     Each worker process (Celery's pool child) builds its runner and starts its heartbeat when it starts,
     and stops the heartbeat when it stops. The recon plugins are registered here, in the parent.
     """
+    from reconq.recon import runs  # noqa: F401 - the numerical stack, loaded before the pool forks
     from reconq.recon.plugins import load_plugins
 
     load_plugins(settings.plugin_dir, settings.parameter_map)

@@ -1,0 +1,129 @@
+"""How the built-in pipelines reconstruct: the scan read into a k-space buffer, each volume reconstructed on
+the device ``params["device"]`` names, and scanner images made.
+
+:mod:`reconq.recon.pipelines` declares the pipelines; this module is imported when one of them runs.
+
+References:
+    Ning et al. Asynchronous inline reconstruction. Magn Reson Med 2026, doi 10.1002/mrm.70304.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import ismrmrd
+import numpy as np
+import sigpy as sp
+
+from reconq.recon.cartesian import reconstruct
+from reconq.recon.errors import ReconError
+from reconq.recon.images import to_mrd_images
+from reconq.recon.kspace import CartesianEncoding, KspaceBuffer, image_geometries, partial_fourier_extents
+from reconq.recon.noise import prewhiten
+from reconq.recon.pipeline import ProgressFn
+from reconq.recon.rawdata import RawScan
+from reconq.recon.senserecon import SenseOptions, reference_maps, sense_volume, whitener
+
+logger = logging.getLogger(__name__)
+
+
+def run_cartesian(scan: RawScan, params: Mapping[str, Any], progress: ProgressFn,
+                  name: str = "cartesian") -> list[ismrmrd.Image]:
+    """The ``cartesian`` pipeline's recon (params: :class:`~reconq.recon.pipelines.CartesianPipeline`)."""
+    enc = CartesianEncoding.from_header(scan.header)
+    buffer = read_scan(scan, enc, params, progress, 0.6)
+    w = whitener(buffer) if _flag(params, "prewhiten", True) else None
+    progress(0.6, "fft")
+    mags, geometry = [], []
+    device = _device(params.get("device", -1))
+    with device:
+        for key in buffer.volume_keys():
+            ksp = sp.to_device(buffer.kspace(key), device)
+            if w is not None:
+                ksp = prewhiten(ksp, w)
+            img = reconstruct(ksp, enc, partial_fourier_extents(buffer, key),
+                              combine=str(params.get("combine", "sos")))
+            mags.append(sp.to_device(img, sp.cpu_device))
+            geometry += image_geometries(buffer, key)
+    return _images(name, scan, params, mags, geometry, progress)
+
+
+def run_sense(scan: RawScan, params: Mapping[str, Any], progress: ProgressFn,
+              name: str = "sense") -> list[ismrmrd.Image]:
+    """The ``sense`` pipeline's recon (params: :class:`~reconq.recon.pipelines.SensePipeline`)."""
+    enc = CartesianEncoding.from_header(scan.header)
+    opts = _sense_options(params)
+    buffer = read_scan(scan, enc, params, progress, 0.5)
+    w = whitener(buffer) if opts.prewhiten else None
+    reference = _reference(params, opts, progress) if params.get("reference") else None
+    mags, geometry = [], []
+    device = _device(params.get("device", -1))
+    keys = buffer.volume_keys()
+    for i, key in enumerate(keys):
+        progress(0.6 + 0.3 * i / len(keys), "sense")
+        img = sense_volume(buffer, key, scan.header, opts, device, reference, w)
+        mags.append(np.abs(sp.to_device(img, sp.cpu_device)).astype(np.float32))
+        geometry += image_geometries(buffer, key)
+    return _images(name, scan, params, mags, geometry, progress)
+
+
+def _sense_options(params: Mapping[str, Any]) -> SenseOptions:
+    try:
+        return SenseOptions(maps=str(params.get("maps", "espirit")), method=str(params.get("method", "auto")),
+                            lamda=float(params.get("lamda", 1e-4)), niter=int(params.get("niter", 20)),
+                            batch=int(params.get("batch", 32)), lowres=int(params.get("lowres", 48)),
+                            prewhiten=_flag(params, "prewhiten", True))
+    except (TypeError, ValueError) as e:
+        raise ReconError(f"invalid SENSE parameter: {e}") from e
+
+
+def _reference(params: Mapping[str, Any], opts: SenseOptions, progress: ProgressFn):
+    progress(0.5, "reference")
+    with RawScan.open(params["reference"]) as ref:
+        enc = CartesianEncoding.from_header(ref.header)
+        buffer = read_scan(ref, enc, {"chunk": params.get("chunk", 2048)}, lambda f, s: None, 0.0)
+        if not buffer.volume_keys():
+            raise ReconError(f"reference {ref.path}: no imaging readouts")
+        w = whitener(buffer) if opts.prewhiten else None
+        return reference_maps(buffer, ref.header, opts, w)
+
+
+def read_scan(scan: RawScan, enc: CartesianEncoding, params: Mapping[str, Any], progress: ProgressFn,
+              share: float) -> KspaceBuffer:
+    """Buffer all readouts of ``scan``; progress runs from 0 to ``share``."""
+    buffer = KspaceBuffer(enc, keep_averages=_flag(params, "keep_averages", False))
+    progress(0.0, "reading")
+    for chunk in scan.iter_chunks(int(params.get("chunk", 2048))):
+        buffer.add(chunk.heads, chunk.data)
+        progress(share * (chunk.start + len(chunk.heads)) / len(scan), "reading")
+    if not buffer.volume_keys():
+        raise ReconError(f"{scan.path}: no imaging readouts ({buffer.skipped} skipped)")
+    return buffer
+
+
+def _images(name: str, scan: RawScan, params: Mapping[str, Any], mags: list, geometry: list,
+            progress: ProgressFn) -> list[ismrmrd.Image]:
+    progress(0.9, "images")
+    images = to_mrd_images(np.concatenate(mags), geometry, scan.header,
+                           series_index=int(params.get("series_index", 1)),
+                           description=str(params.get("description", name)),
+                           history=("RECONQ", name))
+    progress(1.0, "images")
+    logger.info("%s: %s, %d images from %d volumes", scan.path.name, name, len(images), len(mags))
+    return images
+
+
+def _flag(params: Mapping[str, Any], name: str, default: bool) -> bool:
+    value = params.get(name, default)
+    if isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    return bool(value)
+
+
+def _device(value: Any) -> sp.Device:
+    try:
+        return sp.Device(int(value))
+    except (TypeError, ValueError) as e:
+        raise ReconError(f"device {value!r} is not usable: {e}") from e
