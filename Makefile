@@ -40,5 +40,5 @@ lint: imports
 # folder sits under reconq/ as in the wheel, which is the tree lint-imports (and mypy) read.
 imports: setup
 	rm -rf build  # setuptools would pack stale files left in build/lib
-	$(BIN)/pip install --quiet --no-deps --target build/lint .
+	$(BIN)/pip install --quiet --no-deps --no-build-isolation --target build/lint .
 	cd build/lint && $(CURDIR)/$(BIN)/lint-imports --no-cache $(CURDIR)/pyproject.toml

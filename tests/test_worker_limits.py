@@ -27,7 +27,7 @@ def test_a_recon_past_the_time_limit_fails_with_the_reason(redis_server, tmp_pat
     url = redis_server.url.rsplit("/", 1)[0] + "/3"
     client = redis.Redis.from_url(url, decode_responses=True)
     client.flushdb()
-    settings = load_settings(data_dir=tmp_path / "data", redis_url=url, job_time_limit_s=6,
+    settings = load_settings(data_dir=tmp_path / "data", redis_url=url, job_time_limit_s=3,
                              enable_test_pipelines=True)
     raw = ScanStore(settings.data_dir).raw_path("slow")
     raw.parent.mkdir(parents=True)
@@ -44,7 +44,7 @@ def test_a_recon_past_the_time_limit_fails_with_the_reason(redis_server, tmp_pat
     finally:
         stop_process(worker)
     assert done.state is JobState.FAILED, (done.state, done.stage)
-    assert "the time limit of a recon is 6 s (RECONQ_JOB_TIME_LIMIT_S)" in done.error
-    assert done.finished_at - done.started_at < 10
+    assert "the time limit of a recon is 3 s (RECONQ_JOB_TIME_LIMIT_S)" in done.error
+    assert done.finished_at - done.started_at < 6
 
 
