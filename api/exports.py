@@ -1,7 +1,7 @@
 """A job's result images for people: PNG previews rendered on the server, and DICOM (pydicom) in a zip.
 
 Result files are MRD image files (see :mod:`reconq.core.results`); the MRD header stored with them gives
-the patient and study for DICOM.
+the patient, study and protocol for DICOM, written as UTF-8 (``ISO_IR 192``).
 """
 
 from __future__ import annotations
@@ -20,7 +20,11 @@ from PIL import Image as PILImage
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
-from reconq.core.results import read_images
+from reconq.core.mrdfile import parse_header
+from reconq.core.results import read_images, read_result_xml
+
+#: DICOM's defined term for UTF-8 (PS3.3 C.12.1.1.2): patient and protocol names need no other encoding.
+UTF8 = "ISO_IR 192"
 
 #: How many slices the job page previews at most (evenly spread over the images).
 PREVIEW_COUNT = 4
@@ -69,11 +73,8 @@ def preview_png(path: Path, index: int) -> bytes:
 
 
 def _header(path: Path) -> ismrmrd.xsd.ismrmrdHeader | None:
-    with ismrmrd.Dataset(str(path), "dataset", create_if_needed=False, mode="r") as dset:
-        if "xml" not in dset.list():
-            return None
-        xml = dset.read_xml_header()
-    return ismrmrd.xsd.CreateFromDocument(xml.decode() if isinstance(xml, bytes) else xml)
+    xml = read_result_xml(path)
+    return None if xml is None else parse_header(xml, str(path))
 
 
 def _dicom_of(image: ismrmrd.Image, header: ismrmrd.xsd.ismrmrdHeader | None, job_id: str,
@@ -93,11 +94,15 @@ def _dicom_of(image: ismrmrd.Image, header: ismrmrd.xsd.ismrmrdHeader | None, jo
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = FileDataset("", {}, file_meta=meta, preamble=b"\0" * 128)
     ds.SOPClassUID, ds.SOPInstanceUID = MRImageStorage, meta.MediaStorageSOPInstanceUID
+    ds.SpecificCharacterSet = UTF8  # before any text: names go in as the header has them
     ds.Modality = "MR"
     subject = header.subjectInformation if header is not None else None
     study = header.studyInformation if header is not None else None
+    measurement = header.measurementInformation if header is not None else None
     ds.PatientID = (subject.patientID if subject is not None else None) or ""
     ds.PatientName = (subject.patientName if subject is not None else None) or ""
+    if measurement is not None and measurement.protocolName:
+        ds.ProtocolName = measurement.protocolName[:64]
     ds.StudyInstanceUID = (study.studyInstanceUID if study is not None else None) or generate_uid(
         entropy_srcs=[job_id])
     ds.SeriesInstanceUID = generate_uid(entropy_srcs=[job_id, str(image.image_series_index)])

@@ -18,8 +18,11 @@ KEY_PREFIX = "reconq:"
 JOB_KEY = KEY_PREFIX + "job:"
 #: Sorted set of every job id, scored by creation time.
 JOBS_INDEX = KEY_PREFIX + "jobs"
-#: Sorted set ``reconq:match:<key>`` of job ids for one patient/study/protocol, scored by time.
-MATCH_INDEX = KEY_PREFIX + "match:"
+#: Sorted set ``reconq:exam:<digest>`` of the job ids of one patient, study and protocol, scored by the
+#: job's number (:data:`JOB_SEQ`), so "newest" does not depend on the wall clock.
+EXAM_INDEX = KEY_PREFIX + "exam:"
+#: Counter numbering every job as it is recorded.
+JOB_SEQ = KEY_PREFIX + "jobseq"
 #: Set ``reconq:scanjobs:<scan_id>`` of the job ids made on one scan.
 SCAN_JOBS = KEY_PREFIX + "scanjobs:"
 #: List ``reconq:log:<job_id>`` of the job's log lines.

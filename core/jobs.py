@@ -22,12 +22,13 @@ import redis
 
 from reconq.core.constants import (
     EVENTS_CHANNEL,
+    EXAM_INDEX,
     JOB_ACTIONS,
     JOB_KEY,
     JOB_LOG,
+    JOB_SEQ,
     JOB_STAGES,
     JOBS_INDEX,
-    MATCH_INDEX,
     RETRIEVALS,
     SCAN_JOB_SEQ,
     SCAN_JOBS,
@@ -39,7 +40,7 @@ log = logging.getLogger(__name__)
 
 _JSON_FIELDS = {"params"}
 _FLOAT_FIELDS = {"progress", "created_at", "queued_at", "started_at", "finished_at", "runtime_estimate_s"}
-_INT_FIELDS = {"attempts", "mem_estimate_bytes", "oom_count"}
+_INT_FIELDS = {"attempts", "mem_estimate_bytes", "oom_count", "seq"}
 _LOG_LINES_KEPT = 500
 _STAGES_KEPT = 200
 _SCAN_PAGE = 1000
@@ -76,6 +77,8 @@ class Job:
     runtime_estimate_s: float = 0.0
     #: GPU out-of-memory errors the job has had (each sent it back to wait).
     oom_count: int = 0
+    #: The job's number, from a counter when it was recorded (0: not recorded yet): orders an exam's jobs.
+    seq: int = 0
 
     def to_redis(self) -> dict[str, str]:
         out = {}
@@ -119,10 +122,10 @@ class StageTiming:
     seconds: float
 
 
-def match_key(patient_id: str, study_uid: str, protocol: str) -> str:
+def exam_key(patient_id: str, study_uid: str, protocol: str) -> str:
     """Index key that ties a retrieval scan to the jobs of the same patient, study and protocol."""
     digest = hashlib.sha256("\x1f".join((patient_id, study_uid, protocol)).encode()).hexdigest()[:32]
-    return MATCH_INDEX + digest
+    return EXAM_INDEX + digest
 
 
 class JobStore:
@@ -134,12 +137,15 @@ class JobStore:
         self._update = load_script(client, "reconq.core", "job_update")
 
     def create(self, job: Job) -> bool:
-        """Record ``job`` and its indexes at once; False (and nothing written) if the id exists already."""
-        keys = [JOB_KEY + job.id, JOBS_INDEX, match_key(job.patient_id, job.study_uid, job.protocol),
-                SCAN_JOBS + job.scan_id]
+        """Record ``job`` and its indexes at once, and give it its number (``job.seq``); False (and nothing
+        written) if the id exists already."""
+        keys = [JOB_KEY + job.id, JOBS_INDEX, exam_key(job.patient_id, job.study_uid, job.protocol),
+                SCAN_JOBS + job.scan_id, JOB_SEQ]
         fields_flat = [x for kv in job.to_redis().items() for x in kv]
-        if not self._create(keys=keys, args=[job.created_at, job.id, *fields_flat]):
+        seq = int(self._create(keys=keys, args=[job.created_at, job.id, *fields_flat]))
+        if not seq:
             return False
+        job.seq = seq
         self._publish(job.id, state=job.state.value)
         return True
 
@@ -240,16 +246,10 @@ class JobStore:
     def jobs_for_scan(self, scan_id: str) -> list[str]:
         return sorted(self.redis.smembers(SCAN_JOBS + scan_id))
 
-    def find_for_retrieval(self, patient_id: str, study_uid: str, protocol: str) -> Job | None:
-        """The job a retrieval scan of this patient, study and protocol gets: the newest done one; else
-        the newest still on its way (to wait for); else the newest (failed or cancelled, to say why)."""
-        candidates = [j for j in map(self.get, self.redis.zrevrange(match_key(patient_id, study_uid, protocol), 0, 50))
-                      if j is not None]
-        for wanted in (lambda j: j.state is JobState.DONE, lambda j: not j.state.finished, lambda j: True):
-            found = next((j for j in candidates if wanted(j)), None)
-            if found is not None:
-                return found
-        return None
+    def exam_jobs(self, patient_id: str, study_uid: str, protocol: str, limit: int = 200) -> list[Job]:
+        """The jobs of this patient, study and protocol, newest first (by job number, not by clock)."""
+        ids = self.redis.zrevrange(exam_key(patient_id, study_uid, protocol), 0, limit - 1)
+        return self.get_many(ids)
 
     def record_retrieval(self, found: bool) -> None:
         """Count one retrieval scan and whether it got its images (for the dashboard's success rate)."""

@@ -32,6 +32,7 @@ resolve (a file still being written) fall back to HDF5's own read, in blocks of 
 from __future__ import annotations
 
 import os
+import re
 import struct
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -50,6 +51,8 @@ _MERGE_BYTES = 4096  # stored chunks closer than this (a page) are read with one
 _SMALL_COLLECTION = 64 << 10  # heap collections up to this size are read whole to find their objects
 _COLLECTIONS_KEPT = 64  # located heap collections remembered
 _MEMBERS = {"data": (np.complex64, 2), "traj": (np.float32, 1)}  # dtype, float32 per element
+#: A leading XML declaration (``<?xml version="1.0" encoding="..."?>``), with a byte-order mark before it.
+_DECLARATION = re.compile(r"\A\ufeff?\s*<\?xml\b[^>]*\?>")
 
 #: ``dest(i, shape)``: the array the ``i``-th readout, of ``shape``, is to be read into, or ``None``.
 Dest = Callable[[int, tuple[int, int]], "np.ndarray | None"]
@@ -75,9 +78,14 @@ def read_header(path: str | os.PathLike[str], dataset: str = "dataset") -> ismrm
 
 
 def parse_header(xml: str, source: str) -> ismrmrd.xsd.ismrmrdHeader:
-    """``xml`` parsed as an MRD header; :class:`MrdFileError` naming ``source`` where it cannot be."""
+    """``xml`` parsed as an MRD header; :class:`MrdFileError` naming ``source`` where it cannot be.
+
+    ``xml`` is text, already decoded, so the encoding its XML declaration names no longer applies and the
+    declaration is dropped: ``ismrmrd.xsd.ToXML`` declares ``encoding="ascii"`` by default whatever the
+    header holds, and the parser would refuse such a header's first non-ASCII character (a patient
+    ``Müller``)."""
     try:
-        return ismrmrd.xsd.CreateFromDocument(xml)
+        return ismrmrd.xsd.CreateFromDocument(_DECLARATION.sub("", xml, count=1))
     except Exception as e:  # the XML parser's errors have no common base worth naming
         raise MrdFileError(f"{source}: the MRD header XML cannot be parsed: {e}") from e
 
@@ -87,7 +95,13 @@ def _xml(file: h5py.File, path: str, dataset: str) -> str:
         xml = file[dataset]["xml"][0]
     except (KeyError, ValueError, IndexError, TypeError) as e:
         raise MrdFileError(f"{path} is not a raw MRD file: it has no /{dataset}/xml header ({e})") from e
-    return xml.decode("utf-8") if isinstance(xml, bytes) else str(xml)
+    if not isinstance(xml, bytes):
+        return str(xml)
+    try:
+        return xml.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise MrdFileError(f"{path}: the /{dataset}/xml header is not UTF-8 (byte {xml[e.start]:#04x} at offset "
+                           f"{e.start})") from e
 
 
 class MrdFile:

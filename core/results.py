@@ -1,4 +1,5 @@
-"""Result files: the MRD images of one job, ``/dataset/image_<series>`` as ``ismrmrd.Dataset`` writes them."""
+"""Result files: the MRD images of one job, ``/dataset/image_<series>`` as ``ismrmrd.Dataset`` writes them,
+and the scan's MRD header in ``/dataset/xml`` (UTF-8 bytes: a patient ``Müller^Jørgen`` stays as he is)."""
 
 from __future__ import annotations
 
@@ -6,19 +7,23 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+import h5py
 import ismrmrd
 
+from reconq.core.mrdfile import read_xml
 from reconq.core.storage import fsync_path
 
 
 def write_images(path: Path, images: Sequence[ismrmrd.Image], xml: str | None = None) -> None:
-    """Write ``images`` (grouped by ``image_series_index``) durably: temp file, fsync, rename."""
+    """Write ``images`` (grouped by ``image_series_index``) and the header ``xml`` durably: temp file,
+    fsync, rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.unlink(missing_ok=True)
     with ismrmrd.Dataset(str(tmp), "dataset", create_if_needed=True) as dset:
         if xml is not None:
-            dset.write_xml_header(xml)
+            # the dataset holds bytes (vlen=bytes): h5py would encode a str as ASCII and refuse a non-ASCII name
+            dset.write_xml_header(xml.encode("utf-8"))
         for image in images:
             dset.append_image(f"image_{image.image_series_index}", image)
     fsync_path(tmp)
@@ -36,3 +41,13 @@ def read_images(path: Path) -> list[ismrmrd.Image]:
         for group in groups:
             out.extend(dset.read_image(group, i) for i in range(dset.number_of_images(group)))
     return out
+
+
+def read_result_xml(path: Path) -> str | None:
+    """The MRD header XML stored with a result file, or None where it was written without one.
+
+    Raises :class:`reconq.core.mrdfile.MrdFileError` where the stored header is not UTF-8."""
+    with h5py.File(path, "r") as file:
+        if "xml" not in file.get("dataset", {}):
+            return None
+    return read_xml(path)

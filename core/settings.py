@@ -50,6 +50,15 @@ class Settings(BaseSettings):
     )
     retrieve_wait_s: float = Field(600.0, ge=0, description="How long a retrieval scan waits for a job")
     retrieve_poll_s: float = Field(2.0, gt=0, description="Progress TEXT interval while a retrieval waits")
+    retrieve_repeat_s: float = Field(10.0, ge=0, description="A progress TEXT that says the same as the last "
+                                     "one is sent again only after this long")
+    retrieve_protocol_suffixes: list[str] = Field(
+        default_factory=lambda: ["_retrieve", "_retrieval"],
+        description="Endings stripped from a retrieval scan's protocol name before it is matched",
+    )
+    retrieve_protocol_prefixes: list[str] = Field(
+        default_factory=list, description="Beginnings stripped from a retrieval scan's protocol name before matching",
+    )
 
     write_batch_bytes: int = Field(8 << 20, ge=1 << 16, description="Raw-file writer batch size")
     write_sync_bytes: int = Field(

@@ -58,10 +58,16 @@ def read_reply(sock: socket.socket, limits: p.Limits | None = None) -> Reply:
         src.close()
 
 
+def header_xml(header: ismrmrd.xsd.ismrmrdHeader) -> str:
+    """``header`` as XML declared UTF-8, the encoding it goes on the wire in (``toXML()`` declares ASCII
+    whatever the header holds, which an XML parser refuses for a patient ``Müller``)."""
+    return str(ismrmrd.xsd.ToXML(header, encoding="utf-8"))
+
+
 def opening(config: str | None, header: ismrmrd.xsd.ismrmrdHeader | str, params: dict[str, Any] | None = None,
             config_text: bool = False) -> bytes:
     """CONFIG (file or text, or none), HEADER, and the optional JSON parameter TEXT."""
-    xml = header if isinstance(header, str) else header.toXML()
+    xml = header if isinstance(header, str) else header_xml(header)
     parts = []
     if config is not None:
         parts.append(p.write_length_prefixed(p.MessageId.CONFIG_TEXT, config) if config_text
@@ -95,7 +101,7 @@ def send_file(host: str, port: int, path: Path, config: str | None = None,
     """Stream an MRD file's header, readouts and waveforms, as a scanner would."""
     with ismrmrd.Dataset(str(path), "dataset", create_if_needed=False, mode="r") as dset:
         xml = dset.read_xml_header()
-        xml = xml.decode() if isinstance(xml, bytes) else xml
+        xml = xml.decode("utf-8") if isinstance(xml, bytes) else xml
         n_acq = dset.number_of_acquisitions() if "data" in dset.list() else 0
         n_wav = dset.number_of_waveforms() if "waveforms" in dset.list() else 0
         messages = [p.write_waveform(dset.read_waveform(i)) for i in range(n_wav)]
@@ -115,10 +121,11 @@ def retrieve(host: str, port: int, header: ismrmrd.xsd.ismrmrdHeader | str, conf
 
 
 def retrieval_header(patient_id: str, study_uid: str, protocol: str) -> str:
-    """A minimal MRD header naming a patient, study and protocol (for `reconq retrieve`)."""
+    """A minimal MRD header naming a patient, study and protocol (for `reconq retrieve`); its recon space is
+    all zeros, which asks for the images as they were reconstructed (not fitted to another matrix)."""
     x = ismrmrd.xsd
-    space = x.encodingSpaceType(matrixSize=x.matrixSizeType(x=1, y=1, z=1),
-                                fieldOfView_mm=x.fieldOfViewMm(x=1.0, y=1.0, z=1.0))
+    space = x.encodingSpaceType(matrixSize=x.matrixSizeType(x=0, y=0, z=0),
+                                fieldOfView_mm=x.fieldOfViewMm(x=0.0, y=0.0, z=0.0))
     hdr = x.ismrmrdHeader(
         subjectInformation=x.subjectInformationType(patientID=patient_id),
         studyInformation=x.studyInformationType(studyInstanceUID=study_uid),
@@ -128,4 +135,4 @@ def retrieval_header(patient_id: str, study_uid: str, protocol: str) -> str:
         encoding=[x.encodingType(encodedSpace=space, reconSpace=space, encodingLimits=x.encodingLimitsType(),
                                  trajectory=x.trajectoryType("cartesian"))],
     )
-    return hdr.toXML()
+    return header_xml(hdr)

@@ -95,7 +95,7 @@ def read_message_id(src: MessageSource) -> int:
 def read_config_file(src: MessageSource) -> str:
     """The config file name; a name with a path separator or ``..`` is refused (it names no file of ours)."""
     raw = src.read_exactly(CONFIG_FILE_SIZE)
-    name = raw.split(b"\0", 1)[0].decode("utf-8", errors="replace").strip()
+    name = utf8(raw.split(b"\0", 1)[0], "CONFIG_FILE").strip()
     if "/" in name or "\\" in name or ".." in name:
         raise ProtocolError(f"config file name {name!r} is not a plain name (no path separators, no '..')")
     return name
@@ -108,16 +108,26 @@ def write_config_file(name: str) -> bytes:
     return ID.pack(MessageId.CONFIG_FILE) + encoded.ljust(CONFIG_FILE_SIZE, b"\0")
 
 
+def utf8(raw: bytes, what: str) -> str:
+    """``raw`` decoded as UTF-8; bytes that are not UTF-8 are refused, never replaced: a header's patient
+    name must reach the raw file as the scanner sent it."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ProtocolError(f"{what} is not UTF-8 text: byte {raw[e.start]:#04x} at offset {e.start}") from e
+
+
 # ID 2 CONFIG_TEXT, 3 HEADER, 5 TEXT | 2 bytes id | uint32 length | length bytes UTF-8
+#   (the length counts bytes, not characters: "Müller" is 7)
 def read_length_prefixed(src: MessageSource, limit: int, what: str) -> str:
     (length,) = LENGTH.unpack(src.read_exactly(LENGTH.size))
     if length > limit:
         raise ProtocolError(f"{what} of {length} bytes exceeds the limit of {limit} bytes")
-    return src.read_exactly(length).rstrip(b"\0").decode("utf-8", errors="replace")
+    return utf8(src.read_exactly(length).rstrip(b"\0"), what)
 
 
 def write_length_prefixed(msg_id: MessageId, text: str) -> bytes:
-    encoded = text.encode("utf-8")
+    encoded = text.encode("utf-8")  # the length prefix is that of the encoded bytes
     return ID.pack(msg_id) + LENGTH.pack(len(encoded)) + encoded
 
 
@@ -151,6 +161,15 @@ def read_acquisition_head(src: MessageSource, limits: Limits) -> tuple[bytes, in
             f"the limit of {limits.max_acquisition_bytes} bytes"
         )
     return head, size
+
+
+_ACQ_MEASUREMENT_UID = struct.Struct("<I")
+_ACQ_MEASUREMENT_UID_AT = ismrmrd.hdf5.acquisition_header_dtype.fields["measurement_uid"][1]
+
+
+def acquisition_measurement_uid(head: bytes) -> int:
+    """The ``measurement_uid`` of a readout, from its header bytes."""
+    return int(_ACQ_MEASUREMENT_UID.unpack_from(head, _ACQ_MEASUREMENT_UID_AT)[0])
 
 
 def read_acquisition(src: MessageSource, limits: Limits) -> tuple[bytes, bytes]:

@@ -10,8 +10,7 @@ import logging
 import socket
 from collections.abc import Callable, Collection
 
-import ismrmrd.xsd
-
+from reconq.core.mrdfile import MrdFileError, parse_header
 from reconq.gateway import protocol as p
 from reconq.gateway.opening import Opening
 
@@ -80,10 +79,10 @@ class MessageStream:
         if msg != p.MessageId.HEADER:
             raise p.ProtocolError(f"expected the HEADER, got {p.describe(msg)}; nothing was stored")
         xml = str(self.read(msg))
-        try:
-            header = ismrmrd.xsd.CreateFromDocument(xml)
-        except Exception as e:  # the xsd binding raises several unrelated types
-            raise p.ProtocolError(f"HEADER is not a valid MRD XML header: {e}") from e
+        try:  # parse_header ignores the declared encoding (ismrmrd's ToXML declares ASCII for any header)
+            header = parse_header(xml, "HEADER")
+        except MrdFileError as e:
+            raise p.ProtocolError(f"HEADER is not a valid MRD XML header: {e.__cause__ or e}") from e
         return Opening(config_file, config_text, xml, header)
 
     def read_until_close(self, handlers: dict[int, Handler], drop: Collection[int] = ()) -> None:

@@ -336,22 +336,6 @@ def test_retrieval_by_job_id_of_another_patient_is_refused(gw, store, scan):
     assert back.texts[-1] == f"ERR job {job_id} belongs to another patient or study than this exam"
 
 
-def test_retrieval_prefers_the_finished_job_over_a_newer_retro_recon(store):
-    from reconq.core.jobs import Job
-
-    first = Job(id="s-j1", scan_id="s", pipeline="cartesian", patient_id="P", study_uid="S", protocol="t1",
-                created_at=1.0)
-    retro = Job(id="s-j2", scan_id="s", pipeline="sense", patient_id="P", study_uid="S", protocol="t1",
-                created_at=2.0)
-    store.create(first)
-    store.create(retro)
-    assert store.find_for_retrieval("P", "S", "t1").id == "s-j2"  # both on their way: the newest
-    store.set_state("s-j1", JobState.RUNNING)
-    store.set_state("s-j1", JobState.DONE)
-    assert store.find_for_retrieval("P", "S", "t1").id == "s-j1"  # a finished one beats a newer running one
-    assert store.find_for_retrieval("P", "S", "other") is None
-
-
 def test_a_cancelled_job_stays_cancelled(store):
     """A worker that took the job just before staff cancelled it cannot set it running (or anything else)."""
     from reconq.core.jobs import Job
