@@ -89,7 +89,7 @@ def fit_images(
             image has no pixels or no positive FOV.
     """
     target = retrieval_plane(header)
-    if not 0 <= int(measurement_uid) <= UID_MAX:
+    if not isinstance(measurement_uid, int | np.integer) or not 0 <= int(measurement_uid) <= UID_MAX:
         raise ReconError(f"measurement_uid {measurement_uid}: must be 0..{UID_MAX} (uint32)")
     if not images:
         return [], "no images to fit"
@@ -214,5 +214,6 @@ def _description(sources: list[Plane], target: Plane, actions: set[str]) -> str:
     if not actions:
         return "unchanged: the retrieval scan's matrix and FOV match"
     done = [a for a in ("resampled in k-space", "cropped", "zero-padded") if a in actions]
+    steps = done[0] if len(done) == 1 else f"{', '.join(done[:-1])} and {done[-1]}"
     return (f"images {', '.join(s.describe() for s in sources)} fitted to the retrieval scan's "
-            f"{target.describe()}: {' and '.join(done)}")
+            f"{target.describe()}: {steps}")

@@ -436,7 +436,7 @@ def write_mrd(scan: SyntheticScan, path: str | os.PathLike) -> Path:
     path = Path(path)
     path.unlink(missing_ok=True)
     with ismrmrd.Dataset(str(path), "dataset", create_if_needed=True) as dataset:
-        dataset.write_xml_header(xsd.ToXML(scan.header))
+        dataset.write_xml_header(xsd.ToXML(scan.header, encoding="utf-8").encode("utf-8"))  # any patient name
         for acq in scan.acquisitions:
             dataset.append_acquisition(acq)
     return path

@@ -50,7 +50,8 @@ def retrieval_header(matrix, fov) -> xsd.ismrmrdHeader:
                                   fieldOfView_mm=xsd.fieldOfViewMm(x=fov[0], y=fov[1], z=5.0))
     encoding = xsd.encodingType(encodedSpace=space, reconSpace=space, encodingLimits=xsd.encodingLimitsType(),
                                 trajectory=xsd.trajectoryType.CARTESIAN)
-    return xsd.ismrmrdHeader(encoding=[encoding])
+    conditions = xsd.experimentalConditionsType(H1resonanceFrequency_Hz=123_200_000)
+    return xsd.ismrmrdHeader(experimentalConditions=conditions, encoding=[encoding])
 
 
 def in_plane_error(image, points, target):
@@ -76,7 +77,7 @@ CASES = {
 @pytest.mark.parametrize("case", CASES)
 def test_bright_pixel_stays_at_its_patient_coordinate(case):
     (matrix, fov), (out_matrix, out_fov) = CASES[case]
-    row, col = matrix[0] // 2 - 17, matrix[1] // 2 + 23  # off centre, inside every output FOV
+    row, col = matrix[0] // 2 - 18, matrix[1] // 2 + 22  # off centre, inside every output FOV, no ties
     image = make_image(matrix, fov, lambda points: np.zeros(points.shape[:-1]))
     image.data[0, 0, row, col] = 4095
     point = grid(image).points()[0, row, col]
@@ -138,13 +139,17 @@ def test_same_pixels_crop_or_pad_about_pixel_n_over_2(n, m):
     np.testing.assert_array_equal(mapped, np.where((offsets >= 0) & (offsets < n), offsets + 1.0, 0.0))
 
 
-def test_uniform_region_keeps_its_value_and_values_stay_in_range():
-    image = make_image((128, 128), (220.0, 220.0), lambda p: np.where(np.abs((p - CENTRE) @ READ) < 60, 3000, 0))
-    (fitted,), _ = fit_images([image], retrieval_header((200, 180), (230.0, 210.0)), NEW_UID)
-    ny, nx = fitted.data.shape[-2:]
+def test_uniform_image_keeps_its_value_inside_and_zeros_outside():
+    """A constant stays constant (the k-space scaling keeps intensities) where the input has pixels,
+    and is zero where the output FOV reaches beyond them (x: 220 -> 250 mm); y is cropped (220 -> 200)."""
+    image = make_image((128, 128), (220.0, 220.0), lambda points: np.full(points.shape[:-1], 3000.0))
+    (fitted,), description = fit_images([image], retrieval_header((200, 180), (250.0, 200.0)), NEW_UID)
+    assert description.endswith(": resampled in k-space, cropped and zero-padded")
+    across = (grid(fitted).points()[0] - CENTRE) @ READ  # (ny, nx) mm from the centre along x
+    d = 220.0 / 128
     assert fitted.data.dtype == np.uint16 and fitted.data.max() <= 3000  # ringing clipped, not wrapped
-    centre = fitted.data[0, 0, ny // 2 - 20:ny // 2 + 20, nx // 2 - 20:nx // 2 + 20].astype(float)
-    np.testing.assert_allclose(centre, 3000, atol=3)
+    np.testing.assert_allclose(fitted.data[0, 0][np.abs(across) < 110 - d], 3000, atol=1)
+    assert not fitted.data[0, 0][np.abs(across) > 110 + d].any()
 
 
 def test_same_matrix_and_fov_leaves_data_unchanged():
@@ -205,7 +210,8 @@ def test_header_without_recon_space_is_refused():
     with pytest.raises(ReconError, match="reconSpace"):
         fit_images([make_image((64, 64), (200.0, 200.0), gaussian(CENTRE, 20.0))], header, NEW_UID)
     with pytest.raises(ReconError, match="reconSpace"):
-        fit_images([], xsd.ismrmrdHeader(encoding=[]), NEW_UID)
+        header.encoding = []
+        fit_images([], header, NEW_UID)
 
 
 @pytest.mark.parametrize(("matrix", "fov"), [((0, 64), (200.0, 200.0)), ((64, 64), (200.0, -1.0)),
@@ -216,7 +222,7 @@ def test_non_positive_sizes_are_refused(matrix, fov):
         fit_images([image], retrieval_header(matrix, fov), NEW_UID)
 
 
-@pytest.mark.parametrize("uid", [-1, 2**32])
+@pytest.mark.parametrize("uid", [-1, 2**32, None])
 def test_measurement_uid_must_fit_the_header(uid):
     with pytest.raises(ReconError, match="measurement_uid"):
         fit_images([], retrieval_header((64, 64), (200.0, 200.0)), uid)

@@ -169,3 +169,23 @@ def test_a_missing_result_file_is_said_not_silent(gateway, worker, jobs):
     back = client.retrieve(host, port, scan.header)
     assert back.closed and not back.images
     assert back.texts[-1].startswith(f"ERR the images of job {j1} cannot be read (result file missing"), back.texts
+
+
+def test_redis_out_of_reach_is_an_err_not_silence(tmp_path):
+    """Redis stopped under a running gateway: a retrieval scan is told so, and nothing is sent as images."""
+    from reconq.core.redisconn import PrivateRedis
+    from reconq.core.settings import load_settings
+    from reconq.services import make_gateway
+
+    server = PrivateRedis(tmp_path / "redis")
+    server.start()
+    settings = load_settings(data_dir=tmp_path / "data", redis_url=server.url, mrd_port=0, min_free_bytes=0)
+    gw = make_gateway(settings)
+    host, port = gw.start()
+    try:
+        server.stop()  # a real outage: the server process is gone
+        back = client.retrieve(host, port, exam(6).header)
+    finally:
+        gw.stop()
+    assert back.closed and not back.images
+    assert back.texts[-1].startswith("ERR the job records cannot be read (Redis unreachable"), back.texts

@@ -23,7 +23,7 @@ from reconq.core.states import JobState
 from reconq.gateway import client
 from reconq.gateway import protocol as p
 from reconq.gateway.rawfile import RawFileWriter
-from reconq.recon.simulate import synthetic_scan
+from reconq.recon.simulate import synthetic_scan, write_mrd
 from reconq.services import make_api
 
 PATIENT = "Müller^Jørgen"
@@ -119,6 +119,11 @@ def test_result_file_keeps_a_utf8_header_and_image_attributes(tmp_path) -> None:
     assert len(images) == 2 and all(im.meta["SequenceDescription"] == PROTOCOL for im in images)
     write_images(tmp_path / "bare.h5", [an_image()])
     assert read_result_xml(tmp_path / "bare.h5") is None
+
+
+def test_a_simulated_raw_file_keeps_a_non_ascii_name(tmp_path) -> None:
+    path = write_mrd(synthetic_scan(matrix=(16, 16), ncoil=2, patient_name="Müller^Jørgen"), tmp_path / "raw.h5")
+    assert read_header(path).subjectInformation.patientName == "Müller^Jørgen"
 
 
 def test_a_raw_file_header_that_is_not_utf8_is_named(tmp_path) -> None:
