@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -126,6 +126,23 @@ def exam_key(patient_id: str, study_uid: str, protocol: str) -> str:
     """Index key that ties a retrieval scan to the jobs of the same patient, study and protocol."""
     digest = hashlib.sha256("\x1f".join((patient_id, study_uid, protocol)).encode()).hexdigest()[:32]
     return EXAM_INDEX + digest
+
+
+def newest_results(candidates: Sequence[Job]) -> list[Job]:
+    """The results of one exam and protocol that count (what a retrieval gets, what the exam view shows):
+    the newest scan's newest job of each pipeline, oldest pipeline first. A scan's place is its first
+    job's number (jobs are numbered as they are recorded), so a retro-recon of an older scan never stands
+    in for a newer scan."""
+    by_scan: dict[str, list[Job]] = {}
+    for job in candidates:
+        by_scan.setdefault(job.scan_id, []).append(job)
+    if not by_scan:
+        return []
+    newest = max(by_scan.values(), key=lambda jobs: min(j.seq for j in jobs))
+    per_pipeline: dict[str, Job] = {}
+    for job in sorted(newest, key=lambda j: j.seq):
+        per_pipeline[job.pipeline] = job  # a later job of the same pipeline replaces an earlier one
+    return sorted(per_pipeline.values(), key=lambda j: j.seq)
 
 
 class JobStore:

@@ -25,14 +25,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import ismrmrd
 import redis
 
-from reconq.core.jobs import Job
+from reconq.core.jobs import Job, newest_results
 from reconq.core.results import read_images
 from reconq.core.settings import Settings
 from reconq.core.states import JobState
@@ -74,22 +73,6 @@ def gives_form(header: Any) -> bool:
         return False
     return min(space.matrixSize.x or 0, space.matrixSize.y or 0) > 0 and \
         min(space.fieldOfView_mm.x or 0, space.fieldOfView_mm.y or 0) > 0
-
-
-def newest_results(candidates: Sequence[Job]) -> list[Job]:
-    """What a retrieval of these jobs (one exam and protocol) gets: the newest scan's newest job of each
-    pipeline, oldest pipeline first. A scan's place is its first job's number (jobs are numbered as they
-    are recorded), so a retro-recon of an older scan never stands in for a newer scan."""
-    by_scan: dict[str, list[Job]] = {}
-    for job in candidates:
-        by_scan.setdefault(job.scan_id, []).append(job)
-    if not by_scan:
-        return []
-    newest = max(by_scan.values(), key=lambda jobs: min(j.seq for j in jobs))
-    per_pipeline: dict[str, Job] = {}
-    for job in sorted(newest, key=lambda j: j.seq):
-        per_pipeline[job.pipeline] = job  # a later job of the same pipeline replaces an earlier one
-    return sorted(per_pipeline.values(), key=lambda j: j.seq)
 
 
 class Retrieval:

@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 import redis
 
-from reconq.core.jobs import Job, JobStore
+from reconq.core.jobs import Job, JobStore, newest_results
 from reconq.core.settings import Settings
 from reconq.core.states import JobState
 from reconq.demo import expected_magnitude, nrmse
 from reconq.gateway import client
 from reconq.gateway import protocol as p
-from reconq.gateway.retrieval import matched_protocol, missing_identity, newest_results
+from reconq.gateway.retrieval import matched_protocol, missing_identity
 from reconq.recon.simulate import synthetic_scan
 
 
