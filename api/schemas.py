@@ -16,6 +16,7 @@ from typing_extensions import TypeAliasType
 from reconq.core.constants import Queue
 from reconq.core.jobs import Job
 from reconq.core.states import JobState
+from reconq.scheduler.exams import Exam
 from reconq.scheduler.monitor import ClusterStatus
 
 #: A pipeline parameter: JSON, spelled out so that the OpenAPI description says what it may hold.
@@ -110,6 +111,47 @@ class JobPage(BaseModel):
     offset: int
     limit: int
     jobs: list[JobOut]
+
+
+# --- exams ----------------------------------------------------------------------------------------
+
+class SeriesOut(BaseModel):
+    """One protocol's result that counts (the newest scan's newest job of a pipeline), and when."""
+
+    protocol: str
+    job_id: str
+    scan_id: str
+    pipeline: str
+    state: JobState
+    progress: float = Field(ge=0, le=1, description="Reported progress, moved on by the time spent while "
+                                                    "it runs (at most 0.99 until done)")
+    expected_finish: float | None = Field(description="Epoch seconds the images are expected; null: not "
+                                                      "known, or finished")
+    ready: bool = Field(description="Done: a retrieval scan gets its images now")
+    queue_position: int | None = Field(description="0-based among the queued jobs of its queue; null: not "
+                                                   "queued")
+    error: str
+
+
+class ExamOut(BaseModel):
+    """One patient and study (or one scan without either: ``identified`` false) and its series."""
+
+    patient: str = Field(description="Patient ID; masked for viewers who are not signed in as staff")
+    study_uid: str
+    identified: bool = Field(description="False: the scan has no patient ID or study UID")
+    first_at: float = Field(description="When its first job was created (epoch seconds)")
+    series: list[SeriesOut] = Field(description="In the order of their first job")
+
+    @classmethod
+    def of(cls, exam: Exam, staff: bool) -> ExamOut:
+        return cls(patient=exam.patient_id if staff else mask(exam.patient_id), study_uid=exam.study_uid,
+                   identified=exam.identified, first_at=exam.first_at,
+                   series=[SeriesOut.model_validate(s, from_attributes=True) for s in exam.series])
+
+
+class ExamDay(BaseModel):
+    day: str = Field(description="YYYY-MM-DD, the server's local time")
+    exams: list[ExamOut] = Field(description="Newest first (by their newest job)")
 
 
 # --- staff actions --------------------------------------------------------------------------------

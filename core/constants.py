@@ -80,7 +80,8 @@ GPU_WAITING_NEED = KEY_PREFIX + "waitneed"
 #: Hash: job id -> expected run time in seconds, for the jobs in :data:`GPU_WAITING` whose run time is
 #: estimated (see :mod:`reconq.scheduler.estimate`).
 GPU_WAITING_SECONDS = KEY_PREFIX + "waitsecs"
-#: List per pipeline and protocol (``<prefix><pipeline>:<protocol>``): the run times of its latest jobs.
+#: List per device class, pipeline and protocol (``<prefix><gpu|cpu>:<pipeline>:<protocol>``): the run times of
+#: its latest jobs.
 RUNTIME_HISTORY = KEY_PREFIX + "runtimes:"
 
 # --- Dashboard, staff actions and metrics (gateway/) ----------------------------------------------

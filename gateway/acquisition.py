@@ -12,13 +12,16 @@ import time
 from typing import Any
 
 import ismrmrd.xsd
+import redis
 
+from reconq.core.jobs import Job
 from reconq.core.storage import ScanRecord, ScanState
 from reconq.gateway import protocol as p
 from reconq.gateway.context import SessionContext
 from reconq.gateway.opening import Opening, identity, parameters_from_text
 from reconq.gateway.rawfile import RawFileWriter, write_error
 from reconq.gateway.stream import MessageStream, SessionError, text
+from reconq.scheduler.exams import expected_seconds_now
 from reconq.scheduler.submit import fail_receiving
 
 log = logging.getLogger(__name__)
@@ -124,6 +127,18 @@ class Acquisition:
         if record.pipeline:
             fail_receiving(self.ctx.jobs, record.scan_id, record.error or "cut off")
 
+    def _expected(self, job: Job) -> str:
+        """``; images expected about HH:MM`` (local time) where the job's run time is expected, else ''
+        (also when Redis cannot say: the ack does not wait on it)."""
+        try:
+            seconds = expected_seconds_now(self.ctx.jobs.redis, job)
+        except redis.RedisError as e:
+            log.info("job %s: no expected run time for the ack (%s)", job.id, e)
+            return ""
+        if not seconds:
+            return ""
+        return f"; images expected about {time.strftime('%H:%M', time.localtime(time.time() + seconds))}"
+
     def _count(self, record: ScanRecord, writer: RawFileWriter) -> None:
         record.acquisitions, record.waveforms = writer.written_acquisitions, writer.written_waveforms
         record.images = writer.images
@@ -141,7 +156,8 @@ class Acquisition:
             return
         job = self.ctx.submit(record, header)  # parsed already: placing the job reads no file before the ack
         self.stream.send(
-            text("INF", f"job {job.id} queued: pipeline {job.pipeline}, {record.acquisitions} readouts stored"),
+            text("INF", f"job {job.id} queued: pipeline {job.pipeline}, {record.acquisitions} readouts stored"
+                        f"{self._expected(job)}"),
             p.write_close(),
         )
         t_ack = time.perf_counter()

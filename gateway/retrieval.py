@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import ismrmrd
 import redis
@@ -145,7 +145,7 @@ class Retrieval:
 
     def _acquisition(self) -> None:
         """A readout of the retrieval scan: dropped; the first gives the session's ``measurement_uid``."""
-        head, _payload = self.stream.read(p.MessageId.ACQUISITION)  # type: ignore[misc]
+        head, _payload = cast(tuple[bytes, bytes], self.stream.read(p.MessageId.ACQUISITION))
         if self.measurement_uid is None:
             self.measurement_uid = p.acquisition_measurement_uid(head)
 

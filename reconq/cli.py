@@ -155,6 +155,49 @@ def cmd_jobs(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_exams(settings: Settings, args: argparse.Namespace) -> int:
+    """One day's exams: per series its state and progress, and when its images are expected."""
+    import time
+    from datetime import date
+
+    from reconq.api.schemas import ExamDay, ExamOut
+    from reconq.core.jobs import JobStore
+    from reconq.core.redisconn import connect
+    from reconq.scheduler.exams import day_bounds, exams_of_day
+
+    try:
+        day = date.fromisoformat(args.day) if args.day else date.today()
+    except ValueError:
+        print(f"reconq exams: --day {args.day!r} is not YYYY-MM-DD", file=sys.stderr)
+        return 2
+    store = JobStore(connect(settings))
+    exams = exams_of_day(store, store.redis, *day_bounds(day), time.time())
+    if args.json:  # as GET /api/exams for staff
+        print(ExamDay(day=day.isoformat(), exams=[ExamOut.of(e, staff=True) for e in exams]).model_dump_json(indent=2))
+        return 0
+    for exam in exams:
+        who = f"{exam.patient_id} / {exam.study_uid}" if exam.identified else f"(no patient or study) {exam.patient_id}"
+        print(f"{who.strip()}  since {time.strftime('%H:%M', time.localtime(exam.first_at))}")
+        for s in exam.series:
+            print(f"  {s.protocol[:20]:20} {s.pipeline:12} {s.state:15} {100 * s.progress:4.0f}%  {_when(s)}")
+    print(f"({len(exams)} exams on {day.isoformat()})")
+    return 0
+
+
+def _when(series: Any) -> str:
+    """A series' line end: ready, its error, its expected finish as local HH:MM, or its queue place."""
+    import time
+
+    if series.ready:
+        return "ready to retrieve"
+    if series.error:
+        return series.error
+    place = f" (#{series.queue_position + 1} in its queue)" if series.queue_position is not None else ""
+    if series.expected_finish is None:
+        return "expected: not known" + place
+    return f"expected {time.strftime('%H:%M', time.localtime(series.expected_finish))}{place}"
+
+
 def cmd_retro(settings: Settings, args: argparse.Namespace) -> int:
     """A new job on a stored scan with another pipeline or parameters (run where the data folder is)."""
     import getpass
@@ -235,6 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("jobs", cmd_jobs, "list jobs, newest first")
     p.add_argument("--state", default=None)
     p.add_argument("--limit", type=int, default=20)
+    p = add("exams", cmd_exams, "one day's exams: each series' state, progress and expected finish")
+    p.add_argument("--day", default=None, help="YYYY-MM-DD (default: today, local time)")
+    p.add_argument("--json", action="store_true", help="print JSON (as GET /api/exams)")
     p = add("demo", cmd_demo, "a synthetic scan through the whole flow, on a private Redis and CPU workers")
     p.add_argument("--out", default="reconq-demo", help="output folder (default ./reconq-demo)")
     return parser

@@ -21,7 +21,8 @@ Run-time estimates (:func:`estimate_seconds`), which only order waiting jobs and
 memory held for a large one, come from ``params["expected_seconds"]``, the pipeline's
 ``runtime_estimate(header, params)`` (seconds; ``None``: not known), or the median of the latest run
 times of the same pipeline and protocol (:func:`record_runtime` keeps them), in that order; else they
-are unknown.
+are unknown. Run times are kept per device class (:data:`GPU`, :data:`CPU`): a CPU run is slower, so
+GPU placement reads the GPU history and an exam's expected finish the history of where its job runs.
 """
 
 from __future__ import annotations
@@ -86,8 +87,11 @@ def estimate_bytes(header: Any, params: Mapping[str, Any], pipeline: Pipeline | 
     return int(own)
 
 
-#: Run times kept per pipeline and protocol for :func:`history_seconds`.
+#: Run times kept per pipeline, protocol and device class for :func:`history_seconds`.
 HISTORY_KEPT = 20
+#: Device classes whose run times are kept apart.
+GPU, CPU = "gpu", "cpu"
+DEVICE_CLASSES = (GPU, CPU)
 
 
 def estimate_seconds(header: Any, params: Mapping[str, Any], pipeline: Pipeline | None = None,
@@ -111,21 +115,24 @@ def estimate_seconds(header: Any, params: Mapping[str, Any], pipeline: Pipeline 
     return history or 0.0
 
 
-def _history_key(pipeline: str, protocol: str) -> str:
-    return f"{RUNTIME_HISTORY}{pipeline}:{protocol}"
+def _history_key(pipeline: str, protocol: str, device: str) -> str:
+    if device not in DEVICE_CLASSES:
+        raise ValueError(f"device class must be one of {DEVICE_CLASSES}, not {device!r}")
+    return f"{RUNTIME_HISTORY}{device}:{pipeline}:{protocol}"
 
 
-def record_runtime(client: redis.Redis, pipeline: str, protocol: str, seconds: float) -> None:
-    """Keep a finished job's run time (the latest :data:`HISTORY_KEPT` per pipeline and protocol)."""
-    key = _history_key(pipeline, protocol)
+def record_runtime(client: redis.Redis, pipeline: str, protocol: str, seconds: float, device: str = GPU) -> None:
+    """Keep a finished job's run time (the latest :data:`HISTORY_KEPT` per pipeline, protocol and device
+    class, ``gpu`` or ``cpu``)."""
+    key = _history_key(pipeline, protocol, device)
     pipe = client.pipeline()
     pipe.lpush(key, f"{seconds:.3f}")
     pipe.ltrim(key, 0, HISTORY_KEPT - 1)
     pipe.execute()
 
 
-def history_seconds(client: redis.Redis, pipeline: str, protocol: str) -> float | None:
-    """The median of the latest run times of ``pipeline`` on ``protocol``; None if it has none."""
-    times = [float(x) for x in client.lrange(_history_key(pipeline, protocol), 0, -1)]
+def history_seconds(client: redis.Redis, pipeline: str, protocol: str, device: str = GPU) -> float | None:
+    """The median of the latest run times of ``pipeline`` on ``protocol`` on ``device`` (``gpu`` or
+    ``cpu``); None if it has none."""
+    times = [float(x) for x in client.lrange(_history_key(pipeline, protocol, device), 0, -1)]
     return statistics.median(times) if times else None
-

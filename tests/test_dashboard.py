@@ -160,6 +160,7 @@ def test_scan_appears_progresses_turns_done_and_shows_its_images(gateway, worker
     cells = row(browser, job_id)
     assert cells[2] == "dash_t1" and cells[10] and cells[11] == "1" and cells[9]  # protocol, GPU, attempts, run time
     assert browser.find_element(By.CSS_SELECTOR, '#queues .depth[data-queue="routine"]').text == "0"
+    browser.find_element(By.ID, "tab-jobs").click()  # the exams of the day come first; the table is a tab
     screenshot(browser, "dashboard-jobs.png")
 
     browser.find_element(By.LINK_TEXT, job_id).click()
@@ -230,7 +231,7 @@ def test_filters_narrow_the_table(gateway, live_api, browser, e2e_settings):
     for i, proto in enumerate(["filter_flair", "filter_dwi", "filter_flair_cor"]):
         store.create(Job(id=f"filt-{i}", scan_id=f"filt{i}", pipeline="cartesian", protocol=proto,
                          created_at=time.time() - i))
-    browser.get(live_api.url + "/")
+    browser.get(live_api.url + "/#jobs")
     wait_for(browser, lambda d: row(d, "filt-0") is not None, "the jobs")
     wait_for(browser, lambda d: len(options(d, "#filters select[name=state]")) > 1, "the state filter's choices")
     assert options(browser, "#filters select[name=state]") == ["any", *(s.value for s in JobState)]
@@ -240,3 +241,70 @@ def test_filters_narrow_the_table(gateway, live_api, browser, e2e_settings):
     wait_for(browser, lambda d: row(d, "filt-1") is None, "the filtered table")
     ids = [r.get_attribute("data-id") for r in browser.find_elements(By.CSS_SELECTOR, "#jobs tbody tr[data-id]")]
     assert ids == ["filt-0", "filt-2"]
+
+
+def series(driver: webdriver.Chrome, job_id: str) -> dict[str, str] | None:
+    """The texts of a series' row on the exams view and of its exam's heading, or None (read in one go)."""
+    return driver.execute_script(
+        "const r = document.querySelector(`#exams tr[data-job='${arguments[0]}']`);"
+        "if (!r) return null;"
+        "const t = (sel) => r.querySelector(sel).innerText.trim();"
+        "return {state: t('.state').toLowerCase(), finish: t('.finish'), retrieval: t('.retrieval'),"
+        "        link: r.querySelector('.job a').getAttribute('href'),"
+        "        exam: r.closest('.exam').querySelector('.exam-head').innerText}", job_id)
+
+
+def test_exams_of_the_day_say_when_to_retrieve(live_api, browser, e2e_settings, tmp_path):
+    from reconq.core.jobs import Job, JobStore
+
+    store = JobStore(redis.Redis.from_url(e2e_settings.redis_url or "", decode_responses=True))
+    t0 = time.time()
+
+    def job(job_id: str, protocol: str, patient_id: str = "EXAM0042", study_uid: str = "1.2.826.0.1.4242") -> str:
+        assert store.create(Job(id=job_id, scan_id=job_id, pipeline="cartesian", protocol=protocol,
+                                patient_id=patient_id, study_uid=study_uid, created_at=time.time(),
+                                queued_at=time.time()))
+        return job_id
+
+    done = job("exam-t1", "exam_t1")
+    result = tmp_path / "exam-t1.h5"
+    result.write_bytes(b"images")
+    assert store.set_state(done, JobState.RUNNING, progress=0.5)
+    assert store.set_state(done, JobState.DONE, progress=1.0, stage="done", result_path=str(result))
+    queued = job("exam-t2", "exam_t2")
+    assert store.update(queued, runtime_estimate_s=120.0)  # no run-time history for this protocol: this is used
+    failed = job("exam-dwi", "exam_dwi")
+    assert store.set_state(failed, JobState.FAILED, error="coil 3 saturated")
+    anonymous = job("exam-anon", "exam_anon", patient_id="", study_uid="")
+
+    browser.get(live_api.url + "/")  # the exams of the day are the first view
+    wait_for(browser, lambda d: all(series(d, j) for j in (done, queued, failed, anonymous)), "the exams' series")
+    assert browser.find_element(By.ID, "view-exams").is_displayed()
+    assert not browser.find_element(By.ID, "view-jobs").is_displayed()
+
+    exams = browser.execute_async_script(
+        "fetch('/api/exams').then((r) => r.json()).then(arguments[arguments.length - 1])")
+    expected = next(s for x in exams["exams"] for s in x["series"] if s["job_id"] == queued)["expected_finish"]
+    assert expected is not None and expected >= t0 + 120 - 2, expected
+    row_queued = series(browser, queued)
+    assert row_queued["state"] == "queued"
+    assert row_queued["finish"].split()[0] == time.strftime("%H:%M", time.localtime(expected))  # HH:MM, local
+    assert row_queued["retrieval"] == "not yet" and row_queued["link"] == f"/jobs/{queued}"
+    assert "E******2" in row_queued["exam"] and "1.2.826.0.1.4242" in row_queued["exam"]  # one card per exam
+    assert "retrieve after" in row_queued["exam"]
+
+    assert series(browser, done)["retrieval"] == "ready to retrieve"
+    assert series(browser, done)["finish"] == ""
+    assert series(browser, failed)["retrieval"] == "coil 3 saturated"
+    assert "no patient ID / study UID: retrieve by job id" in series(browser, anonymous)["exam"]
+    screenshot(browser, "dashboard-exams.png")
+
+    # the card follows the live events: the queued series runs and is done, and the exam's verdict with it
+    assert store.set_state(queued, JobState.RUNNING, progress=0.0)
+    assert store.set_state(queued, JobState.DONE, progress=1.0, result_path=str(result))
+    wait_for(browser, lambda d: series(d, queued)["retrieval"] == "ready to retrieve", "the series to be ready")
+    assert "retrieve after" not in series(browser, queued)["exam"]
+
+    browser.find_element(By.ID, "tab-jobs").click()  # all jobs stay one click away
+    wait_for(browser, lambda d: d.find_element(By.ID, "jobs").is_displayed(), "the jobs table")
+    assert not browser.find_element(By.ID, "view-exams").is_displayed()

@@ -27,7 +27,7 @@ from reconq.recon.pipeline import Pipeline
 from reconq.recon.rawdata import RawScan
 from reconq.recon.registry import get_pipeline
 from reconq.scheduler.admission import Admission, Decision, Verdict
-from reconq.scheduler.estimate import GB, EstimateError, record_runtime
+from reconq.scheduler.estimate import CPU, GB, GPU, EstimateError, record_runtime
 from reconq.scheduler.inventory import make_inventory
 from reconq.scheduler.placement import estimate_job
 from reconq.scheduler.routing import gpu_queue, waiting_score
@@ -231,8 +231,8 @@ class JobRunner:
             return JobState.CANCELLED.value
         elapsed = time.perf_counter() - t0
         self.store.set_state(job.id, JobState.DONE, progress=1.0, stage="done", result_path=str(result))
-        if self.slot.is_gpu:  # the run times that estimate GPU jobs (a CPU run is slower)
-            record_runtime(self.store.redis, job.pipeline, job.protocol, elapsed)
+        # kept per device class: GPU runs estimate GPU jobs, CPU runs (slower) the jobs CPU workers take
+        record_runtime(self.store.redis, job.pipeline, job.protocol, elapsed, GPU if self.slot.is_gpu else CPU)
         log.info("job %s: done in %.1f s -> %s", job.id, elapsed, result)
         return JobState.DONE.value
 

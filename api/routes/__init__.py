@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from reconq.api.routes import actions, auth, events, gpus, jobs, metrics, pages, retro, status
+from reconq.api.routes import actions, auth, events, exams, gpus, jobs, metrics, pages, retro, status
 
-#: jobs, staff actions on them, retro-recon, status panels, live events, GPUs, sign-in, metrics, pages
-ROUTERS = (jobs.router, actions.router, retro.router, status.router, events.router, gpus.router, auth.router,
-           metrics.router, pages.router)
+#: jobs, staff actions on them, retro-recon, exams, status panels, live events, GPUs, sign-in, metrics, pages
+ROUTERS = (jobs.router, actions.router, retro.router, exams.router, status.router, events.router, gpus.router,
+           auth.router, metrics.router, pages.router)

@@ -52,6 +52,14 @@ const ReconQ = {
     return d.toDateString() === now.toDateString() ? t : `${d.toLocaleDateString()} ${t}`;
   },
 
+  // A clock time, HH:MM local (24 h), with the date in front when it is not today.
+  clock(epoch) {
+    if (epoch == null) return "";
+    const d = new Date(epoch * 1000), two = (n) => String(n).padStart(2, "0");
+    const t = `${two(d.getHours())}:${two(d.getMinutes())}`;
+    return d.toDateString() === new Date().toDateString() ? t : `${d.toLocaleDateString()} ${t}`;
+  },
+
   duration(seconds) {
     if (seconds == null) return "";
     const s = Math.round(seconds);
@@ -102,23 +110,35 @@ const ReconQ = {
     };
   },
 
-  // Live job changes; shows the 'connection lost' sign while the stream is down (the browser retries).
+  // Live job changes, for every view that listens on the page: one stream, opened by the first
+  // listener; shows the 'connection lost' sign while it is down (the browser retries).
+  listeners: [],
+
   listen(onEvent, onReconnect) {
+    ReconQ.listeners.push({ onEvent, onReconnect });
+    if (!ReconQ.source) ReconQ.openStream();
+  },
+
+  openStream() {
     const conn = document.getElementById("conn");
     let lost = false;
     const source = new EventSource("/api/events");
     source.addEventListener("hello", () => {
       conn.hidden = true;
-      if (lost && onReconnect) onReconnect();
+      if (lost) for (const l of ReconQ.listeners) if (l.onReconnect) l.onReconnect();
       lost = false;
     });
     source.onmessage = (ev) => {
-      try { onEvent(JSON.parse(ev.data)); } catch (e) { /* a malformed event is ignored */ }
+      let data;
+      try { data = JSON.parse(ev.data); } catch (e) { return; /* a malformed event is ignored */ }
+      for (const l of ReconQ.listeners) {
+        try { l.onEvent(data); } catch (e) { console.error(e); /* one view's failure does not stop the others */ }
+      }
     };
     source.onerror = () => {
       lost = true;
       conn.hidden = false;
-      if (source.readyState === EventSource.CLOSED) setTimeout(() => ReconQ.listen(onEvent, onReconnect), 3000);
+      if (source.readyState === EventSource.CLOSED) setTimeout(ReconQ.openStream, 3000);
     };
     ReconQ.source = source;
   },

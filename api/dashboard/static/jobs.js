@@ -1,4 +1,5 @@
-// The jobs page: the table (paged, filtered, live), the GPU, queue and retrieval panels.
+// The front page's 'All jobs' view: the table (paged, filtered, live); the GPU, queue and retrieval panels.
+// Started by index.js.
 "use strict";
 
 const PAGE = 50;
@@ -128,19 +129,14 @@ function onEvent(ev) {
   reloadPanels();
 }
 
+let listening = false;
 function startListening() {
-  if (!ReconQ.source) ReconQ.listen(onEvent, () => { reload(); reloadPanels(); });
+  if (listening) return;
+  listening = true;
+  ReconQ.listen(onEvent, () => { reload(); reloadPanels(); });
 }
 
 document.getElementById("filters").onsubmit = (ev) => { ev.preventDefault(); offset = 0; reload(); };
 document.getElementById("filters").onreset = () => { offset = 0; setTimeout(reload, 0); };
 document.getElementById("prev").onclick = () => { offset = Math.max(0, offset - PAGE); reload(); };
 document.getElementById("next").onclick = () => { offset += PAGE; reload(); };
-
-(async () => {
-  await ReconQ.loadMe(() => { fillFilters(); reload(); loadPanels(); });
-  fillFilters();
-  if (await loadJobs()) startListening();
-  loadPanels();
-  setInterval(loadGpus, 10000);
-})();
