@@ -21,7 +21,7 @@ from reconq.gateway.context import SessionContext
 from reconq.gateway.opening import Opening, identity, parameters_from_text
 from reconq.gateway.rawfile import RawFileWriter, write_error
 from reconq.gateway.stream import MessageStream, SessionError, text
-from reconq.scheduler.exams import expected_seconds_now
+from reconq.scheduler.exams import history_now
 from reconq.scheduler.submit import fail_receiving
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,7 @@ class Acquisition:
     def __init__(self, stream: MessageStream, ctx: SessionContext, opening: Opening, name: str | None,
                  params: dict[str, Any]) -> None:
         self.stream, self.ctx, self.opening, self.name, self.params = stream, ctx, opening, name, params
+        self.history_s: float | None = None  # the run-time history for the ack, read as the scan begins
 
     def run(self) -> None:
         ctx, name = self.ctx, self.name
@@ -75,6 +76,7 @@ class Acquisition:
             self.stream.send(text("ERR", refusal))
         else:
             ctx.announce(record)
+            self.history_s = self._history(pipeline, record.protocol)
         try:
             writer.write_header(self.opening.xml)
             writer.write_config(self.opening.config_file, self.opening.config_text)
@@ -127,14 +129,20 @@ class Acquisition:
         if record.pipeline:
             fail_receiving(self.ctx.jobs, record.scan_id, record.error or "cut off")
 
-    def _expected(self, job: Job) -> str:
-        """``; images expected about HH:MM`` (local time) where the job's run time is expected, else ''
-        (also when Redis cannot say: the ack does not wait on it)."""
+    def _history(self, pipeline: str, protocol: str) -> float | None:
+        """The run-time history of this scan's pipeline and protocol, read while the scan streams in (not
+        between the client's CLOSE and the ack); None where there is none or Redis cannot say."""
         try:
-            seconds = expected_seconds_now(self.ctx.jobs.redis, job)
+            return history_now(self.ctx.jobs.redis, pipeline, protocol)
         except redis.RedisError as e:
-            log.info("job %s: no expected run time for the ack (%s)", job.id, e)
-            return ""
+            log.info("no run-time history for the ack (%s)", e)
+            return None
+
+    def _expected(self, job: Job) -> str:
+        """``; images expected about HH:MM`` (local time) where the job's run time is expected (its estimate
+        from placement, else the history read as the scan began), else ''. Reads nothing: the ack does
+        not wait on it."""
+        seconds = job.runtime_estimate_s or self.history_s
         if not seconds:
             return ""
         return f"; images expected about {time.strftime('%H:%M', time.localtime(time.time() + seconds))}"

@@ -189,9 +189,7 @@ def exams_of_day(store: JobStore, client: redis.Redis, day_start: float, day_end
     return exams
 
 
-def expected_seconds_now(client: redis.Redis, job: Job) -> float | None:
-    """A newly queued job's expected run time: its estimate from placement, else the history of the
-    device class it will run on; None if neither is known."""
-    if job.runtime_estimate_s:
-        return job.runtime_estimate_s
-    return history_seconds(client, job.pipeline, job.protocol, device_now(client))
+def history_now(client: redis.Redis, pipeline: str, protocol: str) -> float | None:
+    """The run time a job of ``pipeline`` on ``protocol`` queued now is expected to take, from the history
+    of the device class it will run on; None if there is none."""
+    return history_seconds(client, pipeline, protocol, device_now(client))

@@ -197,9 +197,13 @@ def test_gateway_ack_says_when_images_are_expected(settings, store):
         first = mrd_client.send_scan(host, port, scan.header, scan.acquisitions, config="cartesian")
         assert first.texts[0].startswith("INF job ") and "expected" not in first.texts[0]  # nothing known yet
         record_runtime(store.redis, "cartesian", "ack_t1", 120.0, CPU)  # no GPU worker alive: the CPU's
+        before = time.time()
         reply = mrd_client.send_scan(host, port, scan.header, scan.acquisitions, config="cartesian")
+        after = time.time()
     finally:
         gateway.stop()
     line = reply.texts[0]
     assert line.startswith(f"INF job {reply.job_id()} queued: pipeline cartesian, ")
     assert re.search(r"readouts stored; images expected about \d\d:\d\d$", line), line
+    minutes = {time.strftime("%H:%M", time.localtime(at + 120.0)) for at in (before, after)}
+    assert line.rsplit(" ", 1)[1] in minutes, (line, minutes)  # now + the 120 s history
