@@ -43,6 +43,9 @@ class Settings(BaseSettings):
     reconcile_interval_s: float = Field(60.0, gt=0, description="How often the gateway queues complete "
                                         "scans that have no job (after a Redis outage)")
     plugin_dir: Path | None = Field(None, description="Folder of recon plugins (*.py defining recon())")
+    sequence_dir: Path | None = Field(
+        None, description="Folder of Pulseq .seq files scans' trajectories come from (default: <data dir>/sequences)"
+    )
     parameter_map: Path | None = Field(None, description="Site ParameterMap (YAML) extending the default")
     retrieve_configs: list[str] = Field(
         default_factory=lambda: ["retrieve", "reconq_retrieve"],
@@ -129,6 +132,11 @@ class Settings(BaseSettings):
         False, description="Let anyone who reaches the API view jobs (read-only, patient identifiers masked)"
     )
     session_ttl_s: int = Field(8 * 3600, ge=60, description="How long a dashboard sign-in lasts")
+
+    @property
+    def sequence_folder(self) -> Path:
+        """The folder of Pulseq ``.seq`` files: ``sequence_dir``, else ``<data_dir>/sequences``."""
+        return self.sequence_dir if self.sequence_dir is not None else self.data_dir / "sequences"
 
 
 def load_settings(**overrides: object) -> Settings:

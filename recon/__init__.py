@@ -1,4 +1,4 @@
-"""ReconQ reconstruction library: the pipeline contract, Cartesian and SENSE recon, scanner-ready images.
+"""ReconQ reconstruction library: the pipeline contract, Cartesian, SENSE and radial recon, scanner-ready images.
 
 A pure library: numpy/cupy arrays (the caller picks the device), sigpy, scipy, h5py and ismrmrd. Raw
 files are read through the foundation's one MRD reader, :mod:`reconq.core.mrdfile`.
@@ -17,11 +17,17 @@ Modules, lowest layer first (array functions, operators, solvers, one run per re
                    readouts with their samples and trajectories
     kspace         Cartesian k-space buffering (KspaceBuffer, one k-space per VolumeKey), the
                    encoding, partial Fourier extents and image geometry of a buffered volume
+    nufft          the NUFFT adapter (finufft, cufinufft on cupy): one plan per trajectory
+    phantoms       ellipse and ellipsoid phantoms with analytic k-space (coils, echo decay) and their truth
+    radial         radial recon on arrays: trajectories, density compensation, gridding, CG, coil maps
+    radialdata     radial raw data: encoding, trajectory units, readouts into volumes, image geometry
+    pulseq         trajectories of Pulseq scans from their .seq files, matched by signature
     cartesian      the Cartesian reconstruction of one volume (POCS, FFT, recon space, coil combination)
     senserecon     the SENSE reconstruction of one volume, reference-scan maps
     simulate       synthetic multi-coil scans in patient coordinates for tests and benchmarks
+    radialsim      synthetic radial scans (acq.traj in either unit, or none for Pulseq scans)
     pipeline       the pipeline contract: name, run, memory and run-time estimates, cpu_capable
-    pipelines      the built-in pipelines (``cartesian``, ``sense``)
+    pipelines      the built-in pipelines (``cartesian``, ``sense``, ``radial``)
     registry       the registry of named pipelines (register, get_pipeline, pipeline_names)
     plugins        offline twix-style recon functions as pipelines (plugin files, entry points)
 """

@@ -26,6 +26,9 @@ import ismrmrd.xsd
 
 from reconq.recon.rawdata import RawScan
 
+#: GPU memory a recon needs before its data: the CUDA context, FFT/NUFFT plans and library handles.
+CUDA_CONTEXT_BYTES = 512 * 2**20
+
 #: ``progress(fraction, stage)``: fraction of the recon done, 0..1, and a short stage text ("reading").
 ProgressFn = Callable[[float, str], None]
 

@@ -1,11 +1,11 @@
-"""The built-in pipelines, ``cartesian`` and ``sense`` (:data:`BUILTIN_PIPELINES`), on the contract of
-:mod:`reconq.recon.pipeline`; :mod:`reconq.recon.registry` registers them.
+"""The built-in pipelines, ``cartesian``, ``sense`` and ``radial`` (:data:`BUILTIN_PIPELINES`), on the
+contract of :mod:`reconq.recon.pipeline`; :mod:`reconq.recon.registry` registers them.
 
 These classes declare the contract; the reconstructions they run live in :mod:`reconq.recon.runs`,
 imported when a job runs. So the processes that only queue jobs and estimate them (the gateway, the API,
 the command line) start without the recon's numerical stack (sigpy, numba, scipy.signal: over a second).
-Their GPU memory follows the scheduler's header-based model, and their run time the history of earlier
-runs, so they keep the contract's default estimates.
+The Cartesian ones' GPU memory follows the scheduler's header-based model, and every run time the history
+of earlier runs; ``radial`` declares its own memory model (its NUFFT plans' oversampled grids).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 
 import ismrmrd
 
-from reconq.recon.pipeline import Pipeline, ProgressFn
+from reconq.recon.pipeline import CUDA_CONTEXT_BYTES, Pipeline, ProgressFn
 from reconq.recon.rawdata import RawScan
 
 
@@ -56,5 +56,56 @@ class SensePipeline(Pipeline):
         return run_sense(scan, params, progress, self.name)
 
 
+class RadialPipeline(Pipeline):
+    """2D radial, 3D radial ("kooshball") and stack-of-stars scans, single- or multi-echo, on a NUFFT.
+
+    Trajectories come from the readouts (``acq.traj``, units as :mod:`reconq.recon.radialdata` says) or,
+    for a Pulseq scan whose header names its sequence's signature (``seq_signature``), from that
+    ``.seq`` file in the worker's sequence folder (:mod:`reconq.recon.pulseq`). Each echo
+    (``idx.contrast``) is one volume; echoes on one trajectory share one NUFFT plan.
+
+    Params (all optional): ``dcf`` (``"analytic"``, the default: radial density; ``"pipe"``: Pipe–Menon),
+    ``niter`` (0: gridding; > 0: that many DCF-weighted CG iterations), ``combine`` (``"sos"``, the
+    default, or ``"maps"``: coil maps from the centre of k-space), ``lamda`` (Tikhonov weight of CG),
+    ``eps`` (NUFFT tolerance), ``lowres`` (radius of the map centre, cycles per FOV), ``threads``
+    (host threads, default every core of the worker), ``prewhiten``, ``device``, ``chunk``,
+    ``series_index``, ``description`` as for ``cartesian``.
+    """
+
+    name = "radial"
+
+    def run(self, scan: RawScan, params: Mapping[str, Any], progress: ProgressFn) -> list[ismrmrd.Image]:
+        from reconq.recon.runs import run_radial  # the numerical stack, loaded when a job runs
+
+        return run_radial(scan, params, progress, self.name)
+
+    def memory_estimate(self, header: ismrmrd.xsd.ismrmrdHeader, params: Mapping[str, Any]) -> int | None:
+        """The NUFFT's GPU memory: two plans' oversampled grids (×2 per axis) for every coil and echo, the
+        samples three times over (data, forward result, residual), and four CG images per transform."""
+        try:
+            enc = header.encoding[0]
+            nx, ny, nz = (int(v or 1) for v in (enc.reconSpace.matrixSize.x, enc.reconSpace.matrixSize.y,
+                                                  enc.reconSpace.matrixSize.z))
+            ns = int(enc.encodedSpace.matrixSize.x)
+            limits = enc.encodingLimits
+            spokes = _count(limits, "kspace_encoding_step_1") * _count(limits, "kspace_encoding_step_2")
+            readouts = spokes * _count(limits, "slice") * _count(limits, "average")
+            echoes = _count(limits, "contrast")
+        except (AttributeError, IndexError, TypeError, ValueError):
+            return None  # the scheduler's header model, which says what is missing
+        system = header.acquisitionSystemInformation
+        ncoil = max(1, int(getattr(system, "receiverChannels", None) or 1))
+        ndim = 3 if max(nz, int(enc.encodedSpace.matrixSize.z or 1)) > 1 else 2
+        n_trans = ncoil * echoes
+        grid = nx * ny * max(nz, 1) * n_trans * 8
+        samples = readouts * ns * n_trans * 8
+        return CUDA_CONTEXT_BYTES + 2 * 2**ndim * grid + 3 * samples + 4 * grid + readouts * ns * ndim * 4 * 2
+
+
+def _count(limits: ismrmrd.xsd.encodingLimitsType | None, name: str) -> int:
+    limit = getattr(limits, name, None) if limits is not None else None
+    return int(limit.maximum) + 1 if limit is not None and limit.maximum is not None else 1
+
+
 #: The pipelines every ReconQ process knows, registered by :mod:`reconq.recon.registry`.
-BUILTIN_PIPELINES: tuple[Pipeline, ...] = (CartesianPipeline(), SensePipeline())
+BUILTIN_PIPELINES: tuple[Pipeline, ...] = (CartesianPipeline(), SensePipeline(), RadialPipeline())

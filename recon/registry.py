@@ -1,4 +1,4 @@
-"""The registry of named pipelines: the built-in ones (``cartesian``, ``sense``) and those registered later
+"""The registry of named pipelines: the built-in ones (``cartesian``, ``sense``, ``radial``) and those registered later
 (plugins, test pipelines).
 
 Workers look a pipeline up by the config name the scanner sent; an unknown name is an error naming the

@@ -11,17 +11,19 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import ismrmrd
 import numpy as np
 import sigpy as sp
 
+from reconq.recon import fft
 from reconq.recon.cartesian import reconstruct
 from reconq.recon.errors import ReconError
 from reconq.recon.images import to_mrd_images
-from reconq.recon.kspace import CartesianEncoding, KspaceBuffer, image_geometries, partial_fourier_extents
-from reconq.recon.noise import prewhiten
+from reconq.recon.kspace import CartesianEncoding, KspaceBuffer, image_geometries, noise_mask, partial_fourier_extents
+from reconq.recon.noise import noise_covariance, prewhiten, whitening_matrix
 from reconq.recon.pipeline import ProgressFn
 from reconq.recon.rawdata import RawScan
 from reconq.recon.senserecon import SenseOptions, reference_maps, sense_volume, whitener
@@ -127,3 +129,92 @@ def _device(value: Any) -> sp.Device:
         return sp.Device(int(value))
     except (TypeError, ValueError) as e:
         raise ReconError(f"device {value!r} is not usable: {e}") from e
+
+
+def run_radial(scan: RawScan, params: Mapping[str, Any], progress: ProgressFn,
+               name: str = "radial") -> list[ismrmrd.Image]:
+    """The ``radial`` pipeline's recon (params: :class:`~reconq.recon.pipelines.RadialPipeline`)."""
+    from reconq.recon import radial  # noqa: PLC0415 (the NUFFT stack, only for radial jobs)
+    from reconq.recon.radialdata import RadialEncoding, read_radial  # noqa: PLC0415
+
+    enc = RadialEncoding.from_header(scan.header)
+    opts = _radial_options(params)
+    heads, trajectories, enc = _sequence_trajectories(scan, enc, params)
+    data = read_radial(scan, enc, progress, 0.4, heads=heads, trajectories=trajectories,
+                       chunk=int(params.get("chunk", 2048)))
+    kind = _stack_if_flat(data)
+    w = None
+    if _flag(params, "prewhiten", True) and data.noise:
+        w = whitening_matrix(noise_covariance(data.noise_samples()), data.noise_dwell_us, data.dwell_us)
+    device = _device(params.get("device", -1))
+    shape = enc.grid_shape(kind)
+    threads = int(params.get("threads", 0)) or fft.WORKERS
+    mags: dict[tuple, np.ndarray] = {}
+    groups = data.groups()
+    for i, keys in enumerate(groups):
+        progress(0.4 + 0.5 * i / len(groups), "nufft")
+        coord = data.volumes[keys[0]].stacked()[0]
+        ksp = np.stack([data.volumes[k].stacked()[1] for k in keys])  # (nvol, ncoil, nreadouts, ns)
+        if w is not None:
+            ksp = np.einsum("ij,vj...->vi...", w, ksp).astype(np.complex64)
+        with device:
+            img = radial.reconstruct(sp.to_device(coord, device), sp.to_device(ksp, device), shape, kind, opts,
+                                     threads=threads)
+        for k, m in zip(keys, sp.to_device(img, sp.cpu_device), strict=True):
+            mags[k] = m.reshape((-1,) + m.shape[-2:]).astype(np.float32)
+    keys = sorted(mags)
+    geometry = [g for k in keys for g in data.geometries(k)]
+    return _images(name, scan, params, [mags[k] for k in keys], geometry, progress)
+
+
+def _radial_options(params: Mapping[str, Any]):
+    from reconq.recon.radial import RadialOptions  # noqa: PLC0415
+
+    known = {f: params[f] for f in ("dcf", "niter", "combine", "lamda", "eps", "lowres") if f in params}
+    try:
+        return RadialOptions(**{k: (int(v) if k in ("niter", "lowres") else
+                                    float(v) if k in ("lamda", "eps") else str(v)) for k, v in known.items()})
+    except (TypeError, ValueError) as e:
+        raise ReconError(f"invalid radial parameter: {e}") from e
+
+
+def _stack_if_flat(data) -> str:
+    """A 3D trajectory whose every readout keeps one ``kz`` is a stack of stars (its DCF is in-plane)."""
+    if data.kind != "3d":
+        return data.kind
+    flat = all(np.ptp(c[:, 0]) < 1e-4 for v in data.volumes.values() for c in v.coords)
+    return "stack" if flat else "3d"
+
+
+def _sequence_trajectories(scan: RawScan, enc, params: Mapping[str, Any]):
+    """Headers and trajectories from the Pulseq sequence a scan names, else ``(None, None, enc)``.
+
+    The sequence's labels set the counters they name; its trajectory, in cycles per encoded FOV, stands
+    for the readouts' ``traj``; a 2D scan keeps the in-plane axes (the sequence's ``kz`` must be 0).
+    """
+    from dataclasses import replace  # noqa: PLC0415
+
+    from reconq.recon import pulseq  # noqa: PLC0415
+
+    signature, seq_file = pulseq.signature_from_header(scan.header)
+    if signature is None:
+        return None, None, enc
+    folder = params.get("sequence_dir")
+    if not folder:
+        raise ReconError(f"the scan names Pulseq sequence {signature} but this worker has no sequence "
+                         "folder (RECONQ_SEQUENCE_DIR)")
+    path = pulseq.SequenceLibrary(Path(folder)).find(signature, seq_file)
+    traj = pulseq.load_trajectory(path)
+    per_acq = pulseq.scan_trajectories(traj, scan.heads, enc.enc_fov)
+    heads = scan.heads.copy()
+    imaging = np.flatnonzero(~noise_mask(heads))
+    for field_name, values in traj.labels.items():
+        heads["idx"][field_name][imaging] = values
+    if enc.enc_matrix[2] == 1 and enc.recon_matrix[2] == 1:
+        for n, t in enumerate(per_acq):
+            if t is not None and np.abs(t[:, 2]).max() > 1e-3:
+                raise ReconError(f"sequence {signature} ({path.name}): ADC event {n} leaves the plane "
+                                 "(kz ≠ 0) but the header encodes a 2D scan")
+        per_acq = [t[:, :2] if t is not None else None for t in per_acq]
+    logger.info("trajectories from Pulseq sequence %s (%s)", signature, path.name)
+    return heads, per_acq, replace(enc, units="cycles_per_fov")

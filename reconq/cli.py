@@ -219,6 +219,36 @@ def cmd_retro(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sequences(settings: Settings, args: argparse.Namespace) -> int:
+    """The Pulseq sequence folder: add signed ``.seq`` files, list what it holds and whether each verifies."""
+    from reconq.recon.errors import ReconError
+    from reconq.recon.pulseq import SequenceLibrary, seq_signature
+
+    library = SequenceLibrary(settings.sequence_folder)
+    if args.sequences_command == "add":
+        print(f"sequence folder {library.folder}")
+        for file in args.files:
+            try:
+                dest = library.add(file)
+                signature = seq_signature(dest).computed
+            except ReconError as e:  # missing, not a .seq, not signed, signature mismatch, name taken
+                print(f"reconq: {e}", file=sys.stderr)
+                return 2
+            print(f"{dest.name}  {signature}  verified")
+        return 0
+    entries = library.entries()
+    if args.json:
+        print(json.dumps({"folder": str(library.folder), "sequences": [e.as_dict() for e in entries]}, indent=2))
+        return 0
+    print(f"sequence folder {library.folder}")
+    for e in entries:
+        adc = f"  {e.adc_events} ADC events, {e.adc_samples} samples" if e.adc_events is not None else ""
+        state = "verified" if e.verified else f"NOT verified: {e.reason}"
+        print(f"{e.name}  {e.recorded or '-'}  {state}{adc}")
+    print(f"({len(entries)} files, {sum(e.verified for e in entries)} verified)")
+    return 0
+
+
 def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
     from reconq.demo import run_demo
 
@@ -281,6 +311,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("exams", cmd_exams, "one day's exams: each series' state, progress and expected finish")
     p.add_argument("--day", default=None, help="YYYY-MM-DD (default: today, local time)")
     p.add_argument("--json", action="store_true", help="print JSON (as GET /api/exams)")
+    p = add("sequences", cmd_sequences, "the Pulseq .seq files scans' trajectories come from: add, list")
+    seqs = p.add_subparsers(dest="sequences_command", required=True)
+    q = seqs.add_parser("add", help="copy signed .seq files into the sequence folder",
+                        description="copy signed .seq files into the sequence folder")
+    q.add_argument("files", nargs="+", metavar="FILE", help="Pulseq .seq file(s)")
+    q = seqs.add_parser("list", help="the folder's .seq files, their signatures, whether each verifies",
+                        description="the folder's .seq files, their signatures, whether each verifies")
+    q.add_argument("--json", action="store_true", help="print JSON")
     p = add("demo", cmd_demo, "a synthetic scan through the whole flow, on a private Redis and CPU workers")
     p.add_argument("--out", default="reconq-demo", help="output folder (default ./reconq-demo)")
     return parser

@@ -35,11 +35,11 @@ from typing import Any
 import redis
 
 from reconq.core.constants import RUNTIME_HISTORY
-from reconq.recon.pipeline import Pipeline
+from reconq.recon.pipeline import CUDA_CONTEXT_BYTES, Pipeline
 
 GB = 10**9
-#: CUDA context, cuFFT plans and library handles.
-CONTEXT_BYTES = 512 * 2**20
+#: CUDA context, cuFFT plans and library handles (the pipeline contract's figure).
+CONTEXT_BYTES = CUDA_CONTEXT_BYTES
 #: Copies of one volume's multi-coil data alive at the peak of a recon.
 WORK_FACTOR = 4
 #: Oversampling of the gridding grid for non-Cartesian trajectories, per dimension.

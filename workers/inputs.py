@@ -44,6 +44,7 @@ def resolve_inputs(job: Job, scans: ScanStore) -> dict[str, Any]:
     """The job's parameters with ``reference`` (a raw file path) filled in where a reference is named."""
     params = dict(job.params)
     params.pop("reference", None)  # a file path: only ever set here, never taken from a client
+    params.pop("sequence_dir", None)  # a folder: set by the worker from its settings alone
     scan_id, protocol = params.get(REFERENCE_SCAN), params.get(REFERENCE_PROTOCOL)
     if scan_id:
         try:

@@ -255,6 +255,7 @@ class JobRunner:
     def _reconstruct(self, job: Job, pipeline: Pipeline) -> Path:
         progress = ProgressReporter(self.store, job.id)
         params = dict(job.params)
+        params["sequence_dir"] = str(self.settings.sequence_folder)  # a folder: only ever set here
         if self.slot.is_gpu and not self.slot.simulated:
             params.setdefault("device", 0)  # the one GPU this process sees (CUDA_VISIBLE_DEVICES)
         with RawScan.open(self.scans.raw_path(job.scan_id)) as scan:
