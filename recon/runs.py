@@ -205,7 +205,11 @@ def _sequence_trajectories(scan: RawScan, enc, params: Mapping[str, Any]):
                          "folder (RECONQ_SEQUENCE_DIR)")
     path = pulseq.SequenceLibrary(Path(folder)).find(signature, seq_file)
     traj = pulseq.load_trajectory(path)
-    per_acq = pulseq.scan_trajectories(traj, scan.heads, enc.enc_fov)
+    per_acq = pulseq.scan_trajectories(traj, scan.heads, enc.enc_fov)  # cycles per the sequence's FOV
+    seq_fov = [f * 1000 if f is not None and np.isfinite(f) and f > 0 else e
+               for f, e in zip(traj.fov_m or (None,) * 3, enc.enc_fov, strict=True)]
+    to_encoded = np.array([e / f if f > 0 else 1.0 for e, f in zip(enc.enc_fov, seq_fov, strict=True)], np.float32)
+    per_acq = [t * to_encoded if t is not None else None for t in per_acq]  # cycles per encoded FOV
     heads = scan.heads.copy()
     imaging = np.flatnonzero(~noise_mask(heads))
     for field_name, values in traj.labels.items():

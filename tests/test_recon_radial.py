@@ -50,7 +50,7 @@ def test_a_2d_radial_scan_is_reconstructed_in_either_unit(tmp_path, phantom2d, u
     images = run(write_mrd(scan, tmp_path / "r.h5"), {"niter": 5})
     assert len(images) == 1
     truth = phantom2d.truth((64, 64))  # the band-limited image of a fully sampled Cartesian scan
-    assert nrmse(pixels(images)[0], truth) < 0.12
+    assert nrmse(pixels(images)[0], truth) < 0.05  # measured 0.023
     assert images[0].data_type == ismrmrd.DATATYPE_USHORT
 
 
@@ -132,7 +132,7 @@ def test_a_multi_echo_kooshball_gives_one_image_per_partition_and_echo_with_the_
     assert [len(v) for v in by_echo.values()] == [n, n]
     for e in (0, 1):
         got = pixels(sorted(by_echo[e], key=lambda i: i.slice))
-        assert nrmse(got, phantom.truth((n, n, n), te_ms=te[e])) < 0.15
+        assert nrmse(got, phantom.truth((n, n, n), te_ms=te[e])) < 0.12  # measured 0.098 and 0.054
     # one scale over the series, so the echoes' ratio is the phantom's decay
     ratio = pixels(by_echo[1]).sum() / pixels(by_echo[0]).sum()
     want = phantom.truth((n, n, n), te_ms=te[1]).sum() / phantom.truth((n, n, n), te_ms=te[0]).sum()
@@ -171,3 +171,11 @@ def test_encoding_conversion_to_the_recon_grid():
     enc = RadialEncoding.from_header(scan.header)
     got = enc.to_grid(np.array([[0.5, -0.5], [0.25, 0.0]]))
     np.testing.assert_allclose(got, [[-4.0, 4.0], [0.0, 2.0]])  # columns (ky, kx)
+
+
+@pytest.mark.gpu
+def test_the_gpu_path_gives_the_cpu_images(cuda, kooshball_files):
+    pytest.importorskip("cufinufft", reason="cufinufft is not installed: GPU test not run")
+    path, *_ = kooshball_files
+    cpu, gpu = pixels(run(path, {"niter": 3})), pixels(run(path, {"niter": 3, "device": 0}))
+    assert nrmse(gpu, cpu) < 1e-3
