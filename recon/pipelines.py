@@ -67,7 +67,8 @@ class RadialPipeline(Pipeline):
     Params (all optional): ``dcf`` (``"analytic"``, the default: radial density; ``"pipe"``: Pipe–Menon),
     ``niter`` (0: gridding; > 0: that many DCF-weighted CG iterations), ``combine`` (``"sos"``, the
     default, or ``"maps"``: coil maps from the centre of k-space), ``lamda`` (Tikhonov weight of CG),
-    ``eps`` (NUFFT tolerance), ``lowres`` (radius of the map centre, cycles per FOV), ``threads``
+    ``eps`` (NUFFT tolerance), ``lowres`` (radius of the map centre, cycles per FOV), ``toeplitz`` (true:
+    CG's normal operator by Toeplitz embedding; false: a NUFFT pair per iteration), ``threads``
     (host threads, default every core of the worker), ``prewhiten``, ``device``, ``chunk``,
     ``series_index``, ``description`` as for ``cartesian``.
     """
@@ -81,7 +82,8 @@ class RadialPipeline(Pipeline):
 
     def memory_estimate(self, header: ismrmrd.xsd.ismrmrdHeader, params: Mapping[str, Any]) -> int | None:
         """The NUFFT's GPU memory: two plans' oversampled grids (×2 per axis) for every coil and echo, the
-        samples three times over (data, forward result, residual), and four CG images per transform."""
+        samples three times over (data, forward result, residual), four CG images per transform, the
+        Toeplitz kernel with its padded batch, and the coordinates."""
         try:
             enc = header.encoding[0]
             nx, ny, nz = (int(v or 1) for v in (enc.reconSpace.matrixSize.x, enc.reconSpace.matrixSize.y,
@@ -99,7 +101,9 @@ class RadialPipeline(Pipeline):
         n_trans = ncoil * echoes
         grid = nx * ny * max(nz, 1) * n_trans * 8
         samples = readouts * ns * n_trans * 8
-        return CUDA_CONTEXT_BYTES + 2 * 2**ndim * grid + 3 * samples + 4 * grid + readouts * ns * ndim * 4 * 2
+        toeplitz = 5 * 2**ndim * nx * ny * max(nz, 1) * 8  # the kernel and a batch of 4 padded images
+        return (CUDA_CONTEXT_BYTES + 2 * 2**ndim * grid + 3 * samples + 4 * grid + toeplitz
+                + readouts * ns * ndim * 4 * 2)
 
 
 def _count(limits: ismrmrd.xsd.encodingLimitsType | None, name: str) -> int:

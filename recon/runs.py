@@ -170,10 +170,10 @@ def run_radial(scan: RawScan, params: Mapping[str, Any], progress: ProgressFn,
 def _radial_options(params: Mapping[str, Any]):
     from reconq.recon.radial import RadialOptions  # noqa: PLC0415
 
-    known = {f: params[f] for f in ("dcf", "niter", "combine", "lamda", "eps", "lowres") if f in params}
+    casts = {"dcf": str, "combine": str, "niter": int, "lamda": float, "eps": float, "lowres": float,
+             "toeplitz": lambda v: _flag({"v": v}, "v", True)}
     try:
-        return RadialOptions(**{k: (int(v) if k in ("niter", "lowres") else
-                                    float(v) if k in ("lamda", "eps") else str(v)) for k, v in known.items()})
+        return RadialOptions(**{k: cast(params[k]) for k, cast in casts.items() if k in params})
     except (TypeError, ValueError) as e:
         raise ReconError(f"invalid radial parameter: {e}") from e
 

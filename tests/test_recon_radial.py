@@ -3,6 +3,8 @@ bad data refused with a reason, and the memory model placement reads."""
 
 from __future__ import annotations
 
+import copy
+
 import ismrmrd
 import numpy as np
 import pytest
@@ -155,7 +157,7 @@ def test_the_memory_model_grows_with_the_grid_coils_and_echoes(kooshball_files):
     path, scan, *_ = kooshball_files
     pipeline = get_pipeline("radial")
     small = pipeline.memory_estimate(scan.header, {})
-    header = scan.header
+    header = copy.deepcopy(scan.header)
     header.acquisitionSystemInformation.receiverChannels = 32
     assert pipeline.memory_estimate(header, {}) > 7 * (small - 512 * 2**20)
     # a 256³, 32-coil, 2-echo kooshball does not fit a 40 GB GPU
@@ -179,3 +181,28 @@ def test_the_gpu_path_gives_the_cpu_images(cuda, kooshball_files):
     path, *_ = kooshball_files
     cpu, gpu = pixels(run(path, {"niter": 3})), pixels(run(path, {"niter": 3, "device": 0}))
     assert nrmse(gpu, cpu) < 1e-3
+
+
+def test_placement_stores_the_radial_memory_model_on_the_job(tmp_path, settings, store, kooshball_files):
+    """At submit, a radial job's estimate is the pipeline's own NUFFT model, not the Cartesian default."""
+    from reconq.core.celeryapp import make_celery
+    from reconq.core.jobs import Job
+    from reconq.core.sender import TaskSender
+    from reconq.core.states import JobState
+    from reconq.core.storage import ScanStore
+    from reconq.scheduler.estimate import default_estimate
+    from reconq.scheduler.placement import Placement
+
+    path, scan, *_ = kooshball_files
+    scans = ScanStore(settings.data_dir)
+    raw = scans.raw_path("radial-scan")
+    raw.parent.mkdir(parents=True)
+    raw.write_bytes(path.read_bytes())
+    job = Job(id="radial-1", scan_id="radial-scan", pipeline="radial", queue="routine", protocol="koosh")
+    assert store.create(job) and store.set_state(job.id, JobState.QUEUED)
+    Placement(settings, store, scans, TaskSender(make_celery(settings))).place_many([job])
+    kept = store.get("radial-1")
+    with RawScan.open(path) as stored:
+        want = get_pipeline("radial").memory_estimate(stored.header, {})
+        assert kept is not None and kept.mem_estimate_bytes == want
+        assert want != default_estimate(stored.header, {})
