@@ -78,7 +78,8 @@ class CartesianEncoding:
         enc = header.encoding[0]
         if enc.trajectory != xsd.trajectoryType.CARTESIAN:
             raise ReconError(f"encoding[0].trajectory is {_name(enc.trajectory)}, the cartesian "
-                             "pipeline needs cartesian")
+                             "pipeline needs cartesian (radial, golden-angle and other "
+                             "trajectories: the radial pipeline)")
         for field in ("encodedSpace", "reconSpace"):
             if getattr(enc, field, None) is None:
                 raise ReconError(f"header has no encoding[0].{field}")
