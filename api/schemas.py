@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import BaseModel, Field
 from typing_extensions import TypeAliasType
@@ -70,6 +70,8 @@ class JobOut(BaseModel):
     measurement_id: str
     patient: str = Field(description="Patient ID; masked for viewers who are not signed in as staff")
     has_images: bool
+    warnings: list[str] = Field(default_factory=list, description="What the recon warned of (sent to the "
+                                                                  "retrieval scan as WRN)")
 
     @classmethod
     def of(cls, job: Job, staff: bool, now: float | None = None) -> JobOut:
@@ -104,6 +106,8 @@ class JobDetail(JobOut):
     actions: list[ActionRecord]
     previews: list[int] = Field(description="Indexes of the images with a PNG preview")
     image_count: int
+    report: dict[str, Any] = Field(default_factory=dict, description="Results beside the images, by name; "
+                                   "a table is {title, columns, rows} (alignsense: the motion per shot)")
 
 
 class JobPage(BaseModel):

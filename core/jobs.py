@@ -38,7 +38,7 @@ from reconq.core.states import STAMPS, JobState, allowed_from
 
 log = logging.getLogger(__name__)
 
-_JSON_FIELDS = {"params"}
+_JSON_FIELDS = {"params", "warnings", "report"}
 _FLOAT_FIELDS = {"progress", "created_at", "queued_at", "started_at", "finished_at", "runtime_estimate_s"}
 _INT_FIELDS = {"attempts", "mem_estimate_bytes", "oom_count", "seq"}
 _LOG_LINES_KEPT = 500
@@ -79,6 +79,10 @@ class Job:
     oom_count: int = 0
     #: The job's number, from a counter when it was recorded (0: not recorded yet): orders an exam's jobs.
     seq: int = 0
+    #: What the recon warned the technologist of (shown on the job, sent to a retrieval scan as ``WRN``).
+    warnings: list[str] = field(default_factory=list)
+    #: Results beside the images that the recon kept (JSON), e.g. ``{"motion": ...}`` of ``alignsense``.
+    report: dict[str, Any] = field(default_factory=dict)
 
     def to_redis(self) -> dict[str, str]:
         out = {}

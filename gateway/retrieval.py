@@ -15,7 +15,8 @@ an older scan's images into the exam:
 - ``{"job": ID}`` asks for one job by name (still of this patient and study); a job that is not the
   newest is sent with a ``WRN`` saying so.
 - The images are re-stamped with the session's ``measurement_uid`` and fitted to the retrieval
-  header's recon matrix and field of view (:mod:`reconq.recon.refit`), the ``INF`` saying what was done.
+  header's recon matrix and field of view (:mod:`reconq.recon.refit`), the ``INF`` saying what was done;
+  what the recon warned of (a job's ``warnings``, e.g. motion that could not be corrected) follows as ``WRN``.
 
 The session never ends silently: no match, a failed job, a time-out, a result file that cannot be read
 and Redis out of reach each get a TEXT that says why, then CLOSE.
@@ -186,7 +187,8 @@ class Retrieval:
         ctx.jobs.record_retrieval(bool(images))
         sent = [text("INF", f"{len(images)} images of job{'s' if len(done) > 1 else ''} "
                             f"{', '.join(j.id for j in done)} sent")] if images else []
-        s.send(*sent, *refusals, p.write_close())
+        warned = [text("WRN", f"job {j.id}: {w}") for j in done for w in j.warnings]  # what its recon warned of
+        s.send(*sent, *warned, *refusals, p.write_close())
         log.info("retrieval from %s: %d images of %s sent", s.peer, len(images), ", ".join(j.id for j in done))
 
     def _images(self, jobs: list[Job]) -> list[ismrmrd.Image]:

@@ -13,7 +13,10 @@ trajectory point is exact (no NUFFT, no gridding, no inverse crime):
 
 Coil sensitivities are low-order complex Fourier series ``S_j(x) = sum_t b_jt exp(2 pi i f_t . x)``,
 so the coil k-space stays analytic: ``F_j(k) = sum_t b_jt F(k - f_t)`` (the object's transform,
-shifted). The truth is what a fully sampled Cartesian scan of the same object gives: the analytic
+shifted). A rigidly moved object (:meth:`Phantom.moved`) is again a sum of ellipsoids, with the coils
+left in place, and a Gaussian blur of the object (``Phantom.blur``) multiplies each shifted transform by
+its own analytic transform, so moved and smooth (band-limited) objects keep exact k-space. The truth is
+what a fully sampled Cartesian scan of the same object gives: the analytic
 k-space on the integer grid ``-N/2 .. N/2 - 1`` (cycles per FOV) of each axis, inverse DFT'd with the
 ``1 / prod(shape)`` normalisation (``numpy.fft.ifftn``'s), image centred at pixel ``N // 2``. That is
 the scale at which ``reconq.recon.radial.gridding`` returns a Nyquist-sampled object.
@@ -54,6 +57,8 @@ class Ellipsoid:
         amplitude: signal at ``TE = 0`` (components add where they overlap).
         t2star_ms: T2* in milliseconds (``inf``: no decay).
         angle_deg: rotation in the plane of the last two axes, from ``+x`` towards ``+y``.
+        orientation: a full rotation matrix ``(ndim, ndim)`` (rows and columns in image-axis order),
+            object frame to image axes; when given it replaces ``angle_deg`` (see :meth:`Phantom.moved`).
     """
 
     centre: tuple[float, ...]
@@ -61,6 +66,7 @@ class Ellipsoid:
     amplitude: float
     t2star_ms: float = math.inf
     angle_deg: float = 0.0
+    orientation: tuple[tuple[float, ...], ...] | None = None
 
     @property
     def ndim(self) -> int:
@@ -68,6 +74,8 @@ class Ellipsoid:
 
     def rotation(self) -> np.ndarray:
         """``R`` ``(ndim, ndim)``: object frame to image axes (``x = R u + centre``)."""
+        if self.orientation is not None:
+            return np.array(self.orientation, dtype=np.float64)
         r = np.eye(self.ndim)
         c, s = math.cos(math.radians(self.angle_deg)), math.sin(math.radians(self.angle_deg))
         r[-2:, -2:] = [[c, s], [-s, c]]  # rows/columns (y, x)
@@ -103,28 +111,35 @@ def _unit_ball(u: np.ndarray, ndim: int) -> np.ndarray:
     return np.pi * np.where(small, series, value)
 
 
-def _ellipses_2d(k, rs, centres, qf, pf, w, coefs, out) -> None:
+def _ellipses_2d(k, rs, centres, qf, pf, w, coefs, out, freqs, sig2) -> None:
     """2D coil k-space of a chunk of points into ``out (nte, ncoil, n)`` (see :meth:`Phantom.kspace`)."""
     nterm, ncomp = pf.shape
     g = np.zeros((w.shape[0], nterm, k.shape[0]), dtype=np.complex128)
+    gauss = [np.exp(-((k - freqs[t]) ** 2) @ sig2) if np.any(sig2) else 1.0 for t in range(nterm)]
     for c in range(ncomp):
         q0 = k @ rs[c]
         phase = np.exp(-2j * np.pi * (k @ centres[c]))
         for t in range(nterm):
             q = q0 - qf[t, c]
-            b = _unit_ball(2 * np.pi * np.sqrt(np.sum(q * q, axis=-1)), 2) / np.pi
+            b = gauss[t] * _unit_ball(2 * np.pi * np.sqrt(np.sum(q * q, axis=-1)), 2) / np.pi
             g[:, t] += w[:, c, None] * (pf[t, c] * phase * b)[None]
     out[...] = np.einsum("jt,etn->ejn", coefs, g)
 
 
 @numba.njit(parallel=True, cache=True)
-def _ellipsoids_3d(k, rs, centres, qf, pf, w, coefs, out):  # pragma: no cover - compiled
+def _ellipsoids_3d(k, rs, centres, qf, pf, w, coefs, out, freqs, sig2):  # pragma: no cover - compiled
     """3D coil k-space at every point into ``out (nte, ncoil, n)``, one point per thread iteration."""
     n = k.shape[0]
     nterm, ncomp = pf.shape
     nte, ncoil = w.shape[0], coefs.shape[0]
     for i in numba.prange(n):
         g = np.zeros((nte, nterm), dtype=np.complex128)
+        gauss = np.ones(nterm)
+        for t in range(nterm):
+            acc = 0.0
+            for e in range(3):
+                acc += sig2[e] * (k[i, e] - freqs[t, e]) ** 2
+            gauss[t] = np.exp(-acc)
         for c in range(ncomp):
             q0 = np.zeros(3)
             for e in range(3):
@@ -136,7 +151,7 @@ def _ellipsoids_3d(k, rs, centres, qf, pf, w, coefs, out):  # pragma: no cover -
                 u = 2 * np.pi * np.sqrt(a * a + b * b + d * d)
                 series = 1 - u * u / 10 + u**4 / 280
                 ball = series if u < 1e-2 else 3 * (np.sin(u) - u * np.cos(u)) / (u * u * u)
-                v = ball * phase * pf[t, c]
+                v = gauss[t] * ball * phase * pf[t, c]
                 for e in range(nte):
                     g[e, t] += w[e, c] * v
         for e in range(nte):
@@ -207,11 +222,16 @@ class Phantom:
         components: the ellipsoids (all of one dimension, 2 or 3).
         coils: the coil sensitivities; None is one uniform coil.
         scale: multiplies all k-space (and so the truth).
+        blur: standard deviation of a Gaussian blur of the object (before the coils multiply it),
+            fractions of the FOV, one value or one per axis; 0 is none. Its transform
+            ``exp(-2 pi^2 sum_d blur_d^2 k_d^2)`` multiplies the object's, so a blur of a voxel or two
+            keeps the spectrum inside the Cartesian grid (a band-limited, smooth object).
     """
 
     components: tuple[Ellipsoid, ...]
     coils: CoilArray | None = None
     scale: float = 1.0
+    blur: float | tuple[float, ...] = 0.0
     _ndim: int = field(init=False, repr=False, default=0)
 
     def __post_init__(self):
@@ -224,6 +244,9 @@ class Phantom:
             if not c.t2star_ms > 0:
                 raise ReconError(f"T2* must be positive, got {c.t2star_ms} ms")
         object.__setattr__(self, "_ndim", dims.pop())
+        if np.ndim(self.blur) not in (0, 1) or np.size(self.blur) not in (1, self._ndim) \
+                or not np.all(np.asarray(self.blur, dtype=np.float64) >= 0):
+            raise ReconError(f"blur must be one or {self._ndim} non-negative values, got {self.blur}")
         if self.coils is not None and self.coils.freqs.shape[1] != self._ndim:
             raise ReconError(f"coil harmonics are {self.coils.freqs.shape[1]}D for a {self._ndim}D phantom")
 
@@ -264,8 +287,68 @@ class Phantom:
         coils = CoilArray.default(ndim, ncoil, seed) if ncoil > 0 else None
         return Phantom(comps, coils, float(scale))
 
+    def moved(self, rotation=None, shift=None, grid: Sequence[int] | None = None) -> Phantom:
+        """The object moved rigidly about the FOV centre, the coils left where they are (scanner frame).
+
+        A point ``p`` of the object goes to ``R p + shift``; each ellipsoid's centre and orientation are
+        transformed exactly (the result is again a sum of ellipsoids, so its k-space stays analytic).
+
+        Args:
+            rotation: ``(ndim, ndim)`` rotation matrix in image-axis order (2D ``(y, x)``, 3D
+                ``(z, y, x)``); None is the identity.
+            shift: ``(ndim,)`` translation, fractions of the FOV, or voxels when ``grid`` is given.
+            grid: the voxel matrix ``(ny, nx)`` / ``(nz, ny, nx)``: when given, the rotation acts on
+                isotropic voxel coordinates (``p_vox = p * grid``), as a rigid motion of a scan with
+                cubic voxels does, and ``shift`` is in voxels.
+
+        Returns:
+            A new phantom (same coils, scale and blur).
+        """
+        d = self.ndim
+        r = np.eye(d) if rotation is None else np.asarray(rotation, dtype=np.float64)
+        if r.shape != (d, d) or not np.allclose(r @ r.T, np.eye(d), atol=1e-9) or np.linalg.det(r) < 0:
+            raise ReconError(f"rotation must be a proper {d} x {d} rotation matrix, got {r.tolist()}")
+        t = np.zeros(d) if shift is None else np.asarray(shift, dtype=np.float64)
+        if t.shape != (d,):
+            raise ReconError(f"shift must be {d} values, got {t.tolist()}")
+        if grid is not None:
+            n = np.asarray(grid, dtype=np.float64)
+            if n.shape != (d,) or np.any(n <= 0):
+                raise ReconError(f"grid must be {d} positive sizes, got {grid}")
+            r = (r * n[None, :]) / n[:, None]  # diag(1/n) R diag(n): fractions -> voxels -> fractions
+            t = t / n
+        comps = []
+        for c in self.components:
+            a = r @ c.rotation() * np.asarray(c.semi_axes)[None, :]  # x = a u + centre, |u| <= 1
+            u, s, _ = np.linalg.svd(a)
+            if np.linalg.det(u) < 0:
+                u[:, -1] = -u[:, -1]
+            comps.append(Ellipsoid(tuple(float(v) for v in r @ np.asarray(c.centre) + t), tuple(float(v) for v in s),
+                                   c.amplitude, c.t2star_ms, 0.0, tuple(tuple(float(v) for v in row) for row in u)))
+        return Phantom(tuple(comps), self.coils, self.scale, self.blur)
+
+    def resized(self, factor: float) -> Phantom:
+        """The object scaled by ``factor`` about the FOV centre (centres and semi-axes), coils unchanged."""
+        if not factor > 0:
+            raise ReconError(f"resize factor must be positive, got {factor}")
+        comps = tuple(Ellipsoid(tuple(factor * v for v in c.centre), tuple(factor * v for v in c.semi_axes),
+                                c.amplitude, c.t2star_ms, c.angle_deg, c.orientation) for c in self.components)
+        return Phantom(comps, self.coils, self.scale, self.blur)
+
+    def blurred(self, sigma: float, grid: Sequence[int] | None = None) -> Phantom:
+        """The same phantom with a Gaussian blur of ``sigma`` (fractions of the FOV, or voxels of ``grid``,
+        isotropic in voxels: the blur then commutes with :meth:`moved` on that grid)."""
+        if not sigma >= 0:
+            raise ReconError(f"blur must be non-negative, got {sigma}")
+        blur = sigma if grid is None else tuple(float(sigma) / float(n) for n in grid)
+        return Phantom(self.components, self.coils, self.scale, blur)
+
+    def without_coils(self) -> Phantom:
+        """The object alone (one uniform coil): its :meth:`truth_coils` is the object's band-limited image."""
+        return Phantom(self.components, None, self.scale, self.blur)
+
     def image(self, points, te_ms: float = 0.0) -> np.ndarray:
-        """The continuous object (no coils, not band-limited) at ``points (..., ndim)``, float64."""
+        """The continuous object (no coils, not band-limited, not blurred) at ``points (..., ndim)``, float64."""
         points = np.asarray(points, dtype=np.float64)
         out = np.zeros(points.shape[:-1])
         for c in self.components:
@@ -307,12 +390,15 @@ class Phantom:
         ball = 4 * np.pi / 3 if self.ndim == 3 else np.pi
         w = np.array([[c.decay(t) * np.prod(c.semi_axes) * ball * self.scale for c in self.components]
                       for t in tes])  # (nte, ncomp)
+        sig2 = 2 * np.pi**2 * np.broadcast_to(np.asarray(self.blur, dtype=np.float64), (self.ndim,)) ** 2
+        sig2 = np.ascontiguousarray(sig2)
         out = np.empty((len(tes), coefs.shape[0], flat.shape[0]), dtype=np.complex64)
         if self.ndim == 3:
-            _ellipsoids_3d(flat, rs, centres, qf, pf, w, coefs, out)
+            _ellipsoids_3d(flat, rs, centres, qf, pf, w, coefs, out, np.ascontiguousarray(freqs), sig2)
         else:
             for start in range(0, flat.shape[0], _CHUNK):
-                _ellipses_2d(flat[start:start + _CHUNK], rs, centres, qf, pf, w, coefs, out[..., start:start + _CHUNK])
+                _ellipses_2d(flat[start:start + _CHUNK], rs, centres, qf, pf, w, coefs, out[..., start:start + _CHUNK],
+                             freqs, sig2)
         out = out.reshape(len(tes), coefs.shape[0], *lead)
         return out[0] if single else out
 

@@ -17,6 +17,7 @@ Who calls what:
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -26,11 +27,34 @@ import ismrmrd.xsd
 
 from reconq.recon.rawdata import RawScan
 
+logger = logging.getLogger(__name__)
+
 #: GPU memory a recon needs before its data: the CUDA context, FFT/NUFFT plans and library handles.
 CUDA_CONTEXT_BYTES = 512 * 2**20
 
 #: ``progress(fraction, stage)``: fraction of the recon done, 0..1, and a short stage text ("reading").
+#: The worker's progress object also takes :func:`warn` and :func:`report` (a plain function does not
+#: need to: those then only log).
 ProgressFn = Callable[[float, str], None]
+
+
+def warn(progress: ProgressFn, text: str) -> None:
+    """Warn the technologist: ``text`` is kept on the job (its page shows it) and sent to the retrieval
+    scan as a ``WRN`` with the images. No patient data in ``text``."""
+    logger.warning("recon warning: %s", text)
+    note = getattr(progress, "warn", None)
+    if callable(note):
+        note(text)
+
+
+def report(progress: ProgressFn, name: str, value: Any) -> None:
+    """Keep a result beside the images on the job (``value`` JSON: numbers, strings, lists, dicts), e.g.
+    the motion per shot; the job page and ``GET /api/jobs/{id}`` show it under ``report[name]``."""
+    keep = getattr(progress, "report", None)
+    if callable(keep):
+        keep(name, value)
+    else:
+        logger.info("recon report %s: %s", name, value)
 
 
 class Pipeline(ABC):

@@ -106,10 +106,70 @@ class RadialPipeline(Pipeline):
                 + readouts * ns * ndim * 4 * 2)
 
 
+class AlignSensePipeline(Pipeline):
+    """Motion-corrected SENSE: rigid motion per shot estimated and corrected inside the SENSE recon.
+
+    For 2D multi-slice and 3D Cartesian scans, accelerated or not. Shots are the readouts'
+    ``idx.segment``, else consecutive blocks of ``encoding.echoTrainLength`` readouts, else the job
+    parameter ``shots`` (:func:`reconq.recon.runs.shot_masks`); a sampling order that cannot be corrected
+    (each shot one contiguous block of k-space) gets a warning on the job and plain SENSE images. Coil
+    maps come from the calibration lines or a reference scan (``reference_protocol`` /
+    ``reference_scan``, as ``sense``).
+
+    Params (all optional): ``shots``, ``compare`` (true: the uncorrected SENSE images as a second series),
+    ``max_iterations``, ``cg_iterations``, ``levels``, ``translation_tol``, ``rotation_tol`` (the solver's,
+    :class:`reconq.recon.alignsense.AlignOptions`), and
+    ``maps``, ``lamda``, ``lowres``, ``prewhiten``, ``device``, ``chunk``, ``series_index``,
+    ``description`` as for ``sense``. The motion per shot is kept on the job (``report["motion"]``) and
+    in every image's meta (``ReconQMotion``).
+    """
+
+    name = "alignsense"
+
+    def run(self, scan: RawScan, params: Mapping[str, Any], progress: ProgressFn) -> list[ismrmrd.Image]:
+        from reconq.recon.runs import run_alignsense  # the numerical stack, loaded when a job runs
+
+        return run_alignsense(scan, params, progress, self.name)
+
+    def memory_estimate(self, header: ismrmrd.xsd.ismrmrdHeader, params: Mapping[str, Any]) -> int | None:
+        """The solve grid's multi-coil arrays (k-space, maps, two coil-image work arrays), one coil image
+        per shot for the batched motion steps, and the image's CG vectors."""
+        try:
+            enc = header.encoding[0]
+            nx = int(enc.reconSpace.matrixSize.x)
+            ny, nz = int(enc.encodedSpace.matrixSize.y), max(1, int(enc.encodedSpace.matrixSize.z or 1))
+        except (AttributeError, IndexError, TypeError, ValueError):
+            return None
+        system = header.acquisitionSystemInformation
+        ncoil = max(1, int(getattr(system, "receiverChannels", None) or 1))
+        nshot = _shots(header, params)
+        voxels = nx * ny * nz
+        return CUDA_CONTEXT_BYTES + 8 * voxels * (4 * ncoil + 2 * nshot * ncoil + 8)
+
+
+def _shots(header: ismrmrd.xsd.ismrmrdHeader, params: Mapping[str, Any]) -> int:
+    """The number of shots the header or the parameters imply (16 where neither says)."""
+    try:
+        if params.get("shots") is not None:
+            return max(1, int(params["shots"]))
+        enc = header.encoding[0]
+        segments = _count(enc.encodingLimits, "segment")
+        if segments > 1:
+            return segments
+        lines = _count(enc.encodingLimits, "kspace_encoding_step_1") * _count(enc.encodingLimits,
+                                                                              "kspace_encoding_step_2")
+        if enc.echoTrainLength:
+            return max(1, lines // int(enc.echoTrainLength))
+    except (AttributeError, IndexError, TypeError, ValueError):
+        pass
+    return 16
+
+
 def _count(limits: ismrmrd.xsd.encodingLimitsType | None, name: str) -> int:
     limit = getattr(limits, name, None) if limits is not None else None
     return int(limit.maximum) + 1 if limit is not None and limit.maximum is not None else 1
 
 
 #: The pipelines every ReconQ process knows, registered by :mod:`reconq.recon.registry`.
-BUILTIN_PIPELINES: tuple[Pipeline, ...] = (CartesianPipeline(), SensePipeline(), RadialPipeline())
+BUILTIN_PIPELINES: tuple[Pipeline, ...] = (CartesianPipeline(), SensePipeline(), RadialPipeline(),
+                                           AlignSensePipeline())

@@ -20,13 +20,14 @@ import sigpy as sp
 
 from reconq.recon import fft
 from reconq.recon.cartesian import reconstruct
+from reconq.recon.coilmaps import GridMaps
 from reconq.recon.errors import ReconError
 from reconq.recon.images import to_mrd_images
 from reconq.recon.kspace import CartesianEncoding, KspaceBuffer, image_geometries, noise_mask, partial_fourier_extents
 from reconq.recon.noise import noise_covariance, prewhiten, whitening_matrix
-from reconq.recon.pipeline import ProgressFn
+from reconq.recon.pipeline import ProgressFn, report, warn
 from reconq.recon.rawdata import RawScan
-from reconq.recon.senserecon import SenseOptions, reference_maps, sense_volume, whitener
+from reconq.recon.senserecon import SenseOptions, reference_maps, sense_volume, to_recon_space, whitener
 
 logger = logging.getLogger(__name__)
 
@@ -222,3 +223,176 @@ def _sequence_trajectories(scan: RawScan, enc, params: Mapping[str, Any]):
         per_acq = [t[:, :2] if t is not None else None for t in per_acq]
     logger.info("trajectories from Pulseq sequence %s (%s)", signature, path.name)
     return heads, per_acq, replace(enc, units="cycles_per_fov")
+
+
+def run_alignsense(scan: RawScan, params: Mapping[str, Any], progress: ProgressFn,
+                   name: str = "alignsense") -> list[ismrmrd.Image]:
+    """The ``alignsense`` pipeline's recon (params: :class:`~reconq.recon.pipelines.AlignSensePipeline`)."""
+    from reconq.recon import alignsense  # noqa: PLC0415 (the motion solver, only for alignsense jobs)
+    from reconq.recon.senserecon import calibration_maps, readout_transform, solve_grid  # noqa: PLC0415
+
+    enc = CartesianEncoding.from_header(scan.header)
+    sense_opts = _sense_options(params)
+    opts = _align_options(params, alignsense)
+    buffer = read_scan(scan, enc, params, progress, 0.2)
+    w = whitener(buffer) if sense_opts.prewhiten else None
+    shots = shot_masks(scan, enc, params)
+    reference = _reference(params, sense_opts, progress) if params.get("reference") else None
+    device = _device(params.get("device", -1))
+    keys = buffer.volume_keys()
+    corrected, plain, geometry, motion_rows = [], [], [], []
+    compare = _flag(params, "compare", False)
+    for i, key in enumerate(keys):
+        masks = shots.get(key)
+        ok, why = alignsense.correctable(masks) if masks is not None else (False, "no shots")
+        volume = _volume_name(key, enc)
+        if not ok:
+            warn(progress, f"{volume}: motion not corrected ({why}); plain SENSE images")
+        if not ok or compare:
+            img = sense_volume(buffer, key, scan.header, sense_opts, device, reference, w)
+            plain.append(np.abs(sp.to_device(img, sp.cpu_device)).astype(np.float32))
+        if ok:
+            def stage(fraction: float, what: str, i: int = i) -> None:
+                progress(0.25 + 0.65 * (i + fraction) / len(keys), what)
+
+            with device:
+                ksp = sp.to_device(buffer.kspace(key), device)
+                if w is not None:
+                    ksp = prewhiten(ksp, w)
+                grid = solve_grid(buffer.centre_head(key), enc)
+                if reference is not None:
+                    mps, ref_grid = reference
+                    maps = GridMaps(sp.to_device(mps, device), ref_grid, grid, wrap=False)
+                else:
+                    calib = buffer.calibration(key)
+                    calib = ksp if calib is None else sp.to_device(calib, device)
+                    if calib is not ksp and w is not None:
+                        calib = prewhiten(calib, w)
+                    maps = calibration_maps(calib, grid, enc, sense_opts)
+                kgrid = fft.fft(readout_transform(ksp, enc), axes=(-1,))  # (ncoil, nz, ny_enc, nx_recon)
+                del ksp
+                mps = alignsense.extend_maps(maps.full())  # the object leaves the calibration's support
+                squeeze = not enc.is3d
+                result = alignsense.align_sense(kgrid[:, 0] if squeeze else kgrid, mps[:, 0] if squeeze else mps,
+                                                masks[:, 0] if squeeze else masks, opts, progress=stage)
+                img = result.image[None] if squeeze else result.image
+                img = to_recon_space(img, enc)
+            corrected.append(np.abs(sp.to_device(img, sp.cpu_device)).astype(np.float32))
+            motion_rows += _motion_rows(volume, result.motion, grid, enc)
+            logger.info("%s: %s, %s: %d shots, %d iterations, converged %s", scan.path.name, name, volume,
+                        len(masks), result.iterations, result.converged)
+            if not result.converged:
+                warn(progress, f"{volume}: motion estimate did not converge in {result.iterations} iterations")
+        else:
+            corrected.append(plain[-1])
+        geometry += image_geometries(buffer, key)
+    if motion_rows:
+        report(progress, "motion", {"title": "Motion per shot", "columns": list(MOTION_COLUMNS), "rows": motion_rows})
+    images = _images(name, scan, params, corrected, geometry, progress)
+    if compare and plain:
+        series = int(params.get("series_index", 1)) + 1
+        images += to_mrd_images(np.concatenate(plain), geometry, scan.header, series_index=series,
+                                description=f"{params.get('description', name)} uncorrected",
+                                history=("RECONQ", name, "uncorrected"))
+    _motion_meta(images, motion_rows)
+    return images
+
+
+#: The motion table's columns: translations in mm and rotations in degrees about the read, phase and slice
+#: axes of the scan (the prescription's frame), per shot, relative to the mean position of all shots.
+MOTION_COLUMNS = ("volume", "shot", "read mm", "phase mm", "slice mm", "read °", "phase °", "slice °")
+
+
+def _volume_name(key: tuple, enc: CartesianEncoding) -> str:
+    names = ("slice", "contrast", "phase", "repetition", "set", "average")
+    parts = [f"{n} {v}" for n, v in zip(names, key, strict=False) if v or (n == "slice" and not enc.is3d)]
+    return ", ".join(parts) or "volume"
+
+
+def _motion_rows(volume: str, motion: np.ndarray, grid, enc: CartesianEncoding) -> list[list]:
+    """Per shot: voxels and degrees in image axes (z, y, x) to mm and degrees about read, phase, slice."""
+    dz, dy, dx = grid.spacing[2], grid.spacing[1], grid.spacing[0]
+    rows = []
+    for s, m in enumerate(np.asarray(motion, dtype=np.float64)):
+        if len(m) == 3:  # 2D: (ty, tx, rotation in-plane, about the slice axis)
+            t_read, t_phase, t_slice, r = m[1] * dx, m[0] * dy, 0.0, (0.0, 0.0, m[2])
+        else:  # 3D: (tz, ty, tx, rz, ry, rx): rotations about z (slice), y (phase), x (read)
+            t_read, t_phase, t_slice, r = m[2] * dx, m[1] * dy, m[0] * dz, (m[5], m[4], m[3])
+        rows.append([volume, s, *(round(float(v), 4) for v in (t_read, t_phase, t_slice, *r))])
+    return rows
+
+
+def _motion_meta(images: list[ismrmrd.Image], rows: list[list]) -> None:
+    """Every image carries its volume's motion per shot in its meta (``ReconQMotion``: one text per shot)."""
+    if not rows:
+        return
+    by_volume: dict[str, list[str]] = {}
+    for row in rows:
+        by_volume.setdefault(row[0], []).append(" ".join(f"{v:g}" for v in row[2:]))
+    for image in images:
+        meta = ismrmrd.Meta.deserialize(image.attribute_string) if image.attribute_string else ismrmrd.Meta()
+        name = f"slice {image.slice}" if f"slice {image.slice}" in by_volume else next(iter(by_volume))
+        meta["ReconQMotion"] = by_volume[name]
+        meta["ReconQMotionUnits"] = "read_mm phase_mm slice_mm read_deg phase_deg slice_deg"
+        image.attribute_string = meta.serialize()
+
+
+def _align_options(params: Mapping[str, Any], alignsense):
+    casts = {"max_iterations": int, "cg_iterations": int, "levels": lambda v: tuple(float(f) for f in v),
+             "translation_tol": float, "rotation_tol": float}
+    try:
+        known = {k: cast(params[k]) for k, cast in casts.items() if k in params}
+        return alignsense.AlignOptions(**known).validate()
+    except (TypeError, ValueError) as e:
+        raise ReconError(f"invalid alignsense parameter: {e}") from e
+
+
+def shot_masks(scan: RawScan, enc: CartesianEncoding, params: Mapping[str, Any]) -> dict[tuple, np.ndarray]:
+    """Per volume, ``(nshot, nz, ny)`` bool: the phase-encode lines each shot acquired.
+
+    Shots are ``idx.segment`` where the sequence sets it; otherwise consecutive blocks, in acquisition
+    order, of ``encoding.echoTrainLength`` readouts, or of ``len / shots`` readouts with the job parameter
+    ``shots`` (which wins over the echo train length).
+    """
+    from reconq.recon.kspace import _volume_key, imaging_mask  # noqa: PLC0415
+
+    heads = scan.heads[imaging_mask(scan.heads)]
+    if not len(heads):
+        return {}
+    segment = heads["idx"]["segment"].astype(np.int64)
+    etl = scan.header.encoding[0].echoTrainLength
+    if params.get("shots") is not None:
+        try:
+            nshot = int(params["shots"])
+        except (TypeError, ValueError) as e:
+            raise ReconError(f"shots={params['shots']!r}: must be a whole number of shots") from e
+        if not 1 <= nshot <= len(heads):
+            raise ReconError(f"shots={nshot}: must be 1..{len(heads)} (the scan's imaging readouts)")
+        shot = None
+    elif segment.any():
+        shot = segment
+    elif etl:
+        shot = None
+        nshot = 0
+    else:
+        raise ReconError("alignsense needs the shots: readouts' idx.segment, the header's "
+                         "encoding.echoTrainLength, or the job parameter shots")
+    nx, ny, nz = enc.enc_matrix
+    keys = [_volume_key(h["idx"], _flag(params, "keep_averages", False)) for h in heads]
+    out: dict[tuple, list] = {}
+    for key in sorted(set(keys)):
+        rows = np.flatnonzero([k == key for k in keys])
+        if shot is not None:
+            labels = shot[rows]
+        elif nshot:
+            labels = np.arange(len(rows)) * nshot // len(rows)
+        else:
+            labels = np.arange(len(rows)) // int(etl)
+        ids = np.unique(labels)
+        masks = np.zeros((len(ids), nz, ny), dtype=bool)
+        for r, label in zip(rows, labels, strict=True):
+            e1 = int(heads[r]["idx"]["kspace_encode_step_1"]) - enc.centre_e1 + ny // 2
+            e2 = int(heads[r]["idx"]["kspace_encode_step_2"]) - enc.centre_e2 + nz // 2 if nz > 1 else 0
+            masks[np.searchsorted(ids, label), e2, e1] = True
+        out[key] = masks
+    return out

@@ -3,10 +3,12 @@ images, report progress, and release the GPU memory however the job ends."""
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import ismrmrd
 from celery import Celery
@@ -67,6 +69,8 @@ class ProgressReporter:
     def __init__(self, store: JobStore, job_id: str, interval: float = 0.5) -> None:
         self.store, self.job_id, self.interval = store, job_id, interval
         self._last, self._stage = 0.0, ""
+        self.warnings: list[str] = []
+        self.results: dict[str, Any] = {}
 
     def __call__(self, fraction: float, stage: str) -> None:
         now = time.monotonic()
@@ -78,6 +82,17 @@ class ProgressReporter:
             self.store.enter_stage(self.job_id, stage)
         self._last, self._stage = now, stage
         self.store.update(self.job_id, progress=round(min(max(fraction, 0.0), 1.0), 4), stage=stage)
+
+    def warn(self, text: str) -> None:
+        """A warning of the recon (:func:`reconq.recon.pipeline.warn`): on the job and in its log."""
+        self.warnings.append(str(text))
+        self.store.update(self.job_id, warnings=self.warnings)
+        self.store.log(self.job_id, f"WRN {text}")
+
+    def report(self, name: str, value: Any) -> None:
+        """A result beside the images (:func:`reconq.recon.pipeline.report`), kept on the job."""
+        self.results[str(name)] = json.loads(json.dumps(value))  # JSON now, not at the end
+        self.store.update(self.job_id, report=self.results)
 
 
 class JobRunner:
@@ -254,6 +269,7 @@ class JobRunner:
 
     def _reconstruct(self, job: Job, pipeline: Pipeline) -> Path:
         progress = ProgressReporter(self.store, job.id)
+        self.store.update(job.id, warnings=[], report={})  # a retried job's earlier run said nothing here
         params = dict(job.params)
         params["sequence_dir"] = str(self.settings.sequence_folder)  # a folder: only ever set here
         if self.slot.is_gpu and not self.slot.simulated:

@@ -76,7 +76,7 @@ def get_job(job_id: JobId, store: JobStoreDep, who: ViewerDep) -> JobDetail:
     return JobDetail(**JobOut.of(job, who.staff).model_dump(), log=store.log_lines(job_id),
                      stages=[StageTiming.model_validate(t, from_attributes=True) for t in store.stage_timings(job)],
                      actions=[ActionRecord(**a) for a in store.actions(job_id)],
-                     previews=exports.preview_indexes(count), image_count=count)
+                     previews=exports.preview_indexes(count), image_count=count, report=job.report)
 
 
 @router.get("/{job_id}/images", response_class=FileResponse, summary="The result MRD file (staff)",

@@ -1,4 +1,5 @@
-// The job page: facts, parameters, stage timings, error, previews, downloads, staff actions, log.
+// The job page: facts, parameters, stage timings, error and warnings, the recon's report (tables such as
+// alignsense's motion per shot), previews, downloads, staff actions, log.
 "use strict";
 
 const jobId = decodeURIComponent(location.pathname.split("/").pop());
@@ -30,6 +31,15 @@ function render(j, v) {
   err.hidden = !j.error;
   err.textContent = j.error ? `Error: ${j.error}` : "";
   const e = ReconQ.esc;
+  const warns = document.getElementById("warnings");
+  warns.hidden = !j.warnings.length;
+  warns.innerHTML = j.warnings.map((w) => `<li>Warning: ${e(w)}</li>`).join("");
+  document.getElementById("report").innerHTML = Object.entries(j.report || {}).map(([name, r]) =>
+    `<h2>${e(r.title || name)}</h2>` + (Array.isArray(r.columns) && Array.isArray(r.rows)
+      ? `<table class="facts report"><thead><tr>${r.columns.map((c) => `<th>${e(c)}</th>`).join("")}` +
+        `</tr></thead><tbody>${r.rows.map((row) => `<tr>${row.map((c) => `<td>${e(c)}</td>`).join("")}</tr>`).join("")}` +
+        "</tbody></table>"
+      : `<pre>${e(JSON.stringify(r, null, 2))}</pre>`)).join("");
   document.getElementById("facts").innerHTML = fact("Patient", `<span class="patient">${e(j.patient)}</span>`) +
     fact("Protocol", e(j.protocol)) + fact("Pipeline", e(j.pipeline)) + fact("Scan", e(j.scan_id)) +
     fact("Queue", e(j.queue)) + fact("Attempts", j.attempts) + fact("Created", ReconQ.time(j.created_at)) +
