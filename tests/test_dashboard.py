@@ -308,3 +308,51 @@ def test_exams_of_the_day_say_when_to_retrieve(live_api, browser, e2e_settings, 
     browser.find_element(By.ID, "tab-jobs").click()  # all jobs stay one click away
     wait_for(browser, lambda d: d.find_element(By.ID, "jobs").is_displayed(), "the jobs table")
     assert not browser.find_element(By.ID, "view-exams").is_displayed()
+
+
+def test_an_alignsense_job_shows_its_motion_table_and_a_sequential_scan_its_warning(gateway, worker, live_api,
+                                                                                   browser, e2e_settings):
+    """Two ``alignsense`` scans through the gateway and a worker: one with ``idx.segment`` shots in random
+    order (its job page shows the motion per shot), one acquired sequentially (the warning, on the page
+    and to the retrieval scan as WRN)."""
+    import numpy as np
+
+    from reconq.core.jobs import JobStore
+    from reconq.recon.phantoms import Phantom
+    from reconq.recon.shotsim import moving_scan
+
+    host, port = gateway
+    phantom = Phantom.default(2, ncoil=6, seed=1).resized(0.7).blurred(1.5, (48, 48))
+    motion = np.array([[0, 0, 0], [1.0, -1.5, 2.0], [-1.0, 1.0, -2.0], [0.5, 0.5, 1.0]]) - [0.125, 0.0, 0.25]
+    store = JobStore(redis.Redis.from_url(e2e_settings.redis_url or "", decode_responses=True))
+    jobs = {}
+    for order in ("random", "sequential"):
+        scan = moving_scan(phantom, (48, 48), motion, order=order, protocol=f"dash_align_{order}",
+                           patient_id=f"ALIGN{order[:3].upper()}")
+        reply = client.send_scan(host, port, scan.header, scan.acquisitions, config="alignsense")
+        assert reply.job_id(), reply.texts
+        back = client.retrieve(host, port, scan.header)
+        assert back.closed and len(back.images) == 1, back.texts
+        jobs[order] = (reply.job_id(), back)
+    job_id, back = jobs["random"]
+    assert not [t for t in back.texts if t.startswith("WRN")], back.texts
+    job = store.get(job_id)
+    assert job is not None and len(job.report["motion"]["rows"]) == 4 and not job.warnings
+
+    browser.get(f"{live_api.url}/jobs/{job_id}")
+    table = wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#report table.report"), "the motion table")
+    cells = browser.execute_script(
+        "return [...arguments[0].querySelectorAll('tbody tr')].map((r) => [...r.cells].map((c) => c.innerText))",
+        table[0])
+    assert len(cells) == 4 and [c[1] for c in cells] == ["0", "1", "2", "3"]
+    headers = [th.text for th in table[0].find_elements(By.CSS_SELECTOR, "thead th")]
+    assert "read mm" in headers and "slice °" in headers
+    assert browser.find_element(By.ID, "warnings").get_attribute("hidden") is not None
+    screenshot(browser, "alignsense-job.png")
+
+    seq_id, seq_back = jobs["sequential"]
+    assert any(t.startswith("WRN") and "motion not corrected" in t for t in seq_back.texts), seq_back.texts
+    browser.get(f"{live_api.url}/jobs/{seq_id}")
+    warning = wait_for(browser, lambda d: [w for w in d.find_elements(By.CSS_SELECTOR, "#warnings li")
+                                          if "motion not corrected" in w.text], "the warning")
+    assert "sequential" in warning[0].text
