@@ -1,4 +1,5 @@
-"""ReconQ reconstruction library: the pipeline contract, Cartesian, SENSE and radial recon, scanner-ready images.
+"""ReconQ reconstruction library: the pipeline contract; Cartesian, SENSE, radial and motion-corrected SENSE
+recon; scanner-ready images.
 
 A pure library: numpy/cupy arrays (the caller picks the device), sigpy, scipy, h5py and ismrmrd. Raw
 files are read through the foundation's one MRD reader, :mod:`reconq.core.mrdfile`.
@@ -24,10 +25,13 @@ Modules, lowest layer first (array functions, operators, solvers, one run per re
     pulseq         trajectories of Pulseq scans from their .seq files, matched by signature
     cartesian      the Cartesian reconstruction of one volume (POCS, FFT, recon space, coil combination)
     senserecon     the SENSE reconstruction of one volume, reference-scan maps
+    motion         rigid transforms as unitary sinc operators (Fourier shifts and shears), derivatives
+    alignsense     motion-corrected SENSE (aligned SENSE, DISORDER) on arrays
     simulate       synthetic multi-coil scans in patient coordinates for tests and benchmarks
     radialsim      synthetic radial scans (acq.traj in either unit, or none for Pulseq scans)
+    shotsim        synthetic multi-shot Cartesian scans of a phantom moving between shots
     pipeline       the pipeline contract: name, run, memory and run-time estimates, cpu_capable
-    pipelines      the built-in pipelines (``cartesian``, ``sense``, ``radial``)
+    pipelines      the built-in pipelines (``cartesian``, ``sense``, ``radial``, ``alignsense``)
     registry       the registry of named pipelines (register, get_pipeline, pipeline_names)
     plugins        offline twix-style recon functions as pipelines (plugin files, entry points)
 """

@@ -1,5 +1,5 @@
-"""The registry of named pipelines: the built-in ones (``cartesian``, ``sense``, ``radial``) and those registered later
-(plugins, test pipelines).
+"""The registry of named pipelines: the built-in ones (``cartesian``, ``sense``, ``radial``, ``alignsense``)
+and those registered later (plugins, test pipelines).
 
 Workers look a pipeline up by the config name the scanner sent; an unknown name is an error naming the
 known ones, never a silent fallback to a default recon.
