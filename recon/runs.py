@@ -9,6 +9,7 @@ References:
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -260,6 +261,9 @@ def run_alignsense(scan: RawScan, params: Mapping[str, Any], progress: ProgressF
                 if w is not None:
                     ksp = prewhiten(ksp, w)
                 grid = solve_grid(buffer.centre_head(key), enc)
+                fold = _fold(params, reference, grid, enc)
+                if fold > 1:  # solve on the reference's larger FOV: the scan's lines every fold-th there
+                    grid, ksp, masks = _widened(grid, ksp, masks, fold)
                 if reference is not None:
                     mps, ref_grid = reference
                     maps = GridMaps(sp.to_device(mps, device), ref_grid, grid, wrap=False)
@@ -276,7 +280,7 @@ def run_alignsense(scan: RawScan, params: Mapping[str, Any], progress: ProgressF
                 result = alignsense.align_sense(kgrid[:, 0] if squeeze else kgrid, mps[:, 0] if squeeze else mps,
                                                 masks[:, 0] if squeeze else masks, opts, progress=stage)
                 img = result.image[None] if squeeze else result.image
-                img = to_recon_space(img, enc)
+                img = to_recon_space(img, enc) if fold == 1 else img
             corrected.append(np.abs(sp.to_device(img, sp.cpu_device)).astype(np.float32))
             motion_rows += _motion_rows(volume, result.motion, grid, enc)
             logger.info("%s: %s, %s: %d shots, %d iterations, converged %s", scan.path.name, name, volume,
@@ -288,7 +292,17 @@ def run_alignsense(scan: RawScan, params: Mapping[str, Any], progress: ProgressF
         geometry += image_geometries(buffer, key)
     if motion_rows:
         report(progress, "motion", {"title": "Motion per shot", "columns": list(MOTION_COLUMNS), "rows": motion_rows})
-    images = _images(name, scan, params, corrected, geometry, progress)
+    fold = max((m.shape[-2] // enc.recon_matrix[1] for m in corrected), default=1)
+    if fold > 1:  # the images cover the reference's FOV: their header says so
+        wide = copy.deepcopy(scan.header)
+        space = wide.encoding[0].reconSpace
+        space.matrixSize.y, space.fieldOfView_mm.y = space.matrixSize.y * fold, space.fieldOfView_mm.y * fold
+        progress(0.9, "images")
+        images = to_mrd_images(np.concatenate(corrected), geometry, wide,
+                               series_index=int(params.get("series_index", 1)),
+                               description=str(params.get("description", name)), history=("RECONQ", name))
+    else:
+        images = _images(name, scan, params, corrected, geometry, progress)
     if compare and plain:
         series = int(params.get("series_index", 1)) + 1
         images += to_mrd_images(np.concatenate(plain), geometry, scan.header, series_index=series,
@@ -296,6 +310,43 @@ def run_alignsense(scan: RawScan, params: Mapping[str, Any], progress: ProgressF
                                 history=("RECONQ", name, "uncorrected"))
     _motion_meta(images, motion_rows)
     return images
+
+
+def _fold(params: Mapping[str, Any], reference, grid, enc: CartesianEncoding) -> int:
+    """How many times the reference's phase FOV holds the scan's, when the job asks for the reference's
+    FOV (``fov: reference``); 1 otherwise. Needs a reference scan of the same orientation."""
+    if str(params.get("fov", "scan")) != "reference":
+        if str(params.get("fov", "scan")) != "scan":
+            raise ReconError(f"fov={params['fov']!r}: must be 'scan' (the default) or 'reference'")
+        return 1
+    if reference is None:
+        raise ReconError("fov=reference needs a reference scan (reference_protocol or reference_scan)")
+    _, ref_grid = reference
+    if not np.allclose(ref_grid.dirs, grid.dirs, atol=1e-3):
+        raise ReconError("fov=reference needs a reference scan of the scan's orientation")
+    if enc.enc_matrix[1] != enc.recon_matrix[1]:
+        raise ReconError("fov=reference needs a scan without phase oversampling")
+    ratio = (ref_grid.spacing[1] * ref_grid.shape[1]) / (grid.spacing[1] * grid.shape[1])
+    fold = int(np.ceil(ratio - 1e-3))
+    if fold < 2:
+        logger.info("the reference's FOV (%.1fx the scan's) is not larger: the scan's FOV kept", ratio)
+    return max(fold, 1)
+
+
+def _widened(grid, ksp, masks: np.ndarray, fold: int):
+    """The solve grid with ``fold`` times the phase FOV (same voxels), the scan's k-space lines and shot
+    masks placed every ``fold``-th line of it (k-space spacing 1/FOV: ``fold`` times finer there)."""
+    from reconq.recon.geometry import Grid  # noqa: PLC0415
+
+    nz, ny, nx = grid.shape
+    wide = Grid.make(grid.centre, grid.dirs, grid.spacing, (nz, ny * fold, nx))
+    rows = fold * (np.arange(ny) - ny // 2) + (ny * fold) // 2
+    xp = sp.get_array_module(ksp)
+    out = xp.zeros(ksp.shape[:2] + (ny * fold,) + ksp.shape[3:], dtype=ksp.dtype)
+    out[:, :, rows] = ksp * np.float32(np.sqrt(fold))  # the unitary FFT's scale on the longer axis
+    wide_masks = np.zeros(masks.shape[:2] + (ny * fold,), dtype=bool)
+    wide_masks[:, :, rows] = masks
+    return wide, out, wide_masks
 
 
 #: The motion table's columns: translations in mm and rotations in degrees about the read, phase and slice

@@ -16,7 +16,7 @@ from reconq.recon.phantoms import Phantom
 from reconq.recon.rawdata import RawScan
 from reconq.recon.registry import get_pipeline
 from reconq.recon.shotsim import moving_scan
-from reconq.recon.simulate import write_mrd
+from reconq.recon.simulate import SyntheticScan, write_mrd
 
 SHAPE = (64, 64)
 FOV = 220.0
@@ -130,3 +130,52 @@ def test_the_memory_model_grows_with_coils_and_shots(phantom):
     assert pipeline.memory_estimate(scan.header, {"shots": 16}) > base
     scan.header.acquisitionSystemInformation.receiverChannels = 32
     assert pipeline.memory_estimate(scan.header, {}) > base
+
+
+def test_a_reference_with_a_larger_fov_unfolds_the_scan_at_that_fov(tmp_path):
+    """The scan's phase FOV (100 mm) is half the object; the reference scan covers 200 mm. Asked for the
+    reference's FOV, the images are 64 rows over 200 mm, unfolded by the reference's maps; at the scan's
+    own FOV they are folded. One object for both: k-space in the reference's FOV fractions, the scan's
+    lines every other one of it (same resolution)."""
+    from reconq.recon.shotsim import _header, _readout
+
+    obj = Phantom.default(2, ncoil=8, seed=4).resized(0.7).blurred(1.5, (64, 64))
+    reference = moving_scan(obj, (64, 64), np.zeros((1, 3)), fov_mm=(200.0, 200.0, 5.0), segments=False,
+                            calibration=0, protocol="ref")
+    ref_path = write_mrd(reference, tmp_path / "ref.h5")
+    rows = np.arange(32)  # the scan: 32 lines over 100 mm, 4 interleaved shots, no motion
+    grid = np.stack(np.meshgrid(2 * (rows - 16), np.arange(64) - 32, indexing="ij"), -1)  # reference cycles
+    ksp = obj.kspace(grid)  # (ncoil, 32, 64)
+    acqs = []
+    for shot in range(4):
+        for line in rows[shot::4]:
+            acq = _readout(ksp[:, line], (32, 64), int(line), (0.0, 0.0, 0.0), 0.0, None)
+            acq.idx.segment = shot
+            acqs.append(acq)
+    scan = SyntheticScan(header=_header((32, 64), 8, (200.0, 100.0, 5.0), 4, 8, "FOV01", "1.2.3", "small_fov",
+                                        "66001_1_2_3"), acquisitions=acqs, truth=obj.truth((64, 64)),
+                         mps=np.zeros((0,), np.complex64))
+    path = write_mrd(scan, tmp_path / "scan.h5")
+    progress = Progress()
+    with RawScan.open(path) as raw:
+        wide = get_pipeline("alignsense").run(raw, {"reference": str(ref_path), "fov": "reference"}, progress)
+        folded = get_pipeline("alignsense").run(raw, {"reference": str(ref_path)}, Progress())
+    image = np.asarray(wide[0].data)[0, 0]
+    assert image.shape == (64, 64)
+    np.testing.assert_allclose(wide[0].field_of_view, (200.0, 200.0, 5.0), atol=1e-4)
+    assert nrmse(image, scan.truth) < 0.1  # unfolded: measured 0.068
+    assert np.asarray(folded[0].data)[0, 0].shape == (32, 64)
+    centre = scan.truth[16:48]  # the folded image's rows hold the centre plus the folded edges
+    assert nrmse(np.asarray(folded[0].data)[0, 0], centre) > 0.2  # measured 0.25
+    assert np.abs(estimated_from(progress)).max() < 0.3  # nothing moved: measured 0.16 mm, 0.08 deg
+
+
+def estimated_from(progress: Progress) -> np.ndarray:
+    return np.array([row[2:] for row in progress.reported["motion"]["rows"]], dtype=np.float64)
+
+
+def test_fov_reference_without_a_reference_is_refused(tmp_path, phantom):
+    scan = moving_scan(phantom, SHAPE, MOTION)
+    path = write_mrd(scan, tmp_path / "m.h5")
+    with RawScan.open(path) as raw, pytest.raises(ReconError, match="fov=reference needs a reference scan"):
+        get_pipeline("alignsense").run(raw, {"fov": "reference"}, lambda f, s: None)
