@@ -1,26 +1,32 @@
 """ReconQ SENSE against BART on the same data, in the same run.
 
-Cases: 2D 256 x 256, 16 coils, R = 4 (24 calibration lines), and 3D 192 x 192 x 128, 16 coils,
-R = 2 x 2 (24 x 24 calibration lines); ``--small`` shrinks the 3D case to 96 x 96 x 64. The data are
-a Shepp-Logan phantom with birdcage maps (``recon.simulate.Body``) plus complex Gaussian noise.
+Cases: 2D 256 x 256, 16 coils, R = 4 (24 calibration lines); 3D 96 x 96 x 64 (``small``) and
+192 x 192 x 128 (``full``), 16 coils, R = 2 x 2 (24 x 24 calibration lines). The data are a
+Shepp-Logan phantom with birdcage maps (``recon.simulate.Body``) plus complex Gaussian noise.
 
 Each tool gets the same undersampled k-space (zero where not sampled) and computes its own coil
 maps from the calibration lines:
 
-* ReconQ: ESPIRiT (sigpy) on a coarse grid, then SENSE unfolding per readout column (Tikhonov
-  1e-4, the pipeline default);
+* ReconQ: ESPIRiT on a coarse grid of 48 points per axis, the pipeline default
+  (``recon.coilmaps.espirit_maps``: sigpy's in 2D, the hybrid-space one in 3D; ``--espirit sigpy``
+  times sigpy's in 3D too, the previous path), interpolated onto the image grid, then SENSE
+  unfolding per readout column (Tikhonov 1e-4, the pipeline default);
 * BART: ``bart ecalib -m1 -r 24`` then ``bart pics -S -l2 -r 0.001`` (CG-SENSE, 30 iterations);
   plus ``bart fft -u -i`` against ReconQ's FFT for the inverse transform of the full k-space.
+  BART's ``ecalib`` takes minutes on the small 3D case and about an hour on the full one on a
+  2-core machine, so BART runs on the full 3D case only with ``--bart-full``.
 
-Reported: wall time of each step, the normalised RMS error of each magnitude against the phantom
-(after a least-squares scale), and the time ratio BART / ReconQ.
-Run: ``python bench/recon.py [--small]`` (needs the ``bart`` command on PATH).
+Reported: the machine, wall time of each step, the normalised RMS error of each magnitude against
+the phantom (after a least-squares scale), and the time ratio BART / ReconQ.
+Run: ``python bench/recon.py [--small | --full] [--only 2d|3d] [--bart-full] [--no-bart]``
+(needs the ``bart`` command on PATH unless ``--no-bart``).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -66,12 +72,12 @@ def error(img, truth):
     return float(np.linalg.norm(scale * mag - ref) / np.linalg.norm(ref))
 
 
-def reconq(ksp_us, mask, calib_mask, acs, accel):
+def reconq(ksp_us, mask, calib_mask, acs, accel, espirit="auto", lowres=None):
     """Maps from the calibration lines, then SENSE; returns ``(image, seconds for maps, for SENSE)``."""
     ncoil, nz, ny, nx = ksp_us.shape
     t0 = time.perf_counter()
     calib = ksp_us * calib_mask[None, :, :, None]
-    mps = espirit_maps(calib, acs, lowres=48 if nz == 1 else 32)
+    mps = espirit_maps(calib, acs, lowres=lowres or 48, method=espirit)
     grid = Grid.make((0, 0, 0), np.eye(3), (1.0, 1.0, 1.0), (nz, ny, nx))
     spacing = np.asarray((nx, ny, nz), dtype=float) / np.asarray(mps.shape[1:][::-1])
     maps = GridMaps(mps, Grid.make((0, 0, 0), np.eye(3), spacing, mps.shape[1:]), grid)
@@ -111,7 +117,8 @@ def run_bart(folder: Path, ksp_us, full, acs, nz):
     return read_cfl(folder / "img"), t_cal, t_pics, t_fft
 
 
-def case(name, shape, accel, acs=24, ncoil=16, noise=2e-4):
+def case(name, shape, accel, acs=24, ncoil=16, noise=2e-4, with_bart=True, espirit="auto", lowres=None,
+         no_bart=False):
     ksp, mask, calib_mask, truth = phantom_kspace(shape, ncoil, accel, acs, noise)
     sampled = mask | calib_mask
     ksp_us = ksp * sampled[None, :, :, None]
@@ -119,30 +126,72 @@ def case(name, shape, accel, acs=24, ncoil=16, noise=2e-4):
     t0 = time.perf_counter()
     fft.ifft(ksp, axes=(-3, -2, -1) if nz > 1 else (-2, -1))
     t_fft = time.perf_counter() - t0
-    img, t_maps, t_sense = reconq(ksp_us, mask, calib_mask, acs, accel)
-    with tempfile.TemporaryDirectory() as tmp:
-        bimg, b_cal, b_pics, b_fft = run_bart(Path(tmp), ksp_us, ksp, acs, nz)
-    ours, theirs = t_maps + t_sense, b_cal + b_pics
+    img, t_maps, t_sense = reconq(ksp_us, mask, calib_mask, acs, accel, espirit, lowres)
+    ours = t_maps + t_sense
+    label = f"ReconQ ({'sigpy ESPIRiT' if espirit == 'sigpy' or nz == 1 else 'hybrid ESPIRiT'})"
+    rows = [(label, (t_maps, t_sense, ours, error(img, truth), t_fft))]
+    if with_bart:
+        with tempfile.TemporaryDirectory() as tmp:
+            bimg, b_cal, b_pics, b_fft = run_bart(Path(tmp), ksp_us, ksp, acs, nz)
+        rows.append(("BART (ecalib+pics)", (b_cal, b_pics, b_cal + b_pics, error(bimg, truth), b_fft)))
     print(f"\n{name}: {shape[::-1]} (x, y, z), {ncoil} coils, R = {accel[0]} x {accel[1]}, {acs} calibration lines")
-    print(f"  {'':22s} {'maps s':>8s} {'SENSE s':>8s} {'total s':>8s} {'NRMSE':>8s} {'FFT s':>8s}")
-    for label, row in (("ReconQ (ESPIRiT+unfold)", (t_maps, t_sense, ours, error(img, truth), t_fft)),
-                       ("BART (ecalib+pics)", (b_cal, b_pics, theirs, error(bimg, truth), b_fft))):
-        print(f"  {label:22s} " + " ".join(f"{v:8.{4 if i == 3 else 2}f}" for i, v in enumerate(row)))
-    print(f"  time ratio BART / ReconQ: {theirs / ours:.2f} (FFT {b_fft / t_fft:.2f})")
+    print(f"  {'':28s} {'maps s':>8s} {'SENSE s':>8s} {'total s':>8s} {'NRMSE':>8s} {'FFT s':>8s}")
+    for label, row in rows:
+        print(f"  {label:28s} " + " ".join(f"{v:8.{4 if i == 3 else 2}f}" for i, v in enumerate(row)))
+    if with_bart:
+        theirs = rows[1][1][2]
+        print(f"  time ratio BART / ReconQ: {theirs / ours:.2f} (FFT {rows[1][1][4] / t_fft:.2f})")
+    else:
+        print("  BART not run on this case" + ("" if no_bart else " (--bart-full runs it)"))
+    sys.stdout.flush()
+
+
+def machine() -> str:
+    """CPU model, threads, memory and load: the machine the figures belong to."""
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+        mem = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
+                   if line.startswith("MemTotal")) / 2**20
+        load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except (OSError, StopIteration):
+        mem, load = float("nan"), "unknown"
+    return (f"{model}, {len(os.sched_getaffinity(0))} CPU threads, {mem:.0f} GiB RAM, load average {load}; "
+            f"Python {platform.python_version()}, numpy {np.__version__}; "
+            f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--small", action="store_true", help="3D case 96 x 96 x 64 instead of 192 x 192 x 128")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--small", action="store_true", help="the 3D case at 96 x 96 x 64 only")
+    size.add_argument("--full", action="store_true", help="the 3D case at 192 x 192 x 128 only")
     parser.add_argument("--only", choices=["2d", "3d"], help="run one case")
+    parser.add_argument("--bart-full", action="store_true", help="run BART on the full 3D case too (about an hour)")
+    parser.add_argument("--no-bart", action="store_true", help="ReconQ alone")
+    parser.add_argument("--espirit", choices=["auto", "hybrid", "sigpy"], default="auto",
+                        help="ReconQ's 3D ESPIRiT (sigpy: the previous path)")
+    parser.add_argument("--lowres", type=int, help="ReconQ's coarse map grid per axis (default 48)")
     args = parser.parse_args()
-    if shutil.which("bart") is None:
-        raise SystemExit("bart is not on PATH (Debian: apt-get install bart)")
-    print(f"CPU threads: {len(os.sched_getaffinity(0))}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
+    if not args.no_bart and shutil.which("bart") is None:
+        raise SystemExit("bart is not on PATH (Debian: apt-get install bart), or pass --no-bart")
+    print(f"Machine: {machine()}")
+    if not args.no_bart:
+        version = subprocess.run(["bart", "version"], capture_output=True, text=True).stdout.strip()
+        print(f"BART {version}")
+    bart_on = not args.no_bart
     if args.only in (None, "2d"):
-        case("2D", (1, 256, 256), (4, 1))
+        case("2D", (1, 256, 256), (4, 1), with_bart=bart_on, lowres=args.lowres, no_bart=args.no_bart)
     if args.only in (None, "3d"):
-        case("3D", (64, 96, 96) if args.small else (128, 192, 192), (2, 2))
+        if not args.full:
+            case("3D small", (64, 96, 96), (2, 2), with_bart=bart_on, espirit=args.espirit, lowres=args.lowres,
+                 no_bart=args.no_bart)
+        if not args.small:
+            case("3D full", (128, 192, 192), (2, 2), with_bart=bart_on and args.bart_full, espirit=args.espirit,
+                 lowres=args.lowres, no_bart=args.no_bart)
 
 
 if __name__ == "__main__":

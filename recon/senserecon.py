@@ -1,9 +1,10 @@
 """The SENSE reconstruction of one scan: pre-processing, coil maps, SENSE, partial Fourier, recon space.
 
 One :func:`sense_volume` per volume: noise pre-whitening, readout transform with oversampling
-removed, coil maps (ESPIRiT or Walsh from the scan's calibration lines, or resampled from a
-reference scan), SENSE over readout columns in batches, POCS for partial Fourier and asymmetric
-echoes on the combined image, and the crop to the header's recon space.
+removed, coil maps (ESPIRiT or Walsh from the scan's calibration lines, ESPIRiT in hybrid space
+for 3D scans, or resampled from a reference scan), SENSE over readout columns in batches, POCS
+for partial Fourier and asymmetric echoes on the combined image, and the crop to the header's
+recon space.
 
 References:
     Pruessmann KP et al. SENSE: sensitivity encoding for fast MRI. Magn Reson Med 1999;42:952-962.
@@ -22,7 +23,7 @@ import numpy as np
 import sigpy as sp
 
 from reconq.recon import fft
-from reconq.recon.coilmaps import GridMaps, espirit_maps, walsh_calibration_maps
+from reconq.recon.coilmaps import GridMaps, espirit_maps, lowres_shape, walsh_calibration_maps
 from reconq.recon.errors import ReconError
 from reconq.recon.geometry import Grid
 from reconq.recon.kspace import CartesianEncoding, KspaceBuffer, VolumeKey, kspace_matrix, partial_fourier_extents
@@ -113,20 +114,29 @@ def readout_transform(ksp, enc: CartesianEncoding):
     return sp.resize(fft.ifft(ksp, axes=(-1,)), ksp.shape[:-1] + (enc.recon_matrix[0],))
 
 
-def calibration_maps(calib, grid: Grid, enc: CartesianEncoding, opts: SenseOptions) -> GridMaps:
-    """Maps from calibration k-space ``(ncoil, nz, ny, nx_enc)`` (pre-whitened) on the grid ``grid``."""
+def calibration_maps(calib, grid: Grid, enc: CartesianEncoding, opts: SenseOptions,
+                     espirit: str = "auto") -> GridMaps:
+    """Maps from calibration k-space ``(ncoil, nz, ny, nx_enc)`` (pre-whitened) on the grid ``grid``.
+
+    Only the central ``opts.lowres`` lines in y and z reach the coarse grid, so the rest is dropped
+    before the readout transform. ESPIRiT runs as ``espirit`` says (see
+    :func:`reconq.recon.coilmaps.espirit_maps`: by default in hybrid space for 3D scans, sigpy's for 2D).
+    """
     sampled = np.asarray(sp.to_device(sp.get_array_module(calib).abs(calib).sum(axis=(0, 3)) > 0))
     width = calibration_width(sampled)
     if width < 8:
         raise ReconError(f"{width} calibration lines: too few for coil maps; add calibration lines or "
                          "name a reference scan")
     xp = sp.get_array_module(calib)
+    lines = lowres_shape(sampled.shape, opts.lowres)
+    calib = sp.resize(calib, calib.shape[:1] + lines + calib.shape[3:])
     hybrid = readout_transform(calib, enc)  # maps over the recon readout FOV
     calib = fft.fft(hybrid, axes=(-1,))
     if opts.maps == "espirit":
-        mps = espirit_maps(calib, width, opts.lowres)
+        mps = espirit_maps(calib, width, opts.lowres, method=espirit)
     elif opts.maps == "walsh":
-        mps = walsh_calibration_maps(calib * xp.asarray(_block(sampled, width))[None, :, :, None], opts.lowres)
+        block = sp.resize(_block(sampled, width), lines)
+        mps = walsh_calibration_maps(calib * xp.asarray(block)[None, :, :, None], opts.lowres)
     else:
         raise ReconError(f"maps={opts.maps!r}: must be 'espirit' or 'walsh'")
     shape = mps.shape[1:]
