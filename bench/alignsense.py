@@ -17,8 +17,6 @@ Run: ``python bench/alignsense.py [--small] [--only 2d|3d] [--snr DB]``.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -27,18 +25,9 @@ import numpy as np
 
 sys.path[0] = str(Path(__file__).resolve().parents[1])  # run as a script: the repository, not bench/
 
+from bench.tools import machine  # noqa: E402
 from reconq.recon import alignsense, motion  # noqa: E402
 from reconq.recon.phantoms import Phantom  # noqa: E402
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def scenario(shape, ncoil, nshot, seed=0, snr_db=None):
@@ -111,8 +100,7 @@ def main() -> None:
             devices.append("gpu")
     except Exception:  # noqa: BLE001 - no cupy or no device: CPU only
         pass
-    ncpu = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    print(f"machine: {cpu_model()}, {ncpu} CPUs; devices: {', '.join(devices)}; numpy {np.__version__}")
+    print(f"machine: {machine()}; devices: {', '.join(devices)}")
     print("| case | device | time | iterations per level | converged | translation error (voxel) | "
           "rotation error (deg) | NRMSE | uncorrected SENSE NRMSE | expected_seconds | memory_bytes |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")

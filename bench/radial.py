@@ -24,9 +24,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,39 +34,11 @@ import numpy as np
 
 sys.path[0] = str(Path(__file__).resolve().parents[1])  # run as a script: the repository, not bench/
 
+from bench.tools import bart, machine, read_cfl, write_cfl  # noqa: E402
 from reconq.recon import radial  # noqa: E402
 from reconq.recon.phantoms import Phantom  # noqa: E402
 
 TE = (2.0, 12.0)
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def write_cfl(path: Path, array: np.ndarray) -> None:
-    """BART's .cfl/.hdr: dims in Fortran order, i.e. our C-order shape reversed."""
-    path.with_suffix(".hdr").write_text("# Dimensions\n" + " ".join(str(n) for n in array.shape[::-1]) + "\n")
-    np.ascontiguousarray(array, dtype=np.complex64).tofile(path.with_suffix(".cfl"))
-
-
-def read_cfl(path: Path) -> np.ndarray:
-    dims = [int(n) for n in path.with_suffix(".hdr").read_text().splitlines()[1].split()]
-    while len(dims) > 1 and dims[-1] == 1:
-        dims.pop()
-    return np.fromfile(path.with_suffix(".cfl"), dtype=np.complex64).reshape(dims[::-1])
-
-
-def bart(*args: str) -> float:
-    t0 = time.perf_counter()
-    subprocess.run(["bart", *args], check=True, capture_output=True)
-    return time.perf_counter() - t0
 
 
 def errors(img: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
@@ -113,8 +83,7 @@ def main() -> None:
     shape = (n, n, n)
     nspokes = math.ceil(math.pi / 2 * n * n)
     threads = len(os.sched_getaffinity(0))
-    omp = os.environ.get("OMP_NUM_THREADS", "unset")
-    print(f"Machine: {cpu_model()}, {threads} CPU threads; OMP_NUM_THREADS={omp}")
+    print(f"Machine: {machine()}; finufft threads {threads}")
     print(f"Kooshball {n}^3, {args.coils} coils, {len(TE)} echoes (TE {TE[0]:g}, {TE[1]:g} ms), "
           f"{nspokes} spokes x {2 * n} samples ({nspokes * 2 * n} points a coil)")
 

@@ -25,8 +25,6 @@ Run: ``python bench/recon.py [--small | --full] [--only 2d|3d] [--bart-full] [--
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -39,6 +37,7 @@ import numpy as np
 # run as a script, this file's folder comes first on sys.path and its name shadows the package
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
+from bench.tools import bart, machine, read_cfl, write_cfl  # noqa: E402
 from reconq.recon import fft  # noqa: E402
 from reconq.recon.coilmaps import GridMaps, espirit_maps  # noqa: E402
 from reconq.recon.geometry import Grid  # noqa: E402
@@ -88,25 +87,6 @@ def reconq(ksp_us, mask, calib_mask, acs, accel, espirit="auto", lowres=None):
     return img, t1 - t0, t2 - t1
 
 
-def write_cfl(path: Path, array: np.ndarray) -> None:
-    """BART's .cfl/.hdr: dims in Fortran order, i.e. our C-order shape reversed."""
-    path.with_suffix(".hdr").write_text("# Dimensions\n" + " ".join(str(n) for n in array.shape[::-1]) + "\n")
-    np.ascontiguousarray(array, dtype=np.complex64).tofile(path.with_suffix(".cfl"))
-
-
-def read_cfl(path: Path) -> np.ndarray:
-    dims = [int(n) for n in path.with_suffix(".hdr").read_text().splitlines()[1].split()]
-    while len(dims) > 1 and dims[-1] == 1:
-        dims.pop()
-    return np.fromfile(path.with_suffix(".cfl"), dtype=np.complex64).reshape(dims[::-1])
-
-
-def bart(*args: str) -> float:
-    t0 = time.perf_counter()
-    subprocess.run(["bart", *args], check=True, capture_output=True)
-    return time.perf_counter() - t0
-
-
 def run_bart(folder: Path, ksp_us, full, acs, nz):
     """``(image, ecalib s, pics s, fft s)``; k-space in BART order ``[x, y, z, coil]``."""
     write_cfl(folder / "ksp", ksp_us)
@@ -144,24 +124,6 @@ def case(name, shape, accel, acs=24, ncoil=16, noise=2e-4, with_bart=True, espir
     else:
         print("  BART not run on this case" + ("" if no_bart else " (--bart-full runs it)"))
     sys.stdout.flush()
-
-
-def machine() -> str:
-    """CPU model, threads, memory and load: the machine the figures belong to."""
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-        mem = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
-                   if line.startswith("MemTotal")) / 2**20
-        load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except (OSError, StopIteration):
-        mem, load = float("nan"), "unknown"
-    return (f"{model}, {len(os.sched_getaffinity(0))} CPU threads, {mem:.0f} GiB RAM, load average {load}; "
-            f"Python {platform.python_version()}, numpy {np.__version__}; "
-            f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
 
 
 def main() -> None:

@@ -21,7 +21,6 @@ import sigpy as sp
 
 from reconq.recon import fft
 from reconq.recon.cartesian import reconstruct
-from reconq.recon.coilmaps import GridMaps
 from reconq.recon.errors import ReconError
 from reconq.recon.images import to_mrd_images
 from reconq.recon.kspace import CartesianEncoding, KspaceBuffer, image_geometries, noise_mask, partial_fourier_extents
@@ -230,7 +229,7 @@ def run_alignsense(scan: RawScan, params: Mapping[str, Any], progress: ProgressF
                    name: str = "alignsense") -> list[ismrmrd.Image]:
     """The ``alignsense`` pipeline's recon (params: :class:`~reconq.recon.pipelines.AlignSensePipeline`)."""
     from reconq.recon import alignsense  # noqa: PLC0415 (the motion solver, only for alignsense jobs)
-    from reconq.recon.senserecon import calibration_maps, readout_transform, solve_grid  # noqa: PLC0415
+    from reconq.recon.senserecon import readout_transform, solve_grid, volume_maps  # noqa: PLC0415
 
     enc = CartesianEncoding.from_header(scan.header)
     sense_opts = _sense_options(params)
@@ -264,15 +263,7 @@ def run_alignsense(scan: RawScan, params: Mapping[str, Any], progress: ProgressF
                 fold = _fold(params, reference, grid, enc)
                 if fold > 1:  # solve on the reference's larger FOV: the scan's lines every fold-th there
                     grid, ksp, masks = _widened(grid, ksp, masks, fold)
-                if reference is not None:
-                    mps, ref_grid = reference
-                    maps = GridMaps(sp.to_device(mps, device), ref_grid, grid, wrap=False)
-                else:
-                    calib = buffer.calibration(key)
-                    calib = ksp if calib is None else sp.to_device(calib, device)
-                    if calib is not ksp and w is not None:
-                        calib = prewhiten(calib, w)
-                    maps = calibration_maps(calib, grid, enc, sense_opts)
+                maps = volume_maps(buffer, key, ksp, grid, sense_opts, device, reference, w)
                 kgrid = fft.fft(readout_transform(ksp, enc), axes=(-1,))  # (ncoil, nz, ny_enc, nx_recon)
                 del ksp
                 mps = alignsense.extend_maps(maps.full())  # the object leaves the calibration's support

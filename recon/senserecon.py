@@ -173,6 +173,20 @@ def to_recon_space(img, enc: CartesianEncoding):
     return sp.resize(img, (nz if enc.is3d else 1, ny, nx))
 
 
+def volume_maps(buffer: KspaceBuffer, key: VolumeKey, ksp, grid: Grid, opts: SenseOptions,
+                device: sp.Device = sp.cpu_device, reference=None, w: np.ndarray | None = None) -> GridMaps:
+    """The coil maps of one volume on ``grid``: a reference scan's ``(mps, grid)`` resampled, else from
+    the volume's calibration lines (or, without any, its own k-space ``ksp``), pre-whitened by ``w``."""
+    if reference is not None:
+        mps, ref_grid = reference
+        return GridMaps(sp.to_device(mps, device), ref_grid, grid, wrap=False)
+    calib = buffer.calibration(key)
+    calib = ksp if calib is None else sp.to_device(calib, device)
+    if calib is not ksp and w is not None:
+        calib = prewhiten(calib, w)
+    return calibration_maps(calib, grid, buffer.enc, opts)
+
+
 def sense_volume(buffer: KspaceBuffer, key: VolumeKey, header: xsd.ismrmrdHeader, opts: SenseOptions,
                  device: sp.Device = sp.cpu_device, reference=None, w: np.ndarray | None = None):
     """SENSE reconstruction of one volume of a buffered scan.
@@ -198,15 +212,7 @@ def sense_volume(buffer: KspaceBuffer, key: VolumeKey, header: xsd.ismrmrdHeader
         ksp = sp.to_device(buffer.kspace(key), device)
         if w is not None:
             ksp = prewhiten(ksp, w)
-        if reference is not None:
-            mps, ref_grid = reference
-            maps = GridMaps(sp.to_device(mps, device), ref_grid, grid, wrap=False)
-        else:
-            calib = buffer.calibration(key)
-            calib = ksp if calib is None else sp.to_device(calib, device)
-            if calib is not ksp and w is not None:
-                calib = prewhiten(calib, w)
-            maps = calibration_maps(calib, grid, enc, opts)
+        maps = volume_maps(buffer, key, ksp, grid, opts, device, reference, w)
         hybrid = readout_transform(ksp, enc)
         del ksp
         img = sense_columns(hybrid, maps.batch, sampled, accel, opts.method, opts.lamda, opts.niter, opts.batch)
