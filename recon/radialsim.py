@@ -22,7 +22,7 @@ import ismrmrd
 import ismrmrd.xsd as xsd
 import numpy as np
 
-from reconq.recon.simulate import SyntheticScan, _measurement_uid  # noqa: PLC2701 (one simulator's parts)
+from reconq.recon.simulate import SyntheticScan, _measurement_uid, scan_header  # noqa: PLC2701
 
 #: ``kspace(coord, echo)``: ``(ncoil, npts)`` complex samples at ``coord`` ``(npts, ndim)`` (cycles per
 #: recon FOV, image-axis order: (ky, kx) or (kz, ky, kx)) for echo ``echo``.
@@ -145,20 +145,10 @@ def _header(kind, ncoil, matrix, fov_mm, nread, ns, echoes, te_ms, units, patien
         trajectory=xsd.trajectoryType.RADIAL if kind == "2d" else xsd.trajectoryType.OTHER,
         trajectoryDescription=description)
     strings = [xsd.userParameterStringType(name=k, value=v) for k, v in (user_strings or {}).items()]
-    return xsd.ismrmrdHeader(
-        version=1,
-        subjectInformation=xsd.subjectInformationType(patientID=patient_id, patientName=patient_name),
-        studyInformation=xsd.studyInformationType(studyInstanceUID=study_uid, studyID="1"),
-        measurementInformation=xsd.measurementInformationType(
-            measurementID=measurement_id, patientPosition=xsd.patientPositionType.HFS,
-            protocolName=protocol, seriesDescription=protocol),
-        acquisitionSystemInformation=xsd.acquisitionSystemInformationType(
-            systemVendor="ReconQ", systemModel="Simulator", systemFieldStrength_T=7.0, receiverChannels=ncoil),
-        experimentalConditions=xsd.experimentalConditionsType(H1resonanceFrequency_Hz=297_200_000),
-        encoding=[encoding],
-        sequenceParameters=xsd.sequenceParametersType(TR=[20.0], TE=[float(t) for t in te_ms[:echoes]],
-                                                      flipAngle_deg=[10.0]),
-        userParameters=xsd.userParametersType(userParameterString=strings) if strings else None)
+    sequence = xsd.sequenceParametersType(TR=[20.0], TE=[float(t) for t in te_ms[:echoes]], flipAngle_deg=[10.0])
+    return scan_header(encoding, ncoil, patient_id, patient_name, study_uid, protocol, measurement_id, sequence,
+                       xsd.userParametersType(userParameterString=strings) if strings else None, field_t=7.0,
+                       frequency_hz=297_200_000)
 
 
 def _acquisition(data: np.ndarray, position, dirs: np.ndarray, ns: int, half: bool,

@@ -25,7 +25,7 @@ import numpy as np
 
 from reconq.recon.motion import rotation_matrix
 from reconq.recon.phantoms import Phantom
-from reconq.recon.simulate import SyntheticScan, _measurement_uid  # noqa: PLC2701 (one simulator's parts)
+from reconq.recon.simulate import SyntheticScan, _measurement_uid, scan_header  # noqa: PLC2701
 
 ORDERS = ("interleaved", "random", "sequential")
 
@@ -146,15 +146,5 @@ def _header(shape, ncoil, fov_mm, nshot, per_shot, patient_id, study_uid, protoc
             segment=xsd.limitType(minimum=0, maximum=nshot - 1, center=0),
             slice=xsd.limitType(minimum=0, maximum=0, center=0)),
         trajectory=xsd.trajectoryType.CARTESIAN, echoTrainLength=per_shot)
-    return xsd.ismrmrdHeader(
-        version=1,
-        subjectInformation=xsd.subjectInformationType(patientID=patient_id, patientName="Phantom^Motion"),
-        studyInformation=xsd.studyInformationType(studyInstanceUID=study_uid, studyID="1"),
-        measurementInformation=xsd.measurementInformationType(
-            measurementID=measurement_id, patientPosition=xsd.patientPositionType.HFS,
-            protocolName=protocol, seriesDescription=protocol),
-        acquisitionSystemInformation=xsd.acquisitionSystemInformationType(
-            systemVendor="ReconQ", systemModel="Simulator", systemFieldStrength_T=3.0, receiverChannels=ncoil),
-        experimentalConditions=xsd.experimentalConditionsType(H1resonanceFrequency_Hz=123_200_000),
-        encoding=[encoding],
-        sequenceParameters=xsd.sequenceParametersType(TR=[2000.0], TE=[80.0], flipAngle_deg=[90.0]))
+    return scan_header(encoding, ncoil, patient_id, "Phantom^Motion", study_uid, protocol, measurement_id,
+                       xsd.sequenceParametersType(TR=[2000.0], TE=[80.0], flipAngle_deg=[90.0]))

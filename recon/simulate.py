@@ -310,6 +310,16 @@ def _header(plan: _Plan, ncoil, fov_mm, patient_id, patient_name, study_uid, pro
     if bits_stored is not None:
         user = xsd.userParametersType(
             userParameterLong=[xsd.userParameterLongType(name="BitsStored", value=bits_stored)])
+    return scan_header(encoding, ncoil, patient_id, patient_name, study_uid, protocol, measurement_id,
+                       xsd.sequenceParametersType(TR=[10.0], TE=[5.0], flipAngle_deg=[15.0]), user)
+
+
+def scan_header(encoding: xsd.encodingType, ncoil: int, patient_id: str, patient_name: str, study_uid: str,
+                protocol: str, measurement_id: str, sequence: xsd.sequenceParametersType,
+                user: xsd.userParametersType | None = None, field_t: float = 3.0,
+                frequency_hz: int = 123_200_000) -> xsd.ismrmrdHeader:
+    """A simulated scan's MRD header around its ``encoding``: identity, protocol, system and sequence
+    (every simulator of :mod:`reconq.recon` writes its headers through this)."""
     return xsd.ismrmrdHeader(
         version=1,
         subjectInformation=xsd.subjectInformationType(patientID=patient_id, patientName=patient_name),
@@ -318,11 +328,11 @@ def _header(plan: _Plan, ncoil, fov_mm, patient_id, patient_name, study_uid, pro
             measurementID=measurement_id, patientPosition=xsd.patientPositionType.HFS,
             protocolName=protocol, seriesDescription=protocol),
         acquisitionSystemInformation=xsd.acquisitionSystemInformationType(
-            systemVendor="ReconQ", systemModel="Simulator", systemFieldStrength_T=3.0,
+            systemVendor="ReconQ", systemModel="Simulator", systemFieldStrength_T=field_t,
             receiverChannels=ncoil),
-        experimentalConditions=xsd.experimentalConditionsType(H1resonanceFrequency_Hz=123_200_000),
+        experimentalConditions=xsd.experimentalConditionsType(H1resonanceFrequency_Hz=frequency_hz),
         encoding=[encoding],
-        sequenceParameters=xsd.sequenceParametersType(TR=[10.0], TE=[5.0], flipAngle_deg=[15.0]),
+        sequenceParameters=sequence,
         userParameters=user)
 
 
