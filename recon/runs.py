@@ -241,6 +241,7 @@ def run_alignsense(scan: RawScan, params: Mapping[str, Any], progress: ProgressF
     device = _device(params.get("device", -1))
     keys = buffer.volume_keys()
     corrected, plain, geometry, motion_rows = [], [], [], []
+    image_volumes: list[str] = []  # the volume each image is of, in image order
     compare = _flag(params, "compare", False)
     for i, key in enumerate(keys):
         masks = shots.get(key)
@@ -280,7 +281,9 @@ def run_alignsense(scan: RawScan, params: Mapping[str, Any], progress: ProgressF
                 warn(progress, f"{volume}: motion estimate did not converge in {result.iterations} iterations")
         else:
             corrected.append(plain[-1])
-        geometry += image_geometries(buffer, key)
+        volume_geometry = image_geometries(buffer, key)
+        geometry += volume_geometry
+        image_volumes += [volume] * len(volume_geometry)
     if motion_rows:
         report(progress, "motion", {"title": "Motion per shot", "columns": list(MOTION_COLUMNS), "rows": motion_rows})
     fold = max((m.shape[-2] // enc.recon_matrix[1] for m in corrected), default=1)
@@ -299,7 +302,7 @@ def run_alignsense(scan: RawScan, params: Mapping[str, Any], progress: ProgressF
         images += to_mrd_images(np.concatenate(plain), geometry, scan.header, series_index=series,
                                 description=f"{params.get('description', name)} uncorrected",
                                 history=("RECONQ", name, "uncorrected"))
-    _motion_meta(images, motion_rows)
+    _motion_meta(images, motion_rows, image_volumes)
     return images
 
 
@@ -364,17 +367,18 @@ def _motion_rows(volume: str, motion: np.ndarray, grid, enc: CartesianEncoding) 
     return rows
 
 
-def _motion_meta(images: list[ismrmrd.Image], rows: list[list]) -> None:
-    """Every image carries its volume's motion per shot in its meta (``ReconQMotion``: one text per shot)."""
-    if not rows:
-        return
+def _motion_meta(images: list[ismrmrd.Image], rows: list[list], volumes: list[str]) -> None:
+    """Every image carries its volume's motion per shot in its meta (``ReconQMotion``: one text per shot);
+    ``volumes``: the volume of each image of a series (the series repeat it)."""
     by_volume: dict[str, list[str]] = {}
     for row in rows:
         by_volume.setdefault(row[0], []).append(" ".join(f"{v:g}" for v in row[2:]))
-    for image in images:
+    for i, image in enumerate(images):
+        shots = by_volume.get(volumes[i % len(volumes)])
+        if shots is None:  # a volume left uncorrected
+            continue
         meta = ismrmrd.Meta.deserialize(image.attribute_string) if image.attribute_string else ismrmrd.Meta()
-        name = f"slice {image.slice}" if f"slice {image.slice}" in by_volume else next(iter(by_volume))
-        meta["ReconQMotion"] = by_volume[name]
+        meta["ReconQMotion"] = shots
         meta["ReconQMotionUnits"] = "read_mm phase_mm slice_mm read_deg phase_deg slice_deg"
         image.attribute_string = meta.serialize()
 
