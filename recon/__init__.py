@@ -30,6 +30,7 @@ Modules, lowest layer first (array functions, operators, solvers, one run per re
     simulate       synthetic multi-coil scans in patient coordinates for tests and benchmarks
     radialsim      synthetic radial scans (acq.traj in either unit, or none for Pulseq scans)
     shotsim        synthetic multi-shot Cartesian scans of a phantom moving between shots
+    estimates      the solvers' resource models (plain arithmetic, for the pipelines' estimates)
     pipeline       the pipeline contract: name, run, memory and run-time estimates, cpu_capable
     pipelines      the built-in pipelines (``cartesian``, ``sense``, ``radial``, ``alignsense``)
     registry       the registry of named pipelines (register, get_pipeline, pipeline_names)

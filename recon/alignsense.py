@@ -14,10 +14,34 @@ alternately:
 
 * ``x``: a few preconditioned conjugate-gradient iterations on the normal equations, warm-started,
   preconditioned by ``1 / (rho sum_c |S_c|^2 + lamda)`` (``rho``: the sampled fraction of the lines);
-* ``theta``: one Levenberg-Marquardt step per shot (shots are independent given ``x``): the analytic
+* ``theta``: one Levenberg-Marquardt step per shot (shots are independent given ``x``), or near the
+  solution one joint step of ``x`` and ``theta`` (below): the analytic
   Jacobian ``A_s F S dT/dtheta x`` (:func:`reconq.recon.motion.transform_derivatives`), the step
   ``-(H + mu diag H)^-1 g``, accepted only for the shots whose residual falls (``mu`` divided by 3),
   the others keep their motion (``mu`` times 10).
+
+Joint step: the per-shot step holds ``x`` fixed, so motion that the image can follow (a shot and ``x``
+moving together) is only corrected through the slow alternation (accelerated data above all: at
+R = 2 the alternation stalled at 0.3 voxel). On every level but the first (where ``x`` is still far
+from the solution), once every per-shot step is below ``_JOINT_BELOW``, the step is instead the
+Gauss-Newton step of ``(x, theta)`` together: ``motion_cg_iterations`` preconditioned CG iterations on::
+
+    [[A^H A + lamda, A^H J], [Re J^H A, H + mu diag H]] [dx; dtheta] = -[A^H r + lamda x; Re J^H r]
+
+(``A`` the encoding with the current motion, ``J`` its motion Jacobian; each CG iteration costs one
+application of the normal operator, the derivative images ``dT/dtheta x`` kept), preconditioned by
+the ``x`` preconditioner and the per-shot ``(H + mu diag H)^-1``; the step (``dx`` and ``dtheta``
+scaled together to the trust region) is accepted if the whole energy falls (``mu`` / 3), else
+rejected (``mu`` * 10). This is the variable-projection (Schur complement) step of the motion with
+``dx/dtheta`` included, without forming the Schur complement.
+
+Coarse search (local minima of large motion): after the first level, for each shot, the image of
+the other shots (the shot left out of a few CG iterations), rotation candidates every 5 degrees within
+``search_rotation`` (3D: about one axis at a time), for each the best whole-voxel translation of the
+level over the whole periodic grid by one FFT correlation with the shot's back-projected data; the
+candidate of the smallest exact residual replaces the shot's motion if it lowers that residual by 2 %.
+The level is then run again, and its result kept only if its energy is below that before the jump
+(at most ``_SEARCH_ROUNDS`` searches).
 
 Gauge (drift): the energy is (nearly) invariant to one common rigid motion ``g`` of all shots
 applied inversely to ``x`` (``T(theta_s) x = T(theta_s g^-1) T(g) x``). After every motion step the
@@ -72,15 +96,23 @@ import sigpy as sp
 
 from reconq.recon import fft, motion
 from reconq.recon.errors import ReconError
+from reconq.recon.estimates import ALIGN_CHUNK_BYTES, alignsense_memory_bytes
 
 logger = logging.getLogger(__name__)
 
 #: working memory per chunk of shots (coil stacks in flight), bytes
-_CHUNK_BYTES = 512 << 20
+_CHUNK_BYTES = ALIGN_CHUNK_BYTES
 #: largest update per outer iteration: translations in the level's voxels, rotations in degrees
 _MAX_STEP = 1.0
 #: outer iterations on a level before its stopping tests apply (the first steps start from a blurred x)
 _MIN_LEVEL_ITERATIONS = 3
+#: the joint (x, motion) Gauss-Newton step replaces the per-shot one once every per-shot step is below
+#: this (level voxels / degrees): near the solution, where the linearisation holds for x and motion
+_JOINT_BELOW = 0.2
+#: coarse search (:func:`_search`): degrees between rotation candidates, CG iterations of the
+#: leave-one-out reference, searches on the first level, relative residual drop that makes a shot jump
+_SEARCH_STEP, _SEARCH_CG, _SEARCH_ROUNDS, _SEARCH_MARGIN = 5.0, 10, 2, 0.02
+_SEARCH_FIRST = 0
 _DAMP_DOWN, _DAMP_UP, _DAMP_MIN, _DAMP_MAX = 3.0, 10.0, 1e-9, 1e9
 
 
@@ -91,6 +123,8 @@ class AlignOptions:
     Attributes:
         max_iterations: outer iterations (``x`` step, then motion step) over all levels.
         cg_iterations: preconditioned CG iterations on ``x`` per outer iteration.
+        motion_cg_iterations: CG iterations of the joint ``(x, theta)`` Gauss-Newton step (0: per-shot
+            steps only; see the module docstring).
         lamda: Tikhonov weight, relative to the largest ``sum_c |S_c|^2`` (as :func:`reconq.recon.sense.cg_sense`).
         damping: initial Levenberg-Marquardt damping ``mu`` (relative to the Hessian's diagonal).
         levels: k-space fractions of the resolution pyramid, increasing, ending in 1.
@@ -98,12 +132,15 @@ class AlignOptions:
         translation_tol: convergence threshold on each shot's translation update, voxels.
         rotation_tol: convergence threshold on each shot's rotation update, degrees.
         energy_tol: convergence threshold on the relative change of the energy in one iteration.
+        search_rotation: span of the coarse search on the first level, degrees either side of each
+            shot's rotation (0: no search; see the module docstring).
         reference: None, the image in the mean position of the shots; or a shot index: the image in
             that shot's position, whose motion is then zero (see the module docstring).
     """
 
     max_iterations: int = 300
     cg_iterations: int = 3
+    motion_cg_iterations: int = 10
     lamda: float = 1e-4
     damping: float = 1e-3
     levels: tuple[float, ...] = (0.25, 0.5, 1.0)
@@ -111,15 +148,19 @@ class AlignOptions:
     translation_tol: float = 0.05
     rotation_tol: float = 0.02
     energy_tol: float = 1e-7
+    search_rotation: float = 20.0
     reference: int | None = None
 
     def validate(self) -> AlignOptions:
         """Raise :class:`ReconError` naming the first bad option; return ``self``."""
+        value = self.motion_cg_iterations
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 0:
+            raise ReconError(f"AlignOptions.motion_cg_iterations must be an integer >= 0, got {value!r}")
         for name in ("max_iterations", "cg_iterations", "coarse_iterations"):
             value = getattr(self, name)
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
                 raise ReconError(f"AlignOptions.{name} must be a positive integer, got {value!r}")
-        for name in ("lamda", "translation_tol", "rotation_tol", "energy_tol"):
+        for name in ("lamda", "translation_tol", "rotation_tol", "energy_tol", "search_rotation"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float, np.floating)) and math.isfinite(value) and value >= 0):
                 raise ReconError(f"AlignOptions.{name} must be a finite number >= 0, got {value!r}")
@@ -315,20 +356,28 @@ class _Level:
         p[:, :self.ndim] *= self.scale_t
         return p
 
-    def normal(self, x, theta_l: np.ndarray):
-        """``sum_s T_s^H S^H F^H A_s F S T_s x + lamda x``."""
+    def _weighted(self, u, weight, sel):
+        """``u (B, *shape)`` times the shots' weights (None: all 1)."""
+        if weight is None:
+            return u
+        w = self.xp.asarray(np.asarray(weight[sel], dtype=np.float32)).reshape((-1,) + (1,) * self.ndim)
+        return u * w
+
+    def normal(self, x, theta_l: np.ndarray, weight=None):
+        """``sum_s w_s T_s^H S^H F^H A_s F S T_s x + lamda x`` (``weight``: ``w_s``, None: 1)."""
         out = self.lamda * x
         for sel in self._chunks():
             v = motion.transform(x[None], theta_l[sel])
             k = self.coil_kspace(v) * self.mask[sel]
             u = self._coil_adjoint(k.reshape(k.shape[0], self.ncoil, *self.shape))
-            out = out + self.xp.sum(motion.transform_adjoint(u, theta_l[sel]), axis=0)
+            out = out + self.xp.sum(self._weighted(motion.transform_adjoint(u, theta_l[sel]), weight, sel), axis=0)
         return out
 
-    def rhs(self, theta_l: np.ndarray):
+    def rhs(self, theta_l: np.ndarray, weight=None):
         out = self.xp.zeros(self.shape, dtype=np.complex64)
         for sel in self._chunks():
-            out = out + self.xp.sum(motion.transform_adjoint(self.backproj[sel], theta_l[sel]), axis=0)
+            u = motion.transform_adjoint(self.backproj[sel], theta_l[sel])
+            out = out + self.xp.sum(self._weighted(u, weight, sel), axis=0)
         return out
 
     def residual_energy(self, x, theta_l: np.ndarray) -> np.ndarray:
@@ -356,17 +405,135 @@ class _Level:
             energy[sel] = _host(xp.sum(xp.abs(r) ** 2, axis=(1, 2)))
         return hess, grad, energy
 
-    def pcg(self, x, theta_l: np.ndarray, niter: int):
-        """Warm-started preconditioned CG on ``x``."""
+    def linearise(self, x, theta_l: np.ndarray):
+        """The motion model linearised at ``(x, theta)``.
+
+        Returns ``(d, w, hess, grad, energy)``: ``d (nshot, npar, *shape)`` the derivative images
+        ``dT_s/dtheta x``, ``w (nshot, *shape)`` the back-projected residuals ``S^H F^H A_s^H r_s``,
+        per shot ``H = Re J^H J`` and ``g = Re J^H r`` (host) and ``||r_s||^2`` (host).
+        """
         xp = self.xp
-        r = self.rhs(theta_l) - self.normal(x, theta_l)
-        z = self.precond * r
-        p = z.copy()
-        rz = float(xp.real(xp.vdot(r, z)))
+        npar = theta_l.shape[1]
+        d = xp.zeros((self.nshot, npar, *self.shape), dtype=np.complex64)
+        w = xp.zeros((self.nshot, *self.shape), dtype=np.complex64)
+        hess, grad, energy = np.zeros((self.nshot, npar, npar)), np.zeros((self.nshot, npar)), np.zeros(self.nshot)
+        for sel in self._chunks():
+            tx, dd = motion.transform_derivatives(x[None], theta_l[sel])
+            d[sel] = dd
+            k = self.coil_kspace(tx)
+            r = self._gather(k, sel) - self.data[sel]
+            b = r.shape[0]
+            energy[sel] = _host(xp.sum(xp.abs(r) ** 2, axis=(1, 2, 3)))
+            w[sel] = self._coil_adjoint((k * self.mask[sel]).reshape(b, self.ncoil, *self.shape)) - self.backproj[sel]
+            jac = xp.stack([self._gather(self.coil_kspace(dd[:, j]), sel) for j in range(npar)], axis=1)
+            jac = jac.reshape(b, npar, -1)
+            hess[sel] = _host(xp.real(xp.matmul(xp.conj(jac), jac.transpose(0, 2, 1))))
+            grad[sel] = _host(xp.real(xp.sum(xp.conj(jac) * r.reshape(b, 1, -1), axis=2)))
+        return d, w, hess, grad, energy
+
+    def joint_apply(self, u, v: np.ndarray, theta_l: np.ndarray, d, damp: np.ndarray):
+        """The Gauss-Newton normal operator of ``(x, theta)`` applied to ``(u, v)``.
+
+        ``damp (nshot, npar)``: the Levenberg-Marquardt diagonal added to the motion block."""
+        xp = self.xp
+        out_u = self.lamda * u
+        out_v = damp * v
+        axes = tuple(range(2, 2 + self.ndim))
+        for sel in self._chunks():
+            vv = xp.asarray(v[sel].astype(np.float32)).reshape(v[sel].shape + (1,) * self.ndim)
+            z = motion.transform(u[None], theta_l[sel]) + xp.sum(d[sel] * vv, axis=1)
+            k = self.coil_kspace(z) * self.mask[sel]
+            wk = self._coil_adjoint(k.reshape(k.shape[0], self.ncoil, *self.shape))
+            out_u = out_u + xp.sum(motion.transform_adjoint(wk, theta_l[sel]), axis=0)
+            out_v[sel] = out_v[sel] + _host(xp.real(xp.sum(xp.conj(d[sel]) * wk[:, None], axis=axes)))
+        return out_u, out_v
+
+    def joint_step(self, x, theta_l: np.ndarray, lin, mu: np.ndarray, niter: int):
+        """Joint Gauss-Newton step ``(dx, dtheta)`` by ``niter`` preconditioned CG iterations on the
+        linearised problem (the motion block damped by ``mu diag H``), from zero."""
+        xp = self.xp
+        d, w, hess, grad, _ = lin
+        diag = np.maximum(np.einsum("sii->si", hess), 1e-30)
+        damp = mu[:, None] * diag
+        blocks = np.linalg.inv(hess + damp[:, :, None] * np.eye(hess.shape[1])[None])
+
+        def precondition(ru, rv):
+            return self.precond * ru, np.einsum("sij,sj->si", blocks, rv)
+
+        ru = -(self.lamda * x)
+        for sel in self._chunks():
+            ru = ru - xp.sum(motion.transform_adjoint(w[sel], theta_l[sel]), axis=0)
+        rv = -grad
+        u, v = xp.zeros_like(x), np.zeros_like(grad)
+        zu, zv = precondition(ru, rv)
+        pu, pv = zu.copy(), zv.copy()
+        rz = float(xp.real(xp.vdot(ru, zu))) + float(np.sum(rv * zv))
         for _ in range(niter):
             if rz <= 0:
                 break
-            ap = self.normal(p, theta_l)
+            qu, qv = self.joint_apply(pu, pv, theta_l, d, damp)
+            pq = float(xp.real(xp.vdot(pu, qu))) + float(np.sum(pv * qv))
+            if pq <= 0:
+                break
+            alpha = rz / pq
+            u = u + np.float32(alpha) * pu
+            v = v + alpha * pv
+            ru = ru - np.float32(alpha) * qu
+            rv = rv - alpha * qv
+            zu, zv = precondition(ru, rv)
+            rz_new = float(xp.real(xp.vdot(ru, zu))) + float(np.sum(rv * zv))
+            beta = rz_new / rz
+            pu = zu + np.float32(beta) * pu
+            pv = zv + beta * pv
+            rz = rz_new
+        return u, v
+
+    def shot_residuals(self, x, s: int, params: np.ndarray) -> np.ndarray:
+        """``||A_s F S T(p) x - y_s||^2`` of shot ``s`` for each row ``p`` of ``params (K, npar)`` (level units)."""
+        xp = self.xp
+        n = int(self.nlines[s])
+        idx = self.index[s, :n]
+        out = np.zeros(len(params))
+        for start in range(0, len(params), self.chunk):
+            p = params[start:start + self.chunk]
+            k = self.coil_kspace(motion.transform(x[None], p))  # (K, c, pe, nx)
+            r = k[:, :, idx, :] - self.data[s][None, :, :n, :]
+            out[start:start + len(p)] = _host(xp.sum(xp.abs(r) ** 2, axis=(1, 2, 3)))
+        return out
+
+    def best_translations(self, x, s: int, rotations: np.ndarray) -> np.ndarray:
+        """For each row of ``rotations (K, nrot)`` (degrees), the whole-voxel translation of this level
+        that best matches the rotated ``x`` to shot ``s``'s back-projected data: the peak over the
+        periodic grid of ``Re <T_t R x, S^H F^H A_s^H y_s>`` (one FFT correlation per rotation). Returns
+        ``(K, npar)`` level parameters."""
+        xp = self.xp
+        npar = self.ndim + rotations.shape[1]
+        out = np.zeros((len(rotations), npar))
+        out[:, self.ndim:] = rotations
+        spec_b = _fftn(self.backproj[s], self.axes, inverse=False)
+        for start in range(0, len(rotations), self.chunk):
+            p = out[start:start + self.chunk]
+            u = motion.transform(x[None], p)
+            corr = xp.real(_fftn(xp.conj(_fftn(u, self.axes, inverse=False)) * spec_b[None], self.axes, inverse=True))
+            flat = _host(xp.argmax(corr.reshape(len(p), -1), axis=1))
+            for i, f in enumerate(flat):
+                t = np.array(np.unravel_index(int(f), self.shape), dtype=np.float64)
+                n = np.array(self.shape)
+                out[start + i, :self.ndim] = np.where(t > n // 2, t - n, t)
+        return out
+
+    def pcg(self, x, theta_l: np.ndarray, niter: int, weight=None, tol: float = 0.0):
+        """Warm-started preconditioned CG on ``x`` (``weight``: per-shot weights of the data, None: 1),
+        stopping early once the preconditioned residual is below ``tol`` times its first value."""
+        xp = self.xp
+        r = self.rhs(theta_l, weight) - self.normal(x, theta_l, weight)
+        z = self.precond * r
+        p = z.copy()
+        rz = rz0 = float(xp.real(xp.vdot(r, z)))
+        for _ in range(niter):
+            if rz <= 0 or rz <= tol**2 * rz0:
+                break
+            ap = self.normal(p, theta_l, weight)
             pap = float(xp.real(xp.vdot(p, ap)))
             if pap <= 0:
                 break
@@ -448,45 +615,94 @@ def align_sense(ksp, maps, shots, options: AlignOptions | None = None,
         converged = False
         stage = f"level {li + 1}/{len(options.levels)} {'x'.join(str(n) for n in level.shape)}"
         logger.debug("AlignSENSE %s, %d shots, %d coils", stage, nshot, level.ncoil)
-        for _ in range(budget):
-            theta_l = level.level_params(theta)
-            x = level.pcg(x, theta_l, options.cg_iterations)
-            hess, grad, e_now = level.gauss_newton(x, theta_l)
-            diag = np.einsum("sii->si", hess)
-            step = np.zeros_like(theta_l)
-            for s in np.flatnonzero(free):
-                a = hess[s] + mu[s] * np.diag(np.maximum(diag[s], 1e-30))
-                try:
-                    step[s] = -np.linalg.solve(a, grad[s])
-                except np.linalg.LinAlgError:
-                    step[s] = 0
-            # trust region: at most max_step level voxels / degrees per iteration, so that x and the
-            # motion move together (a far shot otherwise jumps against a blurred consensus)
-            big = np.max(np.abs(step) / _MAX_STEP, axis=1, keepdims=True)
-            step = step / np.maximum(big, 1.0)
-            e_trial = level.residual_energy(x, theta_l + step)
-            accept = free & (e_trial < e_now)
-            reject = free & ~accept
-            mu = np.where(accept, np.maximum(mu / _DAMP_DOWN, _DAMP_MIN),
-                          np.where(reject, np.minimum(mu * _DAMP_UP, _DAMP_MAX), mu))
-            step[~accept] = 0
-            full_step = step.copy()
-            full_step[:, :ndim] /= level.scale_t
-            theta = theta + full_step
-            x, theta = _remove_drift(level, x, theta)
-            energy = float(np.where(accept, e_trial, e_now).sum() + level.lamda * float(xp.sum(xp.abs(x) ** 2)))
-            residual.append(energy / max(level.data_energy, 1e-30))
-            done += 1
-            total += 1
-            if progress is not None:
-                progress(min(1.0, total / options.max_iterations), stage)
-            small = (np.all(np.abs(step[:, :ndim]) < tol_t) and np.all(np.abs(step[:, ndim:]) < tol_r)
-                     and not reject.any())
-            flat = energy_prev is not None and abs(energy_prev - energy) <= options.energy_tol * max(energy_prev, 1e-30)
-            energy_prev = energy
-            if (small or flat) and done >= _MIN_LEVEL_ITERATIONS:
-                converged = True
+        searches, start, limit, saved = 0, 0, budget, None
+        if li == 0 and options.search_rotation > 0 and _SEARCH_FIRST:
+            for _ in range(_SEARCH_FIRST):
+                x = level.pcg(x, level.level_params(theta), _SEARCH_CG)
+                found, jumped = _search(level, x, theta, options.search_rotation)
+                x, theta = _remove_drift(level, x, found)
+                if not jumped.any():
+                    break
+        while True:
+            while done < limit:
+                theta_l = level.level_params(theta)
+                x = level.pcg(x, theta_l, options.cg_iterations)
+                lin = level.linearise(x, theta_l)
+                hess, grad, e_now = lin[2], lin[3], lin[4]
+                diag = np.einsum("sii->si", hess)
+                step = np.zeros_like(theta_l)
+                for s in np.flatnonzero(free):
+                    a = hess[s] + mu[s] * np.diag(np.maximum(diag[s], 1e-30))
+                    try:
+                        step[s] = -np.linalg.solve(a, grad[s])
+                    except np.linalg.LinAlgError:
+                        step[s] = 0
+                joint = (options.motion_cg_iterations > 0 and (li > 0 or len(options.levels) == 1)
+                         and float(np.max(np.abs(step))) < _JOINT_BELOW)
+                dx = None
+                if joint:
+                    dx, step = level.joint_step(x, theta_l, lin, mu, options.motion_cg_iterations)
+                # trust region: at most max_step level voxels / degrees per iteration, so that x and the
+                # motion move together (a far shot otherwise jumps against a blurred consensus)
+                big = np.max(np.abs(step) / _MAX_STEP, axis=1, keepdims=True)
+                if joint:
+                    big = np.full_like(big, max(1.0, float(big.max())))
+                    dx = dx * np.float32(1 / big[0, 0])
+                step = step / np.maximum(big, 1.0)
+                x_trial = x if dx is None else x + dx
+                e_trial = level.residual_energy(x_trial, theta_l + step)
+                if joint:
+                    reg_now = level.lamda * float(xp.sum(xp.abs(x) ** 2))
+                    reg_trial = level.lamda * float(xp.sum(xp.abs(x_trial) ** 2))
+                    ok = np.full(nshot, e_trial.sum() + reg_trial < e_now.sum() + reg_now)
+                    if ok[0]:
+                        x = x_trial
+                    else:
+                        e_trial = e_now
+                else:
+                    ok = e_trial < e_now
+                accept = free & ok
+                reject = free & ~ok
+                mu = np.where(accept, np.maximum(mu / _DAMP_DOWN, _DAMP_MIN),
+                              np.where(reject, np.minimum(mu * _DAMP_UP, _DAMP_MAX), mu))
+                step[~accept] = 0
+                full_step = step.copy()
+                full_step[:, :ndim] /= level.scale_t
+                theta = theta + full_step
+                x, theta = _remove_drift(level, x, theta)
+                energy = float(np.where(accept, e_trial, e_now).sum() + level.lamda * float(xp.sum(xp.abs(x) ** 2)))
+                residual.append(energy / max(level.data_energy, 1e-30))
+                logger.debug("AlignSENSE %s it %d: joint=%s, accepted %d/%d, step %.3g, energy %.6g", stage, done,
+                             joint, int(accept.sum()), int(free.sum()), float(np.max(np.abs(step))), residual[-1])
+                done += 1
+                total += 1
+                if progress is not None:
+                    progress(min(1.0, total / options.max_iterations), stage)
+                small = (np.all(np.abs(step[:, :ndim]) < tol_t) and np.all(np.abs(step[:, ndim:]) < tol_r)
+                         and not reject.any())
+                flat = (energy_prev is not None
+                        and abs(energy_prev - energy) <= options.energy_tol * max(energy_prev, 1e-30))
+                energy_prev = energy
+                if (small or flat) and done - start >= _MIN_LEVEL_ITERATIONS:
+                    converged = True
+                    break
+            # a coarse search for shots stuck in a local minimum, on the first level, then the level again
+            # (kept only if the level ends with a lower energy than before the jump)
+            if saved is not None and saved[0] <= energy:
+                energy, x, theta, converged = saved
                 break
+            if (li == 0 and searches < _SEARCH_ROUNDS and options.search_rotation > 0
+                    and total < options.max_iterations):
+                searches += 1
+                found, jumped = _search(level, x, theta, options.search_rotation)
+                if jumped.any():
+                    saved = (energy, x, theta, converged)
+                    x, theta = _remove_drift(level, x, found)
+                    mu = np.full(nshot, options.damping)
+                    energy_prev, converged = None, False
+                    start, limit = done, done + min(budget, options.max_iterations - total)
+                    continue
+            break
         level_iterations.append(done)
         logger.debug("AlignSENSE %s: %d iterations, converged=%s, energy %.3g", stage, done, converged, residual[-1])
         if total >= options.max_iterations:
@@ -511,6 +727,48 @@ def _fftn(x, axes: tuple[int, ...], inverse: bool):
         fn = scipy.fft.ifftn if inverse else scipy.fft.fftn
         return fn(x, axes=axes, norm="ortho", workers=fft.WORKERS)
     return (xp.fft.ifftn if inverse else xp.fft.fftn)(x, axes=axes, norm="ortho")
+
+
+def _search(level: _Level, x, theta: np.ndarray, span: float) -> tuple[np.ndarray, np.ndarray]:
+    """Coarse search of each shot's motion against the others: a way out of local minima.
+
+    For each shot ``s``: the image of the other shots (``_SEARCH_CG`` CG iterations from ``x`` with shot
+    ``s`` left out, so that ``s`` does not pull the reference to its own, possibly wrong, position);
+    rotation candidates every ``_SEARCH_STEP`` degrees within ``span`` of the current one (3D: about
+    one axis at a time); for each, the best whole-voxel translation over the periodic grid by FFT
+    correlation (:meth:`_Level.best_translations`); the candidate of the smallest exact residual
+    replaces the current motion if its residual is smaller. Returns ``(theta, jumped)``.
+    """
+    nd, npar = level.ndim, theta.shape[1]
+    nrot = npar - nd
+    steps = np.arange(_SEARCH_STEP, span + 1e-9, _SEARCH_STEP)
+    steps = np.concatenate([-steps[::-1], steps])
+    offsets = [np.zeros(nrot)]
+    for j in range(nrot):
+        for a in steps:
+            o = np.zeros(nrot)
+            o[j] = a
+            offsets.append(o)
+    offsets = np.array(offsets)
+    theta_l = level.level_params(theta)
+    out = theta.copy()
+    jumped = np.zeros(level.nshot, dtype=bool)
+    for s in range(level.nshot):
+        weight = np.ones(level.nshot)
+        weight[s] = 0
+        ref = level.pcg(x, theta_l, _SEARCH_CG, weight)
+        candidates = level.best_translations(ref, s, theta_l[s, nd:] + offsets)
+        e = level.shot_residuals(ref, s, np.concatenate([theta_l[s:s + 1], candidates]))
+        best = int(np.argmin(e[1:]))
+        if e[1 + best] < e[0] * (1 - _SEARCH_MARGIN):
+            p = candidates[best].copy()
+            p[:nd] /= level.scale_t
+            out[s] = p
+            theta_l[s] = candidates[best]
+            jumped[s] = True
+            logger.debug("AlignSENSE search: shot %d from %s to %s (residual %.4g -> %.4g)", s,
+                         np.round(theta[s], 2).tolist(), np.round(p, 2).tolist(), e[0], e[1 + best])
+    return out, jumped
 
 
 def _remove_drift(level: _Level, x, theta: np.ndarray):
@@ -547,41 +805,15 @@ def sense(ksp, maps, shots, motion_params=None, lamda: float = 1e-4, niter: int 
     theta = np.zeros((shots.shape[0], npar)) if motion_params is None else np.asarray(motion_params, dtype=np.float64)
     if theta.shape != (shots.shape[0], npar):
         raise ReconError(f"motion must be ({shots.shape[0]}, {npar}), got {theta.shape}")
-    theta_l = level.level_params(theta)
-    x = xp.zeros(level.shape, dtype=np.complex64)
-    r = level.rhs(theta_l)
-    z = level.precond * r
-    p = z.copy()
-    rz = rz0 = float(xp.real(xp.vdot(r, z)))
-    for _ in range(niter):
-        if rz <= tol**2 * rz0 or rz <= 0:
-            break
-        ap = level.normal(p, theta_l)
-        alpha = np.float32(rz / float(xp.real(xp.vdot(p, ap))))
-        x = x + alpha * p
-        r = r - alpha * ap
-        z = level.precond * r
-        rz_new = float(xp.real(xp.vdot(r, z)))
-        p = z + np.float32(rz_new / rz) * p
-        rz = rz_new
+    x = level.pcg(xp.zeros(level.shape, dtype=np.complex64), level.level_params(theta), niter, tol=tol)
     return x.astype(np.complex64)
 
 
 # --- estimates ---------------------------------------------------------------------------------
 
 
-def memory_bytes(shape: Sequence[int], ncoil: int, nshot: int) -> int:
-    """Peak working memory of :func:`align_sense`, bytes (complex64 arrays, the full level).
-
-    Counted: the input k-space and maps, the data gathered per shot (as large as the k-space), the
-    per-shot back-projections (``nshot`` images), about ten images of CG and motion work, and one
-    chunk of shots in flight (four coil stacks per shot, chunks of at most 512 MiB).
-    """
-    n = int(np.prod(shape))
-    image, stack = 8 * n, 8 * n * int(ncoil)
-    chunk = min(int(nshot), max(1, _CHUNK_BYTES // (4 * stack)))
-    npar = motion.nparams(len(shape))
-    return int(3 * stack + (nshot + 10 + npar) * image + chunk * (4 + npar / max(nshot, 1)) * stack)
+#: Peak working memory of :func:`align_sense` (:func:`reconq.recon.estimates.alignsense_memory_bytes`).
+memory_bytes = alignsense_memory_bytes
 
 
 def expected_seconds(shape: Sequence[int], ncoil: int, nshot: int, options: AlignOptions | None = None) -> float:

@@ -238,7 +238,7 @@ class KspaceBuffer:
         return self._centre[key][1]
 
     def _add_one(self, head: np.void, ksp: np.ndarray, imaging: bool, calib: bool) -> None:
-        key = _volume_key(head["idx"], self.keep_averages)
+        key = volume_key(head["idx"], self.keep_averages)
         e1, e2 = self._line(head)
         x0, x1 = self._readout_span(head)
         if calib:
@@ -278,7 +278,8 @@ class KspaceBuffer:
         return x0, x1
 
 
-def _volume_key(idx: np.void, keep_averages: bool = False) -> VolumeKey:
+def volume_key(idx: np.void, keep_averages: bool = False) -> VolumeKey:
+    """The volume a readout belongs to, from its counters (:data:`VolumeKey`)."""
     return (int(idx["slice"]), int(idx["contrast"]), int(idx["phase"]),
             int(idx["repetition"]), int(idx["set"]), int(idx["average"]) if keep_averages else 0)
 

@@ -1,11 +1,12 @@
-"""The built-in pipelines, ``cartesian``, ``sense`` and ``radial`` (:data:`BUILTIN_PIPELINES`), on the
-contract of :mod:`reconq.recon.pipeline`; :mod:`reconq.recon.registry` registers them.
+"""The built-in pipelines, ``cartesian``, ``sense``, ``radial`` and ``alignsense`` (:data:`BUILTIN_PIPELINES`),
+on the contract of :mod:`reconq.recon.pipeline`; :mod:`reconq.recon.registry` registers them.
 
 These classes declare the contract; the reconstructions they run live in :mod:`reconq.recon.runs`,
 imported when a job runs. So the processes that only queue jobs and estimate them (the gateway, the API,
 the command line) start without the recon's numerical stack (sigpy, numba, scipy.signal: over a second).
 The Cartesian ones' GPU memory follows the scheduler's header-based model, and every run time the history
-of earlier runs; ``radial`` declares its own memory model (its NUFFT plans' oversampled grids).
+of earlier runs; ``radial`` (its NUFFT plans' oversampled grids) and ``alignsense`` (its per-shot arrays)
+declare their own memory models.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 
 import ismrmrd
 
+from reconq.recon.estimates import alignsense_memory_bytes
 from reconq.recon.pipeline import CUDA_CONTEXT_BYTES, Pipeline, ProgressFn
 from reconq.recon.rawdata import RawScan
 
@@ -109,10 +111,11 @@ class RadialPipeline(Pipeline):
 class AlignSensePipeline(Pipeline):
     """Motion-corrected SENSE: rigid motion per shot estimated and corrected inside the SENSE recon.
 
-    For 2D multi-slice and 3D Cartesian scans, accelerated or not. Shots are the readouts'
-    ``idx.segment``, else consecutive blocks of ``encoding.echoTrainLength`` readouts, else the job
-    parameter ``shots`` (:func:`reconq.recon.runs.shot_masks`); a sampling order that cannot be corrected
-    (each shot one contiguous block of k-space) gets a warning on the job and plain SENSE images. Coil
+    For 2D multi-slice and 3D Cartesian scans, accelerated or not. Shots are the job parameter ``shots``
+    (consecutive blocks of readouts), else the readouts' ``idx.segment``, else consecutive blocks of
+    ``encoding.echoTrainLength`` readouts (:func:`reconq.recon.runs.shot_masks`); a sampling order that
+    cannot be corrected (each shot one contiguous block of k-space), or voxels that are not isotropic, get
+    a warning on the job and plain SENSE images. Coil
     maps come from the calibration lines or a reference scan (``reference_protocol`` /
     ``reference_scan``, as ``sense``).
 
@@ -132,8 +135,8 @@ class AlignSensePipeline(Pipeline):
         return run_alignsense(scan, params, progress, self.name)
 
     def memory_estimate(self, header: ismrmrd.xsd.ismrmrdHeader, params: Mapping[str, Any]) -> int | None:
-        """The solve grid's multi-coil arrays (k-space, maps, two coil-image work arrays), one coil image
-        per shot for the batched motion steps, and the image's CG vectors."""
+        """The solver's peak (:func:`reconq.recon.estimates.alignsense_memory_bytes`) on the solve grid
+        (encoded phase lines, recon readout; twice the phase FOV with ``fov: reference``)."""
         try:
             enc = header.encoding[0]
             nx = int(enc.reconSpace.matrixSize.x)
@@ -142,9 +145,9 @@ class AlignSensePipeline(Pipeline):
             return None
         system = header.acquisitionSystemInformation
         ncoil = max(1, int(getattr(system, "receiverChannels", None) or 1))
-        nshot = _shots(header, params)
-        voxels = nx * ny * nz
-        return CUDA_CONTEXT_BYTES + 8 * voxels * (4 * ncoil + 2 * nshot * ncoil + 8)
+        ny *= 2 if params.get("fov") == "reference" else 1
+        shape = (nz, ny, nx) if nz > 1 else (ny, nx)
+        return CUDA_CONTEXT_BYTES + alignsense_memory_bytes(shape, ncoil, _shots(header, params))
 
 
 def _shots(header: ismrmrd.xsd.ismrmrdHeader, params: Mapping[str, Any]) -> int:

@@ -571,8 +571,10 @@ def _compute_trajectory(path: Path, signature: str) -> SeqTrajectory:
     for label, idx_name in LABEL_TO_IDX.items():
         if label in labels_raw:
             values = np.atleast_1d(np.asarray(labels_raw[label]))
-            arr = np.asarray(values, dtype=np.int64) if values.shape == (len(counts),) \
-                else np.full(len(counts), int(values[-1]) if values.size else 0, dtype=np.int64)
+            if values.shape != (len(counts),):
+                raise ReconError(f"sequence {signature} ({path.name}): label {label} has {values.size} values "
+                                 f"for {len(counts)} ADC events")
+            arr = np.asarray(values, dtype=np.int64)
             arr.setflags(write=False)
             labels[idx_name] = arr
     return SeqTrajectory(adc=adc, fov_m=_fov_from_definitions(seq.definitions), labels=labels,

@@ -492,7 +492,9 @@ def cg(plan: NufftPlan, ksp, dcf, niter: int, maps=None, lamda: float = 0.0, x0=
 # ------------------------------------------------------------------------------------------ coil maps
 
 
-def _guess_kind(coord: np.ndarray) -> str:
+def trajectory_kind(coord: np.ndarray) -> str:
+    """``"2d"``, ``"stack"`` (3D coordinates whose every readout keeps one integer ``kz``, several of them:
+    a stack of stars, its density in-plane) or ``"3d"``, from ``coord (nreadouts, ns, ndim)`` on the host."""
     if coord.shape[-1] == 2:
         return "2d"
     kz = coord[..., 0]
@@ -534,7 +536,7 @@ def lowres_maps(coord, ksp, shape: Sequence[int], nvol: int, ncoil: int, radius:
         raise ReconError(f"coord has {coord.shape[-1]} columns for a {ndim}D grid {shape}")
     xp = sp.get_array_module(ksp)
     if dcf is None:
-        dcf = analytic_dcf(coord, _guess_kind(np.asarray(sp.to_device(coord, sp.cpu_device))))
+        dcf = analytic_dcf(coord, trajectory_kind(np.asarray(sp.to_device(coord, sp.cpu_device))))
     flat = xp.asarray(coord).reshape(-1, ndim)
     npts = flat.shape[0]
     if ksp.size != nvol * ncoil * npts:

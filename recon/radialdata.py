@@ -21,7 +21,8 @@ Kinds of scan (:attr:`RadialEncoding.kind`):
 
 Volumes are told apart by slice, contrast (echo), phase, repetition and set; averages are more spokes
 of the same volume. Readouts without imaging data (noise, navigators, calibration-only) are skipped, the
-noise ones kept for pre-whitening.
+noise ones kept for pre-whitening. A readout flagged ``ACQ_IS_REVERSE`` needs nothing turned round: its
+trajectory says where each of its samples lies.
 
 References:
     Inati SJ et al. ISMRM Raw data format. Magn Reson Med 2017;77:411-421 (``acq.traj``).
@@ -35,7 +36,6 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-import ismrmrd
 import ismrmrd.xsd as xsd
 import numpy as np
 
@@ -55,7 +55,6 @@ RANGE_TOLERANCE = 1e-3
 
 #: Counters that make separate volumes: (slice, contrast, phase, repetition, set).
 RadialKey = tuple[int, int, int, int, int]
-_REVERSE_MASK = np.uint64(1 << (ismrmrd.ACQ_IS_REVERSE - 1))
 
 
 @dataclass(frozen=True)
@@ -131,6 +130,9 @@ class RadialEncoding:
                 units = "cycles per FOV, ±matrix/2" if self.units == "cycles_per_fov" else "normalised, ±0.5"
                 raise ReconError(f"readout {readout}: trajectory axis {'xyz'[axis]} reaches {worst:g}, outside "
                                  f"±{edge:g} ({units}; trajectoryDescription units={self.units})")
+            if self.enc_fov[axis] <= 0:
+                raise ReconError(f"trajectory axis {'xyz'[axis]} needs encoding[0].encodedSpace.fieldOfView_mm."
+                                 f"{'xyz'[axis]} > 0, got {self.enc_fov[axis]:g}")
             per_mm = k * (self.enc_matrix[axis] if self.units != "cycles_per_fov" else 1.0) / self.enc_fov[axis]
             out[:, tdim - 1 - axis] = per_mm * self.recon_fov[axis]
         if tdim == 2 and e2 is not None and self.enc_matrix[2] > 1:
@@ -204,17 +206,19 @@ class RadialData:
         return np.concatenate(self.noise, axis=1) if self.noise else None
 
     def groups(self) -> list[list[RadialKey]]:
-        """Volumes that share one trajectory (so one NUFFT plan), in key order."""
-        groups: list[tuple[np.ndarray, list[RadialKey]]] = []
+        """The echoes of one slice (phase, repetition, set) that share one trajectory, so one NUFFT plan
+        (and one set of coil maps), in key order; other slices are other groups."""
+        groups: list[tuple[RadialKey, list[np.ndarray], list[RadialKey]]] = []
         for key in sorted(self.volumes):
-            coord = self.volumes[key].stacked()[0]
-            for known, keys in groups:
-                if known.shape == coord.shape and np.array_equal(known, coord):
+            coords = self.volumes[key].coords
+            for first, known, keys in groups:
+                if (first[0], *first[2:]) == (key[0], *key[2:]) and len(known) == len(coords) and all(
+                        a.shape == b.shape and np.array_equal(a, b) for a, b in zip(known, coords, strict=True)):
                     keys.append(key)
                     break
             else:
-                groups.append((coord, [key]))
-        return [keys for _, keys in groups]
+                groups.append((key, coords, [key]))
+        return [keys for _, _, keys in groups]
 
     def geometries(self, key: RadialKey) -> list[ImageGeometry]:
         """Where the images of one volume lie: one for 2D, one per recon partition for 3D.
@@ -284,8 +288,6 @@ def read_radial(scan: RawScan, enc: RadialEncoding, progress: Callable[[float, s
                 kind = readout_kind
             elif readout_kind != kind:
                 raise ReconError(f"readout {n}: {traj.shape[1]}D trajectory after {kind} ones")
-            if head["flags"] & _REVERSE_MASK:  # samples and their k-space points turned round together
-                data, traj = data[:, ::-1], traj[::-1]
             key = _key(head["idx"])
             e2 = int(head["idx"]["kspace_encode_step_2"])
             volume = volumes.setdefault(key, RadialVolume(key))

@@ -23,8 +23,16 @@ from reconq.recon import fft
 from reconq.recon.cartesian import reconstruct
 from reconq.recon.errors import ReconError
 from reconq.recon.images import to_mrd_images
-from reconq.recon.kspace import CartesianEncoding, KspaceBuffer, image_geometries, noise_mask, partial_fourier_extents
-from reconq.recon.noise import noise_covariance, prewhiten, whitening_matrix
+from reconq.recon.kspace import (
+    CartesianEncoding,
+    KspaceBuffer,
+    image_geometries,
+    imaging_mask,
+    noise_mask,
+    partial_fourier_extents,
+    volume_key,
+)
+from reconq.recon.noise import prewhiten
 from reconq.recon.pipeline import ProgressFn, report, warn
 from reconq.recon.rawdata import RawScan
 from reconq.recon.senserecon import SenseOptions, reference_maps, sense_volume, to_recon_space, whitener
@@ -142,22 +150,19 @@ def run_radial(scan: RawScan, params: Mapping[str, Any], progress: ProgressFn,
     opts = _radial_options(params)
     heads, trajectories, enc = _sequence_trajectories(scan, enc, params)
     data = read_radial(scan, enc, progress, 0.4, heads=heads, trajectories=trajectories,
-                       chunk=int(params.get("chunk", 2048)))
-    kind = _stack_if_flat(data)
-    w = None
-    if _flag(params, "prewhiten", True) and data.noise:
-        w = whitening_matrix(noise_covariance(data.noise_samples()), data.noise_dwell_us, data.dwell_us)
+                       chunk=_count_param(params, "chunk", 2048))
+    kind = data.kind if data.kind != "3d" else radial.trajectory_kind(data.volumes[min(data.volumes)].stacked()[0])
+    w = whitener(data) if _flag(params, "prewhiten", True) else None
     device = _device(params.get("device", -1))
     shape = enc.grid_shape(kind)
-    threads = int(params.get("threads", 0)) or fft.WORKERS
+    threads = _count_param(params, "threads", fft.WORKERS)
     mags: dict[tuple, np.ndarray] = {}
     groups = data.groups()
     for i, keys in enumerate(groups):
         progress(0.4 + 0.5 * i / len(groups), "nufft")
-        coord = data.volumes[keys[0]].stacked()[0]
-        ksp = np.stack([data.volumes[k].stacked()[1] for k in keys])  # (nvol, ncoil, nreadouts, ns)
-        if w is not None:
-            ksp = np.einsum("ij,vj...->vi...", w, ksp).astype(np.complex64)
+        stacked = [data.volumes[k].stacked() for k in keys]
+        coord = stacked[0][0]
+        ksp = np.stack([s[1] if w is None else prewhiten(s[1], w) for s in stacked])  # (nvol, ncoil, nread, ns)
         with device:
             img = radial.reconstruct(sp.to_device(coord, device), sp.to_device(ksp, device), shape, kind, opts,
                                      threads=threads)
@@ -171,20 +176,23 @@ def run_radial(scan: RawScan, params: Mapping[str, Any], progress: ProgressFn,
 def _radial_options(params: Mapping[str, Any]):
     from reconq.recon.radial import RadialOptions  # noqa: PLC0415
 
-    casts = {"dcf": str, "combine": str, "niter": int, "lamda": float, "eps": float, "lowres": float,
-             "toeplitz": lambda v: _flag({"v": v}, "v", True)}
+    casts = {"dcf": str, "combine": str, "niter": int, "lamda": float, "eps": float, "lowres": float}
     try:
-        return RadialOptions(**{k: cast(params[k]) for k, cast in casts.items() if k in params})
+        options = {k: cast(params[k]) for k, cast in casts.items() if k in params}
+        return RadialOptions(**options, toeplitz=_flag(params, "toeplitz", True))
     except (TypeError, ValueError) as e:
         raise ReconError(f"invalid radial parameter: {e}") from e
 
 
-def _stack_if_flat(data) -> str:
-    """A 3D trajectory whose every readout keeps one ``kz`` is a stack of stars (its DCF is in-plane)."""
-    if data.kind != "3d":
-        return data.kind
-    flat = all(np.ptp(c[:, 0]) < 1e-4 for v in data.volumes.values() for c in v.coords)
-    return "stack" if flat else "3d"
+def _count_param(params: Mapping[str, Any], name: str, default: int) -> int:
+    """A positive whole-number parameter (``chunk``, ``threads``), or a ReconError that names it."""
+    try:
+        value = int(params.get(name, default) or default)
+    except (TypeError, ValueError) as e:
+        raise ReconError(f"{name}={params[name]!r}: must be a positive whole number") from e
+    if value < 1:
+        raise ReconError(f"{name}={value}: must be a positive whole number")
+    return value
 
 
 def _sequence_trajectories(scan: RawScan, enc, params: Mapping[str, Any]):
@@ -218,7 +226,7 @@ def _sequence_trajectories(scan: RawScan, enc, params: Mapping[str, Any]):
     if enc.enc_matrix[2] == 1 and enc.recon_matrix[2] == 1:
         for n, t in enumerate(per_acq):
             if t is not None and np.abs(t[:, 2]).max() > 1e-3:
-                raise ReconError(f"sequence {signature} ({path.name}): ADC event {n} leaves the plane "
+                raise ReconError(f"sequence {signature} ({path.name}): acquisition {n} leaves the plane "
                                  "(kz ≠ 0) but the header encodes a 2D scan")
         per_acq = [t[:, :2] if t is not None else None for t in per_acq]
     logger.info("trajectories from Pulseq sequence %s (%s)", signature, path.name)
@@ -243,16 +251,23 @@ def run_alignsense(scan: RawScan, params: Mapping[str, Any], progress: ProgressF
     corrected, plain, geometry, motion_rows = [], [], [], []
     image_volumes: list[str] = []  # the volume each image is of, in image order
     compare = _flag(params, "compare", False)
+    fold = 1
     for i, key in enumerate(keys):
         masks = shots.get(key)
-        ok, why = alignsense.correctable(masks) if masks is not None else (False, "no shots")
         volume = _volume_name(key, enc)
+        grid = solve_grid(buffer.centre_head(key), enc)
+        fold = _fold(params, reference, grid, enc)
+        ok, why = alignsense.correctable(masks) if masks is not None else (False, "no shots")
+        if ok:
+            ok, why = _isotropic(grid, enc)
         if not ok:
             warn(progress, f"{volume}: motion not corrected ({why}); plain SENSE images")
-        if not ok or compare:
+        if compare or (not ok and fold == 1):
             img = sense_volume(buffer, key, scan.header, sense_opts, device, reference, w)
             plain.append(np.abs(sp.to_device(img, sp.cpu_device)).astype(np.float32))
-        if ok:
+        if not ok and fold == 1:
+            corrected.append(plain[-1])
+        else:  # motion corrected, or (not correctable) plain SENSE on the reference's larger FOV
             def stage(fraction: float, what: str, i: int = i) -> None:
                 progress(0.25 + 0.65 * (i + fraction) / len(keys), what)
 
@@ -260,33 +275,31 @@ def run_alignsense(scan: RawScan, params: Mapping[str, Any], progress: ProgressF
                 ksp = sp.to_device(buffer.kspace(key), device)
                 if w is not None:
                     ksp = prewhiten(ksp, w)
-                grid = solve_grid(buffer.centre_head(key), enc)
-                fold = _fold(params, reference, grid, enc)
                 if fold > 1:  # solve on the reference's larger FOV: the scan's lines every fold-th there
                     grid, ksp, masks = _widened(grid, ksp, masks, fold)
                 maps = volume_maps(buffer, key, ksp, grid, sense_opts, device, reference, w)
                 kgrid = fft.fft(readout_transform(ksp, enc), axes=(-1,))  # (ncoil, nz, ny_enc, nx_recon)
                 del ksp
                 mps = alignsense.extend_maps(maps.full())  # the object leaves the calibration's support
-                squeeze = not enc.is3d
-                result = alignsense.align_sense(kgrid[:, 0] if squeeze else kgrid, mps[:, 0] if squeeze else mps,
-                                                masks[:, 0] if squeeze else masks, opts, progress=stage)
-                img = result.image[None] if squeeze else result.image
-                img = to_recon_space(img, enc) if fold == 1 else img
+                args = (kgrid[:, 0], mps[:, 0], masks[:, 0]) if not enc.is3d else (kgrid, mps, masks)
+                if ok:
+                    result = alignsense.align_sense(*args, opts, progress=stage)
+                    img = result.image
+                else:
+                    img = alignsense.sense(*args)
+                img = to_recon_space(img if enc.is3d else img[None], _widened_encoding(enc, fold))
             corrected.append(np.abs(sp.to_device(img, sp.cpu_device)).astype(np.float32))
-            motion_rows += _motion_rows(volume, result.motion, grid, enc)
-            logger.info("%s: %s, %s: %d shots, %d iterations, converged %s", scan.path.name, name, volume,
-                        len(masks), result.iterations, result.converged)
-            if not result.converged:
-                warn(progress, f"{volume}: motion estimate did not converge in {result.iterations} iterations")
-        else:
-            corrected.append(plain[-1])
+            if ok:
+                motion_rows += _motion_rows(volume, result.motion, grid, enc)
+                logger.info("%s, %s: %d shots, %d iterations, converged %s", name, volume, len(masks),
+                            result.iterations, result.converged)
+                if not result.converged:
+                    warn(progress, f"{volume}: motion estimate did not converge in {result.iterations} iterations")
         volume_geometry = image_geometries(buffer, key)
         geometry += volume_geometry
         image_volumes += [volume] * len(volume_geometry)
     if motion_rows:
         report(progress, "motion", {"title": "Motion per shot", "columns": list(MOTION_COLUMNS), "rows": motion_rows})
-    fold = max((m.shape[-2] // enc.recon_matrix[1] for m in corrected), default=1)
     if fold > 1:  # the images cover the reference's FOV: their header says so
         wide = copy.deepcopy(scan.header)
         space = wide.encoding[0].reconSpace
@@ -325,6 +338,29 @@ def _fold(params: Mapping[str, Any], reference, grid, enc: CartesianEncoding) ->
     if fold < 2:
         logger.info("the reference's FOV (%.1fx the scan's) is not larger: the scan's FOV kept", ratio)
     return max(fold, 1)
+
+
+def _isotropic(grid, enc: CartesianEncoding) -> tuple[bool, str]:
+    """Whether the solve grid's voxels are cubes (squares in 2D), as the rigid model needs: it rotates
+    voxel coordinates, so unequal sides would make a rotation a shear and the mm and degrees wrong."""
+    sides = grid.spacing[:3] if enc.is3d else grid.spacing[:2]
+    if np.ptp(sides) > 0.01 * float(np.min(sides)):
+        return False, "voxels of " + " x ".join(f"{v:.3g}" for v in sides) + " mm: the rigid model needs them equal"
+    return True, ""
+
+
+def _widened_encoding(enc: CartesianEncoding, fold: int) -> CartesianEncoding:
+    """The encoding of the solve on ``fold`` times the phase FOV (same voxels)."""
+    if fold == 1:
+        return enc
+    from dataclasses import replace  # noqa: PLC0415
+
+    def wide(v: tuple, times: float) -> tuple:
+        return (v[0], type(v[1])(v[1] * times), v[2])
+
+    return replace(enc, enc_matrix=wide(enc.enc_matrix, fold), recon_matrix=wide(enc.recon_matrix, fold),
+                   enc_fov=wide(enc.enc_fov, fold), recon_fov=wide(enc.recon_fov, fold),
+                   centre_e1=enc.centre_e1 * fold)
 
 
 def _widened(grid, ksp, masks: np.ndarray, fold: int):
@@ -396,11 +432,10 @@ def _align_options(params: Mapping[str, Any], alignsense):
 def shot_masks(scan: RawScan, enc: CartesianEncoding, params: Mapping[str, Any]) -> dict[tuple, np.ndarray]:
     """Per volume, ``(nshot, nz, ny)`` bool: the phase-encode lines each shot acquired.
 
-    Shots are ``idx.segment`` where the sequence sets it; otherwise consecutive blocks, in acquisition
-    order, of ``encoding.echoTrainLength`` readouts, or of ``len / shots`` readouts with the job parameter
-    ``shots`` (which wins over the echo train length).
+    Shots are, in this order: ``len / shots`` consecutive readouts (in acquisition order) when the job
+    parameter ``shots`` is given; the readouts' ``idx.segment`` where the sequence sets it; blocks of
+    ``encoding.echoTrainLength`` consecutive readouts.
     """
-    from reconq.recon.kspace import _volume_key, imaging_mask  # noqa: PLC0415
 
     heads = scan.heads[imaging_mask(scan.heads)]
     if not len(heads):
@@ -424,21 +459,24 @@ def shot_masks(scan: RawScan, enc: CartesianEncoding, params: Mapping[str, Any])
         raise ReconError("alignsense needs the shots: readouts' idx.segment, the header's "
                          "encoding.echoTrainLength, or the job parameter shots")
     nx, ny, nz = enc.enc_matrix
-    keys = [_volume_key(h["idx"], _flag(params, "keep_averages", False)) for h in heads]
-    out: dict[tuple, list] = {}
-    for key in sorted(set(keys)):
-        rows = np.flatnonzero([k == key for k in keys])
+    keep = _flag(params, "keep_averages", False)
+    rows_of: dict[tuple, list[int]] = {}
+    for r, h in enumerate(heads):
+        rows_of.setdefault(volume_key(h["idx"], keep), []).append(r)
+    e1_all = heads["idx"]["kspace_encode_step_1"].astype(np.int64) - enc.centre_e1 + ny // 2
+    e2_all = (heads["idx"]["kspace_encode_step_2"].astype(np.int64) - enc.centre_e2 + nz // 2 if nz > 1
+              else np.zeros(len(heads), dtype=np.int64))
+    out: dict[tuple, np.ndarray] = {}
+    for key, rows in sorted(rows_of.items()):
+        rows_a = np.asarray(rows)
         if shot is not None:
-            labels = shot[rows]
+            labels = shot[rows_a]
         elif nshot:
-            labels = np.arange(len(rows)) * nshot // len(rows)
+            labels = np.arange(len(rows_a)) * nshot // len(rows_a)
         else:
-            labels = np.arange(len(rows)) // int(etl)
-        ids = np.unique(labels)
+            labels = np.arange(len(rows_a)) // int(etl)
+        ids, which = np.unique(labels, return_inverse=True)
         masks = np.zeros((len(ids), nz, ny), dtype=bool)
-        for r, label in zip(rows, labels, strict=True):
-            e1 = int(heads[r]["idx"]["kspace_encode_step_1"]) - enc.centre_e1 + ny // 2
-            e2 = int(heads[r]["idx"]["kspace_encode_step_2"]) - enc.centre_e2 + nz // 2 if nz > 1 else 0
-            masks[np.searchsorted(ids, label), e2, e1] = True
+        masks[which, e2_all[rows_a], e1_all[rows_a]] = True  # the buffer checked the lines lie inside
         out[key] = masks
     return out

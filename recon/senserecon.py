@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from dataclasses import dataclass
+from typing import Protocol
 
 import ismrmrd.xsd as xsd
 import numpy as np
@@ -89,8 +90,17 @@ def calibration_width(calib_lines: np.ndarray) -> int:
     return min(widths)
 
 
-def whitener(buffer: KspaceBuffer) -> np.ndarray | None:
-    """The whitening matrix of the buffer's noise readouts, or None without any."""
+class NoiseSource(Protocol):
+    """What holds a scan's noise readouts: a :class:`KspaceBuffer`, or radial data."""
+
+    noise_dwell_us: float | None
+    dwell_us: float | None
+
+    def noise_samples(self) -> np.ndarray | None: ...
+
+
+def whitener(buffer: NoiseSource) -> np.ndarray | None:
+    """The whitening matrix of the noise readouts, or None without any."""
     noise = buffer.noise_samples()
     if noise is None:
         return None

@@ -8,18 +8,28 @@ the solver, not the phantom.
 
 Measured on 2 vCPU AMD EPYC (bounds in brackets):
 
-* 2D 64^2, 8 coils, 4 shots in random order, motion within 4 px and 5 deg: translation error 2e-6 px
-  (< 1e-3), rotation 2e-4 deg (< 1e-3), NRMSE 1e-6 (< 1e-3), about 200 outer iterations (< 300).
-* The same at 30 dB SNR (noise power 1/1000 of the sampled k-space's): translation 0.03 px, rotation
-  1.1 deg, NRMSE 0.027, uncorrected SENSE 0.41. The rotation is far from the issue's 0.01 deg: started
-  from the true motion the solver walks to the same errors, so they are the estimator's (the noise
-  minimum of this small, blurred problem), not the iteration's. Bounds: translation < 0.1 px,
-  rotation < 2 deg, NRMSE < 0.04, at least 10 times below uncorrected SENSE.
-* Rotations of 10 deg converge with a 4-level pyramid (errors < 1e-3 px and deg).
-* 3D 32^3, 6 coils, 8 shots, 6 parameters: errors 5e-5 voxel and 2e-3 deg (< 0.05 voxel, < 0.02 deg).
-* R = 2 (every other line, 4 shots of 8 lines, motion within 1 px and 1.5 deg): 0.34 px, 0.21 deg,
-  NRMSE 0.029 against 0.080 uncorrected: better than uncorrected but not converged (xfail, the
-  issue's bounds kept).
+* 2D 64^2, 8 coils, 4 shots in random order, motion within 4 px and 5 deg: translation error 3e-6 px
+  (< 1e-3), rotation 4e-6 deg (< 1e-3), NRMSE 2e-6 (< 1e-3), 85 outer iterations (< 300).
+* The same at 30 dB SNR (noise power 1/1000 of the sampled k-space's): translation 0.011 px, rotation
+  0.58 deg, NRMSE 0.027, uncorrected SENSE 0.37 (14 times). The issue's 0.01 deg and 20 times are
+  below what this problem holds: the NRMSE is that of SENSE given the true motion (0.0270), and the
+  rotation is the estimator's, not the iteration's (the energy, x solved for, is lower at the estimate
+  than at the truth). The curvature of that energy in one shot's rotation gives a Cramer-Rao standard
+  deviation of about 0.1 deg per shot at 30 dB; over noise draws the largest of the three relative
+  rotations is 0.3-0.6 deg at 30 dB, 0.034 deg at 40 dB, 0.018 deg at 50 dB (translations 0.006-0.018
+  px, 0.006, 0.003): at 40 dB and above the errors follow the bound, at 30 dB they exceed it by about
+  3 (many nuisance unknowns, the noise-dominated outer k-space of this blurred 64^2 phantom). Bounds:
+  translation < 0.05 px, rotation < 1.5 deg, NRMSE < 1.1 times SENSE with the true motion, at least 10
+  times below uncorrected SENSE.
+* Rotations of 10 deg converge with a 4-level pyramid (errors 2e-5 px, 5e-5 deg).
+* 10 px combined with 10 deg, 6 shots (draw seed 1, default 3-level pyramid): the coarse search takes
+  the two shots left in other minima out of them: 2e-5 px, 1e-4 deg, NRMSE 1e-5. Not every draw
+  converges: of seeds 0-3, seed 0 stays in a local minimum (8 px, 5 deg) with 3 levels (it converges
+  with 4 levels, 1/8 first, where seeds 1 and 3 do not).
+* 3D 32^3, 6 coils, 8 shots, 6 parameters: errors 3e-5 voxel and 8e-4 deg (< 0.05 voxel, < 0.02 deg).
+* R = 2 (every other line, 4 shots of 8 lines, motion within 1 px and 1.5 deg): 3e-4 px, 2e-3 deg,
+  NRMSE 2e-5 against 0.080 uncorrected, in about 100 outer iterations (before the joint x-motion step:
+  0.34 px, 0.21 deg, NRMSE 0.029 after 300).
 """
 
 from __future__ import annotations
@@ -209,7 +219,8 @@ def test_2d_with_noise_beats_uncorrected_sense():
     result = alignsense.align_sense(ksp, maps, shots, options)
     t_err, r_err, img_err = errors(result, theta, truth)
     plain = nrmse(alignsense.sense(ksp, maps, shots.any(axis=0)), truth)
-    assert t_err < 0.1 and r_err < 2.0 and img_err < 0.04, (t_err, r_err, img_err)
+    floor = nrmse(alignsense.sense(ksp, maps, shots, theta, lamda=1e-3, niter=100), truth)
+    assert t_err < 0.05 and r_err < 1.5 and img_err < 1.1 * floor, (t_err, r_err, img_err, floor)
     assert plain > 10 * img_err, (plain, img_err)
 
 
@@ -220,6 +231,19 @@ def test_rotations_of_10_degrees_converge_with_the_pyramid():
                                       levels=(0.125, 0.25, 0.5, 1.0), coarse_iterations=60)
     t_err, r_err, img_err = errors(alignsense.align_sense(ksp, maps, shots, options), theta, truth)
     assert t_err < 1e-3 and r_err < 1e-2 and img_err < 1e-3, (t_err, r_err, img_err)
+
+
+def test_ten_voxels_and_ten_degrees_per_shot_leave_no_shot_behind():
+    """Six shots each moved by up to 10 px and 10 deg: the coarse search of the first level."""
+    theta = random_motion(6, 2, 10.0, 10.0, seed=1)
+    ksp, maps, shots, truth = scenario((64, 64), 8, theta, seed=1)
+    options = alignsense.AlignOptions(lamda=0, translation_tol=1e-4, rotation_tol=1e-4, reference=0,
+                                      coarse_iterations=60)
+    t_err, r_err, img_err = errors(alignsense.align_sense(ksp, maps, shots, options), theta, truth)
+    assert t_err < 1e-3 and r_err < 1e-2 and img_err < 1e-3, (t_err, r_err, img_err)
+    no_search = alignsense.AlignOptions(lamda=0, translation_tol=1e-3, rotation_tol=1e-3, reference=0,
+                                        coarse_iterations=60, search_rotation=0, max_iterations=100)
+    assert errors(alignsense.align_sense(ksp, maps, shots, no_search), theta, truth)[0] > 1  # stuck without it
 
 
 def test_3d_six_parameter_motion():
@@ -233,9 +257,6 @@ def test_3d_six_parameter_motion():
     assert t_err < 0.05 and r_err < 0.02 and img_err < 0.01, (t_err, r_err, img_err)
 
 
-@pytest.mark.xfail(reason="R = 2, 4 shots of 8 lines: measured 0.34 px, 0.21 deg, NRMSE 0.029 against 0.080 "
-                          "uncorrected after 300 iterations (better, not converged to the issue's bounds)",
-                   strict=False)
 def test_accelerated_r2_with_maps():
     theta = random_motion(4, 2, 1.0, 1.5, seed=5)
     ksp, maps, shots, truth = scenario((64, 64), 8, theta, seed=5, accel=2)
@@ -244,7 +265,7 @@ def test_accelerated_r2_with_maps():
     result = alignsense.align_sense(ksp, maps, shots, options)
     t_err, r_err, img_err = errors(result, theta, truth)
     plain = nrmse(alignsense.sense(ksp, maps, shots.any(axis=0)), truth)
-    assert t_err < 0.05 and r_err < 0.1 and img_err < plain / 5, (t_err, r_err, img_err, plain)
+    assert t_err < 0.05 and r_err < 0.05 and img_err < 1e-3 and plain > 0.05, (t_err, r_err, img_err, plain)
 
 
 def test_sequential_orders_are_not_correctable():
@@ -266,7 +287,8 @@ def test_sequential_orders_are_not_correctable():
 
 @pytest.mark.parametrize("field,value", [("max_iterations", 0), ("cg_iterations", 1.5), ("lamda", -1.0),
                                          ("damping", 0.0), ("levels", (0.5, 0.25, 1.0)), ("levels", (0.5,)),
-                                         ("rotation_tol", float("nan")), ("reference", -1)])
+                                         ("rotation_tol", float("nan")), ("reference", -1),
+                                         ("motion_cg_iterations", -1), ("search_rotation", -5.0)])
 def test_bad_options_are_named(field, value):
     with pytest.raises(ReconError, match=field):
         alignsense.AlignOptions(**{field: value}).validate()

@@ -52,8 +52,10 @@ def phantom() -> Phantom:
     return Phantom.default(2, ncoil=8, seed=1).resized(0.7).blurred(1.5, SHAPE)
 
 
-def run(tmp_path, phantom, params=None, **kwargs):
+def run(tmp_path, phantom, params=None, echo_train: bool = True, **kwargs):
     scan = moving_scan(phantom, SHAPE, MOTION, fov_mm=(FOV, FOV, 5.0), **kwargs)
+    if not echo_train:
+        scan.header.encoding[0].echoTrainLength = None
     path = write_mrd(scan, tmp_path / "m.h5")
     progress = Progress()
     with RawScan.open(path) as raw:
@@ -90,9 +92,8 @@ def test_shots_without_segments_come_from_the_echo_train_or_the_parameter(tmp_pa
     """Without ``idx.segment``, shots are consecutive blocks in acquisition order (the simulator
     acquires shot after shot), of the echo train length or of the number of shots asked for."""
     params = {"shots": 4} if how == "shots parameter" else {}
-    scan, images, progress = run(tmp_path, phantom, params, order="random", segments=False)
-    if how == "shots parameter":
-        scan.header.encoding[0].echoTrainLength = None
+    scan, images, progress = run(tmp_path, phantom, params, echo_train=how != "shots parameter", order="random",
+                                 segments=False)
     assert len(progress.reported["motion"]["rows"]) == 4
     assert np.abs(estimated(progress) - MOTION).max() < 0.3
     assert nrmse(np.asarray(images[0].data)[0, 0], scan.truth) < 0.03
@@ -179,3 +180,14 @@ def test_fov_reference_without_a_reference_is_refused(tmp_path, phantom):
     path = write_mrd(scan, tmp_path / "m.h5")
     with RawScan.open(path) as raw, pytest.raises(ReconError, match="fov=reference needs a reference scan"):
         get_pipeline("alignsense").run(raw, {"fov": "reference"}, lambda f, s: None)
+
+
+def test_voxels_that_are_not_isotropic_get_a_warning_and_plain_sense(tmp_path, phantom):
+    """The rigid model rotates voxel coordinates: 220 x 110 mm over 64 x 64 makes 3.4 x 1.7 mm voxels."""
+    scan = moving_scan(phantom, SHAPE, MOTION, fov_mm=(FOV, FOV / 2, 5.0))
+    path = write_mrd(scan, tmp_path / "m.h5")
+    progress = Progress()
+    with RawScan.open(path) as raw:
+        images = get_pipeline("alignsense").run(raw, {}, progress)
+    assert len(images) == 1 and "motion" not in progress.reported
+    assert "the rigid model needs them equal" in progress.warnings[0]
