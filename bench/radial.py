@@ -82,7 +82,7 @@ def main() -> None:
     n = args.size
     shape = (n, n, n)
     nspokes = math.ceil(math.pi / 2 * n * n)
-    threads = len(os.sched_getaffinity(0))
+    threads = args.threads or len(os.sched_getaffinity(0))
     print(f"Machine: {machine()}; finufft threads {threads}")
     print(f"Kooshball {n}^3, {args.coils} coils, {len(TE)} echoes (TE {TE[0]:g}, {TE[1]:g} ms), "
           f"{nspokes} spokes x {2 * n} samples ({nspokes * 2 * n} points a coil)")
@@ -96,15 +96,15 @@ def main() -> None:
 
     rows = []
     t0 = time.perf_counter()
-    grid = radial.reconstruct(coord, ksp, shape, "3d", radial.RadialOptions(eps=args.eps), threads=args.threads)
+    grid = radial.reconstruct(coord, ksp, shape, "3d", radial.RadialOptions(eps=args.eps), threads=threads)
     rows.append(("ReconQ", "gridding (analytic DCF)", time.perf_counter() - t0, *errors(grid, truth)))
     t0 = time.perf_counter()
     it = radial.reconstruct(coord, ksp, shape, "3d", radial.RadialOptions(niter=args.niter, eps=args.eps),
-                            threads=args.threads)
+                            threads=threads)
     rows.append(("ReconQ", f"CG, {args.niter} iterations, Toeplitz", time.perf_counter() - t0, *errors(it, truth)))
     t0 = time.perf_counter()
     it = radial.reconstruct(coord, ksp, shape, "3d",
-                            radial.RadialOptions(niter=args.niter, eps=args.eps, toeplitz=False), threads=args.threads)
+                            radial.RadialOptions(niter=args.niter, eps=args.eps, toeplitz=False), threads=threads)
     rows.append(("ReconQ", f"CG, {args.niter} iterations, NUFFT pairs", time.perf_counter() - t0,
                  *errors(it, truth)))
     io = None
