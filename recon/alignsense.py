@@ -96,7 +96,7 @@ import sigpy as sp
 
 from reconq.recon import fft, motion
 from reconq.recon.errors import ReconError
-from reconq.recon.estimates import ALIGN_CHUNK_BYTES, alignsense_memory_bytes
+from reconq.recon.estimates import ALIGN_CHUNK_BYTES, alignsense_memory_bytes, alignsense_seconds
 
 logger = logging.getLogger(__name__)
 
@@ -817,26 +817,11 @@ memory_bytes = alignsense_memory_bytes
 
 
 def expected_seconds(shape: Sequence[int], ncoil: int, nshot: int, options: AlignOptions | None = None) -> float:
-    """Rough wall time of :func:`align_sense` on the host, seconds.
-
-    Basis: one outer iteration costs about ``2 (cg_iterations + 1) + nparams + 2`` coil-stack FFT pairs
-    per shot, ``ncoil * nshot`` FFTs of the level's grid each, at about 0.5 ns per complex point per
-    ``log2`` of the size (all the work, not only the FFTs, measured on 2 vCPU AMD EPYC with the DISORDER
-    thresholds: 2D 256^2, 16 coils, 8 shots and 3D 40 x 48 x 48, 8 coils, 8 shots); each coarse level is
-    taken to run 30 iterations (at most ``coarse_iterations``), the last level 10.
-    """
+    """Rough wall time of :func:`align_sense` on the host, seconds
+    (:func:`reconq.recon.estimates.alignsense_seconds` with the options' iteration counts)."""
     options = options or AlignOptions()
-    npar = motion.nparams(len(shape))
-    ffts_per_iteration = (2 * (options.cg_iterations + 1) + npar + 2) * 2 * int(ncoil) * int(nshot)
-    seconds = 0.0
-    remaining = options.max_iterations
-    for i, f in enumerate(options.levels):
-        n = float(np.prod([max(4, round(s * f)) for s in shape]))
-        last = i == len(options.levels) - 1
-        iters = min(10 if last else min(30, options.coarse_iterations), remaining)
-        remaining -= iters
-        seconds += iters * ffts_per_iteration * 0.5e-9 * n * max(1.0, math.log2(n))
-    return seconds
+    return alignsense_seconds(shape, ncoil, nshot, options.cg_iterations, options.levels, options.max_iterations,
+                              options.coarse_iterations)
 
 
 def extend_maps(maps, sigma: float = 4.0, threshold: float = 0.5):

@@ -16,7 +16,7 @@ from typing import Any
 
 import ismrmrd
 
-from reconq.recon.estimates import alignsense_memory_bytes
+from reconq.recon.estimates import alignsense_memory_bytes, alignsense_seconds
 from reconq.recon.pipeline import CUDA_CONTEXT_BYTES, Pipeline, ProgressFn
 from reconq.recon.rawdata import RawScan
 
@@ -148,6 +148,19 @@ class AlignSensePipeline(Pipeline):
         ny *= 2 if params.get("fov") == "reference" else 1
         shape = (nz, ny, nx) if nz > 1 else (ny, nx)
         return CUDA_CONTEXT_BYTES + alignsense_memory_bytes(shape, ncoil, _shots(header, params))
+
+    def runtime_estimate(self, header: ismrmrd.xsd.ismrmrdHeader, params: Mapping[str, Any]) -> float | None:
+        """The solver's host-time model (:func:`reconq.recon.estimates.alignsense_seconds`; it comes before
+        the run-time history): on a GPU an upper bound, which only holds back backfilling and makes the
+        expected finish a cautious one."""
+        try:
+            enc = header.encoding[0]
+            nx = int(enc.reconSpace.matrixSize.x)
+            ny, nz = int(enc.encodedSpace.matrixSize.y), max(1, int(enc.encodedSpace.matrixSize.z or 1))
+            ncoil = max(1, int(getattr(header.acquisitionSystemInformation, "receiverChannels", None) or 1))
+        except (AttributeError, IndexError, TypeError, ValueError):
+            return None
+        return alignsense_seconds((nz, ny, nx) if nz > 1 else (ny, nx), ncoil, _shots(header, params))
 
 
 def _shots(header: ismrmrd.xsd.ismrmrdHeader, params: Mapping[str, Any]) -> int:

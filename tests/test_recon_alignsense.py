@@ -124,11 +124,12 @@ def test_bad_solver_options_are_refused(tmp_path, phantom):
         get_pipeline("alignsense").run(raw, {"levels": [0.5, 0.25]}, lambda f, s: None)
 
 
-def test_the_memory_model_grows_with_coils_and_shots(phantom):
+def test_the_memory_and_time_models_grow_with_coils_and_shots(phantom):
     scan = moving_scan(phantom, SHAPE, MOTION)
     pipeline = get_pipeline("alignsense")
     base = pipeline.memory_estimate(scan.header, {})
     assert pipeline.memory_estimate(scan.header, {"shots": 16}) > base
+    assert 0 < pipeline.runtime_estimate(scan.header, {}) < pipeline.runtime_estimate(scan.header, {"shots": 16})
     scan.header.acquisitionSystemInformation.receiverChannels = 32
     assert pipeline.memory_estimate(scan.header, {}) > base
 
