@@ -89,6 +89,7 @@ import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import scipy.fft
@@ -599,10 +600,11 @@ def align_sense(ksp, maps, shots, options: AlignOptions | None = None,
     level_iterations: list[int] = []
     total, converged = 0, False
     x, previous = None, None
+    level: _Level | None = None
     for li, fraction in enumerate(options.levels):
         last = li == len(options.levels) - 1
         level = _Level(ksp, maps, shots, fraction, options.lamda)
-        x = xp.zeros(level.shape, dtype=np.complex64) if x is None else level.upsample_from(x, previous)
+        x = xp.zeros(level.shape, dtype=np.complex64) if previous is None else level.upsample_from(x, previous)
         previous = level
         budget = options.max_iterations - total if last else min(options.coarse_iterations,
                                                                 options.max_iterations - total)
@@ -639,7 +641,7 @@ def align_sense(ksp, maps, shots, options: AlignOptions | None = None,
                         step[s] = 0
                 joint = (options.motion_cg_iterations > 0 and (li > 0 or len(options.levels) == 1)
                          and float(np.max(np.abs(step))) < _JOINT_BELOW)
-                dx = None
+                dx: Any = None
                 if joint:
                     dx, step = level.joint_step(x, theta_l, lin, mu, options.motion_cg_iterations)
                 # trust region: at most max_step level voxels / degrees per iteration, so that x and the
@@ -707,6 +709,7 @@ def align_sense(ksp, maps, shots, options: AlignOptions | None = None,
         logger.debug("AlignSENSE %s: %d iterations, converged=%s, energy %.3g", stage, done, converged, residual[-1])
         if total >= options.max_iterations:
             break
+    assert previous is not None  # the options have at least one level
     final = previous
     if final.shape != tuple(ksp.shape[1:]):  # the iteration limit came on a coarse level
         final = _Level(ksp, maps, shots, 1.0, options.lamda)
@@ -749,7 +752,7 @@ def _search(level: _Level, x, theta: np.ndarray, span: float) -> tuple[np.ndarra
             o = np.zeros(nrot)
             o[j] = a
             offsets.append(o)
-    offsets = np.array(offsets)
+    offset_array = np.array(offsets)
     theta_l = level.level_params(theta)
     out = theta.copy()
     jumped = np.zeros(level.nshot, dtype=bool)
@@ -757,7 +760,7 @@ def _search(level: _Level, x, theta: np.ndarray, span: float) -> tuple[np.ndarra
         weight = np.ones(level.nshot)
         weight[s] = 0
         ref = level.pcg(x, theta_l, _SEARCH_CG, weight)
-        candidates = level.best_translations(ref, s, theta_l[s, nd:] + offsets)
+        candidates = level.best_translations(ref, s, theta_l[s, nd:] + offset_array)
         e = level.shot_residuals(ref, s, np.concatenate([theta_l[s:s + 1], candidates]))
         best = int(np.argmin(e[1:]))
         if e[1 + best] < e[0] * (1 - _SEARCH_MARGIN):

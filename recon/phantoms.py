@@ -377,7 +377,7 @@ class Phantom:
             raise ReconError(f"coord must end in {self.ndim} columns for a {self.ndim}D phantom, "
                              f"got shape {coord.shape}")
         single = np.ndim(te_ms) == 0
-        tes = [float(te_ms)] if single else [float(t) for t in te_ms]
+        tes = [float(te_ms)] if isinstance(te_ms, int | float) else [float(t) for t in te_ms]
         lead = coord.shape[:-1]
         flat = np.ascontiguousarray(coord.reshape(-1, self.ndim))
         freqs = np.zeros((1, self.ndim)) if self.coils is None else np.asarray(self.coils.freqs, dtype=np.float64)

@@ -67,6 +67,7 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import scipy.fft
@@ -288,7 +289,7 @@ def pipe_menon_dcf(coord, shape: Sequence[int], niter: int = 10, eps: float = 1e
     span = tuple(n + _PM_MARGIN for n in shape)
     big = tuple(2 * m for m in span)
     plan = NufftPlan(2 * flat, big, n_trans=1, eps=eps, dtype=np.complex64, threads=threads)
-    phi = 1.0
+    phi: Any = 1.0
     for axis, (n, m) in enumerate(zip(big, span, strict=True)):
         view = [1] * len(big)
         view[axis] = n

@@ -266,7 +266,7 @@ def read_radial(scan: RawScan, enc: RadialEncoding, progress: Callable[[float, s
         imaging, is_noise = imaging_mask(block), noise_mask(block)
         skipped += int((~imaging & ~is_noise).sum())
         for i in np.flatnonzero(imaging | is_noise):
-            n, head, data = part.start + i, block[i], part.data[i]
+            n, head, data = int(part.start + i), block[i], part.data[i]
             if ncoil is None:
                 ncoil = data.shape[0]
             elif data.shape[0] != ncoil:

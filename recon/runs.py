@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -268,6 +268,8 @@ def run_alignsense(scan: RawScan, params: Mapping[str, Any], progress: ProgressF
         if not ok and fold == 1:
             corrected.append(plain[-1])
         else:  # motion corrected, or (not correctable) plain SENSE on the reference's larger FOV
+            if masks is None:  # no shots: the lines acquired, as one
+                masks = buffer.sampled(key)[None]
             def stage(fraction: float, what: str, i: int = i) -> None:
                 progress(0.25 + 0.65 * (i + fraction) / len(keys), what)
 
@@ -281,12 +283,13 @@ def run_alignsense(scan: RawScan, params: Mapping[str, Any], progress: ProgressF
                 kgrid = fft.fft(readout_transform(ksp, enc), axes=(-1,))  # (ncoil, nz, ny_enc, nx_recon)
                 del ksp
                 mps = alignsense.extend_maps(maps.full())  # the object leaves the calibration's support
-                args = (kgrid[:, 0], mps[:, 0], masks[:, 0]) if not enc.is3d else (kgrid, mps, masks)
+                if not enc.is3d:  # 2D: the solver's arrays have no z axis
+                    kgrid, mps, masks = kgrid[:, 0], mps[:, 0], masks[:, 0]
                 if ok:
-                    result = alignsense.align_sense(*args, opts, progress=stage)
+                    result = alignsense.align_sense(kgrid, mps, masks, opts, progress=stage)
                     img = result.image
                 else:
-                    img = alignsense.sense(*args)
+                    img = alignsense.sense(kgrid, mps, masks)
                 img = to_recon_space(img if enc.is3d else img[None], _widened_encoding(enc, fold))
             corrected.append(np.abs(sp.to_device(img, sp.cpu_device)).astype(np.float32))
             if ok:
@@ -420,8 +423,9 @@ def _motion_meta(images: list[ismrmrd.Image], rows: list[list], volumes: list[st
 
 
 def _align_options(params: Mapping[str, Any], alignsense):
-    casts = {"max_iterations": int, "cg_iterations": int, "levels": lambda v: tuple(float(f) for f in v),
-             "translation_tol": float, "rotation_tol": float}
+    casts: dict[str, Callable[[Any], Any]] = {
+        "max_iterations": int, "cg_iterations": int, "levels": lambda v: tuple(float(f) for f in v),
+        "translation_tol": float, "rotation_tol": float}
     try:
         known = {k: cast(params[k]) for k, cast in casts.items() if k in params}
         return alignsense.AlignOptions(**known).validate()

@@ -97,7 +97,7 @@ def moving_scan(
         lines = np.ravel_multi_index(np.meshgrid(*block, indexing="ij"), phase_shape).ravel()
         ksp = moved.kspace(grid.reshape(nlines, shape[-1], ndim)[lines])
         for j, line in enumerate(lines):
-            acq = _readout(ksp[:, j], shape, line, position, noise, rng)
+            acq = _readout(ksp[:, j], shape, int(line), position, noise, rng)
             acq.set_flag(ismrmrd.ACQ_IS_PARALLEL_CALIBRATION)
             acqs.append(acq)
     for s, lines in enumerate(parts):
@@ -105,7 +105,7 @@ def moving_scan(
         points = grid.reshape(nlines, shape[-1], ndim)[lines]
         ksp = moved.kspace(points)  # (ncoil, nl, nx)
         for j, line in enumerate(lines):
-            acq = _readout(ksp[:, j], shape, line, position, noise, rng)
+            acq = _readout(ksp[:, j], shape, int(line), position, noise, rng)
             if segments:
                 acq.idx.segment = s
             acqs.append(acq)

@@ -241,10 +241,10 @@ def cmd_sequences(settings: Settings, args: argparse.Namespace) -> int:
         print(json.dumps({"folder": str(library.folder), "sequences": [e.as_dict() for e in entries]}, indent=2))
         return 0
     print(f"sequence folder {library.folder}")
-    for e in entries:
-        adc = f"  {e.adc_events} ADC events, {e.adc_samples} samples" if e.adc_events is not None else ""
-        state = "verified" if e.verified else f"NOT verified: {e.reason}"
-        print(f"{e.name}  {e.recorded or '-'}  {state}{adc}")
+    for entry in entries:
+        adc = f"  {entry.adc_events} ADC events, {entry.adc_samples} samples" if entry.adc_events is not None else ""
+        state = "verified" if entry.verified else f"NOT verified: {entry.reason}"
+        print(f"{entry.name}  {entry.recorded or '-'}  {state}{adc}")
     print(f"({len(entries)} files, {sum(e.verified for e in entries)} verified)")
     return 0
 

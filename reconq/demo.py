@@ -69,8 +69,8 @@ def write_pngs(images: list, folder: Path) -> list[Path]:
 
 
 def run_demo(settings: Settings, out: Path) -> int:
+    import reconq.gateway.client as client
     from reconq.core.results import write_images
-    from reconq.gateway import client
     from reconq.recon.simulate import synthetic_scan
 
     out = out.resolve()
