@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 _JSON_FIELDS = {"params", "warnings", "report"}
 _FLOAT_FIELDS = {"progress", "created_at", "queued_at", "started_at", "finished_at", "runtime_estimate_s"}
-_INT_FIELDS = {"attempts", "mem_estimate_bytes", "oom_count", "seq"}
+_INT_FIELDS = {"attempts", "mem_estimate_bytes", "oom_count", "seq", "lost_runs"}
 _LOG_LINES_KEPT = 500
 _STAGES_KEPT = 200
 _SCAN_PAGE = 1000
@@ -77,6 +77,9 @@ class Job:
     runtime_estimate_s: float = 0.0
     #: GPU out-of-memory errors the job has had (each sent it back to wait).
     oom_count: int = 0
+    #: Runs that ended with their worker (killed or crashed mid-recon: the job was found ``running`` when
+    #: its message came again); at ``RECONQ_MAX_ATTEMPTS`` the job fails. A retry starts it again at 0.
+    lost_runs: int = 0
     #: The job's number, from a counter when it was recorded (0: not recorded yet): orders an exam's jobs.
     seq: int = 0
     #: What the recon warned the technologist of (shown on the job, sent to a retrieval scan as ``WRN``).

@@ -135,7 +135,7 @@ class Actions:
         job = self._job(job_id)
         if job.state not in RETRYABLE:
             raise ActionRefused(f"job {job_id} is {job.state.value}; only a failed job can be retried")
-        self.store.update(job_id, error="", progress=0.0, stage="", warnings=[], report={})
+        self.store.update(job_id, error="", progress=0.0, stage="", warnings=[], report={}, lost_runs=0)
         self.store.clear_fields(job_id, "finished_at", "started_at")
         self.store.record_action(job_id, who, "retry", f"previous error: {job.error}" if job.error else "")
         enqueue(self.store, self.sender, job, self.placement)

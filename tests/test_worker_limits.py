@@ -48,3 +48,40 @@ def test_a_recon_past_the_time_limit_fails_with_the_reason(redis_server, tmp_pat
     assert done.finished_at - done.started_at < 6
 
 
+
+
+def test_a_poison_job_that_kills_its_worker_fails_after_the_attempt_limit(redis_server, tmp_path):
+    """A recon that SIGKILLs its worker process is redelivered (acks late, rejected on a lost worker),
+    found ``running`` each time, and failed at ``RECONQ_MAX_ATTEMPTS`` lost runs, not run forever; a
+    healthy job on the same worker is reconstructed meanwhile and afterwards."""
+    url = redis_server.url.rsplit("/", 1)[0] + "/4"
+    client = redis.Redis.from_url(url, decode_responses=True)
+    client.flushdb()
+    settings = load_settings(data_dir=tmp_path / "data", redis_url=url, max_attempts=3, enable_test_pipelines=True)
+    scans = ScanStore(settings.data_dir)
+    for scan_id in ("poison", "healthy"):
+        raw = scans.raw_path(scan_id)
+        raw.parent.mkdir(parents=True)
+        write_mrd(synthetic_scan(matrix=(16, 16), ncoil=2), raw)
+    worker = start_worker(settings, tmp_path / "worker.log")
+    store = JobStore(client)
+    sender = TaskSender(make_celery(settings))
+    try:
+        poison = Job(id="poison-j1", scan_id="poison", pipeline="sleep", params={"kill": True, "memory_gb": 1})
+        store.create(poison)
+        enqueue(store, sender, poison)
+        deadline = time.monotonic() + 90
+        while not (done := store.get(poison.id)).state.finished and time.monotonic() < deadline:
+            time.sleep(0.2)
+        healthy = Job(id="healthy-j1", scan_id="healthy", pipeline="sleep", params={"seconds": 0, "memory_gb": 1})
+        store.create(healthy)
+        enqueue(store, sender, healthy)
+        while not (after := store.get(healthy.id)).state.finished and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        stop_process(worker)
+    assert done.state is JobState.FAILED, (done.state, done.stage, store.log_lines(poison.id))
+    assert "ended its worker 3 times" in done.error and "RECONQ_MAX_ATTEMPTS=3" in done.error
+    assert done.attempts == 3  # three runs started, each killed its worker; the third delivery is refused
+    assert sum("ended with its worker" in line for line in store.log_lines(poison.id)) == 2
+    assert after.state is JobState.DONE

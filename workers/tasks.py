@@ -121,6 +121,15 @@ class JobRunner:
                 self.admission.release(self.slot.gpu_id, job_id)  # reserved for it before it was cancelled
             log.info("job %s: already %s; nothing to do", job_id, job.state)
             return job.state.value
+        if job.state is JobState.RUNNING:  # its message came again: the run before ended with its worker
+            job.lost_runs += 1
+            limit = self.settings.max_attempts
+            if job.lost_runs >= limit:  # (the dead run's GPU reservation is reclaimed with its heartbeat)
+                return self._fail(job_id, f"the recon ended its worker {job.lost_runs} times (killed or crashed; "
+                                          f"RECONQ_MAX_ATTEMPTS={limit}): not run again")
+            self.store.update(job_id, lost_runs=job.lost_runs)
+            self.store.log(job_id, f"the run on {job.worker or 'a worker'} ended with its worker "
+                                   f"({job.lost_runs} of {limit}); run again")
         try:
             job.params = resolve_inputs(job, self.scans)
         except InputsMissing as e:

@@ -5,13 +5,16 @@
 GPU memory through its own memory model, and returns one blank image. On a GPU worker it books that
 memory in a simulated-use counter per GPU, and counts an over-commit whenever the booked total passes
 the GPU's size: an independent check of admission. ``sleep_gpu_only`` is the same but may not run on
-the CPU. Parameters: ``seconds``, ``memory_gb``, ``fail`` (raise a ReconError), ``oom_times`` (raise a
+the CPU. Parameters: ``seconds``, ``memory_gb``, ``fail`` (raise a ReconError), ``kill`` (SIGKILL the
+worker process running it), ``oom_times`` (raise a
 simulated GPU out-of-memory error on the first n runs of the job, counted under ``oom_key``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import time
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -76,6 +79,8 @@ class SleepPipeline(Pipeline):
     def run(self, scan: RawScan, params: Mapping[str, Any], progress: ProgressFn) -> list[ismrmrd.Image]:
         if params.get("fail"):
             raise ReconError("sleep: failing as asked")
+        if params.get("kill"):  # a poison job: the recon takes its worker process down with it
+            os.kill(os.getpid(), signal.SIGKILL)
         oom_key = OOM_COUNTS + ":" + str(params.get("oom_key", scan.path))
         if int(params.get("oom_times", 0)) >= int(self.tracker.redis.incr(oom_key)):
             raise SimulatedGpuOutOfMemory(f"simulated GPU out of memory in {self.name}")
