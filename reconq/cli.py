@@ -26,8 +26,10 @@ def _interrupt(*_: object) -> None:
 
 
 def cmd_gateway(settings: Settings, args: argparse.Namespace) -> int:
+    from reconq.core.datalock import DataDirLock
     from reconq.services import make_gateway
 
+    lock = DataDirLock(settings.data_dir, "gateway").acquire()  # before anything reads or marks a scan
     gw = make_gateway(settings)
     gw.bind()
     signal.signal(signal.SIGTERM, lambda *_: gw.stop())
@@ -37,6 +39,7 @@ def cmd_gateway(settings: Settings, args: argparse.Namespace) -> int:
         pass
     finally:
         gw.stop()
+        lock.release()
     return 0
 
 
@@ -84,8 +87,10 @@ def cmd_gpus(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
+    from reconq.core.datalock import DataDirLock
     from reconq.stack import Stack
 
+    lock = DataDirLock(settings.data_dir, "up").acquire()  # before its Redis starts on the data dir's AOF
     stack = Stack(settings, workers=args.workers)
     signal.signal(signal.SIGTERM, _interrupt)
     try:
@@ -98,6 +103,7 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
         return 0
     finally:
         stack.stop()
+        lock.release()
 
 
 def _print_reply(reply: Any) -> int:
@@ -332,9 +338,11 @@ def main(argv: list[str] | None = None) -> int:
     except (SettingsError, ValueError) as e:
         print(f"reconq: {e}", file=sys.stderr)
         return 2
+    from reconq.core.datalock import DataDirBusy
+
     try:
         return int(args.func(settings, args))
-    except SettingsError as e:
+    except (SettingsError, DataDirBusy) as e:
         print(f"reconq: {e}", file=sys.stderr)
         return 2
 

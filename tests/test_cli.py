@@ -50,6 +50,10 @@ def test_up_send_retrieve_jobs(tmp_path):
             line = up.stdout.readline()
         assert "ReconQ up" in line, line
         redis_url = line.split("Redis ")[1].split(",")[0]
+        for second in ("up", "gateway"):  # one stack per data dir: refused at once, the first one untouched
+            refused = reconq(second, env=env)
+            assert refused.returncode == 2, refused.stdout + refused.stderr
+            assert "is in use by `reconq up`" in refused.stderr and f"pid {up.pid}" in refused.stderr
         raw = write_mrd(synthetic_scan(matrix=(32, 32), ncoil=2, protocol="cli_t1"), tmp_path / "raw.h5")
         client_env = clean_env(RECONQ_MRD_PORT=str(mrd), RECONQ_REDIS_URL=redis_url)
         sent = reconq("send", str(raw), "--config", "cartesian", env=client_env)
