@@ -248,7 +248,8 @@ def test_a_running_gateway_queues_complete_scans_redis_lost(settings, store, sca
         job_id = client.send_scan(host, port, scan.header, scan.acquisitions, config="cartesian").job_id()
         store.redis.flushdb()
         deadline = time.monotonic() + 10
-        while store.get(job_id or "") is None and time.monotonic() < deadline:
+        # the reconciler records the job, then sends its message: wait for both
+        while (store.get(job_id or "") is None or store.redis.llen("routine") == 0) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert store.get(job_id or "") is not None and store.redis.llen("routine") == 1
         time.sleep(1.0)  # later rounds find the job and queue nothing more
