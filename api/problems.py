@@ -1,4 +1,5 @@
-"""The error answers of the HTTP API: every 4xx answer is JSON with a ``detail`` that says what is wrong.
+"""The error answers of the HTTP API: every 4xx answer, and the 503 while Redis is unavailable, is JSON with a
+``detail`` that says what is wrong.
 
 The services raise their own errors, without HTTP in them; this module chooses the status for each
 (:data:`ACTION_ERROR_STATUS`) and turns request validation errors into one readable message.
@@ -6,12 +7,17 @@ The services raise their own errors, without HTTP in them; this module chooses t
 
 from __future__ import annotations
 
+import logging
+
+import redis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from reconq.scheduler.actions import ActionError, ActionRefused, InvalidAction, JobNotFound, ScanNotFound
+
+log = logging.getLogger(__name__)
 
 
 class Problem(BaseModel):
@@ -74,6 +80,17 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
                         status_code=422)
 
 
+async def _redis_down(request: Request, exc: Exception) -> JSONResponse:
+    """503 with the reason when Redis, which holds the job records, cannot be reached or answers an error:
+    the dashboard says so, a client retries later."""
+    log.warning("%s %s: Redis unavailable: %s", request.method, request.url.path, exc)
+    return JSONResponse({"detail": f"the job records cannot be read: Redis is unavailable ({type(exc).__name__}: "
+                                   f"{exc}); try again in a moment"}, status_code=503, headers={"Retry-After": "5"})
+
+
 def add_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(ActionError, _action_error)
+    app.add_exception_handler(redis.ConnectionError, _redis_down)
+    app.add_exception_handler(redis.TimeoutError, _redis_down)
+    app.add_exception_handler(redis.BusyLoadingError, _redis_down)

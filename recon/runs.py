@@ -105,18 +105,37 @@ def read_scan(scan: RawScan, enc: CartesianEncoding, params: Mapping[str, Any], 
               share: float) -> KspaceBuffer:
     """Buffer all readouts of ``scan``; progress runs from 0 to ``share``."""
     buffer = KspaceBuffer(enc, keep_averages=_flag(params, "keep_averages", False))
+    system = scan.header.acquisitionSystemInformation
+    channels = int(system.receiverChannels) if system is not None and system.receiverChannels else None
     progress(0.0, "reading")
-    for chunk in scan.iter_chunks(int(params.get("chunk", 2048))):
+    for chunk in scan.iter_chunks(_count_param(params, "chunk", 2048)):
+        check_readouts(chunk.start, chunk.heads, chunk.data, channels)
         buffer.add(chunk.heads, chunk.data)
         progress(share * (chunk.start + len(chunk.heads)) / len(scan), "reading")
     if not buffer.volume_keys():
-        raise ReconError(f"{scan.path}: no imaging readouts ({buffer.skipped} skipped)")
+        raise ReconError(f"{scan.path.name}: no imaging readouts ({buffer.skipped} skipped)")
     return buffer
+
+
+def check_readouts(start: int, heads: np.ndarray, data: list[np.ndarray], channels: int | None) -> None:
+    """Refuse, naming the readout, data no recon can be right from: imaging or noise readouts with no
+    samples, samples that are NaN or Inf, or another channel count than the header's ``receiverChannels``."""
+    used = np.flatnonzero(imaging_mask(heads) | noise_mask(heads))
+    for i in used:
+        n, ksp = start + int(i), data[i]
+        if ksp.shape[-1] == 0:
+            raise ReconError(f"readout {n} has no samples")
+        if channels is not None and ksp.shape[0] != channels:
+            raise ReconError(f"readout {n} has {ksp.shape[0]} channels, the header's receiverChannels {channels}")
+        if not np.isfinite(ksp).all():
+            raise ReconError(f"readout {n} holds samples that are not finite (NaN or Inf)")
 
 
 def _images(name: str, scan: RawScan, params: Mapping[str, Any], mags: list, geometry: list,
             progress: ProgressFn) -> list[ismrmrd.Image]:
     progress(0.9, "images")
+    if not any(float(np.max(m, initial=0.0)) > 0 for m in mags):
+        raise ReconError(f"{name}: every pixel of the images is 0: the readouts hold no signal")
     images = to_mrd_images(np.concatenate(mags), geometry, scan.header,
                            series_index=int(params.get("series_index", 1)),
                            description=str(params.get("description", name)),

@@ -619,3 +619,17 @@ def test_gpus_and_metrics_only_read_and_skip_what_dead_workers_left(api, store, 
     heartbeat.prune()  # a writer: the live worker's heartbeat removes what the dead one left
     assert store.redis.smembers(WORKERS_INDEX) == {"live"}
     assert [r.job_id for r in adm.reservations("n1:0")] == ["r-live"]
+
+
+def test_with_redis_unreachable_the_api_answers_503_json_saying_why(settings):
+    """Nothing listens where the API's Redis should be (a real refused connection): the job routes answer
+    503 JSON with the reason and ``Retry-After``, not a plain-text 500."""
+    from reconq.core.redisconn import free_port
+
+    down = settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{free_port()}/0"})
+    client = make_client(down, dashboard_public_read=True)
+    for path in ("/api/jobs", "/api/exams"):
+        answer = client.get(path)
+        assert answer.status_code == 503, (path, answer.text)
+        assert answer.headers["content-type"].startswith("application/json")
+        assert "Redis is unavailable" in answer.json()["detail"] and answer.headers["retry-after"] == "5"

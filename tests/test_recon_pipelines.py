@@ -47,3 +47,46 @@ def test_scan_with_only_noise_readouts_is_refused(tmp_path):
     with RawScan.open(write_mrd(scan, tmp_path / "raw.h5")) as raw, \
             pytest.raises(ReconError, match="no imaging readouts"):
         get_pipeline("cartesian").run(raw, {}, lambda fraction, stage: None)
+
+
+def _broken(acq, case: str):
+    """The readout ``acq`` made into one case of data no recon can be right from."""
+    import ismrmrd
+    import numpy as np
+
+    if case == "no samples":
+        head = acq.getHead()
+        head.number_of_samples = 0
+        return ismrmrd.Acquisition(head)
+    if case == "channels":
+        fewer = ismrmrd.Acquisition.from_array(np.ascontiguousarray(acq.data[:1]))
+        head = acq.getHead()
+        head.active_channels, head.available_channels = 1, 1
+        fewer.setHead(head)
+        return fewer
+    acq.data[0, 3] = np.nan if case == "nan" else np.inf
+    return acq
+
+
+@pytest.mark.parametrize("pipeline", ["cartesian", "sense"])
+@pytest.mark.parametrize(("case", "message"), [
+    ("no samples", "readout 10 has no samples"),
+    ("nan", "readout 10 holds samples that are not finite"),
+    ("inf", "readout 10 holds samples that are not finite"),
+    ("channels", "readout 10 has 1 channels, the header's receiverChannels 4"),
+])
+def test_inconsistent_readouts_fail_naming_the_readout(tmp_path, pipeline, case, message):
+    scan = synthetic_scan(matrix=(48, 48), ncoil=4, acceleration=(2, 1) if pipeline == "sense" else (1, 1))
+    scan.acquisitions[10] = _broken(scan.acquisitions[10], case)
+    path = write_mrd(scan, tmp_path / "bad.h5")
+    with RawScan.open(path) as raw, pytest.raises(ReconError, match=message):
+        get_pipeline(pipeline).run(raw, {}, lambda f, s: None)
+
+
+def test_readouts_without_signal_never_make_a_done_recon(tmp_path):
+    scan = synthetic_scan(matrix=(32, 32), ncoil=2)
+    for acq in scan.acquisitions:
+        acq.data[:] = 0
+    path = write_mrd(scan, tmp_path / "blank.h5")
+    with RawScan.open(path) as raw, pytest.raises(ReconError, match="every pixel of the images is 0"):
+        get_pipeline("cartesian").run(raw, {}, lambda f, s: None)
