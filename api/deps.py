@@ -15,6 +15,7 @@ from fastapi import Path as PathParam
 from reconq.api.auth import ACTION_HEADER, ANONYMOUS, SESSION_COOKIE, Principal, session_key, token_owner
 from reconq.core.jobs import JobStore
 from reconq.core.settings import Settings
+from reconq.core.storage import ScanStore
 from reconq.scheduler.actions import Actions
 
 
@@ -24,6 +25,10 @@ def get_settings(request: Request) -> Settings:
 
 def get_jobs(request: Request) -> JobStore:
     return request.app.state.jobs
+
+
+def get_scans(request: Request) -> ScanStore:
+    return request.app.state.scans
 
 
 def get_actions(request: Request) -> Actions:
@@ -42,6 +47,7 @@ def get_redis_url(request: Request) -> str:
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 JobStoreDep = Annotated[JobStore, Depends(get_jobs)]
 ActionsDep = Annotated[Actions, Depends(get_actions)]
+ScanStoreDep = Annotated[ScanStore, Depends(get_scans)]
 RedisDep = Annotated[redis.Redis, Depends(get_redis)]
 RedisUrlDep = Annotated[str, Depends(get_redis_url)]
 

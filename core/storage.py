@@ -100,6 +100,29 @@ class ScanStore:
     def result_path(self, scan_id: str, job_id: str) -> Path:
         return self.folder(scan_id) / "results" / f"{job_id}.h5"
 
+    def stored(self, path: Path) -> str:
+        """How a file of this data root is named in Redis: relative to the root (``scans/<id>/...``), so a
+        node that mounts the shared root at another path finds it too."""
+        return str(Path(path).resolve().relative_to(self.root.parent.resolve()))
+
+    def resolve(self, stored: str) -> Path:
+        """The file a path from Redis names, under this data root; ValueError for one that leaves it.
+
+        Relative paths are the root's (:meth:`stored`). An absolute one (written by an older version, or
+        by a node with the root elsewhere) is taken from its last ``scans/`` component on, under this root.
+        """
+        path = Path(stored)
+        if path.is_absolute():
+            parts = path.parts
+            if "scans" not in parts:
+                raise ValueError(f"{stored!r} is not a file of a data root")
+            at = len(parts) - 1 - parts[::-1].index("scans")
+            path = Path(*parts[at:])
+        full = (self.root.parent / path).resolve()
+        if not full.is_relative_to(self.root.resolve()):
+            raise ValueError(f"{stored!r} lies outside the data root's scans")
+        return full
+
     def create(self, record: ScanRecord) -> Path:
         folder = self.folder(record.scan_id)
         folder.mkdir(parents=True)

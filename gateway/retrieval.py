@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 from typing import Any, cast
 
 import ismrmrd
@@ -197,7 +196,7 @@ class Retrieval:
         series: dict[tuple[str, int], int] = {}  # (job, its series) -> the series sent
         for job in jobs:
             try:
-                images = read_images(Path(job.result_path))
+                images = read_images(self.ctx.scans.resolve(job.result_path))
             except Exception as e:  # missing, truncated or not MRD: the scanner is told, never left silent
                 log.warning("retrieval from %s: result of job %s unreadable: %s", self.stream.peer, job.id, e)
                 raise SessionError(f"the images of job {job.id} cannot be read (result file missing or "

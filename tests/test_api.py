@@ -25,6 +25,7 @@ from reconq.core.constants import (
     GPU_RESERVATIONS,
     GPU_SEEN,
     GPU_STATE,
+    JOB_KEY,
     QUEUE_ORDER,
     RUN_JOB_TASK,
     WORKER_HEARTBEAT,
@@ -94,13 +95,21 @@ def queue_ids(store, queue: str) -> list[str]:
     return [json.loads(m)["headers"]["id"] for m in store.redis.lrange(queue, 0, -1)]
 
 
-def test_jobs_list_one_job_and_images(api, store, tmp_path):
+def stored_result(settings, scan_id: str, job_id: str):
+    """A result file of the data root and its name in Redis (relative to the root)."""
+    scans = ScanStore(settings.data_dir)
+    path = scans.result_path(scan_id, job_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return result_file(path), scans.stored(path)
+
+
+def test_jobs_list_one_job_and_images(api, store, settings, tmp_path):
     for i in range(3):
         store.create(Job(id=f"j{i}", scan_id=f"s{i}", pipeline="cartesian", created_at=100.0 + i,
                          protocol="t1", patient_id="SECRET"))
-    images = result_file(tmp_path / "r.h5")
+    images, stored = stored_result(settings, "s1", "j1")
     store.set_state("j1", JobState.RUNNING, attempts=1)
-    store.set_state("j1", JobState.DONE, result_path=str(tmp_path / "r.h5"), progress=1.0)
+    store.set_state("j1", JobState.DONE, result_path=stored, progress=1.0)
 
     page = api.get("/api/jobs", params={"limit": 2}).json()
     assert page["total"] == 3 and [j["id"] for j in page["jobs"]] == ["j2", "j1"]
@@ -133,11 +142,11 @@ def test_stage_timings_come_from_the_recorded_stages(api, store):
                              {"stage": "fft", "started_at": 103.0, "seconds": 7.0}]
 
 
-def test_previews_and_dicom(api, store, tmp_path):
-    images = result_file(tmp_path / "r.h5")
+def test_previews_and_dicom(api, store, settings):
+    images, stored = stored_result(settings, "s", "d1")
     store.create(Job(id="d1", scan_id="s", pipeline="cartesian", protocol="t1"))
     store.set_state("d1", JobState.RUNNING, attempts=1)
-    store.set_state("d1", JobState.DONE, result_path=str(tmp_path / "r.h5"))
+    store.set_state("d1", JobState.DONE, result_path=stored)
 
     png = api.get("/api/jobs/d1/previews/2.png")
     assert png.status_code == 200 and png.headers["content-type"] == "image/png"
@@ -633,3 +642,26 @@ def test_with_redis_unreachable_the_api_answers_503_json_saying_why(settings):
         assert answer.status_code == 503, (path, answer.text)
         assert answer.headers["content-type"].startswith("application/json")
         assert "Redis is unavailable" in answer.json()["detail"] and answer.headers["retry-after"] == "5"
+
+
+def test_a_result_path_outside_the_data_root_is_never_served(api, store, settings, tmp_path):
+    """Whoever can write a job record cannot make the API serve a file outside the data root's scans."""
+    outside = tmp_path / "elsewhere.h5"
+    result_file(outside)
+    for name in (str(outside), "../elsewhere.h5", "scans/../../elsewhere.h5"):
+        store.create(Job(id="x1", scan_id="s", pipeline="cartesian", protocol="t1"))
+        store.set_state("x1", JobState.RUNNING, attempts=1)
+        store.set_state("x1", JobState.DONE, result_path=name)
+        answer = api.get("/api/jobs/x1/images", headers=STAFF)
+        assert answer.status_code == 409, (name, answer.status_code)
+        store.redis.delete(JOB_KEY + "x1")
+
+
+def test_a_result_stored_by_a_node_with_the_root_elsewhere_is_found(api, store, settings):
+    """An absolute path from a node that mounts the shared root at another place (or an older record) is
+    read from its ``scans/`` part on, under this root."""
+    images, stored = stored_result(settings, "s9", "n1")
+    store.create(Job(id="n1", scan_id="s9", pipeline="cartesian", protocol="t1"))
+    store.set_state("n1", JobState.RUNNING, attempts=1)
+    store.set_state("n1", JobState.DONE, result_path="/mnt/other-node/reconq-data/" + stored)
+    assert api.get("/api/jobs/n1").json()["image_count"] == len(images)

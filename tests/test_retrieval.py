@@ -157,15 +157,15 @@ def test_a_retrieval_scan_with_another_recon_matrix_gets_images_at_its_own(gatew
     assert any(t.startswith(f"INF job {j1}: ") and "96" in t for t in back.texts), back.texts
 
 
-def test_a_missing_result_file_is_said_not_silent(gateway, worker, jobs):
+def test_a_missing_result_file_is_said_not_silent(gateway, worker, jobs, e2e_settings):
     host, port = gateway
     scan = exam(5)
     j1 = client.send_scan(host, port, scan.header, scan.acquisitions, config="cartesian").job_id()
     done = wait_done(jobs, j1)
     assert done.state is JobState.DONE
-    from pathlib import Path
+    from reconq.core.storage import ScanStore
 
-    Path(done.result_path).unlink()
+    ScanStore(e2e_settings.data_dir).resolve(done.result_path).unlink()
     back = client.retrieve(host, port, scan.header)
     assert back.closed and not back.images
     assert back.texts[-1].startswith(f"ERR the images of job {j1} cannot be read (result file missing"), back.texts

@@ -20,6 +20,7 @@ from reconq.core.jobs import JobStore
 from reconq.core.mrdfile import MrdFile, parse_header, read_header, read_xml
 from reconq.core.results import read_images, read_result_xml, write_images
 from reconq.core.states import JobState
+from reconq.core.storage import ScanStore
 from reconq.gateway import client
 from reconq.gateway import protocol as p
 from reconq.gateway.rawfile import RawFileWriter
@@ -170,7 +171,8 @@ def test_unicode_patient_end_to_end(gateway, worker, e2e_settings) -> None:
     job = store.get(job_id)
     assert job is not None and job.state is JobState.DONE, job
     assert job.protocol == PROTOCOL and job.patient_id == "UNI_E2E"
-    assert read_header(job.result_path).subjectInformation.patientName == PATIENT
+    result = ScanStore(e2e_settings.data_dir).resolve(job.result_path)  # relative to the data root
+    assert read_header(result).subjectInformation.patientName == PATIENT
 
     by_identity = client.retrieve(host, port, client.retrieval_header("UNI_E2E", scan.header.studyInformation
                                                                       .studyInstanceUID, PROTOCOL))

@@ -254,7 +254,7 @@ class JobRunner:
         if self.store.redis.hget(JOB_KEY + job.id, "state") == JobState.CANCELLED.value:
             return JobState.CANCELLED.value
         elapsed = time.perf_counter() - t0
-        self.store.set_state(job.id, JobState.DONE, progress=1.0, stage="done", result_path=str(result))
+        self.store.set_state(job.id, JobState.DONE, progress=1.0, stage="done", result_path=self.scans.stored(result))
         # kept per device class: GPU runs estimate GPU jobs, CPU runs (slower) the jobs CPU workers take
         record_runtime(self.store.redis, job.pipeline, job.protocol, elapsed, GPU if self.slot.is_gpu else CPU)
         log.info("job %s: done in %.1f s -> %s", job.id, elapsed, result)

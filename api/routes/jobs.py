@@ -3,6 +3,7 @@ previews; its result as MRD or DICOM."""
 
 from __future__ import annotations
 
+import logging
 import time
 from datetime import datetime
 from pathlib import Path
@@ -13,11 +14,14 @@ from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, Response
 
 from reconq.api import exports
-from reconq.api.deps import JobId, JobStoreDep, StaffDep, ViewerDep
+from reconq.api.deps import JobId, JobStoreDep, ScanStoreDep, StaffDep, ViewerDep
 from reconq.api.problems import JOB_ERRORS, Responses, problem
 from reconq.api.schemas import BINARY, ActionRecord, JobDetail, JobOut, JobPage, StageTiming
 from reconq.core.jobs import Job, JobStore
 from reconq.core.states import JobState
+from reconq.core.storage import ScanStore
+
+log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/api/jobs", tags=["jobs"])
 
@@ -31,14 +35,21 @@ def job_or_404(store: JobStore, job_id: str) -> Job:
     return job
 
 
-def _result_file(job: Job) -> Path | None:
-    if job.state is not JobState.DONE or not job.result_path or not Path(job.result_path).is_file():
+def _result_file(job: Job, scans: ScanStore) -> Path | None:
+    """The job's result file under the data root, or None (not done, no file, or a path that leaves the
+    data root: a record in Redis names no file outside it)."""
+    if job.state is not JobState.DONE or not job.result_path:
         return None
-    return Path(job.result_path)
+    try:
+        path = scans.resolve(job.result_path)
+    except ValueError as e:
+        log.warning("job %s: result path refused: %s", job.id, e)
+        return None
+    return path if path.is_file() else None
 
 
-def _result_or_409(job: Job) -> Path:
-    path = _result_file(job)
+def _result_or_409(job: Job, scans: ScanStore) -> Path:
+    path = _result_file(job, scans)
     if path is None:
         raise HTTPException(409, f"job {job.id} has no images (state {job.state.value})")
     return path
@@ -69,9 +80,9 @@ def list_jobs(
 
 @router.get("/{job_id}", response_model=JobDetail, summary="One job, with its log, stages and actions",
             responses=JOB_ERRORS)
-def get_job(job_id: JobId, store: JobStoreDep, who: ViewerDep) -> JobDetail:
+def get_job(job_id: JobId, store: JobStoreDep, scans: ScanStoreDep, who: ViewerDep) -> JobDetail:
     job = job_or_404(store, job_id)
-    path = _result_file(job)
+    path = _result_file(job, scans)
     count = exports.count_images(path) if path is not None else 0
     return JobDetail(**JobOut.of(job, who.staff).model_dump(), log=store.log_lines(job_id),
                      stages=[StageTiming.model_validate(t, from_attributes=True) for t in store.stage_timings(job)],
@@ -81,25 +92,25 @@ def get_job(job_id: JobId, store: JobStoreDep, who: ViewerDep) -> JobDetail:
 
 @router.get("/{job_id}/images", response_class=FileResponse, summary="The result MRD file (staff)",
             responses={**JOB_ERRORS, **NO_IMAGES, 200: {"content": {"application/x-hdf5": BINARY}}})
-def get_job_images(job_id: JobId, store: JobStoreDep, who: StaffDep) -> FileResponse:
-    path = _result_or_409(job_or_404(store, job_id))
+def get_job_images(job_id: JobId, store: JobStoreDep, scans: ScanStoreDep, who: StaffDep) -> FileResponse:
+    path = _result_or_409(job_or_404(store, job_id), scans)
     return FileResponse(path, media_type="application/x-hdf5", filename=f"{job_id}.h5")
 
 
 @router.get("/{job_id}/dicom", response_class=Response, summary="The result as DICOM files in a zip (staff)",
             responses={**JOB_ERRORS, **NO_IMAGES, 200: {"content": {"application/zip": BINARY}}})
-def get_job_dicom(job_id: JobId, store: JobStoreDep, who: StaffDep) -> Response:
+def get_job_dicom(job_id: JobId, store: JobStoreDep, scans: ScanStoreDep, who: StaffDep) -> Response:
     job = job_or_404(store, job_id)
-    data = exports.dicom_zip(_result_or_409(job), job.id, f"{job.protocol} {job.pipeline} ReconQ".strip())
+    data = exports.dicom_zip(_result_or_409(job, scans), job.id, f"{job.protocol} {job.pipeline} ReconQ".strip())
     return Response(data, media_type="application/zip",
                     headers={"Content-Disposition": f'attachment; filename="{job_id}-dicom.zip"'})
 
 
 @router.get("/{job_id}/previews/{index}.png", response_class=Response, summary="PNG preview of one image",
             responses={**JOB_ERRORS, **NO_IMAGES, 200: {"content": {"image/png": BINARY}}})
-def get_preview(job_id: JobId, index: Annotated[int, PathParam(ge=0)], store: JobStoreDep,
+def get_preview(job_id: JobId, index: Annotated[int, PathParam(ge=0)], store: JobStoreDep, scans: ScanStoreDep,
                 who: ViewerDep) -> Response:
-    path = _result_or_409(job_or_404(store, job_id))
+    path = _result_or_409(job_or_404(store, job_id), scans)
     try:
         png = exports.preview_png(path, index)
     except IndexError as e:
