@@ -177,22 +177,25 @@ class JobStore:
         raw = self.redis.hgetall(JOB_KEY + job_id)
         return Job.from_redis(raw) if raw.get("scan_id") else None
 
-    def update(self, job_id: str, **changes: Any) -> bool:
+    def update(self, job_id: str, fence: int | None = None, **changes: Any) -> bool:
         """Set fields (not the state: see :meth:`set_state`) of an existing job and publish the change;
-        False if there is no such job."""
+        False if there is no such job (or, with ``fence``, if a newer run holds it)."""
         if "state" in changes:
             raise KeyError("a job's state is changed by set_state only")
-        return self._write(job_id, None, changes)[0]
+        return self._write(job_id, None, changes, fence)[0]
 
-    def set_state(self, job_id: str, state: JobState, **changes: Any) -> bool:
+    def set_state(self, job_id: str, state: JobState, fence: int | None = None, **changes: Any) -> bool:
         """Move the job to ``state`` (with other field changes, and the state's timestamp unless given),
         if the transition table allows it from the state it is in. A move it does not allow, such as a
         late worker setting a finished job running or anything changing a cancelled one, is refused and
-        logged: nothing is written and False is returned (so it is for a job that does not exist)."""
+        logged: nothing is written and False is returned (so it is for a job that does not exist).
+
+        ``fence``: the run (``attempts`` value) the writer is; the write is refused when the job's record
+        says another (a run handed back and started again elsewhere: the old run's writes are dropped)."""
         now = time.time()
         if stamp := STAMPS.get(state):
             changes.setdefault(stamp, now)
-        written, before = self._write(job_id, state, changes)
+        written, before = self._write(job_id, state, changes, fence)
         if not written:
             return False
         if before != state.value:
@@ -201,7 +204,8 @@ class JobStore:
             self._mark_stage(job_id, "", changes.get("finished_at", now))
         return True
 
-    def _write(self, job_id: str, state: JobState | None, changes: dict[str, Any]) -> tuple[bool, str]:
+    def _write(self, job_id: str, state: JobState | None, changes: dict[str, Any],
+               fence: int | None = None) -> tuple[bool, str]:
         """Write ``changes`` (and ``state``, if allowed) in one script; (written, the state before)."""
         job_fields = {f.name for f in fields(Job)}
         bad = set(changes) - job_fields
@@ -213,10 +217,14 @@ class JobStore:
         allowed = " ".join(s.value for s in allowed_from(state)) if state is not None else ""
         written, current = self._update(keys=[JOB_KEY + job_id],
                                         args=[state.value if state else "", allowed,
+                                              "" if fence is None else str(fence),
                                               *[x for kv in mapping.items() for x in kv]])
         if written == -1:
             log.info("job %s: not changed (no such job)", job_id)
             return False, ""
+        if written == -2:
+            log.warning("job %s: a write of run %s refused: a newer run holds the job", job_id, fence)
+            return False, current
         if written == 0:
             log.warning("job %s: change of state %s -> %s refused (not an allowed transition); it stays %s",
                         job_id, current or "(none)", state.value if state else "", current or "(none)")

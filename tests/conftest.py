@@ -70,13 +70,16 @@ def store(settings: Settings) -> JobStore:
     return JobStore(redis.Redis.from_url(settings.redis_url or "", decode_responses=True))
 
 
-def start_worker(settings: Settings, log_path: Path, concurrency: int = 1) -> subprocess.Popen[bytes]:
-    """A real ``reconq worker`` process on ``settings``; waits until Celery reports it ready."""
+def start_worker(settings: Settings, log_path: Path, concurrency: int = 1,
+                 new_session: bool = False) -> subprocess.Popen[bytes]:
+    """A real ``reconq worker`` process on ``settings``; waits until Celery reports it ready.
+    ``new_session``: in a process group of its own (which a test may SIGKILL whole)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RECONQ_")}
     env.update(settings_env(settings))
     with open(log_path, "wb") as log:  # the child keeps its own copy of the descriptor
         proc = subprocess.Popen([sys.executable, "-m", "reconq.cli", "worker", "--concurrency", str(concurrency)],
-                                env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+                                env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                                start_new_session=new_session)
     deadline = time.monotonic() + 60
     while b"ready." not in log_path.read_bytes():
         if proc.poll() is not None or time.monotonic() > deadline:

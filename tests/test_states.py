@@ -87,3 +87,17 @@ def test_derived_sets_and_vocabulary_follow_the_table():
     assert v["states"] == [s.value for s in JobState]
     assert set(v["finished"]) == {s.value for s in FINISHED}
     assert v["transitions"]["done"] == [] and "running" in v["transitions"]["queued"]
+
+
+def test_a_run_handed_back_cannot_record_an_outcome(store):
+    """Fenced by its run's number: once the job runs again (attempts 2), run 1's writes are refused."""
+    store.create(Job(id="f-j1", scan_id="f", pipeline="cartesian"))
+    assert store.set_state("f-j1", JobState.RUNNING, attempts=1)
+    assert store.update("f-j1", fence=1, progress=0.5)
+    assert store.set_state("f-j1", JobState.QUEUED, fence=1, stage="handed back")
+    assert store.set_state("f-j1", JobState.RUNNING, attempts=2)
+    assert not store.update("f-j1", fence=1, progress=0.9)  # the old run's progress
+    assert not store.set_state("f-j1", JobState.DONE, fence=1, result_path="old")
+    assert store.set_state("f-j1", JobState.DONE, fence=2, result_path="scans/f/results/f-j1.h5")
+    job = store.get("f-j1")
+    assert job is not None and job.state is JobState.DONE and job.result_path.startswith("scans/")

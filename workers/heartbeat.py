@@ -22,7 +22,9 @@ from collections.abc import Callable
 import redis
 
 from reconq.core.constants import GPU_RESERVATION_OWNERS, WORKER_HEARTBEAT, WORKERS_INDEX
+from reconq.core.jobs import JobStore
 from reconq.core.settings import Settings
+from reconq.core.states import JobState
 from reconq.scheduler.admission import PENDING_SUFFIX, Admission
 from reconq.scheduler.inventory import Inventory, InventoryError
 from reconq.scheduler.routing import gpu_queue
@@ -95,9 +97,32 @@ class Heartbeat:
         if dead:
             self.redis.srem(WORKERS_INDEX, *dead)
             log.info("worker %s: dropped expired workers from the index: %s", self.name, ", ".join(dead))
+            self.hand_back(set(dead))
         if reclaimed := self.admission.reclaim():
             log.info("worker %s: reclaimed %d GPU memory reservations (worker gone or job finished)", self.name,
                      reclaimed)
+
+    def hand_back(self, dead: set[str]) -> None:
+        """Send the jobs ``running`` on dead workers back to their queues at once (not at the broker's
+        visibility timeout), each lost run counted: at ``RECONQ_MAX_ATTEMPTS`` the job fails instead. The
+        change is fenced by the run's number, so a dead worker that comes back cannot record an outcome."""
+        store = JobStore(self.redis)
+        running, _ = store.query(0, 1000, JobState.RUNNING)
+        for job in running:
+            if job.worker not in dead:
+                continue
+            lost, limit = job.lost_runs + 1, self.settings.max_attempts
+            why = f"worker {job.worker} stopped (no heartbeat for {self.settings.heartbeat_ttl_s:g} s)"
+            if lost >= limit:
+                store.set_state(job.id, JobState.FAILED, fence=job.attempts, lost_runs=lost, stage="failed",
+                                error=f"the recon ended its worker {lost} times (last: {why}; "
+                                      f"RECONQ_MAX_ATTEMPTS={limit}): not run again")
+                continue
+            if store.set_state(job.id, JobState.QUEUED, fence=job.attempts, lost_runs=lost, progress=0.0,
+                               stage=f"handed back: {why}"):
+                store.log(job.id, f"handed back to queue {job.queue}: {why} ({lost} of {limit})")
+                log.warning("job %s: %s; handed back to %s", job.id, why, job.queue)
+                self.send(job.id, job.queue)
 
     def _report_gpu(self) -> None:
         assert self.slot.gpu_index is not None

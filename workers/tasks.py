@@ -15,7 +15,7 @@ from celery import Celery
 from celery.exceptions import SoftTimeLimitExceeded
 from celery.signals import worker_process_init, worker_process_shutdown
 
-from reconq.core.constants import CPU_QUEUE, JOB_KEY, RUN_JOB_TASK
+from reconq.core.constants import CPU_QUEUE, JOB_KEY, RUN_JOB_TASK, WORKER_HEARTBEAT
 from reconq.core.jobs import Job, JobStore
 from reconq.core.mrdfile import MrdFileError
 from reconq.core.redisconn import connect
@@ -46,6 +46,10 @@ class JobCancelled(Exception):
     """The job was cancelled while it ran."""
 
 
+class JobSuperseded(Exception):
+    """The job was handed back (this worker's heartbeat lapsed) and a newer run holds it: stop this one."""
+
+
 def is_gpu_oom(exc: BaseException) -> bool:
     """Whether ``exc`` (or what it was raised from) is a GPU out-of-memory error (cupy, torch, simulated)."""
     seen: BaseException | None = exc
@@ -66,8 +70,8 @@ class ProgressReporter:
     """Writes a job's progress to Redis, at most every ``interval`` seconds unless the stage changes; when
     it writes, it also checks whether the job was cancelled, and stops the recon if so."""
 
-    def __init__(self, store: JobStore, job_id: str, interval: float = 0.5) -> None:
-        self.store, self.job_id, self.interval = store, job_id, interval
+    def __init__(self, store: JobStore, job_id: str, interval: float = 0.5, fence: int | None = None) -> None:
+        self.store, self.job_id, self.interval, self.fence = store, job_id, interval, fence
         self._last, self._stage = 0.0, ""
         self.warnings: list[str] = []
         self.results: dict[str, Any] = {}
@@ -81,18 +85,20 @@ class ProgressReporter:
         if stage != self._stage:
             self.store.enter_stage(self.job_id, stage)
         self._last, self._stage = now, stage
-        self.store.update(self.job_id, progress=round(min(max(fraction, 0.0), 1.0), 4), stage=stage)
+        if not self.store.update(self.job_id, fence=self.fence, progress=round(min(max(fraction, 0.0), 1.0), 4),
+                                 stage=stage):
+            raise JobSuperseded(self.job_id)
 
     def warn(self, text: str) -> None:
         """A warning of the recon (:func:`reconq.recon.pipeline.warn`): on the job and in its log."""
         self.warnings.append(str(text))
-        self.store.update(self.job_id, warnings=self.warnings)
+        self.store.update(self.job_id, fence=self.fence, warnings=self.warnings)
         self.store.log(self.job_id, f"WRN {text}")
 
     def report(self, name: str, value: Any) -> None:
         """A result beside the images (:func:`reconq.recon.pipeline.report`), kept on the job."""
         self.results[str(name)] = json.loads(json.dumps(value))  # JSON now, not at the end
-        self.store.update(self.job_id, report=self.results)
+        self.store.update(self.job_id, fence=self.fence, report=self.results)
 
 
 class JobRunner:
@@ -121,6 +127,10 @@ class JobRunner:
                 self.admission.release(self.slot.gpu_id, job_id)  # reserved for it before it was cancelled
             log.info("job %s: already %s; nothing to do", job_id, job.state)
             return job.state.value
+        if job.state is JobState.RUNNING and job.worker != self.worker_name \
+                and self.store.redis.exists(WORKER_HEARTBEAT + job.worker):
+            log.info("job %s: running on %s, which is alive; this delivery dropped", job_id, job.worker)
+            return "duplicate"
         if job.state is JobState.RUNNING:  # its message came again: the run before ended with its worker
             job.lost_runs += 1
             limit = self.settings.max_attempts
@@ -228,6 +238,7 @@ class JobRunner:
                                     gpu=self.gpu, progress=0.0, stage="starting", error=""):
             log.info("job %s: cancelled before it started; not run", job.id)
             return JobState.CANCELLED.value
+        job.attempts += 1  # this run's number: its writes are fenced by it
         log.info("job %s: running pipeline %s on scan %s (%s, %s)", job.id, job.pipeline, job.scan_id, self.gpu,
                  gb(need))
         if self.heartbeat is not None:
@@ -238,23 +249,32 @@ class JobRunner:
         except JobCancelled:
             log.info("job %s: cancelled while running; stopped", job.id)
             return JobState.CANCELLED.value
+        except JobSuperseded:
+            log.warning("job %s: handed back while it ran here (run %d); a newer run holds it: stopped", job.id,
+                        job.attempts)
+            return "superseded"
         except SoftTimeLimitExceeded:
             return self._fail(job.id, f"stopped after {time.perf_counter() - t0:.0f} s: the time limit of a "
-                                      f"recon is {self.settings.job_time_limit_s} s (RECONQ_JOB_TIME_LIMIT_S)")
+                                      f"recon is {self.settings.job_time_limit_s} s (RECONQ_JOB_TIME_LIMIT_S)",
+                              fence=job.attempts)
         except Exception as e:  # a recon error, a GPU OOM, a bug: record it, keep the worker alive
             if is_gpu_oom(e) and self.slot.is_gpu:
                 return self._out_of_memory(job, need, e)
             if isinstance(e, ReconError):
-                return self._fail(job.id, str(e))
+                return self._fail(job.id, str(e), fence=job.attempts)
             log.exception("job %s: internal error", job.id)
-            return self._fail(job.id, f"internal error: {type(e).__name__}: {e}")
+            return self._fail(job.id, f"internal error: {type(e).__name__}: {e}", fence=job.attempts)
         finally:
             if self.heartbeat is not None:
                 self.heartbeat.job_ended()
         if self.store.redis.hget(JOB_KEY + job.id, "state") == JobState.CANCELLED.value:
             return JobState.CANCELLED.value
         elapsed = time.perf_counter() - t0
-        self.store.set_state(job.id, JobState.DONE, progress=1.0, stage="done", result_path=self.scans.stored(result))
+        if not self.store.set_state(job.id, JobState.DONE, fence=job.attempts, progress=1.0, stage="done",
+                                    result_path=self.scans.stored(result)):
+            log.warning("job %s: run %d finished, but a newer run holds the job: its outcome is that run's", job.id,
+                        job.attempts)
+            return "superseded"
         # kept per device class: GPU runs estimate GPU jobs, CPU runs (slower) the jobs CPU workers take
         record_runtime(self.store.redis, job.pipeline, job.protocol, elapsed, GPU if self.slot.is_gpu else CPU)
         log.info("job %s: done in %.1f s -> %s", job.id, elapsed, result)
@@ -277,8 +297,8 @@ class JobRunner:
         return JobState.QUEUED.value
 
     def _reconstruct(self, job: Job, pipeline: Pipeline) -> Path:
-        progress = ProgressReporter(self.store, job.id)
-        self.store.update(job.id, warnings=[], report={})  # a retried job's earlier run said nothing here
+        progress = ProgressReporter(self.store, job.id, fence=job.attempts)
+        self.store.update(job.id, fence=job.attempts, warnings=[], report={})  # an earlier run said nothing here
         params = dict(job.params)
         params["sequence_dir"] = str(self.settings.sequence_folder)  # a folder: only ever set here
         if self.slot.is_gpu and not self.slot.simulated:
@@ -294,8 +314,10 @@ class JobRunner:
         self.store.log(job.id, f"{len(images)} images stored")
         return path
 
-    def _fail(self, job_id: str, error: str) -> str:
-        self.store.set_state(job_id, JobState.FAILED, error=error, stage="failed")
+    def _fail(self, job_id: str, error: str, fence: int | None = None) -> str:
+        if not self.store.set_state(job_id, JobState.FAILED, fence=fence, error=error, stage="failed"):
+            log.warning("job %s: not failed (%s): its state or a newer run says otherwise", job_id, error)
+            return "superseded" if fence is not None else JobState.FAILED.value
         log.warning("job %s: failed: %s", job_id, error)
         return JobState.FAILED.value
 
