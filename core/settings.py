@@ -106,6 +106,8 @@ class Settings(BaseSettings):
     slot_gb: float = Field(6.0, gt=0, description="A typical job's GPU memory: `auto` starts one worker per this")
     max_workers_per_gpu: int = Field(12, ge=1, description="The most worker processes `auto` starts on one GPU")
     max_gpu_oom: int = Field(3, ge=0, description="GPU out-of-memory errors a job may have before it fails")
+    redis_retry_s: float = Field(60.0, ge=0, description="How long a worker tries again to record a job's "
+                                                         "outcome while Redis is unavailable")
     max_attempts: int = Field(3, ge=1, description="Runs of a job that may end with their worker (killed, "
                                                   "crashed) before the job fails: a poison job ends")
     oom_estimate_factor: float = Field(1.5, ge=1.0, description="Estimate multiplier after a GPU OOM")

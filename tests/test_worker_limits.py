@@ -133,3 +133,38 @@ def test_a_job_on_a_worker_killed_whole_is_handed_back_at_once_and_done_once(red
     assert done.state is JobState.DONE and done.attempts == 2 and done.lost_runs == 1, done
     assert done.worker != running.worker
     assert any("handed back to queue" in line for line in store.log_lines(job.id))
+
+
+def test_a_redis_outage_neither_aborts_a_recon_nor_loses_its_outcome(tmp_path):
+    """A real Redis stopped mid-recon and started again (its AOF kept): the progress writes in between are
+    skipped, not fatal, and the outcome is written once Redis is back (tried again with backoff)."""
+    import threading
+
+    from reconq.core.redisconn import PrivateRedis
+    from reconq.scheduler.inventory import make_inventory
+    from reconq.workers.slot import cpu_slot
+    from reconq.workers.tasks import JobRunner, ProgressReporter
+
+    first = PrivateRedis(tmp_path / "redis")
+    url = first.start()
+    settings = load_settings(data_dir=tmp_path / "data", redis_url=url, redis_retry_s=20.0)
+    store = JobStore(redis.Redis.from_url(url, decode_responses=True, socket_connect_timeout=0.5,
+                                          socket_timeout=0.5))
+    store.create(Job(id="blip-j1", scan_id="blip", pipeline="cartesian"))
+    assert store.set_state("blip-j1", JobState.RUNNING, attempts=1)
+    progress = ProgressReporter(store, "blip-j1", interval=0.0, fence=1)
+    progress(0.2, "reading")
+    first.stop()  # Redis away
+    progress(0.5, "fft")  # not fatal: the recon goes on
+    progress(0.6, "images")
+    again = PrivateRedis(tmp_path / "redis", port=first.port)
+    threading.Timer(1.5, again.start).start()  # back in 1.5 s, with its AOF
+    runner = JobRunner(settings, store, "w-test", cpu_slot(make_inventory(settings)))
+    t0 = time.monotonic()
+    try:
+        assert runner._recorded("blip-j1", lambda: store.set_state("blip-j1", JobState.DONE, fence=1, progress=1.0))
+        assert 1.0 < time.monotonic() - t0 < 15
+        job = store.get("blip-j1")
+        assert job is not None and job.state is JobState.DONE and job.attempts == 1
+    finally:
+        again.stop()

@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import ismrmrd
+import redis
 from celery import Celery
-from celery.exceptions import SoftTimeLimitExceeded
+from celery.exceptions import Reject, SoftTimeLimitExceeded
 from celery.signals import worker_process_init, worker_process_shutdown
 
 from reconq.core.constants import CPU_QUEUE, JOB_KEY, RUN_JOB_TASK, WORKER_HEARTBEAT
@@ -73,6 +74,7 @@ class ProgressReporter:
     def __init__(self, store: JobStore, job_id: str, interval: float = 0.5, fence: int | None = None) -> None:
         self.store, self.job_id, self.interval, self.fence = store, job_id, interval, fence
         self._last, self._stage = 0.0, ""
+        self._redis_down = False
         self.warnings: list[str] = []
         self.results: dict[str, Any] = {}
 
@@ -80,13 +82,21 @@ class ProgressReporter:
         now = time.monotonic()
         if stage == self._stage and now - self._last < self.interval:
             return
-        if self.store.redis.hget(JOB_KEY + self.job_id, "state") == JobState.CANCELLED.value:
-            raise JobCancelled(self.job_id)
-        if stage != self._stage:
-            self.store.enter_stage(self.job_id, stage)
-        self._last, self._stage = now, stage
-        if not self.store.update(self.job_id, fence=self.fence, progress=round(min(max(fraction, 0.0), 1.0), 4),
-                                 stage=stage):
+        try:
+            if self.store.redis.hget(JOB_KEY + self.job_id, "state") == JobState.CANCELLED.value:
+                raise JobCancelled(self.job_id)
+            if stage != self._stage:
+                self.store.enter_stage(self.job_id, stage)
+            written = self.store.update(self.job_id, fence=self.fence,
+                                        progress=round(min(max(fraction, 0.0), 1.0), 4), stage=stage)
+        except redis.RedisError as e:  # a Redis blip: the recon goes on, its progress is shown again later
+            if not self._redis_down:
+                log.warning("job %s: progress not recorded (Redis unavailable: %s); the recon goes on",
+                            self.job_id, e)
+            self._redis_down, self._last, self._stage = True, now, stage
+            return
+        self._redis_down, self._last, self._stage = False, now, stage
+        if not written:
             raise JobSuperseded(self.job_id)
 
     def warn(self, text: str) -> None:
@@ -163,10 +173,11 @@ class JobRunner:
         self._send_dispatched(decision)
         if decision.verdict is not Verdict.RUN:
             return self._not_now(job, pipeline, need, decision)
+        admission = self.admission
         try:
             return self._execute(job, pipeline, need)
         finally:
-            self.admission.release(self.slot.gpu_id, job_id, self.worker_name)
+            self._recorded(job_id, lambda: admission.release(self.slot.gpu_id, job_id, self.worker_name) or True)
             self._dispatch_next()
 
     def _wait_for_inputs(self, job: Job, what: str) -> str:
@@ -270,8 +281,9 @@ class JobRunner:
         if self.store.redis.hget(JOB_KEY + job.id, "state") == JobState.CANCELLED.value:
             return JobState.CANCELLED.value
         elapsed = time.perf_counter() - t0
-        if not self.store.set_state(job.id, JobState.DONE, fence=job.attempts, progress=1.0, stage="done",
-                                    result_path=self.scans.stored(result)):
+        if not self._recorded(job.id, lambda: self.store.set_state(
+                job.id, JobState.DONE, fence=job.attempts, progress=1.0, stage="done",
+                result_path=self.scans.stored(result))):
             log.warning("job %s: run %d finished, but a newer run holds the job: its outcome is that run's", job.id,
                         job.attempts)
             return "superseded"
@@ -314,8 +326,25 @@ class JobRunner:
         self.store.log(job.id, f"{len(images)} images stored")
         return path
 
+    def _recorded(self, job_id: str, write: Callable[[], bool]) -> bool:
+        """``write()`` of a job's outcome, tried again through a Redis outage for up to
+        ``RECONQ_REDIS_RETRY_S`` (backoff 0.5 s doubling to 5 s); a RedisError past that goes up, so the
+        task's message is not acked but redelivered (:func:`register_tasks`)."""
+        deadline, pause = time.monotonic() + self.settings.redis_retry_s, 0.5
+        while True:
+            try:
+                return write()
+            except redis.RedisError as e:
+                if time.monotonic() + pause > deadline:
+                    raise
+                log.warning("job %s: outcome not recorded yet (Redis unavailable: %s); again in %.1f s", job_id, e,
+                            pause)
+                time.sleep(pause)
+                pause = min(2 * pause, 5.0)
+
     def _fail(self, job_id: str, error: str, fence: int | None = None) -> str:
-        if not self.store.set_state(job_id, JobState.FAILED, fence=fence, error=error, stage="failed"):
+        if not self._recorded(job_id, lambda: self.store.set_state(job_id, JobState.FAILED, fence=fence,
+                                                                   error=error, stage="failed")):
             log.warning("job %s: not failed (%s): its state or a newer run says otherwise", job_id, error)
             return "superseded" if fence is not None else JobState.FAILED.value
         log.warning("job %s: failed: %s", job_id, error)
@@ -365,4 +394,8 @@ def register_tasks(app: Celery, settings: Settings, gpu_index: int | None = None
     @app.task(name=RUN_JOB_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
     def run_job(job_id: str) -> str:
         start()
-        return runner["r"].run(job_id)
+        try:
+            return runner["r"].run(job_id)
+        except redis.RedisError as e:  # the outcome could not be recorded: not acked, so it comes again
+            log.error("job %s: Redis unavailable past RECONQ_REDIS_RETRY_S (%s): the message goes back", job_id, e)
+            raise Reject(f"Redis unavailable: {e}", requeue=True) from e
