@@ -28,6 +28,7 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])  # run as a script: the r
 from bench.tools import machine  # noqa: E402
 from reconq.recon import alignsense, motion  # noqa: E402
 from reconq.recon.phantoms import Phantom  # noqa: E402
+from reconq.recon.shotsim import shot_arrays  # noqa: E402
 
 
 def scenario(shape, ncoil, nshot, seed=0, snr_db=None):
@@ -37,22 +38,7 @@ def scenario(shape, ncoil, nshot, seed=0, snr_db=None):
     theta = np.concatenate([rng.uniform(-4, 4, (nshot, nd)), rng.uniform(-5, 5, (nshot, npar - nd))], 1)
     theta[0] = 0
     ph = Phantom.default(nd, ncoil).resized(0.7 if nd == 2 else 0.6).blurred(1.5, shape)
-    truth = ph.without_coils().truth_coils(shape)[0]
-    maps = ph.sensitivity(ph.pixel_points(shape)).astype(np.complex64)
-    pe = shape[:-1]
-    lines = rng.permutation(int(np.prod(pe)))
-    shots = np.zeros((nshot, int(np.prod(pe))), dtype=bool)
-    for s in range(nshot):
-        shots[s, lines[s::nshot]] = True
-    shots = shots.reshape(nshot, *pe)
-    ksp = np.zeros((ncoil, *shape), dtype=np.complex64)
-    for s in range(nshot):
-        k = ph.moved(motion.rotation_matrix(theta[s]), theta[s, :nd], grid=shape).cartesian_kspace(shape)
-        ksp[:, shots[s]] = k[:, shots[s]] / np.sqrt(np.prod(shape))
-    if snr_db is not None:
-        sd = np.sqrt(np.mean(np.abs(ksp[:, shots.any(0)]) ** 2)) / 10 ** (snr_db / 20)
-        noise = sd / np.sqrt(2) * (rng.standard_normal(ksp.shape) + 1j * rng.standard_normal(ksp.shape))
-        ksp[:, shots.any(0)] += noise[:, shots.any(0)].astype(np.complex64)
+    ksp, maps, shots, truth = shot_arrays(ph, shape, theta, motion.rotation_matrix, rng, snr_db=snr_db)
     return ksp, maps, shots, theta, truth
 
 

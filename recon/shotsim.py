@@ -148,3 +148,40 @@ def _header(shape, ncoil, fov_mm, nshot, per_shot, patient_id, study_uid, protoc
         trajectory=xsd.trajectoryType.CARTESIAN, echoTrainLength=per_shot)
     return scan_header(encoding, ncoil, patient_id, "Phantom^Motion", study_uid, protocol, measurement_id,
                        xsd.sequenceParametersType(TR=[2000.0], TE=[80.0], flipAngle_deg=[90.0]))
+
+
+def shot_arrays(phantom: Phantom, shape: Sequence[int], theta: np.ndarray, rotation, rng: np.random.Generator,
+                accel: int = 1, snr_db: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The arrays :func:`reconq.recon.alignsense.align_sense` takes, for shots in random line order.
+
+    Each shot's lines are the analytic k-space of ``phantom`` moved by ``theta[s]`` (``rotation(theta[s])``
+    its rotation matrix: the caller's convention, written independently of the solver's), on the integer
+    grid, scaled as the unitary FFT; every ``accel``-th phase line is sampled (the centre one included);
+    complex Gaussian noise at ``snr_db`` of the sampled k-space's RMS when given.
+
+    Returns:
+        ``(ksp (ncoil, *shape), maps (ncoil, *shape), shots (nshot, *shape[:-1]), truth shape)``: the truth is
+        the coil-free band-limited image in the position of no motion.
+    """
+    shape = tuple(int(n) for n in shape)
+    nd, nshot = len(shape), len(theta)
+    truth = phantom.without_coils().truth_coils(shape)[0]
+    maps = phantom.sensitivity(phantom.pixel_points(shape)).astype(np.complex64)
+    pe = shape[:-1]
+    sampled = np.zeros(pe, dtype=bool)
+    sampled[..., (pe[-1] // 2) % accel::accel] = True
+    lines = rng.permutation(np.flatnonzero(sampled.ravel()))
+    shots = np.zeros((nshot, int(np.prod(pe))), dtype=bool)
+    for s in range(nshot):
+        shots[s, lines[s::nshot]] = True
+    shots = shots.reshape(nshot, *pe)
+    ksp = np.zeros((phantom.ncoil, *shape), dtype=np.complex64)
+    for s in range(nshot):
+        k = phantom.moved(rotation(theta[s]), theta[s][:nd], grid=shape).cartesian_kspace(shape)
+        ksp[:, shots[s]] = k[:, shots[s]] / np.sqrt(np.prod(shape))
+    if snr_db is not None:
+        m = shots.any(axis=0)
+        sd = np.sqrt(np.mean(np.abs(ksp[:, m]) ** 2)) / 10 ** (snr_db / 20)
+        noise = sd / np.sqrt(2) * (rng.standard_normal(ksp.shape) + 1j * rng.standard_normal(ksp.shape))
+        ksp[:, m] += noise[:, m].astype(np.complex64)
+    return ksp, maps, shots, truth

@@ -40,6 +40,7 @@ import pytest
 from reconq.recon import alignsense, motion
 from reconq.recon.errors import ReconError
 from reconq.recon.phantoms import Phantom
+from reconq.recon.shotsim import shot_arrays
 
 
 def blobs(shape, seed=0, sigma=3.0):
@@ -137,29 +138,9 @@ def test_rotation_matrix_is_the_documented_convention():
 
 def scenario(shape, ncoil, theta, seed=0, accel=1, snr_db=None):
     """k-space of shots in random order, each of the phantom moved by ``theta[s]`` (analytic)."""
-    rng = np.random.default_rng(seed)
-    nd, nshot = len(shape), len(theta)
+    nd = len(shape)
     ph = Phantom.default(nd, ncoil).resized(0.7 if nd == 2 else 0.6).blurred(1.5, shape)
-    truth = ph.without_coils().truth_coils(shape)[0]
-    maps = ph.sensitivity(ph.pixel_points(shape)).astype(np.complex64)
-    pe = shape[:-1]
-    sampled = np.zeros(pe, dtype=bool)
-    sampled[..., (pe[-1] // 2) % accel::accel] = True
-    lines = rng.permutation(np.flatnonzero(sampled.ravel()))
-    shots = np.zeros((nshot, int(np.prod(pe))), dtype=bool)
-    for s in range(nshot):
-        shots[s, lines[s::nshot]] = True
-    shots = shots.reshape(nshot, *pe)
-    ksp = np.zeros((ncoil, *shape), dtype=np.complex64)
-    for s in range(nshot):
-        k = ph.moved(rotation_of(theta[s]), theta[s][:nd], grid=shape).cartesian_kspace(shape)
-        ksp[:, shots[s]] = k[:, shots[s]] / np.sqrt(np.prod(shape))
-    if snr_db is not None:
-        m = shots.any(axis=0)
-        sd = np.sqrt(np.mean(np.abs(ksp[:, m]) ** 2)) / 10 ** (snr_db / 20)
-        noise = sd / np.sqrt(2) * (rng.standard_normal(ksp.shape) + 1j * rng.standard_normal(ksp.shape))
-        ksp[:, m] += noise[:, m].astype(np.complex64)
-    return ksp, maps, shots, truth
+    return shot_arrays(ph, shape, theta, rotation_of, np.random.default_rng(seed), accel, snr_db)
 
 
 def random_motion(nshot, ndim, tmax, rmax, seed):
