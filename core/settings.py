@@ -31,6 +31,8 @@ class Settings(BaseSettings):
         None, description="Redis to use; when unset, `reconq up`/`demo` start a private redis-server"
     )
     redis_server_bin: str = Field("redis-server", description="redis-server binary for the private Redis")
+    redis_timeout_s: float = Field(3.0, gt=0, description="How long one Redis call (a connect, a reply) may take "
+                                   "before Redis counts as unreachable: bounds what an outage costs an MRD session")
 
     mrd_host: str = Field("127.0.0.1", description="Address the MRD gateway listens on")
     mrd_port: int = Field(9002, ge=0, le=65535, description="MRD gateway TCP port (0: any free port)")
@@ -108,6 +110,8 @@ class Settings(BaseSettings):
     max_gpu_oom: int = Field(3, ge=0, description="GPU out-of-memory errors a job may have before it fails")
     redis_retry_s: float = Field(60.0, ge=0, description="How long a worker tries again to record a job's "
                                                          "outcome while Redis is unavailable")
+    worker_stop_grace_s: float = Field(30.0, ge=0, description="On SIGTERM, how long a worker lets a running "
+                                       "recon finish before it hands the job back to its queue")
     max_attempts: int = Field(3, ge=1, description="Runs of a job that may end with their worker (killed, "
                                                   "crashed) before the job fails: a poison job ends")
     oom_estimate_factor: float = Field(1.5, ge=1.0, description="Estimate multiplier after a GPU OOM")

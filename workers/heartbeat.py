@@ -22,7 +22,7 @@ from collections.abc import Callable
 import redis
 
 from reconq.core.constants import GPU_RESERVATION_OWNERS, WORKER_HEARTBEAT, WORKERS_INDEX
-from reconq.core.jobs import JobStore
+from reconq.core.jobs import Job, JobStore
 from reconq.core.settings import Settings
 from reconq.core.states import JobState
 from reconq.scheduler.admission import PENDING_SUFFIX, Admission
@@ -77,7 +77,8 @@ class Heartbeat:
         now = time.time()
         record = {"worker": self.name, "host": node_name(self.settings), "pid": os.getpid(),
                   "gpu_id": self.slot.gpu_id, "gpu_index": self.slot.gpu_index, "simulated": self.slot.simulated,
-                  "queues": list(self.slot.queues), "job": self.job_id, "job_since": self.job_since, "seen": now}
+                  "ppid": os.getppid(), "queues": list(self.slot.queues), "job": self.job_id,
+                  "job_since": self.job_since, "seen": now}
         pipe = self.redis.pipeline()
         pipe.set(WORKER_HEARTBEAT + self.name, json.dumps(record), px=int(self.settings.heartbeat_ttl_s * 1000))
         pipe.sadd(WORKERS_INDEX, self.name)
@@ -97,32 +98,37 @@ class Heartbeat:
         if dead:
             self.redis.srem(WORKERS_INDEX, *dead)
             log.info("worker %s: dropped expired workers from the index: %s", self.name, ", ".join(dead))
-            self.hand_back(set(dead))
+        self.hand_back(set(dead))
         if reclaimed := self.admission.reclaim():
             log.info("worker %s: reclaimed %d GPU memory reservations (worker gone or job finished)", self.name,
                      reclaimed)
 
     def hand_back(self, dead: set[str]) -> None:
-        """Send the jobs ``running`` on dead workers back to their queues at once (not at the broker's
-        visibility timeout), each lost run counted: at ``RECONQ_MAX_ATTEMPTS`` the job fails instead. The
-        change is fenced by the run's number, so a dead worker that comes back cannot record an outcome."""
+        """Send the jobs ``running`` on workers that are gone back to their queues at once (not at the
+        broker's visibility timeout), each lost run counted: at ``RECONQ_MAX_ATTEMPTS`` the job fails instead.
+
+        Gone: named in ``dead`` (just dropped from the index), or with no heartbeat at all (its name lost
+        with Redis's data, say). Also handed back: a job ``running`` on a live worker whose heartbeats since
+        the run began name another job or none (the run's message was lost, say in a Redis restart, so no
+        worker will ever finish it). The change is fenced by the run's number, so a worker that comes back
+        cannot record an outcome over the newer run."""
         store = JobStore(self.redis)
         running, _ = store.query(0, 1000, JobState.RUNNING)
+        if not running:
+            return
+        names = sorted({job.worker for job in running if job.worker})
+        beats = dict(zip(names, self.redis.mget([WORKER_HEARTBEAT + n for n in names]), strict=True)) if names else {}
+        now, ttl = time.time(), self.settings.heartbeat_ttl_s
         for job in running:
-            if job.worker not in dead:
+            beat = json.loads(beats[job.worker]) if beats.get(job.worker) else None
+            if job.worker in dead or (beat is None and (job.started_at or 0.0) < now - ttl):
+                why = f"worker {job.worker or '(none)'} stopped (no heartbeat for {ttl:g} s)"
+            elif beat is not None and beat.get("job") != job.id and float(beat.get("seen", 0)) > \
+                    (job.started_at or now) + 2 * self.settings.heartbeat_interval_s + 1.0:
+                why = f"worker {job.worker} is alive but no longer runs it (its run was lost)"
+            else:
                 continue
-            lost, limit = job.lost_runs + 1, self.settings.max_attempts
-            why = f"worker {job.worker} stopped (no heartbeat for {self.settings.heartbeat_ttl_s:g} s)"
-            if lost >= limit:
-                store.set_state(job.id, JobState.FAILED, fence=job.attempts, lost_runs=lost, stage="failed",
-                                error=f"the recon ended its worker {lost} times (last: {why}; "
-                                      f"RECONQ_MAX_ATTEMPTS={limit}): not run again")
-                continue
-            if store.set_state(job.id, JobState.QUEUED, fence=job.attempts, lost_runs=lost, progress=0.0,
-                               stage=f"handed back: {why}"):
-                store.log(job.id, f"handed back to queue {job.queue}: {why} ({lost} of {limit})")
-                log.warning("job %s: %s; handed back to %s", job.id, why, job.queue)
-                self.send(job.id, job.queue)
+            hand_back_job(store, job, why, self.send, self.settings.max_attempts)
 
     def _report_gpu(self) -> None:
         assert self.slot.gpu_index is not None
@@ -169,3 +175,23 @@ class Heartbeat:
                 log.warning("worker %s: heartbeat/dispatch failed: %s", self.name, e)
             except Exception:  # the thread must live as long as the worker
                 log.exception("worker %s: heartbeat/dispatch error", self.name)
+
+
+def hand_back_job(store: JobStore, job: Job, why: str, send: Callable[[str, str], None], max_attempts: int,
+                  lost: bool = True) -> bool:
+    """Send a ``running`` job back to its queue, saying ``why`` in its log; fenced by the run's number, so
+    only the run read in ``job`` is ended. ``lost``: the run counts against ``max_attempts`` (a worker that
+    died under it; a graceful stop does not count), and at the limit the job fails instead. Returns
+    whether this call changed the job."""
+    count = job.lost_runs + 1 if lost else job.lost_runs
+    if lost and count >= max_attempts:
+        return store.set_state(job.id, JobState.FAILED, fence=job.attempts, lost_runs=count, stage="failed",
+                               error=f"the recon ended its worker {count} times (last: {why}; "
+                                     f"RECONQ_MAX_ATTEMPTS={max_attempts}): not run again")
+    if not store.set_state(job.id, JobState.QUEUED, fence=job.attempts, lost_runs=count, progress=0.0,
+                           stage=f"handed back: {why}"):
+        return False
+    store.log(job.id, f"handed back to queue {job.queue}: {why}" + (f" ({count} of {max_attempts})" if lost else ""))
+    log.warning("job %s: %s; handed back to %s", job.id, why, job.queue)
+    send(job.id, job.queue)
+    return True

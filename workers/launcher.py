@@ -195,9 +195,15 @@ class Launcher:
         log.info("all workers stopped")
 
 
-def launch(settings: Settings, gpus: list[int] | None, per_gpu: PerGpu, cpu: int, stop_timeout: float = 30.0) -> int:
+def launch(settings: Settings, gpus: list[int] | None, per_gpu: PerGpu, cpu: int,
+           stop_timeout: float | None = None) -> int:
     """Start ``per_gpu`` processes for each GPU of ``gpus`` (None: every GPU; see :func:`per_gpu_counts`;
-    the setting ``workers_per_gpu`` instead when set) and ``cpu`` CPU workers."""
+    the setting ``workers_per_gpu`` instead when set) and ``cpu`` CPU workers. On a stop the processes get
+    ``stop_timeout`` seconds (default: the recons' grace period ``worker_stop_grace_s`` plus 15 s to hand
+    back what is still running) before a cold shutdown."""
+    if stop_timeout is None:
+        stop_timeout = settings.worker_stop_grace_s + 15.0
+    check_worker_root(settings)  # here too: a node without the shared storage refuses once, no restart loop
     inventory = make_inventory(settings)
     if gpus is None:
         gpus = [g.index for g in inventory.gpus()]

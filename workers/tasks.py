@@ -14,7 +14,7 @@ import ismrmrd
 import redis
 from celery import Celery
 from celery.exceptions import Reject, SoftTimeLimitExceeded
-from celery.signals import worker_process_init, worker_process_shutdown
+from celery.signals import worker_process_init, worker_process_shutdown, worker_shutting_down
 
 from reconq.core.constants import CPU_QUEUE, JOB_KEY, RUN_JOB_TASK, WORKER_HEARTBEAT
 from reconq.core.jobs import Job, JobStore
@@ -36,6 +36,7 @@ from reconq.scheduler.placement import estimate_job
 from reconq.scheduler.routing import gpu_queue, waiting_score
 from reconq.workers.heartbeat import Heartbeat
 from reconq.workers.inputs import InputsMissing, InputsNotReady, resolve_inputs
+from reconq.workers.shutdown import GracefulStop
 from reconq.workers.slot import Slot, cpu_slot, gpu_slot, worker_name
 
 log = logging.getLogger(__name__)
@@ -286,6 +287,7 @@ class JobRunner:
                 result_path=self.scans.stored(result))):
             log.warning("job %s: run %d finished, but a newer run holds the job: its outcome is that run's", job.id,
                         job.attempts)
+            result.unlink(missing_ok=True)  # never named in Redis: nothing reads it
             return "superseded"
         # kept per device class: GPU runs estimate GPU jobs, CPU runs (slower) the jobs CPU workers take
         record_runtime(self.store.redis, job.pipeline, job.protocol, elapsed, GPU if self.slot.is_gpu else CPU)
@@ -321,7 +323,8 @@ class JobRunner:
         if not images:
             raise ReconError(f"pipeline {job.pipeline} produced no images")
         progress(0.99, "storing")
-        path = self.scans.result_path(job.scan_id, job.id)
+        # one file per run: a superseded run that still finishes cannot overwrite the images of the newer one
+        path = self.scans.result_path(job.scan_id, job.id).with_name(f"{job.id}-run{job.attempts}.h5")
         write_images(path, images, xml)
         self.store.log(job.id, f"{len(images)} images stored")
         return path
@@ -355,7 +358,8 @@ def register_tasks(app: Celery, settings: Settings, gpu_index: int | None = None
     """Register :data:`RUN_JOB_TASK` on ``app`` for a worker bound to GPU ``gpu_index`` (None: the CPU).
 
     Each worker process (Celery's pool child) builds its runner and starts its heartbeat when it starts,
-    and stops the heartbeat when it stops. The recon plugins are registered here, in the parent.
+    and stops the heartbeat when it stops. The recon plugins are registered here, in the parent, which
+    also hands back recons still running a grace period after a SIGTERM (:mod:`reconq.workers.shutdown`).
     """
     from reconq.recon import runs  # noqa: F401 - the numerical stack, loaded before the pool forks
     from reconq.recon.plugins import load_plugins
@@ -390,6 +394,13 @@ def register_tasks(app: Celery, settings: Settings, gpu_index: int | None = None
 
     worker_process_init.connect(start, weak=False)
     worker_process_shutdown.connect(stop, weak=False)
+    graceful = GracefulStop(settings, lambda job_id, queue: sender.send_current(graceful.redis, job_id, queue))
+
+    def shutting_down(how: str = "", **_: object) -> None:
+        if how == "Warm":  # SIGTERM (or a first Ctrl-C): running recons get the grace period
+            graceful.begin()
+
+    worker_shutting_down.connect(shutting_down, weak=False)
 
     @app.task(name=RUN_JOB_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
     def run_job(job_id: str) -> str:

@@ -37,6 +37,9 @@ SIMULATED_PEAK = KEY_PREFIX + "test:simpeak"
 #: Hash: gpu id -> how many times a booking took the GPU past its size.
 OVERCOMMITS = KEY_PREFIX + "test:overcommits"
 OOM_COUNTS = KEY_PREFIX + "test:oom"
+#: Hash: raw file path -> how many runs of a ``sleep`` recon of that scan reached their end (fault tests
+#: count executions with it: a job run to the end twice shows).
+COMPLETED = KEY_PREFIX + "test:completed"
 
 
 class SimulatedGpuOutOfMemory(MemoryError):
@@ -90,6 +93,7 @@ class SleepPipeline(Pipeline):
             while (elapsed := time.monotonic() - t0) < seconds:
                 progress(elapsed / seconds, "sleeping")
                 time.sleep(min(0.05, seconds - elapsed))
+        self.tracker.redis.hincrby(COMPLETED, str(scan.path), 1)
         image = ismrmrd.Image.from_array(np.zeros((4, 4), np.uint16))
         image.image_series_index = 1
         return [image]
