@@ -3,6 +3,7 @@ images, report progress, and release the GPU memory however the job ends."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -76,6 +77,7 @@ class ProgressReporter:
         self.store, self.job_id, self.interval, self.fence = store, job_id, interval, fence
         self._last, self._stage = 0.0, ""
         self._redis_down = False
+        self._unwritten = False
         self.warnings: list[str] = []
         self.results: dict[str, Any] = {}
 
@@ -103,13 +105,26 @@ class ProgressReporter:
     def warn(self, text: str) -> None:
         """A warning of the recon (:func:`reconq.recon.pipeline.warn`): on the job and in its log."""
         self.warnings.append(str(text))
-        self.store.update(self.job_id, fence=self.fence, warnings=self.warnings)
-        self.store.log(self.job_id, f"WRN {text}")
+        self._write(lambda: (self.store.update(self.job_id, fence=self.fence, warnings=self.warnings),
+                             self.store.log(self.job_id, f"WRN {text}")))
 
     def report(self, name: str, value: Any) -> None:
         """A result beside the images (:func:`reconq.recon.pipeline.report`), kept on the job."""
         self.results[str(name)] = json.loads(json.dumps(value))  # JSON now, not at the end
-        self.store.update(self.job_id, fence=self.fence, report=self.results)
+        self._write(lambda: self.store.update(self.job_id, fence=self.fence, report=self.results))
+
+    def _write(self, write: Callable[[], object]) -> None:
+        """A warning or report written now; in a Redis outage it is kept and written with the outcome."""
+        try:
+            write()
+        except redis.RedisError as e:
+            log.warning("job %s: warning/report not recorded yet (Redis unavailable: %s); kept for the outcome",
+                        self.job_id, e)
+            self._unwritten = True
+
+    def unwritten(self) -> dict[str, Any]:
+        """The warnings and report to write with the job's outcome, where a Redis outage kept them back."""
+        return {"warnings": self.warnings, "report": self.results} if self._unwritten else {}
 
 
 class JobRunner:
@@ -257,7 +272,7 @@ class JobRunner:
             self.heartbeat.job_started(job.id)
         t0 = time.perf_counter()
         try:
-            result = self._reconstruct(job, pipeline)
+            result, progress = self._reconstruct(job, pipeline)
         except JobCancelled:
             log.info("job %s: cancelled while running; stopped", job.id)
             return JobState.CANCELLED.value
@@ -284,7 +299,7 @@ class JobRunner:
         elapsed = time.perf_counter() - t0
         if not self._recorded(job.id, lambda: self.store.set_state(
                 job.id, JobState.DONE, fence=job.attempts, progress=1.0, stage="done",
-                result_path=self.scans.stored(result))):
+                result_path=self.scans.stored(result), **progress.unwritten())):
             log.warning("job %s: run %d finished, but a newer run holds the job: its outcome is that run's", job.id,
                         job.attempts)
             result.unlink(missing_ok=True)  # never named in Redis: nothing reads it
@@ -310,7 +325,7 @@ class JobRunner:
         self.send(job.id, job.queue)
         return JobState.QUEUED.value
 
-    def _reconstruct(self, job: Job, pipeline: Pipeline) -> Path:
+    def _reconstruct(self, job: Job, pipeline: Pipeline) -> tuple[Path, ProgressReporter]:
         progress = ProgressReporter(self.store, job.id, fence=job.attempts)
         self.store.update(job.id, fence=job.attempts, warnings=[], report={})  # an earlier run said nothing here
         params = dict(job.params)
@@ -326,8 +341,9 @@ class JobRunner:
         # one file per run: a superseded run that still finishes cannot overwrite the images of the newer one
         path = self.scans.result_path(job.scan_id, job.id).with_name(f"{job.id}-run{job.attempts}.h5")
         write_images(path, images, xml)
-        self.store.log(job.id, f"{len(images)} images stored")
-        return path
+        with contextlib.suppress(redis.RedisError):  # the outcome, written next, is tried again; a log line not
+            self.store.log(job.id, f"{len(images)} images stored")
+        return path, progress
 
     def _recorded(self, job_id: str, write: Callable[[], bool]) -> bool:
         """``write()`` of a job's outcome, tried again through a Redis outage for up to

@@ -16,7 +16,7 @@ import contextlib
 import os
 import signal
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import ismrmrd
@@ -42,6 +42,19 @@ OOM_COUNTS = KEY_PREFIX + "test:oom"
 COMPLETED = KEY_PREFIX + "test:completed"
 
 
+def retrying(call: Callable[[], Any], for_s: float = 120.0) -> Any:
+    """``call()`` tried again while Redis is unavailable, for up to ``for_s`` seconds: the test pipelines'
+    own bookkeeping must hold through the Redis outages the fault tests make."""
+    deadline = time.monotonic() + for_s
+    while True:
+        try:
+            return call()
+        except redis.RedisError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
 class SimulatedGpuOutOfMemory(MemoryError):
     """What a GPU out-of-memory error looks like to the worker (as cupy's ``OutOfMemoryError``)."""
 
@@ -57,7 +70,7 @@ class UseTracker:
         if not self.gpu_id:
             yield
             return
-        used = int(self.redis.hincrby(SIMULATED_USE, self.gpu_id, nbytes))
+        used = int(retrying(lambda: self.redis.hincrby(SIMULATED_USE, self.gpu_id, nbytes)))
         total = int(self.redis.hget(GPU_TOTAL, self.gpu_id) or 0)
         peak = int(self.redis.hget(SIMULATED_PEAK, self.gpu_id) or 0)
         if used > peak:
@@ -66,8 +79,8 @@ class UseTracker:
             self.redis.hincrby(OVERCOMMITS, self.gpu_id, 1)
         try:
             yield
-        finally:
-            self.redis.hincrby(SIMULATED_USE, self.gpu_id, -nbytes)
+        finally:  # through a Redis outage too (the fault tests make them): the booking must not stay
+            retrying(lambda: self.redis.hincrby(SIMULATED_USE, self.gpu_id, -nbytes))
 
 
 class SleepPipeline(Pipeline):
@@ -93,7 +106,7 @@ class SleepPipeline(Pipeline):
             while (elapsed := time.monotonic() - t0) < seconds:
                 progress(elapsed / seconds, "sleeping")
                 time.sleep(min(0.05, seconds - elapsed))
-        self.tracker.redis.hincrby(COMPLETED, str(scan.path), 1)
+        retrying(lambda: self.tracker.redis.hincrby(COMPLETED, str(scan.path), 1))
         image = ismrmrd.Image.from_array(np.zeros((4, 4), np.uint16))
         image.image_series_index = 1
         return [image]
