@@ -42,6 +42,8 @@ class Heartbeat:
         self.slot, self.inventory, self.name, self.send = slot, inventory, name, send
         self.job_id, self.job_since = "", 0.0
         self._pending_until = 0.0
+        self._connected_since: float | None = None  # monotonic time of the first beat since Redis was last lost
+        self._orphans: dict[tuple[str, int], float] = {}  # (job, run) -> when first seen run by no live worker
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="reconq-heartbeat", daemon=True)
 
@@ -82,7 +84,13 @@ class Heartbeat:
         pipe = self.redis.pipeline()
         pipe.set(WORKER_HEARTBEAT + self.name, json.dumps(record), px=int(self.settings.heartbeat_ttl_s * 1000))
         pipe.sadd(WORKERS_INDEX, self.name)
-        pipe.execute()
+        try:
+            pipe.execute()
+        except redis.RedisError:
+            self._connected_since = None
+            raise
+        if self._connected_since is None:
+            self._connected_since = time.monotonic()
         if self.slot.is_gpu:
             self.admission.register_worker(self.slot.gpu_id, self.name)
             self._report_gpu()
@@ -91,7 +99,15 @@ class Heartbeat:
         """Remove what dead workers left behind: their names in the worker index (their heartbeat key
         expired), their GPU memory reservations and pending reservations of jobs that finished before a worker
         started them (:meth:`Admission.reclaim`). A worker late enough for its
-        key to expire just as it beats again is back in the index at its next beat."""
+        key to expire just as it beats again is back in the index at its next beat.
+
+        Nothing is judged until this worker has beaten without a break for a heartbeat's lifetime and a beat:
+        after a Redis outage longer than the lifetime every heartbeat has expired (Redis restarted, or the
+        keys' time ran out meanwhile), and the live workers need a beat to say so again. Judging at once
+        would hand back, and so run twice, the jobs they are running."""
+        since, settle = self._connected_since, self.settings.heartbeat_ttl_s + self.settings.heartbeat_interval_s
+        if since is None or time.monotonic() - since < settle:
+            return
         names = sorted(self.redis.smembers(WORKERS_INDEX))
         beats = self.redis.mget([WORKER_HEARTBEAT + n for n in names]) if names else []
         dead = [n for n, beat in zip(names, beats, strict=True) if beat is None]
@@ -115,6 +131,7 @@ class Heartbeat:
         store = JobStore(self.redis)
         running, _ = store.query(0, 1000, JobState.RUNNING)
         if not running:
+            self._orphans.clear()
             return
         names = sorted({job.worker for job in running if job.worker})
         beats = dict(zip(names, self.redis.mget([WORKER_HEARTBEAT + n for n in names]), strict=True)) if names else {}
@@ -125,10 +142,16 @@ class Heartbeat:
                 why = f"worker {job.worker or '(none)'} stopped (no heartbeat for {ttl:g} s)"
             elif beat is not None and beat.get("job") != job.id and float(beat.get("seen", 0)) > \
                     (job.started_at or now) + 2 * self.settings.heartbeat_interval_s + 1.0:
+                # seen so twice, a few beats apart: not a run between its end and its outcome's write
+                first = self._orphans.setdefault((job.id, job.attempts), time.monotonic())
+                if time.monotonic() - first < 2 * self.settings.heartbeat_interval_s:
+                    continue
                 why = f"worker {job.worker} is alive but no longer runs it (its run was lost)"
             else:
                 continue
             hand_back_job(store, job, why, self.send, self.settings.max_attempts)
+        current = {(job.id, job.attempts) for job in running}
+        self._orphans = {k: v for k, v in self._orphans.items() if k in current}
 
     def _report_gpu(self) -> None:
         assert self.slot.gpu_index is not None

@@ -270,6 +270,14 @@ class JobRunner:
                  gb(need))
         if self.heartbeat is not None:
             self.heartbeat.job_started(job.id)
+        try:
+            return self._run_started(job, pipeline, need)
+        finally:  # after the outcome is recorded: until then this worker's heartbeats name the job as its own
+            if self.heartbeat is not None:
+                self.heartbeat.job_ended()
+
+    def _run_started(self, job: Job, pipeline: Pipeline, need: int) -> str:
+        """The recon of a job just set ``running`` here, and its outcome recorded."""
         t0 = time.perf_counter()
         try:
             result, progress = self._reconstruct(job, pipeline)
@@ -291,9 +299,6 @@ class JobRunner:
                 return self._fail(job.id, str(e), fence=job.attempts)
             log.exception("job %s: internal error", job.id)
             return self._fail(job.id, f"internal error: {type(e).__name__}: {e}", fence=job.attempts)
-        finally:
-            if self.heartbeat is not None:
-                self.heartbeat.job_ended()
         if self.store.redis.hget(JOB_KEY + job.id, "state") == JobState.CANCELLED.value:
             return JobState.CANCELLED.value
         elapsed = time.perf_counter() - t0
