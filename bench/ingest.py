@@ -19,8 +19,15 @@ large session and for one an eighth of its size; and ``--concurrent`` simultaneo
 back with h5py) and queued once. The gateway's log (kept with ``--keep``) splits each ack into the
 file's fsync, ``scan.json`` and queueing the job.
 
-    python bench/ingest.py                # 2 GB, 20 x 10 MB, 8 x 250 MB
+``--only load`` runs the load test alone: ``--load`` sessions of ``--load-mb`` MB each that connect,
+stream and send their CLOSE at the same moment (a barrier), ``--load-rounds`` times; it prints the ack
+latency (median, p99, max over every session of every round), the gateway's peak resident memory
+(``VmHWM``, reset before each round) and its resident memory after the round, and checks every scan
+complete, bit-identical and queued once. ``--only throughput`` runs the large-session rounds alone.
+
+    python bench/ingest.py                # 2 GB, 20 x 10 MB, 8 x 250 MB, 50 x 1 MB at once
     python bench/ingest.py --gb 0.2 --concurrent-mb 25 --sessions 20
+    python bench/ingest.py --only load --load 50 --load-mb 1
 """
 
 from __future__ import annotations
@@ -49,6 +56,7 @@ import redis
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.tools import machine  # noqa: E402
 from reconq.core.jobs import JobStore  # noqa: E402
 from reconq.core.redisconn import PrivateRedis, free_port  # noqa: E402
 from reconq.core.settings import ENV_PREFIX, Settings, load_settings  # noqa: E402
@@ -221,6 +229,79 @@ def check_stored(scans: ScanStore, jobs: JobStore, block: Block, job_id: str, re
                 assert row["data"].tobytes() == block.samples[i].tobytes(), f"readout {start + i} differs"
 
 
+# -- many sessions at the same moment ---------------------------------------------------------------------------
+
+def run_load(gw: GatewayProcess, scans: ScanStore, jobs: JobStore, block: Block, sessions: int, mb: float,
+             rounds: int, gap_s: float) -> bool:
+    """``sessions`` sessions of ``mb`` MB at once, ``rounds`` times: ack p50/p99, peak RSS; True if all stored.
+
+    Every session connects, then all stream at once; ``gap_s`` > 0: they wait that long after their data
+    (a scan lasts longer than its bytes take on loopback) and send their CLOSE together (a second barrier),
+    so the ack measures what follows a CLOSE; 0: each sends its CLOSE right after its data, and the ack
+    includes the gateway reading and writing the data still in the socket's buffers."""
+    readouts = block.readouts_for(mb * 1e6)
+    size_mb = readouts * block.message_size / _MB
+    data = bytes(block.number(0)[: readouts * block.message_size])  # every session sends the same readouts
+    opening = client.opening("cartesian", header_xml())
+    when = f"CLOSE together {gap_s:g} s after the data" if gap_s > 0 else "CLOSE right after the data"
+    print(f"== load: {sessions} sessions of {size_mb:.2f} MB ({readouts} readouts) at once, {when}, {rounds} round(s)")
+    acks: list[float] = []
+    peaks, afters, ok = [], [], True
+    for r in range(rounds):
+        barrier, closing = threading.Barrier(sessions), threading.Barrier(sessions)
+        results: list[Session | BaseException] = [RuntimeError("not run")] * sessions
+
+        def one(i: int, barrier: threading.Barrier = barrier, closing: threading.Barrier = closing,
+                results: list = results) -> None:
+            try:
+                with socket.create_connection(gw.address, timeout=600) as sock:
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    barrier.wait(60)
+                    t0 = time.perf_counter()
+                    sock.sendall(opening)
+                    sock.sendall(data)
+                    if gap_s > 0:
+                        time.sleep(gap_s)
+                        closing.wait(60)
+                    t_close = time.perf_counter()
+                    sock.sendall(p.write_close())
+                    reply = client.read_reply(sock)
+                    t_ack = time.perf_counter()
+                if not reply.closed or reply.job_id() is None:
+                    raise RuntimeError(f"gateway session failed: {reply.texts}")
+                results[i] = Session(t_ack - t0, t_ack - t_close, reply.job_id(), reply.texts)
+            except BaseException as e:  # noqa: BLE001 - reported below
+                results[i] = e
+
+        gw.reset_peak()
+        t0 = time.perf_counter()
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(sessions)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - t0
+        done = [x for x in results if isinstance(x, Session)]
+        failed = [x for x in results if isinstance(x, BaseException)]
+        ok = ok and not failed
+        round_acks = [x.ack_s for x in done]
+        acks += round_acks
+        peaks.append(gw.status("VmHWM"))
+        time.sleep(0.5)  # the sessions' threads end after their CLOSE
+        afters.append(gw.status("VmRSS"))
+        for x in done:
+            check_stored(scans, jobs, block, x.job_id or "", readouts)
+        print(f"round {r + 1}: {len(done)} acked in {wall:.2f} s, {len(failed)} failed {failed[:1]}; ack median "
+              f"{1e3 * statistics.median(round_acks or [0]):.0f} ms, max {1e3 * max(round_acks or [0]):.0f} ms; "
+              f"peak RSS {peaks[-1] / 2**20:.0f} MiB, after {afters[-1] / 2**20:.0f} MiB", flush=True)
+    if acks:
+        print(f"load: {len(acks)} sessions: ack median {1e3 * statistics.median(acks):.0f} ms, "
+              f"p99 {1e3 * percentile(acks, 99):.0f} ms, max {1e3 * max(acks):.0f} ms (target p99 <= 200 ms); "
+              f"gateway peak RSS {max(peaks) / 2**20:.0f} MiB (target <= 600 MB), "
+              f"{max(afters) / 2**20:.0f} MiB after; every scan complete, bit-identical, one job\n")
+    return ok
+
+
 # -- the run -------------------------------------------------------------------------------------------------
 
 def percentile(values: list[float], q: float) -> float:
@@ -235,6 +316,14 @@ def main() -> int:
     ap.add_argument("--small-mb", type=float, default=10.0, help="size of each small session (default 10 MB)")
     ap.add_argument("--concurrent", type=int, default=8, help="simultaneous sessions (default 8)")
     ap.add_argument("--concurrent-mb", type=float, default=250.0, help="size of each (default 250 MB)")
+    ap.add_argument("--load", type=int, default=50, help="sessions at the same moment in the load test (default 50)")
+    ap.add_argument("--load-mb", type=float, default=1.0, help="size of each (default 1 MB)")
+    ap.add_argument("--load-rounds", type=int, default=3, help="rounds of the load test (default 3)")
+    ap.add_argument("--load-gap", type=float, default=0.0,
+                    help="seconds between a load session's data and its CLOSE, sent by all together (default 0: "
+                         "CLOSE right after the data)")
+    ap.add_argument("--only", choices=("throughput", "load"), default=None,
+                    help="run only the large-session rounds, or only the load test")
     ap.add_argument("--dir", default=None, help="where to put the data (default: a temporary folder)")
     ap.add_argument("--keep", action="store_true", help="keep the data folder")
     args = ap.parse_args()
@@ -243,6 +332,7 @@ def main() -> int:
     block = Block()
     big = block.readouts_for(args.gb * 1e9)
     big_mb = big * block.message_size / _MB
+    print(f"machine: {machine()}")
     print(f"readout: {NCHA} channels x {NCOL} samples, {block.message_size} bytes per message; "
           f"large session {big} readouts, {big_mb:.0f} MB; data in {root}", flush=True)
 
@@ -261,6 +351,10 @@ def main() -> int:
         gw = GatewayProcess(settings, root / "gateway.log")
         scans, jobs = ScanStore(settings.data_dir), JobStore(redis.Redis.from_url(url, decode_responses=True))
         print(f"gateway pid {gw.proc.pid}: resident {gw.status('VmRSS') / 2**20:.0f} MiB after start-up\n")
+        if args.only == "load":
+            run_gateway_session(gw.address, block, block.readouts_for(10e6))  # warm
+            loaded = run_load(gw, scans, jobs, block, args.load, args.load_mb, args.load_rounds, args.load_gap)
+            return 0 if loaded else 1
 
         print(f"== throughput: {big_mb:.0f} MB. limit: socket -> file, fsync; limit+wb: the same with the "
               "gateway's write-behind; gateway: -> fsynced MRD file, job queued")
@@ -287,6 +381,9 @@ def main() -> int:
             gwy = big_mb / pick([s.seconds for s in gw_runs])
             print(f"{name}: limit {lim:.0f} MB/s, limit+wb {wb:.0f} MB/s, gateway {gwy:.0f} MB/s; "
                   f"gateway/limit {gwy / lim:.2f} (target >= 0.8), gateway/limit+wb {gwy / wb:.2f}")
+
+        if args.only == "throughput":
+            return 0
 
         eighth = max(1, big // 8)
         gw.reset_peak()
@@ -335,8 +432,9 @@ def main() -> int:
         for done in ok:
             check_stored(scans, jobs, block, done.job_id or "", n_each)
         print(f"checked: {len(ok)} scans complete, every readout bit-identical, one job each "
-              f"({time.perf_counter() - t0:.1f} s to read back)")
-        return 1 if failed else 0
+              f"({time.perf_counter() - t0:.1f} s to read back)\n")
+        loaded = run_load(gw, scans, jobs, block, args.load, args.load_mb, args.load_rounds, args.load_gap)
+        return 1 if failed or not loaded else 0
     finally:
         if gw is not None:
             gw.stop()

@@ -23,6 +23,8 @@ def make_celery(settings: Settings, queues: Sequence[str] | None = None) -> Cele
     - ``acks_late`` + ``reject_on_worker_lost``: a job whose worker dies is delivered again;
     - prefetch 1: a worker holds no job it has not started, so another idle worker can take it;
     - a visibility timeout above the longest recon, so a running job is not redelivered meanwhile;
+    - connects and replies bounded by ``redis_timeout_s``, so a send fails (``kombu.exceptions.OperationalError``)
+      rather than hangs when Redis cannot be reached;
     - queues polled in priority order (``stat`` before ``routine`` before ``bulk``); a worker passes its
       own ``queues`` in the order it consumes them (see :mod:`reconq.scheduler.routing`).
     """
@@ -45,7 +47,12 @@ def make_celery(settings: Settings, queues: Sequence[str] | None = None) -> Cele
         broker_transport_options={
             "visibility_timeout": settings.visibility_timeout_s,
             "queue_order_strategy": "priority",
+            # kombu waits forever by default: a send to a Redis that hangs, or whose host is gone, would
+            # hold the process's producer (and an MRD session's ack behind it) until the kernel gives up
+            "socket_timeout": settings.redis_timeout_s,
+            "socket_connect_timeout": settings.redis_timeout_s,
         },
+        broker_connection_timeout=settings.redis_timeout_s,
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
         worker_send_task_events=True,

@@ -33,6 +33,14 @@ JOB_STAGES = KEY_PREFIX + "stages:"
 RETRIEVALS = KEY_PREFIX + "retrievals"
 #: Pub/sub channel of job changes (JSON: id, state, progress, stage).
 EVENTS_CHANNEL = KEY_PREFIX + "events"
+#: String: the id of the data root every process must see, as in its ``reconq-root.json``
+#: (:mod:`reconq.core.dataroot`).
+DATA_ROOT_KEY = KEY_PREFIX + "dataroot"
+#: Sorted set ``reconq:scanidx:<digest>`` of the complete scans of one patient, study and protocol (the digest
+#: is a sha256: no identifier in clear), scored by completion time (:mod:`reconq.scheduler.scanindex`).
+SCAN_INDEX = KEY_PREFIX + "scanidx:"
+#: Hash: scan id -> JSON ``{"digest", "completed_at"}`` of every scan in :data:`SCAN_INDEX`.
+SCANS_INDEXED = KEY_PREFIX + "scansindexed"
 
 #: Celery task that runs one job; its only argument is the job id (never patient data).
 RUN_JOB_TASK = "reconq.run_job"

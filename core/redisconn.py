@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from reconq.core.settings import Settings, SettingsError
 
@@ -27,8 +29,15 @@ def require_redis_url(settings: Settings) -> str:
 
 
 def connect(settings: Settings) -> redis.Redis:
-    """A client with ``decode_responses=True`` on the configured Redis."""
-    return redis.Redis.from_url(require_redis_url(settings), decode_responses=True, health_check_interval=30)
+    """A client with ``decode_responses=True`` on the configured Redis.
+
+    Connecting and each reply are bounded by ``redis_timeout_s``: a Redis host that is gone (no reset
+    comes back) or a server that hangs is an error after that, not a wait of minutes (the kernel's
+    connect timeout) or forever (a reply that never comes), so a caller such as an MRD session can
+    go on without it."""
+    return redis.Redis.from_url(require_redis_url(settings), decode_responses=True, health_check_interval=30,
+                                socket_timeout=settings.redis_timeout_s,
+                                socket_connect_timeout=settings.redis_timeout_s)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -78,8 +87,10 @@ class PrivateRedis:
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
             return
+        # no retries: the server closing the connection is SHUTDOWN's success, which redis-py would
+        # otherwise retry for seconds (its default backoff) before it says so
         with contextlib.suppress(redis.ConnectionError):
-            redis.Redis(port=self.port).shutdown(nosave=False)
+            redis.Redis(port=self.port, retry=Retry(NoBackoff(), 0)).shutdown(nosave=False)
         try:
             self.proc.wait(timeout=10)
         except subprocess.TimeoutExpired:

@@ -76,6 +76,10 @@ class Settings(BaseSettings):
     max_connections: int = Field(64, ge=1, description="Concurrent MRD sessions")
     idle_timeout_s: float = Field(300.0, gt=0, description="A silent client is dropped after this")
     min_free_bytes: int = Field(1 << 30, ge=0, description="Refuse new scans below this free space")
+    disk_floor_bytes: int = Field(
+        256 << 20, ge=0, description="A scan streaming in is stopped (kept, incomplete, the scanner told) before "
+        "a write would leave less free space than this: the disk never fills up under the raw-file writer"
+    )
 
     queue: str = Field("routine", description="Queue for scans from the scanner")
     visibility_timeout_s: int = Field(

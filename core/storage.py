@@ -11,6 +11,7 @@ Files are the durable truth: a scan is complete only once ``scan.json`` says so,
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -69,12 +70,20 @@ def fsync_path(path: Path) -> None:
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file, fsync it, rename, fsync the folder."""
+    """Write ``data`` to ``path`` through a temporary file, fsync it, rename, fsync the folder.
+
+    Raises OSError (a full disk: ``ENOSPC``); ``path`` then still holds what it held, and the temporary
+    file is gone."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
     os.replace(tmp, path)
     fsync_path(path.parent)
 

@@ -3,6 +3,12 @@
 After the client's CLOSE the raw file is fsynced, ``scan.json`` says ``complete``, the job is recorded
 and queued, and the gateway answers with a TEXT naming the job and its own CLOSE. A scan cut off or
 refused midway is kept, marked ``incomplete`` with the reason, and not queued.
+
+Redis down does not cost a scan nor an ``ERR``: the scan is complete on disk, so the scanner is told
+(``INF``) that it is stored and that its job is queued when the job queue is back, which the gateway's
+reconcile loop then does. While the gateway knows Redis is down, a session skips what is best effort
+(the job shown ``receiving``, the run-time history, failing a cut-off scan's job: the reconciler does
+that later), so no Redis time-out delays the session.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from reconq.gateway.opening import Opening, identity, parameters_from_text
 from reconq.gateway.rawfile import RawFileWriter, write_error
 from reconq.gateway.stream import MessageStream, SessionError, text
 from reconq.scheduler.exams import history_now
-from reconq.scheduler.submit import fail_receiving
+from reconq.scheduler.submit import QUEUE_UNREACHABLE, fail_receiving, first_job_id
 
 log = logging.getLogger(__name__)
 
@@ -74,9 +80,10 @@ class Acquisition:
         log.info("scan %s from %s: config %s, protocol %r", record.scan_id, self.stream.peer, name, record.protocol)
         if refusal:
             self.stream.send(text("ERR", refusal))
-        else:
+        elif ctx.redis_up():  # best effort: not worth a Redis time-out each while Redis is known down
             ctx.announce(record)
-            self.history_s = self._history(pipeline, record.protocol)
+            if ctx.redis_up():  # the announce may just have found it down
+                self.history_s = self._history(pipeline, record.protocol)
         try:
             writer.write_header(self.opening.xml)
             writer.write_config(self.opening.config_file, self.opening.config_text)
@@ -126,7 +133,7 @@ class Acquisition:
         except OSError:
             log.exception("scan %s: could not record it as incomplete", record.scan_id)
         log.warning("scan %s incomplete (%s); kept, not queued", record.scan_id, record.error)
-        if record.pipeline:
+        if record.pipeline and self.ctx.redis_up():  # else the reconciler fails its job when Redis is back
             fail_receiving(self.ctx.jobs, record.scan_id, record.error or "cut off")
 
     def _history(self, pipeline: str, protocol: str) -> float | None:
@@ -162,7 +169,11 @@ class Acquisition:
         if refusal:
             self.stream.send(text("ERR", f"scan {record.scan_id} stored; no job made: {refusal}"), p.write_close())
             return
-        job = self.ctx.submit(record, header)  # parsed already: placing the job reads no file before the ack
+        try:
+            job = self.ctx.submit(record, header)  # parsed already: placing the job reads no file before the ack
+        except QUEUE_UNREACHABLE as e:
+            self._stored_unqueued(record, e, t_close)
+            return
         self.stream.send(
             text("INF", f"job {job.id} queued: pipeline {job.pipeline}, {record.acquisitions} readouts stored"
                         f"{self._expected(job)}"),
@@ -174,3 +185,15 @@ class Acquisition:
                  1e3 * (t_ack - t_close), 1e3 * (t_durable - t_close), 1e3 * (t_recorded - t_durable),
                  1e3 * (t_ack - t_recorded))
 
+    def _stored_unqueued(self, record: ScanRecord, error: BaseException, t_close: float) -> None:
+        """The scan is complete on disk but its job could not be recorded or queued (Redis unreachable):
+        the scanner is told it is stored and will be queued, never an ``ERR`` (nothing is lost, the exam
+        goes on); the gateway's reconcile loop queues it once Redis is back."""
+        self.stream.send(
+            text("INF", f"scan {record.scan_id} stored ({record.acquisitions} readouts); the job queue is "
+                        f"unreachable just now: job {first_job_id(record.scan_id)} will be queued when it is back"),
+            p.write_close(),
+        )
+        log.warning("scan %s complete: %d readouts, %.1f MB; its job is not queued yet (job queue unreachable: "
+                    "%s): the reconciler queues it when Redis is back; ack %.1f ms", record.scan_id,
+                    record.acquisitions, record.bytes_received / 1e6, error, 1e3 * (time.perf_counter() - t_close))

@@ -26,3 +26,5 @@ class SessionContext:
     submit: Callable[[ScanRecord, Any], Job]
     #: record a scan's job as ``receiving`` while it streams in
     announce: Callable[[ScanRecord], None]
+    #: False while the gateway knows Redis is unreachable: sessions then skip their best-effort Redis calls
+    redis_up: Callable[[], bool]

@@ -1,4 +1,12 @@
-"""The MRD gateway: a TCP server with one thread per session and a bound on concurrent sessions."""
+"""The MRD gateway: a TCP server with one thread per session and a bound on concurrent sessions.
+
+It keeps serving while Redis is down: a scan is stored as ever, the scanner is told its job is queued
+when the job queue is back, and the reconcile loop, which then tries every few seconds, queues it
+when Redis answers again. The gateway also starts without Redis: what start-up needs of the disk alone
+(scans a stopped gateway left ``receiving`` are marked incomplete) is done before it listens, the rest
+by the same loop. Its counters are written by a thread of their own, so no session waits on Redis for
+them.
+"""
 
 from __future__ import annotations
 
@@ -17,17 +25,31 @@ from reconq.core.constants import GATEWAY_STATS
 from reconq.core.jobs import Job, JobStore
 from reconq.core.sender import TaskSender
 from reconq.core.settings import Settings
+from reconq.core.states import JobState
 from reconq.core.storage import ScanRecord, ScanStore
 from reconq.gateway import protocol as p
 from reconq.gateway.context import SessionContext
 from reconq.gateway.session import Session
 from reconq.gateway.stream import text
 from reconq.scheduler.placement import Placement
-from reconq.scheduler.submit import announce_scan, reconcile, submit_scan
+from reconq.scheduler.submit import (
+    QUEUE_UNREACHABLE,
+    announce_scan,
+    enqueue,
+    first_job_id,
+    mark_interrupted,
+    reconcile,
+    submit_scan,
+)
 
 log = logging.getLogger(__name__)
 
 RECEIVE_BUFFER_BYTES = 1 << 20  # the kernel doubles it for its own bookkeeping
+#: How often the reconcile loop tries while work waits for Redis (at most ``reconcile_interval_s``): a scan
+#: stored during an outage is queued within this of Redis coming back.
+CATCH_UP_INTERVAL_S = 2.0
+#: How long the counter thread waits before it tries Redis again, keeping the counts meanwhile.
+COUNTS_RETRY_S = 2.0
 
 
 class Gateway:
@@ -49,11 +71,22 @@ class Gateway:
             max_acquisition_bytes=settings.max_acquisition_bytes,
             max_image_bytes=settings.max_image_bytes,
         )
-        self.context = SessionContext(settings, jobs, scans, self.limits, self.pipelines, self.submit, self.announce)
+        self.context = SessionContext(settings, jobs, scans, self.limits, self.pipelines, self.submit, self.announce,
+                                      self.redis_up)
         self._slots = threading.BoundedSemaphore(settings.max_connections)
         self._listener: socket.socket | None = None
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
+        # Work that waits for Redis: set by a submit or a reconcile that found it unreachable (and at start
+        # without it), cleared as a reconcile begins; while set the reconcile loop tries every few seconds.
+        self._behind = threading.Event()
+        self._outage_since: float | None = None  # when the reconcile loop first found Redis unreachable
+        self._owed: set[str] = set()  # scans whose submit failed: their job may be queued with no message
+        self._owed_lock = threading.Lock()
+        self._counts: dict[str, int] = {}  # counter deltas not yet written to Redis
+        self._counts_lock = threading.Lock()
+        self._counts_due = threading.Event()
+        self._counter_thread: threading.Thread | None = None
 
     @property
     def address(self) -> tuple[str, int]:
@@ -61,18 +94,36 @@ class Gateway:
         host, port = self._listener.getsockname()[:2]
         return host, port
 
+    def redis_up(self) -> bool:
+        """False from a failed submit or reconcile until a reconcile gets through: sessions then skip what
+        is best effort (a job shown receiving, the run-time history), which would wait on Redis."""
+        return not self._behind.is_set()
+
     def announce(self, record: ScanRecord) -> None:
-        announce_scan(self.jobs, record, self.settings.queue)
+        if not announce_scan(self.jobs, record, self.settings.queue):
+            self._behind.set()
 
     def submit(self, record: ScanRecord, header: Any = None) -> Job:
-        return submit_scan(self.jobs, self.sender, record, self.settings.queue, self.placement, header)
+        """Record and queue a complete scan's job; raises one of :data:`QUEUE_UNREACHABLE` when Redis cannot
+        be reached, after noting the scan so the reconcile loop queues it (promptly) once Redis is back."""
+        try:
+            return submit_scan(self.jobs, self.sender, record, self.settings.queue, self.placement, header)
+        except QUEUE_UNREACHABLE:
+            with self._owed_lock:
+                self._owed.add(record.scan_id)
+            self._behind.set()
+            raise
 
     def bind(self) -> tuple[str, int]:
-        """Reconcile disk with Redis, then open the listening socket."""
-        with self.sender.exclusive():
-            requeued = reconcile(self.scans, self.jobs, self.sender, self.settings.queue, placement=self.placement)
-        if requeued:
-            log.warning("start-up: %d complete scan(s) without a job were queued again", len(requeued))
+        """Reconcile disk with Redis, then open the listening socket.
+
+        Scans a stopped gateway left ``receiving`` are marked incomplete first, from the disk alone, so
+        that happens before any session even while Redis is down; the part that needs Redis (queueing
+        complete scans without a job, failing cut-off scans' jobs) is left to the reconcile loop then."""
+        mark_interrupted(self.scans)
+        if not self.reconcile_once():
+            log.warning("start-up: the job queue (Redis) is unreachable; serving anyway: scans are stored and "
+                        "their jobs queued when it is back")
         listener = socket.create_server((self.settings.mrd_host, self.settings.mrd_port), reuse_port=False,
                                         backlog=128)
         # A bounded receive buffer (sessions inherit it): what the client has sent but the gateway not yet read
@@ -84,19 +135,62 @@ class Gateway:
         log.info("MRD gateway listening on %s:%d, data in %s", *self.address, self.settings.data_dir)
         return self.address
 
+    def reconcile_once(self) -> bool:
+        """Queue complete scans that have no queued job, fail cut-off scans' jobs, and send again the
+        jobs whose submit failed after they were queued; False (and the loop told to try again soon) when
+        Redis or the producer cannot be reached."""
+        self._behind.clear()  # a submit that fails from here on sets it again, so none is missed
+        try:
+            self.jobs.redis.ping()  # fails before the producer is held: a session's ack may wait for it
+            with self.sender.exclusive():
+                requeued = reconcile(self.scans, self.jobs, self.sender, self.settings.queue, at_start=False,
+                                     placement=self.placement)
+                self._send_owed(requeued)
+        except QUEUE_UNREACHABLE as e:
+            self._behind.set()
+            if self._outage_since is None:
+                self._outage_since = time.monotonic()
+                log.warning("the job queue (Redis) is unreachable (%s); trying again every %g s", e,
+                            self._catch_up_s())
+            return False
+        if self._outage_since is not None:
+            log.warning("the job queue (Redis) is reachable again after %.0f s", time.monotonic() - self._outage_since)
+            self._outage_since = None
+        if requeued:
+            log.warning("%d complete scan(s) without a queued job were queued", len(requeued))
+        return True
+
+    def _send_owed(self, requeued: Collection[str]) -> None:
+        """The scans whose submit failed: a job the reconcile did not just queue but that is ``queued``
+        got its state before its message failed (Redis went away in between): it is sent again (a second
+        delivery, should the first have got through after all, is dropped by the worker)."""
+        with self._owed_lock:
+            owed = sorted(self._owed)
+        for scan_id in owed:
+            job = self.jobs.get(first_job_id(scan_id))
+            if job is not None and job.id not in requeued and job.state is JobState.QUEUED:
+                enqueue(self.jobs, self.sender, job, self.placement)
+                log.warning("job %s sent again: its message may have been lost to the Redis outage", job.id)
+            with self._owed_lock:
+                self._owed.discard(scan_id)
+
+    def _catch_up_s(self) -> float:
+        return min(self.settings.reconcile_interval_s, CATCH_UP_INTERVAL_S)
+
     def requeue_forever(self) -> None:
         """Every ``reconcile_interval_s``, queue complete scans that have no job (a Redis outage at the
-        ack, or Redis restarted without its data), so none waits for the gateway's next start."""
-        while not self._stopping.wait(self.settings.reconcile_interval_s):
-            try:
-                with self.sender.exclusive():
-                    requeued = reconcile(self.scans, self.jobs, self.sender, self.settings.queue, at_start=False,
-                                         placement=self.placement)
-            except Exception:  # Redis down again, a scan folder being written: try at the next interval
-                log.exception("periodic reconcile failed; trying again in %g s", self.settings.reconcile_interval_s)
+        ack, or Redis restarted without its data), so none waits for the gateway's next start; while
+        work waits for Redis (a submit failed, Redis was down at start), every few seconds until one
+        reconcile gets through."""
+        last = time.monotonic()
+        while not self._stopping.wait(self._catch_up_s()):
+            if not self._behind.is_set() and time.monotonic() - last < self.settings.reconcile_interval_s:
                 continue
-            if requeued:
-                log.warning("%d complete scan(s) without a job were queued", len(requeued))
+            last = time.monotonic()
+            try:
+                self.reconcile_once()
+            except Exception:  # a scan folder being written, say: try at the next interval
+                log.exception("periodic reconcile failed; trying again in %g s", self.settings.reconcile_interval_s)
 
     def start(self) -> tuple[str, int]:
         address = self.bind()
@@ -108,6 +202,8 @@ class Gateway:
         if self._listener is None:
             self.bind()
         threading.Thread(target=self.requeue_forever, name="mrd-reconcile", daemon=True).start()
+        self._counter_thread = threading.Thread(target=self.count_forever, name="mrd-counters", daemon=True)
+        self._counter_thread.start()
         assert self._listener is not None
         if threading.current_thread() is threading.main_thread():  # the gateway's own process
             # Start-up objects (Celery, h5py, numpy, ...) are never garbage: without this a full collection walks
@@ -131,6 +227,9 @@ class Gateway:
             self._thread.join(timeout=5)
         if self._listener is not None:
             self._listener.close()
+        if self._counter_thread is not None:  # it writes what is left, then ends
+            self._counts_due.set()
+            self._counter_thread.join(timeout=2 * self.settings.redis_timeout_s)
 
     def _dispatch(self, sock: socket.socket, peer: str) -> None:
         sock.settimeout(self.settings.idle_timeout_s)
@@ -164,15 +263,43 @@ class Gateway:
                          "retrieval_sessions_total": int(session.retrieval)})
 
     def _count(self, deltas: dict[str, int]) -> None:
-        """Add to the gateway's counters in Redis (read by ``/metrics``); never fails a session."""
-        try:
-            pipe = self.jobs.redis.pipeline(transaction=False)
+        """Add to the gateway's counters (read by ``/metrics``): kept here and written to Redis by
+        :meth:`count_forever`, so a session never waits on Redis for them nor fails by them."""
+        with self._counts_lock:
             for name, delta in deltas.items():
                 if delta:
-                    pipe.hincrby(GATEWAY_STATS, name, delta)
-            pipe.execute()
-        except redis.RedisError as e:
-            log.warning("gateway counters not updated: %s", e)
+                    self._counts[name] = self._counts.get(name, 0) + delta
+        self._counts_due.set()
+
+    def count_forever(self) -> None:
+        """Write the counters to Redis as they change, all of one moment at once (``sessions_active`` and
+        ``sessions_total`` agree); while Redis is down they are kept and added when it is back."""
+        failing = False
+        while True:
+            self._counts_due.wait()
+            self._counts_due.clear()
+            with self._counts_lock:
+                deltas, self._counts = self._counts, {}
+            if deltas:
+                try:
+                    pipe = self.jobs.redis.pipeline(transaction=True)
+                    for name, delta in deltas.items():
+                        pipe.hincrby(GATEWAY_STATS, name, delta)
+                    pipe.execute()
+                    if failing:
+                        log.info("gateway counters written again")
+                    failing = False
+                except redis.RedisError as e:
+                    with self._counts_lock:  # kept, with what came meanwhile, for the next try
+                        for name, delta in deltas.items():
+                            self._counts[name] = self._counts.get(name, 0) + delta
+                    if not failing:
+                        log.warning("gateway counters not updated (%s); kept until Redis is back", e)
+                    failing = True
+                    if not self._stopping.wait(COUNTS_RETRY_S):
+                        self._counts_due.set()
+            if self._stopping.is_set():
+                return
 
 
 def close_gracefully(sock: socket.socket, linger_s: float = 2.0, max_bytes: int = 64 << 20) -> None:

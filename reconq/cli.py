@@ -339,10 +339,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"reconq: {e}", file=sys.stderr)
         return 2
     from reconq.core.datalock import DataDirBusy
+    from reconq.core.dataroot import DataRootError
 
     try:
         return int(args.func(settings, args))
-    except (SettingsError, DataDirBusy) as e:
+    except (SettingsError, DataDirBusy, DataRootError) as e:  # DataRootError: not the recorded data root
         print(f"reconq: {e}", file=sys.stderr)
         return 2
 

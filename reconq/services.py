@@ -4,11 +4,13 @@ The gateway, the HTTP API and the command line each get their job store, scan st
 placement, staff actions and allow-list of pipelines from :func:`build_services`, so the wiring is
 written here and nowhere else. Plugins are loaded here too, so that every process knows the same
 pipelines (the gateway's allow-list, the API's retro-recon, placement's estimates). Each process imports
-only the service it runs: the gateway does not load FastAPI, the API not the MRD server.
+only the service it runs: the gateway does not load FastAPI, the API not the MRD server. The gateway and
+the API check first that their data dir is the recorded data root (:mod:`reconq.core.dataroot`).
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -16,6 +18,7 @@ import redis
 from celery import Celery
 
 from reconq.core.celeryapp import make_celery
+from reconq.core.dataroot import FIRST_START_WAIT_S, DataRootUnchecked, check_data_root
 from reconq.core.jobs import JobStore
 from reconq.core.redisconn import connect
 from reconq.core.sender import TaskSender
@@ -30,6 +33,8 @@ if TYPE_CHECKING:
     from fastapi import FastAPI
 
     from reconq.gateway.server import Gateway
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -60,16 +65,30 @@ def build_services(settings: Settings, client: redis.Redis | None = None, celery
 
 
 def make_gateway(settings: Settings) -> Gateway:
-    """The MRD gateway on the configured Redis; its allow-list is every registered pipeline and plugin."""
+    """The MRD gateway on the configured Redis; its allow-list is every registered pipeline and plugin.
+
+    The gateway owns the data root: it creates the root's id, or records it again in a Redis that lost it,
+    and refuses (:class:`~reconq.core.dataroot.DataRootError`) a data dir that is not the recorded root."""
     from reconq.gateway.server import Gateway
 
-    s = build_services(settings)
+    client = connect(settings)
+    check_data_root(settings, client, create=True, role="gateway")  # before anything reads or marks a scan
+    s = build_services(settings, client)
     return Gateway(settings, s.jobs, s.scans, s.sender, s.placement, s.pipelines)
 
 
 def make_api(settings: Settings, client: redis.Redis | None = None, celery: Celery | None = None) -> FastAPI:
-    """The HTTP API on ``client`` (default: a connection from the settings)."""
+    """The HTTP API on ``client`` (default: a connection from the settings).
+
+    It serves result files from the data root, so it refuses a data dir that is not the recorded root, and
+    waits for a gateway to record one (services started together). With Redis out of reach it starts
+    unchecked, answering 503 until Redis is back."""
     from reconq.api.app import create_api
 
+    client = client if client is not None else connect(settings)
+    try:
+        check_data_root(settings, client, create=False, role="API", wait_s=FIRST_START_WAIT_S)
+    except DataRootUnchecked as e:
+        log.warning("%s; the API starts without the check", e)
     s = build_services(settings, client, celery)
     return create_api(settings, s.jobs, s.scans, s.actions)

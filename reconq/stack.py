@@ -1,7 +1,8 @@
 """The whole stack on this machine as child processes: private Redis (if needed), gateway, API, workers.
 
 Used by ``reconq up`` and ``reconq demo``. Children get the parent's settings through ``RECONQ_*``
-variables, so every process runs with the same configuration.
+variables, so every process runs with the same configuration. The stack owns its data root: it creates
+(or records again) the root's id before it starts a child (:mod:`reconq.core.dataroot`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import urllib.request
 from pathlib import Path
 from typing import IO
 
-from reconq.core.redisconn import PrivateRedis
+from reconq.core.dataroot import check_data_root
+from reconq.core.redisconn import PrivateRedis, connect
 from reconq.core.settings import ENV_PREFIX, Settings
 
 log = logging.getLogger(__name__)
@@ -50,6 +52,11 @@ class Stack:
         if not self.settings.redis_url:
             self.redis = PrivateRedis(self.settings.data_dir, self.settings.redis_server_bin)
             self.settings = self.settings.model_copy(update={"redis_url": self.redis.start()})
+        client = connect(self.settings)
+        try:  # before any child: they then find the root's id recorded, whichever starts first
+            check_data_root(self.settings, client, create=True, role="`reconq up`")
+        finally:
+            client.close()
         env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
         env.update(settings_env(self.settings))
         self._spawn("gateway", ["gateway"], env)

@@ -1,8 +1,9 @@
 """Job submission: record a job for a stored scan and put its id on a Celery queue.
 
-Also the start-up reconciler: files on disk are the truth. A scan still ``receiving`` when the gateway
-starts was cut off by the gateway stopping (killed, crashed, machine lost): it is marked
-``incomplete`` and never queued. A complete scan whose job Redis lost is queued again, exactly once.
+Also the reconciler: files on disk are the truth. A scan still ``receiving`` when the gateway starts
+was cut off by the gateway stopping (killed, crashed, machine lost): it is marked ``incomplete`` and
+never queued. A complete scan whose job Redis lost, or never got (Redis down at the ack), is queued
+again, exactly once; the job of a scan cut off is failed, also where Redis was down when it was cut.
 The reconciler assumes one gateway per data root (another live gateway's scans would look cut off).
 """
 
@@ -15,16 +16,22 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import h5py
 import redis
+from kombu.exceptions import OperationalError
 
 from reconq.core.jobs import Job, JobStore
+from reconq.core.rawcheck import readable_counts_isolated
 from reconq.core.sender import TaskSender
 from reconq.core.states import JobState
 from reconq.core.storage import ScanRecord, ScanState, ScanStore
 from reconq.scheduler.placement import Placement
 
 log = logging.getLogger(__name__)
+
+#: What recording or queueing a job raises when the job queue cannot be reached: Redis itself (refused,
+#: timed out, the connection cut, still loading its data) or the Celery producer on it, which wraps the
+#: same errors in kombu's ``OperationalError``. The scan on disk is not affected: the reconciler queues it.
+QUEUE_UNREACHABLE: tuple[type[Exception], ...] = (redis.RedisError, OperationalError)
 
 
 def first_job_id(scan_id: str) -> str:
@@ -82,15 +89,28 @@ def job_for_scan(record: ScanRecord, job_id: str, queue: str, pipeline: str | No
     )
 
 
-def announce_scan(store: JobStore, record: ScanRecord, queue: str) -> None:
+def announce_scan(store: JobStore, record: ScanRecord, queue: str) -> bool:
     """Record the scan's first job in state ``receiving`` while the scan streams in (not queued yet), so
-    the dashboard shows a long upload. Best effort: without Redis the job is made at the end instead."""
+    the dashboard shows a long upload. Best effort: without Redis the job is made at the end instead
+    (False returned)."""
     job = job_for_scan(record, first_job_id(record.scan_id), queue)
     job.state = JobState.RECEIVING
     try:
         store.create(job)
     except redis.RedisError as e:
         log.warning("job %s: not recorded as receiving (%s); it is made when the scan is complete", job.id, e)
+        return False
+    return True
+
+
+def fail_cut_off(store: JobStore, record: ScanRecord) -> None:
+    """An incomplete scan's job still ``receiving`` (its session, or the gateway, could not fail it: Redis
+    was down, the gateway was killed) fails with the scan's error. Raises what Redis raises."""
+    job = store.get(first_job_id(record.scan_id))
+    if job is not None and job.state is JobState.RECEIVING:
+        why = record.error or "cut off"
+        store.set_state(job.id, JobState.FAILED, error=f"scan incomplete: {why}", stage="failed")
+        log.warning("job %s failed: its scan %s is incomplete (%s)", job.id, record.scan_id, why)
 
 
 def fail_receiving(store: JobStore, scan_id: str, why: str) -> None:
@@ -107,30 +127,35 @@ def submit_scan(store: JobStore, sender: TaskSender, record: ScanRecord, queue: 
                 placement: Placement | None = None, header: Any = None) -> Job:
     """Create (or take the ``receiving`` record of) the scan's first job and enqueue it; a scan already
     submitted gets its existing job back and is not queued twice. ``header``: the scan's parsed MRD
-    header, where the caller has it."""
+    header, where the caller has it.
+
+    A new job is recorded ``receiving`` and only then moved to ``queued``: should Redis go away in
+    between (or a reply be lost, the write done), the record says the job was never queued, and the
+    reconciler queues it. Raises one of :data:`QUEUE_UNREACHABLE` when Redis cannot be reached."""
     job = job_for_scan(record, first_job_id(record.scan_id), queue)
+    job.state = JobState.RECEIVING
     if store.create(job):
         enqueue(store, sender, job, placement, header=header)
+        job.state = JobState.QUEUED
         return job
     existing = store.get(job.id)
     assert existing is not None
     if existing.state is JobState.RECEIVING:
         store.update(job.id, params=job.params)  # a parameter TEXT may have come after the header
         enqueue(store, sender, job, placement, header=header)
+        job.state = JobState.QUEUED
         return job
     log.info("job %s exists already (%s); not queued again", job.id, existing.state)
     return existing
 
 
 def readouts_in(path: Path) -> tuple[int, int]:
-    """(readouts, waveforms) readable in a raw file that may have been cut off; (0, 0) if unreadable."""
-    try:
-        with h5py.File(path, "r") as f:
-            group = f["dataset"]
-            return (int(group["data"].shape[0]) if "data" in group else 0,
-                    int(group["waveforms"].shape[0]) if "waveforms" in group else 0)
-    except Exception:  # noqa: BLE001 - a file cut off mid-write may be unreadable in many ways
-        return 0, 0
+    """(readouts, waveforms) readable in a raw file that may have been cut off; (0, 0) if unreadable.
+
+    Checked by reading the rows, not taken from the datasets' shapes (which a cut-off file can overstate),
+    in a child process: a damaged file that crashes HDF5 costs the caller nothing
+    (:func:`reconq.core.rawcheck.readable_counts_isolated`)."""
+    return readable_counts_isolated(path)
 
 
 def mark_interrupted(scans: ScanStore) -> list[str]:
@@ -143,7 +168,11 @@ def mark_interrupted(scans: ScanStore) -> list[str]:
         record.state = ScanState.INCOMPLETE
         record.error = ("the gateway stopped mid-scan (found still receiving at start-up); "
                         f"{record.acquisitions} readouts readable in the raw file; not queued")
-        scans.save(record)
+        try:
+            scans.save(record)
+        except OSError as e:  # a full disk: the scan stays receiving and is marked at the next start
+            log.error("scan %s: could not be recorded as incomplete (%s); left receiving", record.scan_id, e)
+            continue
         log.warning("scan %s incomplete: %s", record.scan_id, record.error)
         marked.append(record.scan_id)
     return marked
@@ -151,17 +180,25 @@ def mark_interrupted(scans: ScanStore) -> list[str]:
 
 def reconcile(scans: ScanStore, store: JobStore, sender: TaskSender, queue: str, at_start: bool = True,
               placement: Placement | None = None) -> list[str]:
-    """Queue every complete scan that has no job in Redis; at start-up, first mark the scans that a
-    stopped gateway left receiving as incomplete (later, such a scan may be a session still running).
+    """Queue every complete scan that has no job in Redis (or only one still ``receiving``), and fail the
+    ``receiving`` job of every incomplete scan; at start-up, first mark the scans that a stopped gateway
+    left receiving as incomplete (later, such a scan may be a session still running). The disk part
+    (:func:`mark_interrupted`) needs no Redis: a gateway that starts while Redis is down runs it alone
+    and this with ``at_start=False`` once Redis is back.
 
-    Returns the job ids queued.
+    Returns the job ids queued; raises one of :data:`QUEUE_UNREACHABLE` when Redis cannot be reached
+    (what was done stays done: running it again is safe).
     """
     if at_start:
-        for scan_id in mark_interrupted(scans):
-            fail_receiving(store, scan_id, "the gateway stopped mid-scan")
+        mark_interrupted(scans)
     queued: list[str] = []
     for record in scans.scans():
-        if record.state is not ScanState.COMPLETE or not record.pipeline:
+        if not record.pipeline:
+            continue
+        if record.state is ScanState.INCOMPLETE:
+            fail_cut_off(store, record)
+            continue
+        if record.state is not ScanState.COMPLETE:
             continue
         first = store.get(first_job_id(record.scan_id))
         if first is not None and first.state is not JobState.RECEIVING:
@@ -169,6 +206,6 @@ def reconcile(scans: ScanStore, store: JobStore, sender: TaskSender, queue: str,
         if first is None and store.jobs_for_scan(record.scan_id):
             continue
         job = submit_scan(store, sender, record, queue, placement)
-        log.warning("job %s re-queued from disk: Redis had no job for complete scan %s", job.id, record.scan_id)
+        log.warning("job %s queued from disk: Redis had no queued job for complete scan %s", job.id, record.scan_id)
         queued.append(job.id)
     return queued

@@ -12,9 +12,13 @@ from pathlib import Path
 import pytest
 import redis
 
+from reconq.core.constants import DATA_ROOT_KEY, SCAN_INDEX, SCANS_INDEXED
+from reconq.core.dataroot import check_data_root
 from reconq.core.jobs import JobStore
 from reconq.core.redisconn import PrivateRedis
 from reconq.core.settings import Settings, load_settings
+from reconq.core.storage import ScanStore
+from reconq.scheduler.scanindex import rebuild
 from reconq.stack import settings_env
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,10 +63,32 @@ def redis_db(redis_server: PrivateRedis) -> Iterator[str]:
     client.close()
 
 
+def claim_data_root(settings: Settings) -> str:
+    """Make ``settings``' data dir the data root of record on its Redis db, as a gateway's start does.
+
+    Test modules share Redis dbs, each module with a data dir of its own: the root id another module left
+    would make this one's processes refuse to start (:mod:`reconq.core.dataroot`), and its scans in the scan
+    index would look like scans this node cannot see. So the id is recorded anew and the index rebuilt from
+    this data dir (its scans only). Returns the root's id."""
+    client = redis.Redis.from_url(settings.redis_url or "", decode_responses=True)
+    try:
+        client.delete(DATA_ROOT_KEY)
+        ident = check_data_root(settings, client, create=True, role="test")
+        if (Path(settings.data_dir) / "scans").is_dir():
+            rebuild(client, ScanStore(settings.data_dir))
+        else:  # no scans here: every entry is another data dir's
+            client.delete(SCANS_INDEXED, *client.scan_iter(SCAN_INDEX + "*"))
+        return ident
+    finally:
+        client.close()
+
+
 @pytest.fixture
 def settings(tmp_path: Path, redis_db: str) -> Settings:
-    return load_settings(data_dir=tmp_path / "data", redis_url=redis_db, mrd_port=0, min_free_bytes=0,
-                         retrieve_wait_s=10.0, retrieve_poll_s=0.2, idle_timeout_s=10.0)
+    settings = load_settings(data_dir=tmp_path / "data", redis_url=redis_db, mrd_port=0, min_free_bytes=0,
+                             retrieve_wait_s=10.0, retrieve_poll_s=0.2, idle_timeout_s=10.0)
+    claim_data_root(settings)  # as the gateway's first start: an API or worker alone finds the root recorded
+    return settings
 
 
 @pytest.fixture
@@ -73,7 +99,10 @@ def store(settings: Settings) -> JobStore:
 def start_worker(settings: Settings, log_path: Path, concurrency: int = 1,
                  new_session: bool = False) -> subprocess.Popen[bytes]:
     """A real ``reconq worker`` process on ``settings``; waits until Celery reports it ready.
-    ``new_session``: in a process group of its own (which a test may SIGKILL whole)."""
+    ``new_session``: in a process group of its own (which a test may SIGKILL whole). The settings' data dir
+    is made the root of record first (:func:`claim_data_root`): some tests start a worker before, or
+    without, a gateway."""
+    claim_data_root(settings)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RECONQ_")}
     env.update(settings_env(settings))
     with open(log_path, "wb") as log:  # the child keeps its own copy of the descriptor
@@ -100,9 +129,12 @@ def stop_process(proc: subprocess.Popen[bytes], timeout: float = 20) -> None:
 
 @pytest.fixture(scope="module")
 def e2e_settings(redis_server: PrivateRedis, tmp_path_factory: pytest.TempPathFactory) -> Settings:
-    """Settings shared by a module's gateway and its worker process (Redis db 0, one data folder)."""
-    return load_settings(data_dir=tmp_path_factory.mktemp("e2e") / "data", redis_url=redis_server.url,
-                         mrd_port=0, min_free_bytes=0, retrieve_wait_s=60.0, retrieve_poll_s=0.2)
+    """Settings shared by a module's gateway and its worker process (Redis db 0, one data folder, the root of
+    record there: see :func:`claim_data_root`)."""
+    settings = load_settings(data_dir=tmp_path_factory.mktemp("e2e") / "data", redis_url=redis_server.url,
+                             mrd_port=0, min_free_bytes=0, retrieve_wait_s=60.0, retrieve_poll_s=0.2)
+    claim_data_root(settings)
+    return settings
 
 
 @pytest.fixture(scope="module")
@@ -117,6 +149,7 @@ def gateway(e2e_settings: Settings) -> Iterator[tuple[str, int]]:
     """The MRD gateway serving on loopback in this process (real TCP); yields (host, port)."""
     from reconq.services import make_gateway
 
+    claim_data_root(e2e_settings)  # modules that override e2e_settings share db 0 with other data dirs
     gw = make_gateway(e2e_settings)
     address = gw.start()
     yield address

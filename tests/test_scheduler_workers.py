@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import redis
+from conftest import claim_data_root
 
 from reconq.core.celeryapp import make_celery
 from reconq.core.constants import GPU_RESERVATIONS, GPU_WAITING
@@ -43,9 +44,11 @@ SLOTS = 5  # 2 per GPU, 1 CPU
 def sched_settings(redis_server: PrivateRedis, tmp_path_factory: pytest.TempPathFactory) -> Settings:
     url = redis_server.url.rsplit("/", 1)[0] + "/2"
     redis.Redis.from_url(url).flushdb()
-    return load_settings(data_dir=tmp_path_factory.mktemp("sched") / "data", redis_url=url, simulated_gpus=[8, 24],
-                         heartbeat_interval_s=0.3, heartbeat_ttl_s=1.5, dispatch_poll_s=0.1,
-                         enable_test_pipelines=True, node_name="testnode")
+    settings = load_settings(data_dir=tmp_path_factory.mktemp("sched") / "data", redis_url=url,
+                             simulated_gpus=[8, 24], heartbeat_interval_s=0.3, heartbeat_ttl_s=1.5,
+                             dispatch_poll_s=0.1, enable_test_pipelines=True, node_name="testnode")
+    claim_data_root(settings)  # the workers start with no gateway: the data root is recorded as its start would
+    return settings
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,9 @@ when set, takes the place of ``--per-gpu``. With a simulated inventory, ``--gpus
 and their processes see no real GPU either. Each process is a Celery worker with one pool process,
 ``acks_late``, ``reject_on_worker_lost`` and prefetch 1 (see :mod:`reconq.core.celeryapp`). The launcher restarts
 a process that dies, and on SIGTERM or Ctrl-C stops them all: a warm shutdown (running jobs finish) for
-``stop_timeout`` seconds, then a cold one, then SIGKILL.
+``stop_timeout`` seconds, then a cold one, then SIGKILL. Every worker process (and the launcher) first
+checks that its data dir is the recorded data root (:mod:`reconq.core.dataroot`), and refuses to start
+otherwise, saying why.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from reconq.core.celeryapp import make_celery
+from reconq.core.dataroot import FIRST_START_WAIT_S, check_data_root
+from reconq.core.redisconn import connect
 from reconq.core.settings import Settings
 from reconq.scheduler.inventory import GB, Inventory, InventoryError, make_inventory
 from reconq.workers.slot import cpu_slot, gpu_slot
@@ -54,9 +58,23 @@ def worker_argv(concurrency: int, loglevel: str, name: str, queues: tuple[str, .
     ]
 
 
+def check_worker_root(settings: Settings) -> str:
+    """Refuse (:class:`~reconq.core.dataroot.DataRootError`) to run a worker on a data dir that is not the
+    recorded data root: on a node without the shared storage every job would fail at once on its raw file.
+    Waits for a gateway to record the root's id, and for Redis, up to ``FIRST_START_WAIT_S``."""
+    client = connect(settings)
+    try:
+        return check_data_root(settings, client, create=False, role="worker", wait_s=FIRST_START_WAIT_S,
+                               redis_wait_s=FIRST_START_WAIT_S)
+    finally:
+        client.close()
+
+
 def run_worker(settings: Settings, concurrency: int = 1, loglevel: str = "INFO", name: str | None = None,
                gpu_index: int | None = None) -> None:
-    """Run one Celery worker in this process, bound to GPU ``gpu_index`` (None: the CPU), until stopped."""
+    """Run one Celery worker in this process, bound to GPU ``gpu_index`` (None: the CPU), until stopped.
+    Checks the data root first, before the pool forks or a task is taken."""
+    check_worker_root(settings)
     inventory = make_inventory(settings)
     slot = cpu_slot(inventory) if gpu_index is None else gpu_slot(settings, inventory, gpu_index)
     app = make_celery(settings, queues=slot.queues)

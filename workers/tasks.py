@@ -105,8 +105,12 @@ class ProgressReporter:
     def warn(self, text: str) -> None:
         """A warning of the recon (:func:`reconq.recon.pipeline.warn`): on the job and in its log."""
         self.warnings.append(str(text))
-        self._write(lambda: (self.store.update(self.job_id, fence=self.fence, warnings=self.warnings),
-                             self.store.log(self.job_id, f"WRN {text}")))
+
+        def write() -> None:
+            self.store.update(self.job_id, fence=self.fence, warnings=self.warnings)
+            self.store.log(self.job_id, f"WRN {text}")
+
+        self._write(write)
 
     def report(self, name: str, value: Any) -> None:
         """A result beside the images (:func:`reconq.recon.pipeline.report`), kept on the job."""
@@ -167,7 +171,7 @@ class JobRunner:
             self.store.log(job_id, f"the run on {job.worker or 'a worker'} ended with its worker "
                                    f"({job.lost_runs} of {limit}); run again")
         try:
-            job.params = resolve_inputs(job, self.scans)
+            job.params = resolve_inputs(job, self.scans, self.store.redis)
         except InputsMissing as e:
             return self._fail(job_id, str(e))
         except InputsNotReady as e:
