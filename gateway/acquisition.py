@@ -27,6 +27,7 @@ from reconq.gateway.context import SessionContext
 from reconq.gateway.opening import Opening, identity, parameters_from_text
 from reconq.gateway.rawfile import RawFileWriter, write_error
 from reconq.gateway.stream import MessageStream, SessionError, text
+from reconq.scheduler import scanindex
 from reconq.scheduler.exams import history_now
 from reconq.scheduler.submit import QUEUE_UNREACHABLE, fail_receiving, first_job_id
 
@@ -168,22 +169,30 @@ class Acquisition:
         t_recorded = time.perf_counter()
         if refusal:
             self.stream.send(text("ERR", f"scan {record.scan_id} stored; no job made: {refusal}"), p.write_close())
+            self._index(record)
             return
         try:
             job = self.ctx.submit(record, header)  # parsed already: placing the job reads no file before the ack
         except QUEUE_UNREACHABLE as e:
             self._stored_unqueued(record, e, t_close)
-            return
+            return  # indexed by the reconciler once Redis is back
         self.stream.send(
             text("INF", f"job {job.id} queued: pipeline {job.pipeline}, {record.acquisitions} readouts stored"
                         f"{self._expected(job)}"),
             p.write_close(),
         )
         t_ack = time.perf_counter()
+        self._index(record)
         log.info("scan %s complete: %d readouts, %.1f MB; job %s; ack %.1f ms (file durable %.1f, scan.json %.1f, "
                  "job queued %.1f)", record.scan_id, record.acquisitions, record.bytes_received / 1e6, job.id,
                  1e3 * (t_ack - t_close), 1e3 * (t_durable - t_close), 1e3 * (t_recorded - t_durable),
                  1e3 * (t_ack - t_recorded))
+
+    def _index(self, record: ScanRecord) -> None:
+        """The complete scan into the reference-scan index (after the ack: jobs that name it as their
+        reference find it there); best effort, the reconciler rebuilds the index from the disk."""
+        if self.ctx.redis_up():
+            scanindex.record_scan(self.ctx.jobs.redis, record)
 
     def _stored_unqueued(self, record: ScanRecord, error: BaseException, t_close: float) -> None:
         """The scan is complete on disk but its job could not be recorded or queued (Redis unreachable):

@@ -22,6 +22,7 @@ from typing import Any
 import redis
 
 from reconq.core.constants import GATEWAY_STATS
+from reconq.core.dataroot import DataRootMismatch, DataRootUnchecked, check_data_root
 from reconq.core.jobs import Job, JobStore
 from reconq.core.sender import TaskSender
 from reconq.core.settings import Settings
@@ -43,6 +44,9 @@ from reconq.scheduler.submit import (
 )
 
 log = logging.getLogger(__name__)
+
+#: What says Redis (or the producer) cannot be reached just now, in a reconcile
+_UNREACHABLE: tuple[type[BaseException], ...] = (*QUEUE_UNREACHABLE, DataRootUnchecked)
 
 RECEIVE_BUFFER_BYTES = 1 << 20  # the kernel doubles it for its own bookkeeping
 #: How often the reconcile loop tries while work waits for Redis (at most ``reconcile_interval_s``): a scan
@@ -87,6 +91,8 @@ class Gateway:
         self._counts_lock = threading.Lock()
         self._counts_due = threading.Event()
         self._counter_thread: threading.Thread | None = None
+        #: why the gateway stopped by itself (its data dir turned out not to be the recorded data root)
+        self.fatal: str | None = None
 
     @property
     def address(self) -> tuple[str, int]:
@@ -142,11 +148,19 @@ class Gateway:
         self._behind.clear()  # a submit that fails from here on sets it again, so none is missed
         try:
             self.jobs.redis.ping()  # fails before the producer is held: a session's ack may wait for it
+            # the data root, each time: Redis may have come back without its data (the id is recorded again)
+            # or be another Redis now; one whose id is not this data dir's stops the gateway
+            check_data_root(self.settings, self.jobs.redis, create=True, role="gateway")
             with self.sender.exclusive():
                 requeued = reconcile(self.scans, self.jobs, self.sender, self.settings.queue, at_start=False,
                                      placement=self.placement)
                 self._send_owed(requeued)
-        except QUEUE_UNREACHABLE as e:
+        except DataRootMismatch as e:
+            log.critical("%s; the gateway stops", e)
+            self.fatal = str(e)
+            self._stopping.set()
+            return False
+        except _UNREACHABLE as e:
             self._behind.set()
             if self._outage_since is None:
                 self._outage_since = time.monotonic()

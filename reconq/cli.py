@@ -40,6 +40,9 @@ def cmd_gateway(settings: Settings, args: argparse.Namespace) -> int:
     finally:
         gw.stop()
         lock.release()
+    if gw.fatal:
+        print(f"reconq: {gw.fatal}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -68,11 +68,15 @@ def make_gateway(settings: Settings) -> Gateway:
     """The MRD gateway on the configured Redis; its allow-list is every registered pipeline and plugin.
 
     The gateway owns the data root: it creates the root's id, or records it again in a Redis that lost it,
-    and refuses (:class:`~reconq.core.dataroot.DataRootError`) a data dir that is not the recorded root."""
+    and refuses (:class:`~reconq.core.dataroot.DataRootError`) a data dir that is not the recorded root. With
+    Redis unreachable it starts unchecked and checks once Redis answers (:meth:`Gateway.reconcile_once`)."""
     from reconq.gateway.server import Gateway
 
     client = connect(settings)
-    check_data_root(settings, client, create=True, role="gateway")  # before anything reads or marks a scan
+    try:
+        check_data_root(settings, client, create=True, role="gateway")  # before anything reads or marks a scan
+    except DataRootUnchecked as e:  # it serves without Redis (scans stored, queued later): checked when it is back
+        log.warning("%s; serving anyway: the data root is checked as soon as Redis answers", e)
     s = build_services(settings, client)
     return Gateway(settings, s.jobs, s.scans, s.sender, s.placement, s.pipelines)
 

@@ -24,6 +24,7 @@ from reconq.core.rawcheck import readable_counts_isolated
 from reconq.core.sender import TaskSender
 from reconq.core.states import JobState
 from reconq.core.storage import ScanRecord, ScanState, ScanStore
+from reconq.scheduler import scanindex
 from reconq.scheduler.placement import Placement
 
 log = logging.getLogger(__name__)
@@ -192,7 +193,7 @@ def reconcile(scans: ScanStore, store: JobStore, sender: TaskSender, queue: str,
     if at_start:
         mark_interrupted(scans)
     queued: list[str] = []
-    for record in scans.scans():
+    for record in (records := list(scans.scans())):
         if not record.pipeline:
             continue
         if record.state is ScanState.INCOMPLETE:
@@ -208,4 +209,5 @@ def reconcile(scans: ScanStore, store: JobStore, sender: TaskSender, queue: str,
         job = submit_scan(store, sender, record, queue, placement)
         log.warning("job %s queued from disk: Redis had no queued job for complete scan %s", job.id, record.scan_id)
         queued.append(job.id)
+    scanindex.rebuild(store.redis, scans, records)  # the reference-scan index, made whole from the disk
     return queued

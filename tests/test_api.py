@@ -623,8 +623,12 @@ def test_gpus_and_metrics_only_read_and_skip_what_dead_workers_left(api, store, 
     assert [r["job_id"] for r in gpu["reservations"]] == ["r-live"] and gpu["reserved_bytes"] == 4 * GB
     assert f'reconq_gpu_memory_reserved_bytes{{gpu="n1:0",host="n1",simulated="true"}} {4 * GB}' in metrics
 
-    heartbeat = Heartbeat(settings, store.redis, adm, Slot(None, "", False, ("routine",)), SimulatedInventory([24]),
+    quick = settings.model_copy(update={"heartbeat_ttl_s": 0.5, "heartbeat_interval_s": 0.1})
+    heartbeat = Heartbeat(quick, store.redis, adm, Slot(None, "", False, ("routine",)), SimulatedInventory([24]),
                           "live", send=lambda job, queue: None)
+    deadline = time.monotonic() + 5
+    while not heartbeat.settled() and time.monotonic() < deadline:  # not within a beat of Redis's start
+        time.sleep(0.1)
     heartbeat.prune()  # a writer: the live worker's heartbeat removes what the dead one left
     assert store.redis.smembers(WORKERS_INDEX) == {"live"}
     assert [r.job_id for r in adm.reservations("n1:0")] == ["r-live"]

@@ -8,6 +8,7 @@ killed mid-job, Redis killed, restarted or cut off by a paused proxy. Every job 
 from __future__ import annotations
 
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import pytest
 import redis
 
 from reconq import faultkit
-from reconq.core.jobs import JobStore
+from reconq.core.jobs import Job, JobStore
 from reconq.core.redisconn import PrivateRedis
 from reconq.core.states import JobState
 
@@ -98,3 +99,43 @@ def test_a_20_s_network_outage_between_worker_and_redis_is_survived(own_redis, t
     assert_came_through(run)
     first, second = run.jobs
     assert first.attempts == 1 and second.gpu == first.gpu, run.jobs
+
+
+def test_a_job_running_on_a_live_worker_that_no_longer_runs_it_is_handed_back(settings, store):
+    """A run whose message was lost (a live worker's heartbeats name another job, or none) would stay
+    ``running`` for good: a live worker's heartbeat hands it back, once seen so on two beats, never a job
+    its worker's heartbeat names, and nothing while heartbeats cannot be trusted yet."""
+    import json
+
+    from reconq.core.constants import WORKER_HEARTBEAT, WORKERS_INDEX
+    from reconq.scheduler.admission import Admission
+    from reconq.scheduler.inventory import SimulatedInventory
+    from reconq.workers.heartbeat import Heartbeat
+    from reconq.workers.slot import Slot
+
+    quick = settings.model_copy(update={"heartbeat_ttl_s": 5.0, "heartbeat_interval_s": 0.1})
+    long_ago = time.time() - 5
+    for job_id, worker in (("o-j1", "w-idle"), ("k-j1", "w-busy")):
+        store.create(Job(id=job_id, scan_id=job_id[0], pipeline="cartesian"))
+        assert store.set_state(job_id, JobState.RUNNING, attempts=1, worker=worker, started_at=long_ago)
+
+    def beats() -> None:  # the two live workers: one runs k-j1, the other nothing
+        for worker, job in (("w-idle", ""), ("w-busy", "k-j1")):
+            store.redis.set(WORKER_HEARTBEAT + worker, json.dumps({"worker": worker, "job": job, "seen": time.time()}),
+                            px=5000)
+            store.redis.sadd(WORKERS_INDEX, worker)
+
+    sent: list[str] = []
+    judge = Heartbeat(quick, store.redis, Admission(store.redis, 300.0, 600.0), Slot(None, "", False, ("routine",)),
+                      SimulatedInventory([24]), "w-judge", send=lambda job, queue: sent.append(job))
+    faultkit.wait_until(judge.settled, 10)
+    beats()
+    judge.prune()  # seen once: could be a run between its end and its outcome's write
+    assert store.get("o-j1").state is JobState.RUNNING and sent == []
+    time.sleep(0.3)
+    beats()
+    judge.prune()
+    orphan, busy = store.get("o-j1"), store.get("k-j1")
+    assert orphan.state is JobState.QUEUED and orphan.lost_runs == 1 and sent == ["o-j1"], orphan
+    assert any("is alive but no longer runs it" in line for line in store.log_lines("o-j1"))
+    assert busy.state is JobState.RUNNING and busy.worker == "w-busy"

@@ -164,7 +164,7 @@ def test_two_scans_sent_while_redis_is_down_are_each_queued_once(server, setting
     assert_queued_once(store, settings, records)
 
 
-def test_the_gateway_starts_and_serves_while_redis_is_down(server, settings, store, gateway, scan):
+def test_the_gateway_starts_and_serves_while_redis_is_down(server, settings, store, scan):
     """Started with Redis down, it still marks at once, from the disk, the scan a stopped gateway left
     receiving; it listens and stores scans; once Redis is back the stored scan is queued and the cut-off
     scan's job (shown receiving before the stop) is failed."""
@@ -176,8 +176,9 @@ def test_the_gateway_starts_and_serves_while_redis_is_down(server, settings, sto
     server.stop()
 
     t0 = time.monotonic()
+    gateway = make_gateway(settings)  # the data root is checked once Redis answers
     gateway.start()
-    print(f"\ngateway started with Redis down in {1e3 * (time.monotonic() - t0):.0f} ms")
+    print(f"\ngateway made and started with Redis down in {1e3 * (time.monotonic() - t0):.0f} ms")
     assert time.monotonic() - t0 < ACK_BOUND_S
     marked = scans.load(cut.scan_id)
     assert marked.state is ScanState.INCOMPLETE and marked.error  # before any session, without Redis
@@ -194,6 +195,25 @@ def test_the_gateway_starts_and_serves_while_redis_is_down(server, settings, sto
     assert cut_job.error.startswith("scan incomplete: ")
     assert store.count() == 2  # the cut scan's failed job and the stored scan's queued one
     assert queued_task_ids(store, settings.queue) == [f"{record.scan_id}-j1.0"]
+    gateway.stop()
+
+
+def test_a_gateway_started_without_redis_stops_when_redis_records_another_data_root(server, settings, store):
+    """Started while Redis is down, the gateway cannot check its data root; when Redis answers and records
+    another root's id (this data dir is not the shared root), it stops and says why, and queues nothing."""
+    from reconq.core.constants import DATA_ROOT_KEY
+
+    store.redis.set(DATA_ROOT_KEY, "another-root")
+    server.stop()
+    gateway = make_gateway(settings)
+    gateway.start()
+    try:
+        server.start()
+        wait_until(lambda: gateway.fatal, BACK_BOUND_S)
+    finally:
+        gateway.stop()
+    assert "Redis records data root id another-root" in (gateway.fatal or ""), gateway.fatal
+    assert store.redis.get(DATA_ROOT_KEY) == "another-root"  # not overwritten
 
 
 def test_redis_that_hangs_costs_a_session_its_timeout_not_a_hang(server, settings, store, scan):

@@ -42,7 +42,8 @@ class Heartbeat:
         self.slot, self.inventory, self.name, self.send = slot, inventory, name, send
         self.job_id, self.job_since = "", 0.0
         self._pending_until = 0.0
-        self._connected_since: float | None = None  # monotonic time of the first beat since Redis was last lost
+        self._lost = False  # a beat failed since the last one that worked
+        self._back_since: float | None = None  # monotonic time of the first beat after one failed
         self._orphans: dict[tuple[str, int], float] = {}  # (job, run) -> when first seen run by no live worker
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="reconq-heartbeat", daemon=True)
@@ -87,10 +88,10 @@ class Heartbeat:
         try:
             pipe.execute()
         except redis.RedisError:
-            self._connected_since = None
+            self._lost, self._back_since = True, None
             raise
-        if self._connected_since is None:
-            self._connected_since = time.monotonic()
+        if self._lost:
+            self._lost, self._back_since = False, time.monotonic()
         if self.slot.is_gpu:
             self.admission.register_worker(self.slot.gpu_id, self.name)
             self._report_gpu()
@@ -101,12 +102,9 @@ class Heartbeat:
         started them (:meth:`Admission.reclaim`). A worker late enough for its
         key to expire just as it beats again is back in the index at its next beat.
 
-        Nothing is judged until this worker has beaten without a break for a heartbeat's lifetime and a beat:
-        after a Redis outage longer than the lifetime every heartbeat has expired (Redis restarted, or the
-        keys' time ran out meanwhile), and the live workers need a beat to say so again. Judging at once
-        would hand back, and so run twice, the jobs they are running."""
-        since, settle = self._connected_since, self.settings.heartbeat_ttl_s + self.settings.heartbeat_interval_s
-        if since is None or time.monotonic() - since < settle:
+        Nothing is judged within a heartbeat's lifetime and a beat of a Redis outage (:meth:`settled`).
+        """
+        if not self.settled():
             return
         names = sorted(self.redis.smembers(WORKERS_INDEX))
         beats = self.redis.mget([WORKER_HEARTBEAT + n for n in names]) if names else []
@@ -118,6 +116,21 @@ class Heartbeat:
         if reclaimed := self.admission.reclaim():
             log.info("worker %s: reclaimed %d GPU memory reservations (worker gone or job finished)", self.name,
                      reclaimed)
+
+    def settled(self) -> bool:
+        """Whether heartbeats can be trusted to tell live workers from dead ones: not within a heartbeat's
+        lifetime and a beat of Redis's start (a restart loses the keys whose time ran out meanwhile), nor of
+        this worker getting Redis back after losing it (the others were cut off too, most likely, and their
+        keys expired). The live workers need a beat to say so again; judging at once would hand back, and
+        so run twice, the jobs they are running."""
+        settle = self.settings.heartbeat_ttl_s + self.settings.heartbeat_interval_s
+        if self._lost or (self._back_since is not None and time.monotonic() - self._back_since < settle):
+            return False
+        try:
+            uptime = float(self.redis.info("server").get("uptime_in_seconds", settle))
+        except redis.ResponseError:  # INFO not allowed to this client: judge by this worker's own view
+            return True
+        return uptime >= settle
 
     def hand_back(self, dead: set[str]) -> None:
         """Send the jobs ``running`` on workers that are gone back to their queues at once (not at the
