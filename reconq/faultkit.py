@@ -171,10 +171,13 @@ class FaultRun:
     reservations_left: dict[str, dict[str, str]]
     recover_s: list[float] = field(default_factory=list)  # per fault: until the affected jobs went on
     workers_alive: bool = True
+    acks: list[str] = field(default_factory=list)  # TEXTs a scanner got for a scan sent during the fault
 
     @property
     def done_once(self) -> bool:
-        return all(j.state is JobState.DONE for j in self.jobs) and all(n == 1 for n in self.runs.values())
+        """Every job done; every ``sleep`` job's recon run to its end once (other pipelines are not counted)."""
+        sleeps = [j.id for j in self.jobs if j.pipeline == "sleep"]
+        return all(j.state is JobState.DONE for j in self.jobs) and all(self.runs[j] == 1 for j in sleeps)
 
     def row(self) -> str:
         recover = ", ".join(f"{s:.1f}" for s in self.recover_s) or "-"
@@ -221,14 +224,21 @@ def worker_kills(server: PrivateRedis, folder: Path, jobs: int = 10, kills: int 
 
 def redis_outage(server: PrivateRedis, folder: Path, how: str, down_s: float = 4.0, jobs: int = 7,
                  seconds: float = 4.0) -> FaultRun:
-    """2 simulated GPUs with a worker each, ``jobs`` jobs (2 run, the rest wait); Redis stopped (``how``:
-    ``kill`` = SIGKILL, ``stop`` = a clean SHUTDOWN) while 2 run, started again after ``down_s`` with its AOF.
-    Recovery: Redis back to the first job state written after it."""
+    """2 simulated GPUs with a worker each, ``jobs`` jobs (2 run, the rest wait), and the MRD gateway; Redis
+    stopped (``how``: ``kill`` = SIGKILL, ``stop`` = a clean SHUTDOWN) while 2 run, started again after
+    ``down_s`` with its AOF. Meanwhile a scanner sends a scan (``cartesian``), which the gateway stores and
+    acknowledges with an ``INF`` (:attr:`FaultRun.acks`); it is queued and reconstructed once Redis is back
+    (its job is the last of :attr:`FaultRun.jobs`). Recovery: Redis back to the first job state written."""
+    from reconq.gateway import client as mrd
+    from reconq.services import make_gateway
+
     settings = fault_settings(folder, server.url, simulated_gpus=[8, 8], redis_retry_s=60.0)
     client = redis.Redis.from_url(server.url, decode_responses=True)
     store, workers = JobStore(client), Workers(settings, folder)
     again = PrivateRedis(server.dir.parent, port=server.port)
+    gateway = make_gateway(settings)
     try:
+        host, port = gateway.start()
         workers.start("--gpus", "0,1", "--per-gpu", "1", ready=2)
         ids = sleep_jobs(settings, store, jobs, seconds)
         wait_until(lambda: len(running(store, ids)) == 2, 60, poll=0.05)
@@ -238,16 +248,25 @@ def redis_outage(server: PrivateRedis, folder: Path, how: str, down_s: float = 4
             server.proc.wait()
         else:
             server.stop()
-        time.sleep(down_s)
+        t_down = time.monotonic()
+        scan = synthetic_scan(matrix=(32, 32), ncoil=2, nslices=1, protocol="fault_scan", patient_id="FAULT01")
+        reply = mrd.send_scan(host, port, scan.header, scan.acquisitions, config="cartesian")
+        time.sleep(max(0.0, down_s - (time.monotonic() - t_down)))
         again.start()
         t0 = time.monotonic()
         before = {j.id: (j.state, j.progress) for j in store.get_many(ids)}
         wait_until(lambda: any((j.state, j.progress) != before[j.id] for j in store.get_many(ids)), 60, poll=0.05)
         recover = [time.monotonic() - t0]
+        scan_ids = [r.scan_id for r in ScanStore(settings.data_dir).scans() if r.protocol == "fault_scan"]
+        ids += [f"{scan_id}-j1" for scan_id in scan_ids]
+        wait_until(lambda: all(store.get(j) is not None for j in ids), 30, poll=0.2)  # queued by the reconciler
         what = "SIGKILL" if how == "kill" else "clean SHUTDOWN"
-        return _finish(f"Redis {what}, down {down_s:g} s, 2 running + {jobs - 2} waiting", store, client, settings,
-                       ids, workers, recover)
+        run = _finish(f"Redis {what}, down {down_s:g} s, 2 running + {jobs - 2} waiting + 1 sent meanwhile", store,
+                      client, settings, ids, workers, recover)
+        run.acks = reply.texts
+        return run
     finally:
+        gateway.stop()
         workers.stop_all()
         again.stop()
 
