@@ -5,12 +5,16 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import ismrmrd
 
 from reconq.core.redisconn import free_port
+from reconq.gateway import client as mrd
+from reconq.gateway import protocol as p
 from reconq.recon.simulate import synthetic_scan, write_mrd
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,8 +42,8 @@ def test_demo_runs_the_whole_flow(tmp_path):
 
 
 def test_up_send_retrieve_jobs(tmp_path):
-    mrd, http = free_port(), free_port()
-    env = clean_env(RECONQ_DATA_DIR=str(tmp_path / "data"), RECONQ_MRD_PORT=str(mrd),
+    mrd_port, http = free_port(), free_port()
+    env = clean_env(RECONQ_DATA_DIR=str(tmp_path / "data"), RECONQ_MRD_PORT=str(mrd_port),
                     RECONQ_HTTP_PORT=str(http), RECONQ_MIN_FREE_BYTES="0")
     up = subprocess.Popen([sys.executable, "-m", "reconq.cli", "up"], env=env, cwd=ROOT,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -50,12 +54,34 @@ def test_up_send_retrieve_jobs(tmp_path):
             line = up.stdout.readline()
         assert "ReconQ up" in line, line
         redis_url = line.split("Redis ")[1].split(",")[0]
-        for second in ("up", "gateway"):  # one stack per data dir: refused at once, the first one untouched
-            refused = reconq(second, env=env)
-            assert refused.returncode == 2, refused.stdout + refused.stderr
-            assert "is in use by `reconq up`" in refused.stderr and f"pid {up.pid}" in refused.stderr
+        # a scan streams into the first stack while a second `up` and a second `gateway` are refused
+        streaming = synthetic_scan(matrix=(32, 32), ncoil=2, protocol="cli_streaming")
+        halfway, refusals_done = threading.Event(), threading.Event()
+
+        def acquisitions() -> Iterator[bytes]:
+            for i, acq in enumerate(streaming.acquisitions):
+                if i == len(streaming.acquisitions) // 2:
+                    halfway.set()
+                    refusals_done.wait(120)
+                yield p.write_acquisition(acq)
+
+        replies: list[mrd.Reply] = []
+        sender = threading.Thread(target=lambda: replies.append(mrd.stream_session(
+            "127.0.0.1", mrd_port, mrd.opening("cartesian", streaming.header), acquisitions())))
+        sender.start()
+        assert halfway.wait(60)
+        try:
+            for second in ("up", "gateway"):  # one stack per data dir: refused at once, the first one untouched
+                refused = reconq(second, env=env)
+                assert refused.returncode == 2, refused.stdout + refused.stderr
+                assert "is in use by `reconq up`" in refused.stderr and f"pid {up.pid}" in refused.stderr
+        finally:
+            refusals_done.set()
+            sender.join(60)
+        (streamed,) = replies
+        assert streamed.job_id() is not None, streamed.texts  # stored complete and queued by the first stack
         raw = write_mrd(synthetic_scan(matrix=(32, 32), ncoil=2, protocol="cli_t1"), tmp_path / "raw.h5")
-        client_env = clean_env(RECONQ_MRD_PORT=str(mrd), RECONQ_REDIS_URL=redis_url)
+        client_env = clean_env(RECONQ_MRD_PORT=str(mrd_port), RECONQ_REDIS_URL=redis_url)
         sent = reconq("send", str(raw), "--config", "cartesian", env=client_env)
         assert sent.returncode == 0 and sent.stdout.startswith("INF job "), sent.stdout + sent.stderr
         got = reconq("retrieve", "--from-file", str(raw), "--out", str(tmp_path / "img.h5"), env=client_env)
@@ -72,7 +98,7 @@ def test_up_send_retrieve_jobs(tmp_path):
         assert refused.returncode == 1 and "unknown pipeline 'nope'" in refused.stderr
         deadline = time.monotonic() + 60
         while " done " not in (listing := reconq("jobs", "--state", "done", env=client_env).stdout) \
-                or f"{scan_id}-j2" not in listing:
+                or f"{scan_id}-j2" not in listing or streamed.job_id() not in listing:
             assert time.monotonic() < deadline, listing
             time.sleep(0.5)
     finally:
