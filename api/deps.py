@@ -12,7 +12,7 @@ import redis
 from fastapi import Depends, HTTPException, Request
 from fastapi import Path as PathParam
 
-from reconq.api.auth import ACTION_HEADER, ANONYMOUS, SESSION_COOKIE, Principal, session_key, token_owner
+from reconq.api.auth import ACTION_HEADER, ANONYMOUS, SESSION_COOKIE, Principal, Role, StaffAuth
 from reconq.core.jobs import JobStore
 from reconq.core.settings import Settings
 from reconq.core.storage import ScanStore
@@ -39,6 +39,15 @@ def get_redis(request: Request) -> redis.Redis:
     return request.app.state.jobs.redis
 
 
+def get_auth(request: Request) -> StaffAuth:
+    return request.app.state.auth
+
+
+def client_address(request: Request) -> str:
+    """The client's address (a trusted proxy's X-Forwarded-For, as uvicorn reads it), for the sign-in limits."""
+    return request.client.host if request.client is not None else "unknown"
+
+
 def get_redis_url(request: Request) -> str:
     """The URL the event stream opens its own (asyncio) connection on."""
     return request.app.state.redis_url
@@ -50,25 +59,32 @@ ActionsDep = Annotated[Actions, Depends(get_actions)]
 ScanStoreDep = Annotated[ScanStore, Depends(get_scans)]
 RedisDep = Annotated[redis.Redis, Depends(get_redis)]
 RedisUrlDep = Annotated[str, Depends(get_redis_url)]
+AuthDep = Annotated[StaffAuth, Depends(get_auth)]
 
 JobId = Annotated[str, PathParam(min_length=1, max_length=200)]
 ScanId = Annotated[str, PathParam(min_length=1, max_length=200)]
 
 
-def current_principal(request: Request, settings: SettingsDep, client: RedisDep) -> Principal:
-    """The staff member signed in by cookie or bearer token, else :data:`ANONYMOUS`."""
-    auth = request.headers.get("authorization", "")
-    if auth.lower().startswith("bearer "):
-        token = auth[7:].strip()
-        name = token_owner(settings, token) or client.get(session_key(token))
-        if name is None:
+def current_principal(request: Request, auth: AuthDep) -> Principal:
+    """The staff member signed in by cookie or bearer token, else :data:`ANONYMOUS`. An address that
+    presented too many wrong tokens (or failed sign-ins) gets 429 for its bearer tokens until its window ends."""
+    header = request.headers.get("authorization", "")
+    if header.lower().startswith("bearer "):
+        address = client_address(request)
+        wait = auth.bearer_blocked(address)
+        if wait is not None:
+            raise HTTPException(429, f"too many wrong tokens or sign-ins from this address; try again in {wait} s",
+                                headers={"Retry-After": str(wait)})
+        who = auth.bearer(header[7:].strip())
+        if who is None:
+            auth.bearer_failed(address)
             raise HTTPException(401, "the bearer token is not valid (unknown or expired)")
-        return Principal(name, staff=True, via="bearer")
+        return who
     cookie = request.cookies.get(SESSION_COOKIE)
     if cookie:
-        name = client.get(session_key(cookie))
-        if name is not None:
-            return Principal(name, staff=True, via="cookie")
+        who = auth.session(cookie, via="cookie")
+        if who is not None:
+            return who
     return ANONYMOUS
 
 
@@ -83,7 +99,8 @@ def viewer(settings: SettingsDep, who: PrincipalDep) -> Principal:
 
 
 def staff(request: Request, who: PrincipalDep) -> Principal:
-    """A signed-in staff member; cookie sessions must also send the action header."""
+    """A signed-in staff member, any role; cookie sessions must also send the action header to change
+    anything."""
     if not who.staff:
         raise HTTPException(401, "sign in as staff to do this")
     if who.via == "cookie" and request.method != "GET" and request.headers.get(ACTION_HEADER) != "1":
@@ -91,5 +108,25 @@ def staff(request: Request, who: PrincipalDep) -> Principal:
     return who
 
 
+def _needs(role: Role, who: Principal) -> Principal:
+    if not who.may(role):
+        raise HTTPException(403, f"{who.name} has the role {who.role}; this needs the role {role}"
+                                 + (" or admin" if role != "admin" else ""))
+    return who
+
+
+def technologist(who: Annotated[Principal, Depends(staff)]) -> Principal:
+    """A signed-in technologist or admin (retry, cancel, move, retro-recon)."""
+    return _needs("technologist", who)
+
+
+def admin(who: Annotated[Principal, Depends(staff)]) -> Principal:
+    """A signed-in admin."""
+    return _needs("admin", who)
+
+
 ViewerDep = Annotated[Principal, Depends(viewer)]
+#: Any signed-in staff member (viewer, technologist, admin): what carries patient data, downloads.
 StaffDep = Annotated[Principal, Depends(staff)]
+TechnologistDep = Annotated[Principal, Depends(technologist)]
+AdminDep = Annotated[Principal, Depends(admin)]

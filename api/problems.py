@@ -48,7 +48,7 @@ INVALID: Responses = {422: {"model": ValidationProblem, "description": "Invalid 
 #: Routes on one job.
 JOB_ERRORS: Responses = {**VIEW_ERRORS, 404: problem("No such job"), **INVALID}
 #: Staff actions on a job.
-ACTION_ERRORS: Responses = {**JOB_ERRORS, 403: problem("Missing action header"),
+ACTION_ERRORS: Responses = {**JOB_ERRORS, 403: problem("Missing action header, or a role that may not do this"),
                             409: problem("Not possible in the job's state")}
 
 #: The HTTP status of each error of the staff actions (the most specific class listed wins).

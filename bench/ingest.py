@@ -106,7 +106,15 @@ class Block:
 
 
 def header_xml() -> str:
-    return client.retrieval_header("BENCH01", "1.2.826.0.1.3680043.2.1125.1", "ingest_bench")
+    """A header that declares what the bench sends (the gateway caps a scan at what its header declares):
+    ``NCHA`` channels of ``NCOL`` samples, ``BLOCK_READOUTS`` lines, up to 4096 repetitions (137 GB)."""
+    hdr = ismrmrd.xsd.CreateFromDocument(client.retrieval_header("BENCH01", "1.2.826.0.1.3680043.2.1125.1",
+                                                                 "ingest_bench"))
+    hdr.acquisitionSystemInformation = ismrmrd.xsd.acquisitionSystemInformationType(receiverChannels=NCHA)
+    enc = hdr.encoding[0]
+    enc.encodedSpace.matrixSize = ismrmrd.xsd.matrixSizeType(x=NCOL, y=BLOCK_READOUTS, z=1)
+    enc.encodingLimits.repetition = ismrmrd.xsd.limitType(minimum=0, maximum=4095, center=0)
+    return client.header_xml(hdr)
 
 
 # -- the limit: socket to file, fsync, nothing else ---------------------------------------------------------
@@ -347,7 +355,9 @@ def main() -> int:
     gw = None
     try:
         url = server.start()
-        settings = load_settings(data_dir=root / "data", redis_url=url, mrd_port=free_port(), min_free_bytes=0)
+        # every session comes from this one client: the per-client bound must let the load test's all in
+        settings = load_settings(data_dir=root / "data", redis_url=url, mrd_port=free_port(), min_free_bytes=0,
+                                 mrd_max_sessions_per_client=max(args.load, args.concurrent) + 1)
         gw = GatewayProcess(settings, root / "gateway.log")
         scans, jobs = ScanStore(settings.data_dir), JobStore(redis.Redis.from_url(url, decode_responses=True))
         print(f"gateway pid {gw.proc.pid}: resident {gw.status('VmRSS') / 2**20:.0f} MiB after start-up\n")

@@ -8,7 +8,7 @@ from celery import Celery
 from kombu import Queue as KombuQueue
 
 from reconq.core.constants import QUEUE_ORDER
-from reconq.core.redisconn import require_redis_url
+from reconq.core.redisconn import celery_tls_options, require_redis_url
 from reconq.core.settings import Settings, SettingsError
 
 
@@ -26,14 +26,21 @@ def make_celery(settings: Settings, queues: Sequence[str] | None = None) -> Cele
     - connects and replies bounded by ``redis_timeout_s``, so a send fails (``kombu.exceptions.OperationalError``)
       rather than hangs when Redis cannot be reached;
     - queues polled in priority order (``stat`` before ``routine`` before ``bulk``); a worker passes its
-      own ``queues`` in the order it consumes them (see :mod:`reconq.scheduler.routing`).
+      own ``queues`` in the order it consumes them (see :mod:`reconq.scheduler.routing`);
+    - ``rediss://``: the broker connection verifies the server's certificate against ``RECONQ_REDIS_CA_FILE``
+      and its host name (kombu's default for ``rediss://`` is not to verify at all). There is no result
+      backend (``task_ignore_result``, none configured), so no ``redis_backend_use_ssl`` to set.
     """
     if settings.visibility_timeout_s <= settings.job_time_limit_s:
         raise SettingsError(f"RECONQ_VISIBILITY_TIMEOUT_S ({settings.visibility_timeout_s}) must exceed "
                             f"RECONQ_JOB_TIME_LIMIT_S ({settings.job_time_limit_s}), or running jobs are "
                             "delivered twice")
     names = list(queues) if queues is not None else [q.value for q in QUEUE_ORDER]
-    app = Celery("reconq", broker=require_redis_url(settings), set_as_current=False)
+    url = require_redis_url(settings)
+    app = Celery("reconq", broker=url, set_as_current=False)
+    tls = celery_tls_options(settings, url)
+    if tls is not None:
+        app.conf.broker_use_ssl = tls
     app.conf.update(
         task_acks_late=True,
         task_reject_on_worker_lost=True,

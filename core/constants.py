@@ -18,6 +18,8 @@ KEY_PREFIX = "reconq:"
 JOB_KEY = KEY_PREFIX + "job:"
 #: Sorted set of every job id, scored by creation time.
 JOBS_INDEX = KEY_PREFIX + "jobs"
+#: Set: the ids of the jobs running now (kept by core/lua/job_update.lua with every change of state).
+RUNNING_JOBS = KEY_PREFIX + "running"
 #: Sorted set ``reconq:exam:<digest>`` of the job ids of one patient, study and protocol, scored by the
 #: job's number (:data:`JOB_SEQ`), so "newest" does not depend on the wall clock.
 EXAM_INDEX = KEY_PREFIX + "exam:"
@@ -79,6 +81,8 @@ GPU_SEEN = KEY_PREFIX + "gpuseen"
 GPU_STATE = KEY_PREFIX + "gpus"
 #: String ``reconq:hb:<worker>`` with a TTL: a worker's heartbeat (JSON: its GPU and running job).
 WORKER_HEARTBEAT = KEY_PREFIX + "hb:"
+#: String per worker process: set while its Celery main process stops (no more dispatch to its GPU).
+WORKER_DRAINING = KEY_PREFIX + "draining:"
 #: Set of worker names that have sent heartbeats (readers skip expired ones; heartbeats prune them).
 WORKERS_INDEX = KEY_PREFIX + "workers"
 #: Sorted set of jobs waiting for GPU memory, scored by queue rank then time queued.

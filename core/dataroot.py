@@ -41,7 +41,9 @@ Redis with ``SET NX``, so of two recorders one wins and the other compares again
 
 Redis unreachable is its own error (:class:`DataRootUnchecked`): the API starts anyway, unchecked, with a
 warning (it answers 503 until Redis is back); a worker waits for Redis (``redis_wait_s``), then refuses;
-the gateway refuses at once (it cannot reconcile or queue without Redis either).
+the gateway starts unchecked too (it stores scans and queues them once Redis is back) and checks at every
+reconcile from then on: it re-records an id Redis lost, and stops (exit 2) after three checks in a row
+that find another root's id (:meth:`reconq.gateway.server.Gateway.reconcile_once`).
 """
 
 from __future__ import annotations

@@ -29,6 +29,7 @@ from reconq.core.constants import (
     JOB_SEQ,
     JOB_STAGES,
     JOBS_INDEX,
+    RUNNING_JOBS,
     RETRIEVALS,
     SCAN_JOB_SEQ,
     SCAN_JOBS,
@@ -177,21 +178,27 @@ class JobStore:
         raw = self.redis.hgetall(JOB_KEY + job_id)
         return Job.from_redis(raw) if raw.get("scan_id") else None
 
-    def update(self, job_id: str, fence: int | None = None, **changes: Any) -> bool:
+    def running_ids(self) -> list[str]:
+        """The jobs running now (a set kept with every change of state, not a walk of every job)."""
+        return sorted(self.redis.smembers(RUNNING_JOBS))
+
+    def update(self, job_id: str, fence: int | str | None = None, **changes: Any) -> bool:
         """Set fields (not the state: see :meth:`set_state`) of an existing job and publish the change;
         False if there is no such job (or, with ``fence``, if a newer run holds it)."""
         if "state" in changes:
             raise KeyError("a job's state is changed by set_state only")
         return self._write(job_id, None, changes, fence)[0]
 
-    def set_state(self, job_id: str, state: JobState, fence: int | None = None, **changes: Any) -> bool:
+    def set_state(self, job_id: str, state: JobState, fence: int | str | None = None, **changes: Any) -> bool:
         """Move the job to ``state`` (with other field changes, and the state's timestamp unless given),
         if the transition table allows it from the state it is in. A move it does not allow, such as a
         late worker setting a finished job running or anything changing a cancelled one, is refused and
         logged: nothing is written and False is returned (so it is for a job that does not exist).
 
-        ``fence``: the run (``attempts`` value) the writer is; the write is refused when the job's record
-        says another (a run handed back and started again elsewhere: the old run's writes are dropped)."""
+        ``fence``: the run (``attempts`` value) the writer is; the write is refused unless the job is
+        ``running`` that run (a run handed back, cancelled, or started again elsewhere writes nothing more).
+        ``"=N"``: the start of a run over a record read with ``attempts`` N; of two deliveries of one job
+        that both read N, only the first starts it."""
         now = time.time()
         if stamp := STAMPS.get(state):
             changes.setdefault(stamp, now)
@@ -205,7 +212,7 @@ class JobStore:
         return True
 
     def _write(self, job_id: str, state: JobState | None, changes: dict[str, Any],
-               fence: int | None = None) -> tuple[bool, str]:
+               fence: int | str | None = None) -> tuple[bool, str]:
         """Write ``changes`` (and ``state``, if allowed) in one script; (written, the state before)."""
         job_fields = {f.name for f in fields(Job)}
         bad = set(changes) - job_fields
@@ -215,15 +222,16 @@ class JobStore:
             changes = {**changes, "state": state.value}
         mapping = {k: (json.dumps(v) if k in _JSON_FIELDS else str(v)) for k, v in changes.items()}
         allowed = " ".join(s.value for s in allowed_from(state)) if state is not None else ""
-        written, current = self._update(keys=[JOB_KEY + job_id],
+        written, current = self._update(keys=[JOB_KEY + job_id, RUNNING_JOBS],
                                         args=[state.value if state else "", allowed,
-                                              "" if fence is None else str(fence),
+                                              "" if fence is None else str(fence), job_id,
                                               *[x for kv in mapping.items() for x in kv]])
         if written == -1:
             log.info("job %s: not changed (no such job)", job_id)
             return False, ""
         if written == -2:
-            log.warning("job %s: a write of run %s refused: a newer run holds the job", job_id, fence)
+            log.warning("job %s: a write of run %s refused: that run no longer holds the job (it is %s)", job_id,
+                        str(fence).lstrip("="), current or "(none)")
             return False, current
         if written == 0:
             log.warning("job %s: change of state %s -> %s refused (not an allowed transition); it stays %s",

@@ -6,12 +6,35 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import h5py
 import ismrmrd
 
 from reconq.core.mrdfile import read_xml
-from reconq.core.storage import fsync_path
+from reconq.core.storage import ScanStore, fsync_path
+
+if TYPE_CHECKING:
+    from reconq.core.jobs import Job
+
+
+def result_file(scans: ScanStore, job: Job) -> Path:
+    """The images of the job's run ``job.attempts``: ``scans/<scan_id>/results/<job_id>-run<n>.h5``.
+
+    The one place result files are named: the worker writes there (``attempts`` is its run's number) and the
+    API and retrieval scans read there (``attempts`` of a done job is the run that finished it). Derived from
+    the ids alone under this data root, never from a path in a job record (whoever writes Redis cannot
+    point a reader at another file); ValueError for an id that is no file name (``/``, a leading dot, NUL)
+    or a negative run."""
+    folder = scans.folder(job.scan_id)  # refuses '' and ids with '/' or a leading dot
+    job_id, run = job.id, int(job.attempts)
+    if not job_id or job_id.startswith(".") or any(c in job_id for c in "/\\\0") or len(job_id) > 200:
+        raise ValueError(f"not a job id: {job_id!r}")
+    if "\0" in job.scan_id:
+        raise ValueError(f"not a scan id: {job.scan_id!r}")
+    if run < 0:
+        raise ValueError(f"job {job_id}: not a run number: {run}")
+    return folder / "results" / f"{job_id}-run{run}.h5"
 
 
 def write_images(path: Path, images: Sequence[ismrmrd.Image], xml: str | None = None) -> None:

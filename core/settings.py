@@ -33,6 +33,14 @@ class Settings(BaseSettings):
     redis_server_bin: str = Field("redis-server", description="redis-server binary for the private Redis")
     redis_timeout_s: float = Field(3.0, gt=0, description="How long one Redis call (a connect, a reply) may take "
                                    "before Redis counts as unreachable: bounds what an outage costs an MRD session")
+    redis_password_file: Path | None = Field(
+        None, description="File holding the password of the Redis user in RECONQ_REDIS_URL (a Docker secret); "
+                          "read at start"
+    )
+    redis_ca_file: Path | None = Field(
+        None, description="CA certificate(s), PEM, that the Redis server's certificate is verified against; "
+                          "required with a rediss:// URL"
+    )
 
     mrd_host: str = Field("127.0.0.1", description="Address the MRD gateway listens on")
     mrd_port: int = Field(9002, ge=0, le=65535, description="MRD gateway TCP port (0: any free port)")
@@ -70,11 +78,23 @@ class Settings(BaseSettings):
         64 << 20, ge=1 << 16, description="Bytes of a streaming scan written between fsyncs (crash-readable points)"
     )
     max_image_bytes: int = Field(256 << 20, ge=1024, description="Largest IMAGE a client may send")
-    max_header_bytes: int = Field(16 << 20, ge=1024, description="Largest HEADER/CONFIG_TEXT accepted")
+    max_header_bytes: int = Field(1 << 20, ge=1024, description="Largest HEADER/CONFIG_TEXT accepted")
     max_text_bytes: int = Field(1 << 20, ge=1024, description="Largest TEXT accepted")
     max_acquisition_bytes: int = Field(64 << 20, ge=1024, description="Largest single readout accepted")
     max_connections: int = Field(64, ge=1, description="Concurrent MRD sessions")
     idle_timeout_s: float = Field(300.0, gt=0, description="A silent client is dropped after this")
+    mrd_allowed_clients: list[str] = Field(
+        default_factory=list, description="Addresses or networks (CIDR, IPv4 or IPv6) that may open MRD sessions, "
+        'e.g. ["10.1.2.0/24","fd00::7"]; empty: loopback clients only, and a gateway listening beyond loopback '
+        "refuses to start",
+    )
+    mrd_max_sessions_per_client: int = Field(8, ge=1, description="Concurrent MRD sessions from one client address")
+    mrd_opening_timeout_s: float = Field(30.0, gt=0, description="A client that has not sent its config and "
+                                         "HEADER this long after connecting is dropped, freeing its session slot")
+    mrd_session_bytes_factor: float = Field(4.0, ge=0, description="A scan may bring this many times the bytes "
+                                            "its header's encoding describes, plus mrd_session_bytes_floor; 0: no cap")
+    mrd_session_bytes_floor: int = Field(256 << 20, ge=0, description="Bytes every scan may bring beyond its "
+                                         "header's share (noise, calibration, waveforms)")
     min_free_bytes: int = Field(1 << 30, ge=0, description="Refuse new scans below this free space")
     disk_floor_bytes: int = Field(
         256 << 20, ge=0, description="A scan streaming in is stopped (kept, incomplete, the scanner told) before "
@@ -132,18 +152,40 @@ class Settings(BaseSettings):
     environment: Literal["development", "production"] = Field(
         "production", description="`development` accepts placeholder sign-in secrets (with a warning)"
     )
-    staff_passwords: dict[str, str] = Field(
+    staff_passwords: dict[str, str | dict[str, str]] = Field(
         default_factory=dict,
-        description='Staff sign-in by password: JSON {"name": "scrypt$..."}; hashes from `python -m reconq.api.auth`',
+        description='Staff sign-in by password: JSON {"name": "scrypt$..."} (full rights: admin) or {"name": '
+        '{"hash": "scrypt$...", "role": "viewer|technologist|admin"}}; hashes from `python -m reconq.api.auth`',
     )
-    staff_tokens: dict[str, str] = Field(
+    staff_tokens: dict[str, str | dict[str, str]] = Field(
         default_factory=dict,
-        description='Staff API tokens: JSON {"name": "sha256$..."}; hashes from `python -m reconq.api.auth --token`',
+        description='Staff API tokens: JSON {"name": "sha256$..."} (admin) or {"name": {"hash": "sha256$...", '
+        '"role": ...}}; hashes from `python -m reconq.api.auth --token`',
     )
     dashboard_public_read: bool = Field(
         False, description="Let anyone who reaches the API view jobs (read-only, patient identifiers masked)"
     )
     session_ttl_s: int = Field(8 * 3600, ge=60, description="How long a dashboard sign-in lasts")
+    # HTTP security (reconq.api.middleware, reconq.api.auth)
+    session_idle_s: int = Field(30 * 60, ge=60, description="A dashboard session unused this long is signed out")
+    tls_cert: Path | None = Field(None, description="PEM certificate (chain) the API serves HTTPS with (with tls_key)")
+    tls_key: Path | None = Field(None, description="PEM private key of tls_cert")
+    behind_tls_proxy: bool = Field(False, description="A reverse proxy terminates TLS in front of the API: "
+                                   "HSTS and Secure cookies as with tls_cert")
+    trusted_proxies: list[str] = Field(default_factory=lambda: ["127.0.0.1", "::1"], description="Addresses whose "
+                                       "X-Forwarded-For/-Proto the API believes (uvicorn's forwarded_allow_ips)")
+    allowed_hosts: list[str] = Field(default_factory=list, description="Host names the API answers to "
+                                     "(*.example.org allowed), beside http_host and the loopback names")
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="Largest HTTP request body (413 past it)")
+    max_signin_body_bytes: int = Field(64 << 10, ge=1024, description="Largest body of POST /api/auth/signin")
+    signin_window_s: int = Field(60, ge=1, description="Window of the per-address and per-(name, address) "
+                                 "sign-in limits")
+    signin_max_per_address: int = Field(20, ge=1, description="Failed sign-ins (any name, or tokens) one client "
+                                        "address may make per window")
+    signin_max_per_name: int = Field(10, ge=1, description="Failed sign-ins as one name from one address per window")
+    signin_name_window_s: int = Field(900, ge=1, description="Window of the per-name limit over all addresses")
+    signin_max_per_name_global: int = Field(100, ge=1, description="Failed sign-ins as one name from all addresses "
+                                            "per name window; past it only addresses it signed in from may try")
 
     @property
     def sequence_folder(self) -> Path:

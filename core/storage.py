@@ -60,65 +60,11 @@ class ScanRecord:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
-import ctypes
-import threading
-
-_HOW = os.environ.get("_RQ_SYNC", "direct")
-_libc = ctypes.CDLL("libc.so.6", use_errno=True)
-
-
-class _Syncer:
-    def __init__(self, how: str) -> None:
-        self.how = how
-        self.cv = threading.Condition()
-        self.pending: list = []
-        threading.Thread(target=self.run, daemon=True).start()
-
-    def sync(self, fd: int) -> None:
-        req = [fd, threading.Event(), None]
-        with self.cv:
-            self.pending.append(req)
-            self.cv.notify()
-        req[1].wait()
-        if req[2] is not None:
-            raise req[2]
-
-    def run(self) -> None:
-        while True:
-            with self.cv:
-                while not self.pending:
-                    self.cv.wait()
-                batch, self.pending = self.pending, []
-            if self.how == "syncfs":
-                if _libc.syncfs(batch[0][0]) != 0:
-                    err = OSError(ctypes.get_errno(), "syncfs failed")
-                    for r in batch:
-                        r[2] = err
-            else:
-                for r in batch:
-                    try:
-                        os.fsync(r[0])
-                    except OSError as e:
-                        r[2] = e
-            for r in batch:
-                r[1].set()
-
-
-_SYNCER = _Syncer(_HOW) if _HOW != "direct" else None
-
-
-def _fsync(fd: int) -> None:
-    if _SYNCER is None:
-        os.fsync(fd)
-    else:
-        _SYNCER.sync(fd)
-
-
 def fsync_path(path: Path) -> None:
     """fsync a file or a folder (a folder's fsync makes a rename or a new entry in it durable)."""
     fd = os.open(path, os.O_RDONLY)
     try:
-        _fsync(fd)
+        os.fsync(fd)
     finally:
         os.close(fd)
 
@@ -133,7 +79,7 @@ def write_atomic(path: Path, data: bytes) -> None:
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
-            _fsync(f.fileno())
+            os.fsync(f.fileno())
     except OSError:
         with contextlib.suppress(OSError):
             tmp.unlink()

@@ -21,10 +21,11 @@ import ismrmrd.xsd
 import redis
 
 from reconq.core.jobs import Job
+from reconq.core.states import JobState
 from reconq.core.storage import ScanRecord, ScanState
 from reconq.gateway import protocol as p
 from reconq.gateway.context import SessionContext
-from reconq.gateway.opening import Opening, identity, parameters_from_text
+from reconq.gateway.opening import Opening, identity, parameters_from_text, refused_parameters, session_byte_cap
 from reconq.gateway.rawfile import RawFileWriter, write_error
 from reconq.gateway.stream import MessageStream, SessionError, text
 from reconq.scheduler import scanindex
@@ -48,6 +49,7 @@ class Acquisition:
                  params: dict[str, Any]) -> None:
         self.stream, self.ctx, self.opening, self.name, self.params = stream, ctx, opening, name, params
         self.history_s: float | None = None  # the run-time history for the ack, read as the scan begins
+        self.refusal: str | None = None  # why the scan is stored but gets no job (pipeline, parameters)
 
     def run(self) -> None:
         ctx, name = self.ctx, self.name
@@ -56,6 +58,9 @@ class Acquisition:
             f"unknown pipeline {pipeline!r}; known: {', '.join(sorted(ctx.pipelines))}. "
             "The scan is stored but no job is made"
         )
+        if refusal is None and (why := refused_parameters(pipeline, self.params)):
+            refusal = f"{why}. The scan is stored but no job is made"
+        self.refusal = refusal
         if ctx.scans.free_bytes() < ctx.settings.min_free_bytes:
             raise SessionError(
                 f"not enough free disk space in the data folder ({ctx.scans.free_bytes() >> 20} MiB free, "
@@ -73,7 +78,7 @@ class Acquisition:
             raise write_error(e) from e
         try:
             writer = RawFileWriter(ctx.scans.raw_path(record.scan_id), ctx.settings.write_batch_bytes,
-                                   ctx.settings.write_sync_bytes)
+                                   ctx.settings.write_sync_bytes, ctx.settings.disk_floor_bytes)
         except OSError as e:
             error = write_error(e)
             self._mark_incomplete(record, None, error)
@@ -95,28 +100,47 @@ class Acquisition:
             writer.abort()
             self._mark_incomplete(record, writer, e)
             raise
-        self._complete(record, self.opening.header, writer, refusal, t_close)
+        self._complete(record, self.opening.header, writer, self.refusal, t_close)
 
     def _receive_data(self, writer: RawFileWriter, record: ScanRecord) -> None:
         stream = self.stream
         src, limits = stream.src, stream.limits
         seen_data = False
+        settings = self.ctx.settings
+        cap = session_byte_cap(self.opening.header, settings.mrd_session_bytes_factor, settings.mrd_session_bytes_floor)
+
+        def room(size: int) -> int:
+            """``size``, if that many more bytes keep the session within its header's cap."""
+            if cap is not None and src.bytes_read + size > cap:
+                raise SessionError(
+                    f"more data than its header declares: {(src.bytes_read + size) / 2**20:.0f} MiB with this "
+                    f"message, and the header's encoding allows {cap / 2**20:.0f} MiB (RECONQ_MRD_SESSION_BYTES_"
+                    "FACTOR x its readouts + RECONQ_MRD_SESSION_BYTES_FLOOR); the data received so far is kept")
+            return size
 
         def acquisition() -> None:
             nonlocal seen_data
             seen_data = True
-            writer.add_acquisition_into(*p.read_acquisition_head(src, limits), src.read_into)
+            head, size = p.read_acquisition_head(src, limits)
+            writer.add_acquisition_into(head, room(size), src.read_into)
 
         def waveform() -> None:
-            writer.add_waveform_into(*p.read_waveform_head(src, limits), src.read_into)
+            head, size = p.read_waveform_head(src, limits)
+            writer.add_waveform_into(head, room(size), src.read_into)
 
         def image() -> None:
-            writer.add_image(stream.read(p.MessageId.IMAGE))
+            received = stream.read(p.MessageId.IMAGE)
+            room(0)
+            writer.add_image(received)
 
         def text_message() -> None:
             body = str(stream.read(p.MessageId.TEXT))
+            room(0)
             if not seen_data and body.lstrip().startswith("{"):
                 record.params.update(parameters_from_text(body))
+                if self.refusal is None and record.pipeline and (why := refused_parameters(record.pipeline,
+                                                                                          record.params)):
+                    self._refuse_job(record, f"{why}. The scan is stored but no job is made")
                 return
             log.info("scan %s: client says: %.200s", record.scan_id, body)
 
@@ -124,6 +148,19 @@ class Acquisition:
             p.MessageId.ACQUISITION: acquisition, p.MessageId.WAVEFORM: waveform,
             p.MessageId.IMAGE: image, p.MessageId.TEXT: text_message,
         })
+
+    def _refuse_job(self, record: ScanRecord, refusal: str) -> None:
+        """Parameters refused after the scan began: ``ERR`` at once, the scan stored (for a retro-recon) with no
+        pipeline, so nothing queues it, and the job shown while it streamed in failed, saying why."""
+        self.refusal, record.pipeline = refusal, None
+        self.stream.send(text("ERR", refusal))
+        if self.ctx.redis_up():
+            try:
+                job = self.ctx.jobs.get(first_job_id(record.scan_id))
+                if job is not None and job.state is JobState.RECEIVING:
+                    self.ctx.jobs.set_state(job.id, JobState.FAILED, error=refusal, stage="failed")
+            except redis.RedisError as e:
+                log.warning("scan %s: its job could not be marked failed (%s)", record.scan_id, e)
 
     def _mark_incomplete(self, record: ScanRecord, writer: RawFileWriter | None, error: BaseException) -> None:
         record.state, record.error = ScanState.INCOMPLETE, reason(error, self.ctx.settings.idle_timeout_s)
@@ -165,7 +202,10 @@ class Acquisition:
         t_durable = time.perf_counter()
         record.state, record.completed_at = ScanState.COMPLETE, time.time()
         self._count(record, writer)
-        self.ctx.scans.save(record)
+        try:
+            self.ctx.scans.save(record)
+        except OSError as e:  # a full disk at the last moment: the scanner gets the ERR (the scan stays receiving,
+            raise write_error(e) from e  # marked incomplete at the gateway's next start, its readouts counted)
         t_recorded = time.perf_counter()
         if refusal:
             self.stream.send(text("ERR", f"scan {record.scan_id} stored; no job made: {refusal}"), p.write_close())

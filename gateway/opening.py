@@ -1,12 +1,27 @@
-"""What an MRD session opens with: the config (a pipeline name, or JSON), the header, its identifiers."""
+"""What an MRD session opens with: the config (a pipeline name, or JSON), the header, its identifiers;
+what the client's parameters may be (:func:`refused_parameters`) and how much data its header lets a scan
+bring (:func:`session_byte_cap`)."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import ismrmrd.xsd
+
+from reconq.gateway.protocol import ACQ_HEADER_SIZE
+from reconq.recon.errors import ReconError
+from reconq.recon.registry import get_pipeline
+from reconq.scheduler.estimate import EstimateError, check_params
+
+#: Receiver channels assumed where a header does not say how many it has.
+UNKNOWN_CHANNELS = 128
+#: Trajectory bytes per sample at most (three float32 dimensions).
+TRAJECTORY_BYTES = 3 * 4
+#: Encoding counters that multiply the readouts of an encoding (k-space lines come from step_1 and step_2).
+_MULTIPLIERS = ("average", "slice", "contrast", "phase", "repetition", "set")
 
 
 class OpeningError(Exception):
@@ -75,3 +90,61 @@ def parameters_from_text(body: str) -> dict[str, Any]:
     data = json_object(body, "parameter TEXT")
     inner = data.get("parameters")
     return dict(inner) if isinstance(inner, dict) else data
+
+
+def refused_parameters(pipeline: str, params: Mapping[str, Any]) -> str | None:
+    """Why a scan's job cannot have ``params`` (a scheduling hint, ``gpu_memory_gb`` or
+    ``expected_seconds``, that is not a number in its range, or a parameter ``pipeline`` declares out of
+    its range: :func:`reconq.scheduler.estimate.check_params`); None where they may be used."""
+    try:
+        declared = get_pipeline(pipeline)
+    except ReconError:  # not registered in this process: its hints are still checked
+        declared = None
+    try:
+        check_params(params, declared)
+    except EstimateError as e:
+        return str(e)
+    return None
+
+
+def _whole(value: Any) -> int | None:
+    try:
+        number = int(value) if value is not None and not isinstance(value, bool) else 0
+    except (TypeError, ValueError):
+        return None
+    return number if number > 0 else None
+
+
+def _count(limits: Any, name: str) -> int:
+    """Values of the encoding counter ``name`` (``maximum + 1``), 1 where the header does not say."""
+    top = getattr(getattr(limits, name, None), "maximum", None)
+    return (_whole(top) or 0) + 1
+
+
+def declared_bytes(header: ismrmrd.xsd.ismrmrdHeader) -> int:
+    """Bytes of readouts (headers, samples of every receiver channel, trajectories) the header's encodings
+    describe: per encoding, the larger of its k-space lines (``kspace_encoding_step_1`` x ``_2``) and its
+    encoded matrix's (y x z), times its averages, slices, contrasts, phases, repetitions and sets, each of
+    the encoded matrix's x samples. A value the header lacks, or that is not a whole number, counts 1
+    (channels: :data:`UNKNOWN_CHANNELS`)."""
+    system = getattr(header, "acquisitionSystemInformation", None)
+    channels = _whole(getattr(system, "receiverChannels", None)) or UNKNOWN_CHANNELS
+    total = 0
+    for enc in getattr(header, "encoding", None) or []:
+        matrix = getattr(getattr(enc, "encodedSpace", None), "matrixSize", None)
+        x, y, z = (_whole(getattr(matrix, axis, None)) or 1 for axis in "xyz")
+        limits = getattr(enc, "encodingLimits", None)
+        readouts = max(_count(limits, "kspace_encoding_step_1"), y) * max(_count(limits, "kspace_encoding_step_2"), z)
+        for name in _MULTIPLIERS:
+            readouts *= _count(limits, name)
+        total += readouts * (ACQ_HEADER_SIZE + x * (channels * 8 + TRAJECTORY_BYTES))
+    return total
+
+
+def session_byte_cap(header: ismrmrd.xsd.ismrmrdHeader, factor: float, floor: int) -> int | None:
+    """The most bytes a scan with ``header`` may bring: ``factor`` times :func:`declared_bytes` (noise,
+    calibration and navigator readouts, readouts longer than the matrix), plus ``floor``; None (no cap)
+    where ``factor`` is 0."""
+    if factor <= 0:
+        return None
+    return int(factor * declared_bytes(header)) + floor

@@ -3,7 +3,8 @@
 Every message starts with a little-endian ``uint16`` id. Byte layouts are quoted from the MRD
 streaming-protocol specification above each reader. Readers take a :class:`MessageSource` (a socket
 or bytes in memory) and a :class:`Limits`; lengths are checked against the limits *before* any
-buffer is allocated. Acquisitions and waveforms are returned as raw bytes so that the gateway can
+buffer is allocated, and a socket's buffers then grow only as the bytes arrive
+(:meth:`SocketSource.read_exactly`). Acquisitions and waveforms are returned as raw bytes so that the gateway can
 store them without building Python objects per readout.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
@@ -65,11 +67,15 @@ class StreamClosed(ProtocolError):
     """The peer closed the connection (EOF) where a message or part of one was due."""
 
 
+class DeadlineExceeded(ProtocolError):
+    """A deadline set on a :class:`SocketSource` (the session's opening) passed before the bytes came."""
+
+
 @dataclass(frozen=True)
 class Limits:
     """Largest lengths accepted, checked before allocating."""
 
-    max_header_bytes: int = 16 << 20
+    max_header_bytes: int = 1 << 20
     max_text_bytes: int = 1 << 20
     max_acquisition_bytes: int = 64 << 20
     max_image_bytes: int = 1 << 30
@@ -303,12 +309,20 @@ def read_body(src: MessageSource, limits: Limits, msg: int) -> Any:
     return reader(src, limits)
 
 
+#: A message body larger than this is received in growing pieces (each at most what came so far), so the
+#: memory it takes follows the bytes that arrive, never the length a client declares.
+FIRST_PIECE = 1 << 20
+
+
 class SocketSource:
     """Reads exact byte counts from a socket through a small buffer of its own.
 
     :meth:`read_into` copies what is buffered and then receives the rest straight into the caller's
     buffer, so a readout's samples are copied once, from the kernel into the raw-file writer's batch.
-    A socket time-out surfaces as :class:`TimeoutError`.
+    :meth:`read_exactly` allocates as the bytes arrive (:data:`FIRST_PIECE`, then pieces as large as what
+    came), so a client that declares a large message and stalls costs what it sent, not what it declared.
+    A socket time-out surfaces as :class:`TimeoutError`; a deadline (:meth:`set_deadline`) that passes
+    as :class:`DeadlineExceeded`.
     """
 
     def __init__(self, sock: socket.socket, bufsize: int = 64 << 10) -> None:
@@ -317,6 +331,32 @@ class SocketSource:
         self._view = memoryview(self._buf)
         self._start = self._end = 0
         self.bytes_read = 0
+        self._deadline: float | None = None
+        self._deadline_message = ""
+        self._idle: float | None = None
+
+    def set_deadline(self, at: float, message: str) -> None:
+        """Receive nothing after ``at`` (``time.monotonic()``): :class:`DeadlineExceeded` with ``message``."""
+        self._deadline, self._deadline_message, self._idle = at, message, self._sock.gettimeout()
+
+    def clear_deadline(self) -> None:
+        if self._deadline is not None:
+            self._deadline = None
+            self._sock.settimeout(self._idle)
+
+    def _recv(self, view: memoryview | bytearray, nbytes: int) -> int:
+        if self._deadline is None:
+            return self._sock.recv_into(view, nbytes)
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise DeadlineExceeded(self._deadline_message)
+        self._sock.settimeout(left if self._idle is None else min(left, self._idle))
+        try:
+            return self._sock.recv_into(view, nbytes)
+        except TimeoutError:
+            if time.monotonic() >= self._deadline:
+                raise DeadlineExceeded(self._deadline_message) from None
+            raise
 
     def read_exactly(self, n: int) -> bytes:
         if n <= self._end - self._start:
@@ -324,11 +364,24 @@ class SocketSource:
             self._start += n
             self.bytes_read += n
             return data
-        out = bytearray(n)
-        self.read_into(memoryview(out))
-        return bytes(out)
+        if n <= FIRST_PIECE:
+            out = bytearray(n)
+            self.read_into(memoryview(out))
+            return bytes(out)
+        pieces: list[bytearray] = []
+        got = 0
+        while got < n:
+            piece = bytearray(min(n - got, max(FIRST_PIECE, got)))
+            self._fill(memoryview(piece), got, n)
+            pieces.append(piece)
+            got += len(piece)
+        return b"".join(pieces)
 
     def read_into(self, view: memoryview) -> None:
+        self._fill(view, 0, len(view))
+
+    def _fill(self, view: memoryview, before: int, total: int) -> None:
+        """Fill ``view``, the part of a read of ``total`` bytes after its first ``before``."""
         n = len(view)
         take = min(n, self._end - self._start)
         view[:take] = self._view[self._start:self._start + take]
@@ -336,22 +389,22 @@ class SocketSource:
         got = take
         while got < n:
             if n - got >= len(self._buf):  # large: straight into the caller's buffer
-                received = self._sock.recv_into(view[got:], n - got)
+                received = self._recv(view[got:], n - got)
                 if not received:
-                    self._closed(got, n)
+                    self._closed(got, before, total)
                 got += received
                 continue
-            self._start, self._end = 0, self._sock.recv_into(self._buf)
+            self._start, self._end = 0, self._recv(self._buf, len(self._buf))
             if not self._end:
-                self._closed(got, n)
+                self._closed(got, before, total)
             take = min(n - got, self._end)
             view[got:got + take] = self._view[:take]
             self._start, got = take, got + take
         self.bytes_read += n
 
-    def _closed(self, got: int, n: int) -> None:
+    def _closed(self, got: int, before: int, total: int) -> None:
         self.bytes_read += got
-        raise StreamClosed(f"connection closed after {got} of {n} expected bytes")
+        raise StreamClosed(f"connection closed after {before + got} of {total} expected bytes")
 
     def close(self) -> None:
         self._view.release()
@@ -365,9 +418,12 @@ class BytesSource:
         self.bytes_read = 0
 
     def read_exactly(self, n: int) -> bytes:
-        out = bytearray(n)
-        self.read_into(memoryview(out))
-        return bytes(out)
+        start = self.bytes_read
+        got = min(n, len(self._data) - start)  # nothing allocated beyond the bytes there are
+        self.bytes_read += got
+        if got < n:
+            raise StreamClosed(f"stream ended after {got} of {n} expected bytes")
+        return bytes(self._data[start:start + n])
 
     def read_into(self, view: memoryview) -> None:
         n, start = len(view), self.bytes_read

@@ -19,9 +19,11 @@ How it keeps up with the wire:
   CLOSE finds little left to write: the ack then costs a close and an fsync, also when many scans end
   at once (HDF5 serialises every call of the process, so the writes of many scans left to the end
   would queue up behind each other);
-- each batch is followed by an HDF5 flush (no fsync): the samples (which HDF5 keeps in its metadata
-  cache as heap collections) reach the page cache at once, and a gateway killed mid-scan leaves the
-  file as it was at the last batch;
+- batches are followed by an HDF5 flush (no fsync; small ones every ``_FLUSH_BYTES`` or ``_FLUSH_S``,
+  and when the stream pauses): the samples (which HDF5 keeps in its metadata cache as heap
+  collections) reach the page cache at once, and a gateway killed mid-scan leaves the file as it was
+  at the last flush. A new dataset is flushed on its own before its first rows, so that a kill never
+  leaves a group naming a dataset that the file does not hold;
 - write-behind: after each batch the writer thread starts the kernel's write-back of what it just
   wrote, waits for the one before (Linux ``sync_file_range``) and drops that from the page cache, so
   dirty pages never pile up, the page cache neither throttles the writer nor fills up with the scan,
@@ -54,6 +56,7 @@ import os
 import queue
 import sys
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
@@ -75,6 +78,7 @@ _WAV_SIZE = _WAV_HEAD.itemsize
 _CHUNK_ROWS = 1024
 _BATCHES_IN_FLIGHT = 2  # one being filled while one is written
 _PULL_S = 0.05  # an idle writer takes the batch being filled after this long
+_FLUSH_BYTES, _FLUSH_S = 1 << 20, 0.5  # batches are flushed to the file once this much, or this long, is unflushed
 DISK_FLOOR_BYTES = 256 << 20  # the default of the setting ``disk_floor_bytes``
 _METADATA_MARGIN = 1 << 20  # kept free beyond each write for HDF5's own metadata (chunk index, heaps, headers)
 _WAKE = object()  # a session tells a writer that sleeps that data came
@@ -198,11 +202,19 @@ class RawFileWriter:
         # synced, then renamed: whenever raw.h5 exists, it opens.
         part = self.path.with_name(f".{self.path.name}.part")
         self._file = h5py.File(part, "w", libver=("earliest", "v110"))
-        self._group = self._file.create_group("dataset")
-        self._fd = self._file.id.get_vfd_handle() if self._file.driver == "sec2" else None
-        self._sync()
-        os.replace(part, self.path)
-        fsync_path(self.path.parent)  # the file's name is durable now, off the path of the ack
+        try:
+            self._group = self._file.create_group("dataset")
+            self._fd = self._file.id.get_vfd_handle() if self._file.driver == "sec2" else None
+            self._unflushed, self._flushed_at = 0, time.monotonic()
+            self._sync()
+            os.replace(part, self.path)
+            fsync_path(self.path.parent)  # the file's name is durable now, off the path of the ack
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self._file.close()
+            with contextlib.suppress(OSError):
+                part.unlink()
+            raise
         self._behind = WriteBehind(self._fd)
         self._free: queue.SimpleQueue[_Batch] = queue.SimpleQueue()
         self._made = 0
@@ -216,7 +228,8 @@ class RawFileWriter:
         self.acquisitions = 0  # received (and kept when the file is finished or aborted)
         self.waveforms = 0
         self.images = 0
-        self.written_acquisitions = 0  # in the file (counted by the writer thread)
+        # in the file: counted by the writer thread as it writes, and after an abort by reading the file back
+        self.written_acquisitions = 0
         self.written_waveforms = 0
         self._thread = threading.Thread(target=self._run, name=f"raw-{self.path.parent.name}", daemon=True)
         self._thread.start()
@@ -362,6 +375,8 @@ class RawFileWriter:
             except queue.Empty:
                 work = self._pull()
                 if work is None:
+                    if self._asleep:
+                        self._flush_idle()
                     continue
             if work is None:
                 break
@@ -434,7 +449,7 @@ class RawFileWriter:
         self._check_space(2 * sum(len(v.encode()) for _, v in values))
         for name, value in values:
             self._group.create_dataset(name, data=np.bytes_(value.encode()))
-        self._file.flush()
+        self._flush()
 
     def _write_image(self, image: ismrmrd.Image) -> None:
         self._check_space(2 * (image.data.nbytes + len(image.attribute_string.encode())) + (64 << 10))
@@ -450,7 +465,7 @@ class RawFileWriter:
         for name, value in (("header", head[0]), ("attributes", image.attribute_string), ("data", data)):
             group[name].resize(n + 1, axis=0)
             group[name][n] = value
-        self._file.flush()
+        self._flush()
 
     def _write_batch(self, batch: _Batch) -> None:
         # the samples twice over at most (small readouts fill whole heap collections), and their headers
@@ -467,10 +482,11 @@ class RawFileWriter:
             self._append("waveforms", ismrmrd.hdf5.waveform_dtype, rows)
             self.written_waveforms += len(batch.wav_spans)
         self._unsynced += batch.used
+        self._unflushed += batch.used
         if self._unsynced >= self.sync_bytes:
             self._sync()
-        else:
-            self._file.flush()  # into the page cache: what a kill leaves, and what write-behind sends on
+        elif self._unflushed >= _FLUSH_BYTES or time.monotonic() - self._flushed_at >= _FLUSH_S:
+            self._flush()  # into the page cache: what a kill leaves, and what write-behind sends on
         self._behind.wrote_up_to(self._file.id.get_filesize())
 
     @staticmethod
@@ -494,7 +510,7 @@ class RawFileWriter:
             self._group.create_dataset(name, (0,), maxshape=(None,), dtype=dtype, chunks=(_CHUNK_ROWS,))
             # the new dataset in the file on its own, before rows: a kill while a batch is flushed then never
             # leaves the group naming a dataset that the file does not hold yet
-            self._file.flush()
+            self._flush()
         dset = self._group[name]
         start = dset.shape[0]
         dset.resize(start + len(rows), axis=0)
@@ -504,9 +520,26 @@ class RawFileWriter:
             dset.resize(start, axis=0)  # no rows that hold nothing
             raise
 
+    def _flush_idle(self) -> None:
+        """Nothing came for a while: flush what is not yet in the file (a pause, or the end before CLOSE)."""
+        if self._unflushed and self._error is None:
+            try:
+                self._flush()
+            except Exception as e:  # noqa: BLE001 - reported to the session by the next call
+                log.exception("flushing %s failed", self.path)
+                self._error = write_error(e)
+
+    def _flush(self) -> None:
+        """HDF5's cache (the samples' heap collections, the chunk index, the shape) into the file, not synced.
+
+        Small batches (what an idle writer took) are flushed every ``_FLUSH_BYTES`` or ``_FLUSH_S``, or
+        when nothing more comes: a flush writes the chunk being filled whole (1024 rows' headers, 380 kB)."""
+        self._file.flush()
+        self._unflushed, self._flushed_at = 0, time.monotonic()
+
     def _sync(self) -> None:
         """Flush HDF5's metadata and make everything written so far durable (on the writer thread)."""
-        self._file.flush()
+        self._flush()
         if self._fd is not None:
             os.fdatasync(self._fd)
         self._unsynced = 0

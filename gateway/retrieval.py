@@ -32,7 +32,7 @@ import ismrmrd
 import redis
 
 from reconq.core.jobs import Job, newest_results
-from reconq.core.results import read_images
+from reconq.core.results import read_images, result_file
 from reconq.core.settings import Settings
 from reconq.core.states import JobState
 from reconq.gateway import protocol as p
@@ -196,7 +196,7 @@ class Retrieval:
         series: dict[tuple[str, int], int] = {}  # (job, its series) -> the series sent
         for job in jobs:
             try:
-                images = read_images(self.ctx.scans.resolve(job.result_path))
+                images = read_images(result_file(self.ctx.scans, job))  # from its ids: never a path from Redis
             except Exception as e:  # missing, truncated or not MRD: the scanner is told, never left silent
                 log.warning("retrieval from %s: result of job %s unreadable: %s", self.stream.peer, job.id, e)
                 raise SessionError(f"the images of job {job.id} cannot be read (result file missing or "

@@ -6,12 +6,21 @@ when Redis answers again. The gateway also starts without Redis: what start-up n
 (scans a stopped gateway left ``receiving`` are marked incomplete) is done before it listens, the rest
 by the same loop. Its counters are written by a thread of their own, so no session waits on Redis for
 them.
+
+Who may connect: the addresses and networks of ``mrd_allowed_clients`` (IPv4 and IPv6), else loopback
+clients only; a gateway set to listen beyond loopback with no list refuses to start
+(:func:`allowed_networks`). A connection from elsewhere is closed as it is accepted, before any
+session state (no thread, no slot, no scan folder), logged by address and counted
+(``connections_refused_total``). One client address holds at most ``mrd_max_sessions_per_client``
+sessions at once, and every session must send its opening within ``mrd_opening_timeout_s``
+(:class:`~reconq.gateway.stream.MessageStream`), so silent clients cannot hold every slot.
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
+import ipaddress
 import logging
 import socket
 import threading
@@ -25,7 +34,7 @@ from reconq.core.constants import GATEWAY_STATS
 from reconq.core.dataroot import DataRootMismatch, DataRootUnchecked, check_data_root
 from reconq.core.jobs import Job, JobStore
 from reconq.core.sender import TaskSender
-from reconq.core.settings import Settings
+from reconq.core.settings import Settings, SettingsError
 from reconq.core.states import JobState
 from reconq.core.storage import ScanRecord, ScanStore
 from reconq.gateway import protocol as p
@@ -45,6 +54,9 @@ from reconq.scheduler.submit import (
 
 log = logging.getLogger(__name__)
 
+#: Data-root checks in a row that must find another root before the gateway stops
+ROOT_MISMATCHES_TO_STOP = 3
+
 #: What says Redis (or the producer) cannot be reached just now, in a reconcile
 _UNREACHABLE: tuple[type[BaseException], ...] = (*QUEUE_UNREACHABLE, DataRootUnchecked)
 
@@ -54,6 +66,72 @@ RECEIVE_BUFFER_BYTES = 1 << 20  # the kernel doubles it for its own bookkeeping
 CATCH_UP_INTERVAL_S = 2.0
 #: How long the counter thread waits before it tries Redis again, keeping the counts meanwhile.
 COUNTS_RETRY_S = 2.0
+#: Refusals (gateway busy, too many sessions from one client) being answered at once; past it a refused
+#: connection is closed without its ERR, so a flood of them costs no thread each.
+REFUSERS = 16
+#: A refused address is logged at most once per this (with the count refused since), so a flood of
+#: connections from outside the allow-list does not flood the log.
+REFUSAL_LOG_S = 60.0
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+LOOPBACK: tuple[IPNetwork, ...] = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+
+
+def client_ip(host: str) -> IPAddress:
+    """A peer's address as the allow-list compares it: an IPv6 scope dropped, an IPv4-mapped IPv6 address
+    (``::ffff:10.0.0.5``, from a dual-stack socket) as the IPv4 address it is."""
+    ip = ipaddress.ip_address(host.split("%", 1)[0])
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def listens_on_loopback_only(host: str) -> bool:
+    """Whether ``host`` (an address or a name) is loopback only; ``""``, ``0.0.0.0`` and ``::`` are not."""
+    try:
+        return client_ip(host).is_loopback
+    except ValueError:
+        pass
+    if not host:
+        return False
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except OSError:
+        return False
+    return bool(addresses) and all(client_ip(str(a)).is_loopback for a in addresses)
+
+
+def allowed_networks(settings: Settings) -> tuple[IPNetwork, ...]:
+    """The networks MRD clients may connect from: ``mrd_allowed_clients``, else loopback.
+
+    Raises :class:`SettingsError` for an entry that is not an address or network, and when the gateway
+    would listen beyond loopback with no list (anyone who reaches the port would be a scanner)."""
+    networks: list[IPNetwork] = []
+    for entry in settings.mrd_allowed_clients:
+        try:
+            net = ipaddress.ip_network(entry.strip().split("%", 1)[0], strict=False)
+        except ValueError as e:
+            raise SettingsError(f"RECONQ_MRD_ALLOWED_CLIENTS: {entry!r} is not an IP address or network "
+                                f"(CIDR): {e}") from e
+        mapped = net.network_address.ipv4_mapped if isinstance(net, ipaddress.IPv6Network) else None
+        if mapped is not None and net.prefixlen >= 96:  # ::ffff:a.b.c.d/n: peers are compared as IPv4
+            net = ipaddress.ip_network(f"{mapped}/{net.prefixlen - 96}")
+        networks.append(net)
+    if networks:
+        return tuple(networks)
+    if not listens_on_loopback_only(settings.mrd_host):
+        raise SettingsError(
+            f"the MRD gateway is set to listen on {settings.mrd_host or '(all interfaces)'}, beyond loopback, "
+            "but RECONQ_MRD_ALLOWED_CLIENTS is not set: anyone who reaches port "
+            f"{settings.mrd_port} could send scans and retrieve patients' images. Set it to the scanners' "
+            """addresses or networks (e.g. RECONQ_MRD_ALLOWED_CLIENTS='["10.1.2.0/24"]'), or listen on """
+            "loopback only (RECONQ_MRD_HOST=127.0.0.1)")
+    return LOOPBACK
+
+
+def is_allowed(ip: IPAddress, networks: Collection[IPNetwork]) -> bool:
+    return any(ip.version == net.version and ip in net for net in networks)
 
 
 class Gateway:
@@ -69,6 +147,7 @@ class Gateway:
         self.sender = sender
         self.placement = placement
         self.pipelines = frozenset(pipelines)
+        self.allowed = allowed_networks(settings)  # before anything listens: SettingsError says why not
         self.limits = p.Limits(
             max_header_bytes=settings.max_header_bytes,
             max_text_bytes=settings.max_text_bytes,
@@ -78,6 +157,10 @@ class Gateway:
         self.context = SessionContext(settings, jobs, scans, self.limits, self.pipelines, self.submit, self.announce,
                                       self.redis_up)
         self._slots = threading.BoundedSemaphore(settings.max_connections)
+        self._per_client: dict[str, int] = {}  # sessions open per client address
+        self._per_client_lock = threading.Lock()
+        self._refusers = threading.BoundedSemaphore(REFUSERS)
+        self._refusals_logged: dict[str, tuple[float, int]] = {}  # address -> (last logged, refused since)
         self._listener: socket.socket | None = None
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -93,6 +176,7 @@ class Gateway:
         self._counter_thread: threading.Thread | None = None
         #: why the gateway stopped by itself (its data dir turned out not to be the recorded data root)
         self.fatal: str | None = None
+        self._root_mismatches = 0  # data-root checks in a row that found another root
 
     @property
     def address(self) -> tuple[str, int]:
@@ -130,15 +214,17 @@ class Gateway:
         if not self.reconcile_once():
             log.warning("start-up: the job queue (Redis) is unreachable; serving anyway: scans are stored and "
                         "their jobs queued when it is back")
-        listener = socket.create_server((self.settings.mrd_host, self.settings.mrd_port), reuse_port=False,
-                                        backlog=128)
+        host = self.settings.mrd_host
+        listener = socket.create_server((host, self.settings.mrd_port), reuse_port=False, backlog=128,
+                                        family=socket.AF_INET6 if ":" in host else socket.AF_INET)
         # A bounded receive buffer (sessions inherit it): what the client has sent but the gateway not yet read
         # must still be written and fsynced after the client's CLOSE, so an autotuned buffer of tens of MB
         # would add tens of milliseconds to the ack. A few MB still cover 10 GbE at LAN round-trip times.
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER_BYTES)
         listener.settimeout(0.5)
         self._listener = listener
-        log.info("MRD gateway listening on %s:%d, data in %s", *self.address, self.settings.data_dir)
+        log.info("MRD gateway listening on %s:%d, data in %s; MRD clients allowed from %s", *self.address,
+                 self.settings.data_dir, ", ".join(map(str, self.allowed)))
         return self.address
 
     def reconcile_once(self) -> bool:
@@ -151,11 +237,19 @@ class Gateway:
             # the data root, each time: Redis may have come back without its data (the id is recorded again)
             # or be another Redis now; one whose id is not this data dir's stops the gateway
             check_data_root(self.settings, self.jobs.redis, create=True, role="gateway")
+            self._root_mismatches = 0
             with self.sender.exclusive():
                 requeued = reconcile(self.scans, self.jobs, self.sender, self.settings.queue, at_start=False,
                                      placement=self.placement)
                 self._send_owed(requeued)
         except DataRootMismatch as e:
+            # three rounds in a row, not one: a shared file system may say "no such file" for a moment
+            self._root_mismatches += 1
+            if self._root_mismatches < ROOT_MISMATCHES_TO_STOP:
+                log.error("%s (%d of %d checks in a row before the gateway stops)", e, self._root_mismatches,
+                          ROOT_MISMATCHES_TO_STOP)
+                self._behind.set()  # look again soon
+                return False
             log.critical("%s; the gateway stops", e)
             self.fatal = str(e)
             self._stopping.set()
@@ -233,7 +327,7 @@ class Gateway:
                 if self._stopping.is_set():
                     break
                 raise
-            self._dispatch(sock, f"{addr[0]}:{addr[1]}")
+            self._dispatch(sock, addr)
 
     def stop(self) -> None:
         self._stopping.set()
@@ -245,31 +339,97 @@ class Gateway:
             self._counts_due.set()
             self._counter_thread.join(timeout=2 * self.settings.redis_timeout_s)
 
-    def _dispatch(self, sock: socket.socket, peer: str) -> None:
+    def _dispatch(self, sock: socket.socket, addr: tuple[Any, ...]) -> None:
+        """A connection just accepted: turned away unless its address is allowed, refused (``ERR``) past the
+        client's or the gateway's session limit, else served in a thread of its own."""
+        peer = f"{addr[0]}:{addr[1]}"
+        try:
+            ip: IPAddress | None = client_ip(str(addr[0]))
+        except ValueError:
+            ip = None
+        if ip is None or not is_allowed(ip, self.allowed):
+            self._turn_away(sock, str(addr[0]))
+            return
         sock.settimeout(self.settings.idle_timeout_s)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if not self._slots.acquire(blocking=False):
-            log.warning("refused %s: %d sessions already open", peer, self.settings.max_connections)
-            threading.Thread(target=self._refuse, args=(sock,), name=f"mrd-busy-{peer}", daemon=True).start()
+        client = str(ip)
+        limit = self.settings.mrd_max_sessions_per_client
+        if not self._claim(client):
+            log.warning("refused %s: %d sessions from %s already open", peer, limit, client)
+            self._count({"sessions_refused_client_limit_total": 1})
+            self._refuse(sock, peer, f"too many sessions from {client}: {limit} already open "
+                                     "(RECONQ_MRD_MAX_SESSIONS_PER_CLIENT); try again when one has ended")
             return
-        threading.Thread(target=self._serve, args=(sock, peer), name=f"mrd-{peer}", daemon=True).start()
+        if not self._slots.acquire(blocking=False):
+            self._release(client)
+            log.warning("refused %s: %d sessions already open", peer, self.settings.max_connections)
+            self._count({"sessions_refused_busy_total": 1})
+            self._refuse(sock, peer, f"gateway busy: {self.settings.max_connections} sessions already open; "
+                                     "try again shortly")
+            return
+        threading.Thread(target=self._serve, args=(sock, peer, client), name=f"mrd-{peer}", daemon=True).start()
 
-    def _refuse(self, sock: socket.socket) -> None:
-        try:
-            sock.sendall(text("ERR", f"gateway busy: {self.settings.max_connections} sessions already open; "
-                                     "try again shortly") + p.write_close())
-        except OSError:
-            pass
-        finally:
-            close_gracefully(sock)
+    def _turn_away(self, sock: socket.socket, address: str) -> None:
+        """A client outside the allow-list: closed at once, in the accept thread (nothing is read, no thread
+        or slot is taken, no scan begins), counted, and logged by address (at most every few seconds)."""
+        self._count({"connections_refused_total": 1})
+        with contextlib.suppress(OSError):
+            sock.setblocking(False)  # a best-effort ERR that never waits
+            sock.send(text("ERR", "this MRD gateway does not accept sessions from this address") + p.write_close())
+        sock.close()
+        now = time.monotonic()
+        last, since = self._refusals_logged.get(address, (-REFUSAL_LOG_S, 0))
+        if now - last < REFUSAL_LOG_S:
+            self._refusals_logged[address] = (last, since + 1)
+            return
+        if len(self._refusals_logged) >= 4096:  # many addresses: forget them rather than grow
+            self._refusals_logged.clear()
+        self._refusals_logged[address] = (now, 0)
+        log.warning("refused a connection from %s: not in RECONQ_MRD_ALLOWED_CLIENTS%s", address,
+                    f" ({since} more refused since the last such line)" if since else "")
 
-    def _serve(self, sock: socket.socket, peer: str) -> None:
+    def _claim(self, client: str) -> bool:
+        with self._per_client_lock:
+            held = self._per_client.get(client, 0)
+            if held >= self.settings.mrd_max_sessions_per_client:
+                return False
+            self._per_client[client] = held + 1
+            return True
+
+    def _release(self, client: str) -> None:
+        with self._per_client_lock:
+            held = self._per_client.get(client, 0) - 1
+            if held > 0:
+                self._per_client[client] = held
+            else:
+                self._per_client.pop(client, None)
+
+    def _refuse(self, sock: socket.socket, peer: str, message: str) -> None:
+        """``ERR message`` and CLOSE in a thread of its own (at most :data:`REFUSERS` at once; past that the
+        connection is closed without them)."""
+        if not self._refusers.acquire(blocking=False):
+            sock.close()
+            return
+
+        def answer() -> None:
+            try:
+                sock.sendall(text("ERR", message) + p.write_close())
+            except OSError:
+                pass
+            finally:
+                close_gracefully(sock)
+                self._refusers.release()
+
+        threading.Thread(target=answer, name=f"mrd-refused-{peer}", daemon=True).start()
+
+    def _serve(self, sock: socket.socket, peer: str, client: str) -> None:
         session = Session(self.context, sock, peer)
         self._count({"sessions_active": 1})
         try:
             session.run()
         finally:
             self._slots.release()
+            self._release(client)
             close_gracefully(sock)
             self._count({"sessions_active": -1, "sessions_total": int(session.bytes_read > 0),
                          "bytes_received_total": session.bytes_read,

@@ -7,7 +7,9 @@ Both are peers: each takes the session's :class:`~reconq.gateway.stream.MessageS
 
 Errors go back to the scanner as an ``ERR`` TEXT that says what was wrong, then CLOSE (also when the
 client closed its side mid-stream and may still read): bad messages, lengths past the limits, a
-silent client (``idle_timeout_s``), a full disk. What was received of a scan is kept, its
+silent client (``idle_timeout_s``), an opening (config and HEADER) not done within
+``mrd_opening_timeout_s`` of connecting, a HEADER with a DTD, more data than the header declares, a
+full disk. What was received of a scan is kept, its
 ``scan.json`` says ``incomplete`` with the error, and nothing is queued. A session refused before its
 HEADER was read (no header, an unparseable one, data first) stores nothing: no scan began.
 
@@ -38,7 +40,7 @@ class Session:
 
     def __init__(self, ctx: SessionContext, sock: socket.socket, peer: str) -> None:
         self.ctx = ctx
-        self.stream = MessageStream(sock, peer, ctx.limits)
+        self.stream = MessageStream(sock, peer, ctx.limits, ctx.settings.mrd_opening_timeout_s)
         self.peer = peer
         self.failed = False  # ended with an ERR TEXT
         self.retrieval = False

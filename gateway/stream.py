@@ -2,13 +2,24 @@
 
 Acquisition and retrieval scans each take a :class:`MessageStream` (and the gateway's
 :class:`~reconq.gateway.context.SessionContext`); neither knows the other.
+
+The opening (config and HEADER) must come within a deadline of connecting (``mrd_opening_timeout_s``),
+so silent clients cannot hold the session slots. A HEADER with a DTD (``<!DOCTYPE``) is refused before
+it is parsed (no entities, internal or external, ever reach the parser), and what the header parser
+warns about is logged without the values it names (a patient's birth date): :func:`parse_header_quietly`.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import socket
+import threading
+import time
+import warnings
 from collections.abc import Callable, Collection
+
+import ismrmrd.xsd
 
 from reconq.core.mrdfile import MrdFileError, parse_header
 from reconq.gateway import protocol as p
@@ -37,12 +48,54 @@ def unexpected(msg: int) -> str:
     return f"unexpected {p.describe(msg)}"
 
 
-class MessageStream:
-    """The messages of one connection, read in order; replies are sent on the same socket."""
+_DOCTYPE = re.compile(r"<!\s*doctype", re.IGNORECASE)
+#: xsdata's ConverterWarning: "Failed to convert value for `type.field`\n  `VALUE` is not a valid `Type`"
+_WARNED_FIELD = re.compile(r"\A\s*Failed to convert value for `([A-Za-z0-9_.]{1,200})`")
+_WARNED_TYPE = re.compile(r"is not a valid `([A-Za-z0-9_.]{1,100})`\s*\Z")
+#: ``warnings.catch_warnings`` swaps process-wide state: header parses take turns under this lock.
+_WARNINGS_LOCK = threading.Lock()
 
-    def __init__(self, sock: socket.socket, peer: str, limits: p.Limits) -> None:
+
+def parse_header_quietly(xml: str, source: str, who: str = "") -> ismrmrd.xsd.ismrmrdHeader:
+    """:func:`reconq.core.mrdfile.parse_header`, with the parser's warnings logged by category and field
+    only: xsdata's ``ConverterWarning`` quotes the value it could not convert (a patient's birth date),
+    which must not reach the logs. ``who`` names the sender in the log. A warning that is not the
+    parser's (another thread's, meanwhile) is passed on as it came."""
+    caught: list[warnings.WarningMessage] = []
+    try:
+        with _WARNINGS_LOCK, warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            return parse_header(xml, source)
+    finally:  # the lock released and the process's warnings filters back
+        for w in caught:
+            if _from_parser(w):
+                _log_quietly(w, f"{source} from {who}" if who else source)
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+
+
+def _from_parser(w: warnings.WarningMessage) -> bool:
+    return "xsdata" in w.filename or w.category.__module__.startswith("xsdata")
+
+
+def _log_quietly(w: warnings.WarningMessage, what: str) -> None:
+    message = str(w.message)
+    field, kind = _WARNED_FIELD.search(message), _WARNED_TYPE.search(message)
+    log.warning("%s: the header parser warns (%s)%s%s; the value is not logged", what, w.category.__name__,
+                f" about {field.group(1)}" if field else "", f": not a valid {kind.group(1)}" if kind else "")
+
+
+class MessageStream:
+    """The messages of one connection, read in order; replies are sent on the same socket.
+
+    ``opening_timeout_s``: how long after this stream is made its opening (config and HEADER) may take."""
+
+    def __init__(self, sock: socket.socket, peer: str, limits: p.Limits,
+                 opening_timeout_s: float | None = None) -> None:
         self.sock, self.peer, self.limits = sock, peer, limits
         self.src = p.SocketSource(sock)
+        self.opened_at = time.monotonic()
+        self.opening_timeout_s = opening_timeout_s
 
     @property
     def bytes_read(self) -> int:
@@ -65,7 +118,19 @@ class MessageStream:
         return msg
 
     def read_opening(self) -> Opening | None:
-        """The config (if any) and the header; None for a header-less session (CLOSE after the config)."""
+        """The config (if any) and the header; None for a header-less session (CLOSE after the config).
+
+        Within ``opening_timeout_s`` of connecting, or :class:`~reconq.gateway.protocol.DeadlineExceeded`."""
+        if self.opening_timeout_s is not None:
+            self.src.set_deadline(self.opened_at + self.opening_timeout_s,
+                                  f"no config and HEADER within {self.opening_timeout_s:g} s of connecting "
+                                  "(RECONQ_MRD_OPENING_TIMEOUT_S); session ended, nothing stored")
+        try:
+            return self._read_opening()
+        finally:
+            self.src.clear_deadline()
+
+    def _read_opening(self) -> Opening | None:
         config_file = config_text = None
         msg = self.next_message()
         if msg == p.MessageId.CONFIG_FILE:
@@ -79,8 +144,11 @@ class MessageStream:
         if msg != p.MessageId.HEADER:
             raise p.ProtocolError(f"expected the HEADER, got {p.describe(msg)}; nothing was stored")
         xml = str(self.read(msg))
+        if _DOCTYPE.search(xml):  # before any parser sees it: no entity (XXE, billion laughs) is ever expanded
+            raise p.ProtocolError("HEADER declares a DTD (<!DOCTYPE ...>): DTDs and entities are not accepted in "
+                                  "MRD headers; nothing was stored")
         try:  # parse_header ignores the declared encoding (ismrmrd's ToXML declares ASCII for any header)
-            header = parse_header(xml, "HEADER")
+            header = parse_header_quietly(xml, "HEADER", self.peer)
         except MrdFileError as e:
             raise p.ProtocolError(f"HEADER is not a valid MRD XML header: {e.__cause__ or e}") from e
         return Opening(config_file, config_text, xml, header)

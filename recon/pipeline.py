@@ -12,14 +12,19 @@ Who calls what:
   (:mod:`reconq.scheduler.estimate`: a ``gpu_memory_gb`` or ``expected_seconds`` job parameter comes
   first; ``None`` from a hook falls back to the header-based memory model and the run-time history);
 - a CPU worker runs a job only where :attr:`~Pipeline.cpu_capable` is true;
+- the gateway (before it queues a scan's job) and the estimates check the numeric parameters a pipeline
+  declares in :attr:`~Pipeline.parameters` (:class:`Param`, :func:`parameter_refusal`);
 - the worker calls :meth:`~Pipeline.run` on its GPU (``params["device"]``) or on the CPU.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 import ismrmrd
@@ -57,6 +62,46 @@ def report(progress: ProgressFn, name: str, value: Any) -> None:
         logger.info("recon report %s: %s", name, value)
 
 
+@dataclass(frozen=True)
+class Param:
+    """A numeric job parameter a pipeline declares: whole (``int``) or real (``float``), and the range it
+    accepts, both ends included. A JSON number or a string holding one is taken (as the recon's own casts
+    take both); another type, a value that is not finite, not whole where it must be, or out of range is
+    refused, with the name, the value and the range."""
+
+    kind: type[int] | type[float]
+    low: float
+    high: float
+
+    def refusal(self, name: str, value: Any) -> str | None:
+        """Why ``value`` is refused for the parameter ``name``; None where it is accepted."""
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+        whole = self.kind is int
+        wanted = f"{'a whole number' if whole else 'a number'} in {self.low:g}..{self.high:g}"
+        try:
+            if isinstance(value, bool) or not isinstance(value, int | float | str):
+                raise ValueError
+            number = float(int(value.strip()) if whole and isinstance(value, str) else value)
+        except (ValueError, OverflowError):
+            return f"parameter {name}={shown} is not {wanted}"
+        if not math.isfinite(number) or (whole and not number.is_integer()):
+            return f"parameter {name}={shown} is not {wanted}"
+        if not self.low <= number <= self.high:
+            return f"parameter {name}={shown} is out of range: {wanted}"
+        return None
+
+
+def parameter_refusal(pipeline: Pipeline, params: Mapping[str, Any]) -> str | None:
+    """Why ``params`` are refused for ``pipeline`` (the first declared parameter out of its range), or None.
+    Parameters it does not declare pass as they come (plugins read what they like)."""
+    for name, param in (getattr(pipeline, "parameters", None) or {}).items():
+        if params.get(name) is not None:
+            why = param.refusal(name, params[name])
+            if why:
+                return f"pipeline {pipeline.name}: {why}"
+    return None
+
+
 class Pipeline(ABC):
     """A named reconstruction with its resource estimates.
 
@@ -64,10 +109,13 @@ class Pipeline(ABC):
         name: the config name scanners and retro-recon requests use (unique among registered pipelines).
         cpu_capable: whether a worker without a GPU may run it (default True; False for a pipeline
             that needs cupy or a GPU-only library).
+        parameters: its numeric parameters and their ranges (name -> :class:`Param`), checked before a
+            job is queued (:func:`parameter_refusal`); none by default.
     """
 
     name: str = ""
     cpu_capable: bool = True
+    parameters: Mapping[str, Param] = MappingProxyType({})
 
     @abstractmethod
     def run(self, scan: RawScan, params: Mapping[str, Any], progress: ProgressFn) -> list[ismrmrd.Image]:

@@ -17,8 +17,20 @@ from typing import Any
 import ismrmrd
 
 from reconq.recon.estimates import alignsense_memory_bytes, alignsense_seconds
-from reconq.recon.pipeline import CUDA_CONTEXT_BYTES, Pipeline, ProgressFn
+from reconq.recon.pipeline import CUDA_CONTEXT_BYTES, Param, Pipeline, ProgressFn
 from reconq.recon.rawdata import RawScan
+
+# The main numeric parameters of the built-ins and the ranges a job may set them in (checked before a job
+# is queued, :func:`reconq.recon.pipeline.parameter_refusal`): wide enough for any sensible recon, narrow
+# enough that a parameter cannot make a job run for days or allocate without bound.
+_COMMON = {"chunk": Param(int, 1, 1 << 20), "series_index": Param(int, 0, 65534)}
+_SENSE = {**_COMMON, "lamda": Param(float, 0, 1e3), "niter": Param(int, 0, 1000), "batch": Param(int, 1, 4096),
+          "lowres": Param(int, 4, 512)}
+_RADIAL = {**_COMMON, "niter": Param(int, 0, 1000), "lamda": Param(float, 0, 1e3), "eps": Param(float, 1e-12, 0.5),
+           "lowres": Param(float, 0.5, 1024), "threads": Param(int, 1, 1024)}
+_ALIGNSENSE = {**_SENSE, "shots": Param(int, 1, 1 << 16), "max_iterations": Param(int, 1, 10_000),
+               "cg_iterations": Param(int, 1, 1000), "translation_tol": Param(float, 0, 100),
+               "rotation_tol": Param(float, 0, 100)}
 
 
 class CartesianPipeline(Pipeline):
@@ -31,6 +43,7 @@ class CartesianPipeline(Pipeline):
     """
 
     name = "cartesian"
+    parameters = _COMMON
 
     def run(self, scan: RawScan, params: Mapping[str, Any], progress: ProgressFn) -> list[ismrmrd.Image]:
         from reconq.recon.runs import run_cartesian  # the numerical stack, loaded when a job runs
@@ -51,6 +64,7 @@ class SensePipeline(Pipeline):
     """
 
     name = "sense"
+    parameters = _SENSE
 
     def run(self, scan: RawScan, params: Mapping[str, Any], progress: ProgressFn) -> list[ismrmrd.Image]:
         from reconq.recon.runs import run_sense  # the numerical stack, loaded when a job runs
@@ -76,6 +90,7 @@ class RadialPipeline(Pipeline):
     """
 
     name = "radial"
+    parameters = _RADIAL
 
     def run(self, scan: RawScan, params: Mapping[str, Any], progress: ProgressFn) -> list[ismrmrd.Image]:
         from reconq.recon.runs import run_radial  # the numerical stack, loaded when a job runs
@@ -128,6 +143,7 @@ class AlignSensePipeline(Pipeline):
     """
 
     name = "alignsense"
+    parameters = _ALIGNSENSE
 
     def run(self, scan: RawScan, params: Mapping[str, Any], progress: ProgressFn) -> list[ismrmrd.Image]:
         from reconq.recon.runs import run_alignsense  # the numerical stack, loaded when a job runs

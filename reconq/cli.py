@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -49,11 +50,13 @@ def cmd_gateway(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_api(settings: Settings, args: argparse.Namespace) -> int:
     import uvicorn
 
+    from reconq.api.app import uvicorn_options
     from reconq.core.redisconn import connect
     from reconq.services import make_api
 
+    options = uvicorn_options(settings)  # HTTPS with RECONQ_TLS_CERT/_KEY (a SettingsError if they do not do)
     uvicorn.run(make_api(settings, connect(settings)), host=settings.http_host, port=settings.http_port,
-                log_level="info")
+                log_level="info", **options)
     return 0
 
 
@@ -91,6 +94,7 @@ def cmd_gpus(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
     from reconq.core.datalock import DataDirLock
+    from reconq.core.redisconn import redact
     from reconq.stack import Stack
 
     lock = DataDirLock(settings.data_dir, "up").acquire()  # before its Redis starts on the data dir's AOF
@@ -99,7 +103,7 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
     try:
         eff = stack.start()
         print(f"ReconQ up: MRD on {eff.mrd_host}:{eff.mrd_port}, API on http://{eff.http_host}:{eff.http_port}, "
-              f"Redis {eff.redis_url}, data in {eff.data_dir}. Ctrl-C stops.", flush=True)
+              f"Redis {redact(eff.redis_url)}, data in {eff.data_dir}. Ctrl-C stops.", flush=True)
         return stack.wait()
     except KeyboardInterrupt:
         print("stopping ...", flush=True)
@@ -333,11 +337,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Files and folders every ReconQ process makes (scans, results, the private Redis's AOF, logs) are
+#: its user's alone: 0600 and 0700. Set before anything is made; child processes inherit it.
+UMASK = 0o077
+
+
 def main(argv: list[str] | None = None) -> int:
+    os.umask(UMASK)
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
     try:
         settings = load_settings()
+        if settings.redis_password_file is not None:  # read once, here: its password goes into the URL
+            from reconq.core.redisconn import with_redis_credentials
+
+            settings = with_redis_credentials(settings)
     except (SettingsError, ValueError) as e:
         print(f"reconq: {e}", file=sys.stderr)
         return 2

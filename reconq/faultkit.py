@@ -326,7 +326,7 @@ def network_outage(server: PrivateRedis, folder: Path, pause_s: float = 20.0, se
     proxy = PausableProxy(server.port)
     beats = {"heartbeat_interval_s": 1.0, "heartbeat_ttl_s": 30.0, "redis_retry_s": 60.0, "simulated_gpus": [8]}
     direct = fault_settings(folder, server.url, **beats)
-    behind = fault_settings(folder, f"redis://127.0.0.1:{proxy.port}/0", **beats)
+    behind = fault_settings(folder, server.url_on(proxy.port), **beats)  # with the server's password
     client = redis.Redis.from_url(server.url, decode_responses=True)
     store, workers = JobStore(client), Workers(behind, folder)
     try:

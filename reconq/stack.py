@@ -7,11 +7,13 @@ variables, so every process runs with the same configuration. The stack owns its
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -27,7 +29,10 @@ log = logging.getLogger(__name__)
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
-    """``RECONQ_*`` variables that rebuild ``settings`` in a child process."""
+    """``RECONQ_*`` variables that rebuild ``settings`` in a child process.
+
+    They hold the Redis URL with its password (the private Redis's, say): they go into children's
+    environments only (readable by this user alone), never onto a command line or into a log."""
     env = {}
     for name, value in settings.model_dump().items():
         if value is None:
@@ -51,7 +56,9 @@ class Stack:
         """Start everything and wait until the gateway and API answer; returns the effective settings."""
         if not self.settings.redis_url:
             self.redis = PrivateRedis(self.settings.data_dir, self.settings.redis_server_bin)
-            self.settings = self.settings.model_copy(update={"redis_url": self.redis.start()})
+            # its URL carries its own password; no TLS on loopback
+            self.settings = self.settings.model_copy(update={"redis_url": self.redis.start(),
+                                                             "redis_password_file": None, "redis_ca_file": None})
         client = connect(self.settings)
         try:  # before any child: they then find the root's id recorded, whichever starts first
             check_data_root(self.settings, client, create=True, role="`reconq up`")
@@ -73,8 +80,10 @@ class Stack:
             out = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - closed in stop()
             self._logs.append(out)
         cmd = [sys.executable, "-m", "reconq.cli", *args]
+        # each in a process group of its own: a Ctrl-C reaches `up` alone, which stops them in order, and a
+        # child that outlives its stop is killed with its own children (a worker's pool processes)
         self.procs[name] = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=out,
-                                            stderr=subprocess.STDOUT if out else None)
+                                            stderr=subprocess.STDOUT if out else None, start_new_session=True)
         log.info("started %s (pid %d)", name, self.procs[name].pid)
 
     def _wait_ready(self, timeout: float) -> None:
@@ -88,7 +97,8 @@ class Stack:
                                        + (f"; see {self.log_dir / (name + '.log')}" if self.log_dir else ""))
             if "gateway" in pending and _port_open(s.mrd_host, s.mrd_port):
                 pending.discard("gateway")
-            if "api" in pending and _http_ok(f"http://{s.http_host}:{s.http_port}/api/health"):
+            scheme = "https" if s.tls_cert is not None else "http"
+            if "api" in pending and _http_ok(f"{scheme}://{s.http_host}:{s.http_port}/api/health"):
                 pending.discard("api")
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{', '.join(sorted(pending))} not ready after {timeout:g} s")
@@ -103,8 +113,11 @@ class Stack:
                     return proc.returncode or 1
             time.sleep(0.5)
 
-    def stop(self, timeout: float = 20.0) -> None:
-        """SIGTERM every child (workers finish or hand back their job), then stop Redis."""
+    def stop(self, timeout: float | None = None) -> None:
+        """SIGTERM every child (workers finish or hand back their job: they get the recons' grace period
+        and the time to hand back, by default), then stop Redis."""
+        if timeout is None:
+            timeout = self.settings.worker_stop_grace_s + 20.0
         for proc in self.procs.values():
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
@@ -113,7 +126,8 @@ class Stack:
             try:
                 proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                proc.kill()
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
         self.procs.clear()
         if self.redis is not None:
@@ -141,7 +155,9 @@ def _port_open(host: str, port: int) -> bool:
 
 def _http_ok(url: str) -> bool:
     try:
-        with urllib.request.urlopen(url, timeout=0.5) as r:  # noqa: S310 - loopback URL we built
+        # our own API on its own address: its certificate may be self-signed or name another host
+        context = ssl._create_unverified_context() if url.startswith("https:") else None
+        with urllib.request.urlopen(url, timeout=0.5, context=context) as r:  # noqa: S310 - a URL we built
             return r.status == 200
     except OSError:
         return False

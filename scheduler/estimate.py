@@ -2,7 +2,9 @@
 
 Order of precedence:
 
-1. ``params["gpu_memory_gb"]``: the sender (or an admin's retro-recon) states the need;
+1. ``params["gpu_memory_gb"]``: the sender (or an admin's retro-recon) states the need (a number in
+   (0, :data:`MAX_GPU_MEMORY_GB`]; ``expected_seconds`` in (0, :data:`MAX_EXPECTED_SECONDS`]: sent by any MRD
+   client, they are checked, :func:`check_params`, with the ranges the pipeline declares for its own);
 2. the pipeline's own model, ``pipeline.memory_estimate(header, params)`` (bytes; the hook of
    :class:`reconq.recon.pipeline.Pipeline`), for pipelines whose needs the default model does not
    describe; ``None``, the contract's default, passes on to
@@ -35,7 +37,7 @@ from typing import Any
 import redis
 
 from reconq.core.constants import RUNTIME_HISTORY
-from reconq.recon.pipeline import CUDA_CONTEXT_BYTES, Pipeline
+from reconq.recon.pipeline import CUDA_CONTEXT_BYTES, Pipeline, parameter_refusal
 
 GB = 10**9
 #: CUDA context, cuFFT plans and library handles (the pipeline contract's figure).
@@ -47,8 +49,40 @@ GRID_OVERSAMPLING = 1.25
 #: Bytes of one complex64 sample.
 SAMPLE_BYTES = 8
 
+#: The largest ``gpu_memory_gb`` a job may state (a whole node's worth of GPUs, and more).
+MAX_GPU_MEMORY_GB = 1024.0
+#: The largest ``expected_seconds`` a job may state: 7 days.
+MAX_EXPECTED_SECONDS = 7 * 24 * 3600.0
+
+
 class EstimateError(ValueError):
     """A header or parameter from which no estimate can be made."""
+
+
+def _hint(params: Mapping[str, Any], name: str, high: float) -> float:
+    """The scheduling hint ``params[name]``, a number in (0, ``high``]; EstimateError saying why not."""
+    value = params[name]
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        number = float(value)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise EstimateError(f"{name} {str(value)[:40]!r} is not a number") from e
+    if not 0 < number <= high:  # NaN too
+        raise EstimateError(f"{name} must be positive and at most {high:g}, not {number:g}")
+    return number
+
+
+def check_params(params: Mapping[str, Any], pipeline: Pipeline | None = None) -> None:
+    """EstimateError naming the first parameter refused: a scheduling hint (``gpu_memory_gb``,
+    ``expected_seconds``) that is not a number in its range, or a parameter ``pipeline`` declares out of
+    its range (:func:`reconq.recon.pipeline.parameter_refusal`)."""
+    for name, high in (("gpu_memory_gb", MAX_GPU_MEMORY_GB), ("expected_seconds", MAX_EXPECTED_SECONDS)):
+        if name in params:
+            _hint(params, name, high)
+    why = parameter_refusal(pipeline, params) if pipeline is not None else None
+    if why:
+        raise EstimateError(why)
 
 
 def default_estimate(header: Any, params: Mapping[str, Any]) -> int:
@@ -70,15 +104,11 @@ def default_estimate(header: Any, params: Mapping[str, Any]) -> int:
 
 def estimate_bytes(header: Any, params: Mapping[str, Any], pipeline: Pipeline | None = None) -> int:
     """The job's GPU memory need in bytes (see the module docstring for the order of precedence);
-    ``pipeline`` None: the parameters, else the default model."""
+    ``pipeline`` None: the parameters, else the default model. The parameters are checked first
+    (:func:`check_params`), so a job refused at the gateway is refused here too, whoever made it."""
+    check_params(params, pipeline)
     if "gpu_memory_gb" in params:
-        try:
-            value = float(params["gpu_memory_gb"])
-        except (TypeError, ValueError) as e:
-            raise EstimateError(f"gpu_memory_gb {params['gpu_memory_gb']!r} is not a number") from e
-        if value <= 0:
-            raise EstimateError(f"gpu_memory_gb must be positive, not {value}")
-        return int(value * GB)
+        return int(_hint(params, "gpu_memory_gb", MAX_GPU_MEMORY_GB) * GB)
     own = pipeline.memory_estimate(header, params) if pipeline is not None else None
     if pipeline is None or own is None:
         return default_estimate(header, params)
@@ -102,13 +132,7 @@ def estimate_seconds(header: Any, params: Mapping[str, Any], pipeline: Pipeline 
     pipeline's and protocol's latest run times, :func:`history_seconds`). The scheduler uses it only to
     order waiting jobs (long, large jobs first), so a rough figure is enough."""
     if "expected_seconds" in params:
-        try:
-            value = float(params["expected_seconds"])
-        except (TypeError, ValueError) as e:
-            raise EstimateError(f"expected_seconds {params['expected_seconds']!r} is not a number") from e
-        if not value > 0:
-            raise EstimateError(f"expected_seconds must be positive, not {value}")
-        return value
+        return _hint(params, "expected_seconds", MAX_EXPECTED_SECONDS)
     own = pipeline.runtime_estimate(header, params) if pipeline is not None else None
     if own is not None:
         return max(0.0, float(own))

@@ -33,6 +33,7 @@ from reconq.core.constants import (
 )
 from reconq.core.jobs import Job
 from reconq.core.results import read_images, write_images
+from reconq.core.results import result_file as derived_result_file
 from reconq.core.settings import SettingsError
 from reconq.core.states import ACTIVE, CANCELLABLE, FINISHED, TRANSITIONS, JobState
 from reconq.core.storage import ScanRecord, ScanState, ScanStore
@@ -95,10 +96,11 @@ def queue_ids(store, queue: str) -> list[str]:
     return [json.loads(m)["headers"]["id"] for m in store.redis.lrange(queue, 0, -1)]
 
 
-def stored_result(settings, scan_id: str, job_id: str):
-    """A result file of the data root and its name in Redis (relative to the root)."""
+def stored_result(settings, scan_id: str, job_id: str, run: int = 1):
+    """The result file of run ``run`` of a job, where the worker writes it (derived from the ids), and its name
+    in Redis (relative to the root: only information, never read to find the file)."""
     scans = ScanStore(settings.data_dir)
-    path = scans.result_path(scan_id, job_id)
+    path = derived_result_file(scans, Job(id=job_id, scan_id=scan_id, pipeline="cartesian", attempts=run))
     path.parent.mkdir(parents=True, exist_ok=True)
     return result_file(path), scans.stored(path)
 
@@ -648,22 +650,43 @@ def test_with_redis_unreachable_the_api_answers_503_json_saying_why(settings):
         assert "Redis is unavailable" in answer.json()["detail"] and answer.headers["retry-after"] == "5"
 
 
-def test_a_result_path_outside_the_data_root_is_never_served(api, store, settings, tmp_path):
-    """Whoever can write a job record cannot make the API serve a file outside the data root's scans."""
+def test_a_result_path_in_redis_is_never_served(api, store, settings, tmp_path):
+    """Whoever can write a job record cannot make the API serve a file it names: not one outside the data
+    root, not another job's result inside it. The job's own file (derived from its ids and run) or nothing."""
     outside = tmp_path / "elsewhere.h5"
-    result_file(outside)
-    for name in (str(outside), "../elsewhere.h5", "scans/../../elsewhere.h5"):
+    result_file(outside, nslices=5)
+    _, other = stored_result(settings, "s", "other-j1")  # another job's images, inside the root's scans
+    names = (str(outside), "../elsewhere.h5", "scans/../../elsewhere.h5", other, "/etc/shadow")
+    for name in names:
         store.create(Job(id="x1", scan_id="s", pipeline="cartesian", protocol="t1"))
         store.set_state("x1", JobState.RUNNING, attempts=1)
         store.set_state("x1", JobState.DONE, result_path=name)
-        answer = api.get("/api/jobs/x1/images", headers=STAFF)
-        assert answer.status_code == 409, (name, answer.status_code)
+        for route in ("images", "dicom", "previews/0.png"):
+            answer = api.get(f"/api/jobs/x1/{route}", headers=STAFF)
+            assert answer.status_code == 409, (name, route, answer.status_code)
+        assert api.get("/api/jobs/x1", headers=STAFF).json()["image_count"] == 0
         store.redis.delete(JOB_KEY + "x1")
+    own, _ = stored_result(settings, "s", "x1", run=2)  # its own file: served, whatever the record names
+    store.create(Job(id="x1", scan_id="s", pipeline="cartesian", protocol="t1"))
+    store.set_state("x1", JobState.RUNNING, attempts=2)
+    store.set_state("x1", JobState.DONE, result_path=str(outside))
+    got = api.get("/api/jobs/x1/images", headers=STAFF)
+    assert got.status_code == 200
+    downloaded = tmp_path / "got.h5"
+    downloaded.write_bytes(got.content)
+    assert len(read_images(downloaded)) == len(own) == 3  # not the 5 images of the file the record names
+    # ids that would leave the folder (a forged record) name no file; a record whose id is not its key's: 404
+    for forged in ({"scan_id": "../.."}, {"scan_id": ".hidden"}, {"attempts": "-1"}):
+        store.redis.hset(JOB_KEY + "x1", mapping=forged)
+        assert api.get("/api/jobs/x1/images", headers=STAFF).status_code == 409, forged
+        store.redis.hset(JOB_KEY + "x1", mapping={"scan_id": "s", "attempts": "2"})
+    store.redis.hset(JOB_KEY + "x1", "id", "../../etc/x1")
+    assert api.get("/api/jobs/x1/images", headers=STAFF).status_code == 404
 
 
-def test_a_result_stored_by_a_node_with_the_root_elsewhere_is_found(api, store, settings):
-    """An absolute path from a node that mounts the shared root at another place (or an older record) is
-    read from its ``scans/`` part on, under this root."""
+def test_a_result_is_found_from_the_ids_whatever_path_the_record_names(api, store, settings):
+    """A node that mounts the shared root at another place (or an older record) may have recorded another
+    path: the file is found from the job's scan, id and run under this root, not from that path."""
     images, stored = stored_result(settings, "s9", "n1")
     store.create(Job(id="n1", scan_id="s9", pipeline="cartesian", protocol="t1"))
     store.set_state("n1", JobState.RUNNING, attempts=1)

@@ -53,7 +53,11 @@ def test_up_send_retrieve_jobs(tmp_path):
         while "ReconQ up" not in line and time.monotonic() < deadline:
             line = up.stdout.readline()
         assert "ReconQ up" in line, line
-        redis_url = line.split("Redis ")[1].split(",")[0]
+        shown = line.split("Redis ")[1].split(",")[0]  # the private Redis, its password masked
+        assert shown.startswith("redis://:***@127.0.0.1:"), line
+        password_file = tmp_path / "data" / "redis" / "password"  # clients take its password from the file
+        assert password_file.read_text().strip() not in line
+        redis_url = shown.replace(":***@", "")
         # a scan streams into the first stack while a second `up` and a second `gateway` are refused
         streaming = synthetic_scan(matrix=(32, 32), ncoil=2, protocol="cli_streaming")
         halfway, refusals_done = threading.Event(), threading.Event()
@@ -81,7 +85,8 @@ def test_up_send_retrieve_jobs(tmp_path):
         (streamed,) = replies
         assert streamed.job_id() is not None, streamed.texts  # stored complete and queued by the first stack
         raw = write_mrd(synthetic_scan(matrix=(32, 32), ncoil=2, protocol="cli_t1"), tmp_path / "raw.h5")
-        client_env = clean_env(RECONQ_MRD_PORT=str(mrd_port), RECONQ_REDIS_URL=redis_url)
+        client_env = clean_env(RECONQ_MRD_PORT=str(mrd_port), RECONQ_REDIS_URL=redis_url,
+                               RECONQ_REDIS_PASSWORD_FILE=str(password_file))
         sent = reconq("send", str(raw), "--config", "cartesian", env=client_env)
         assert sent.returncode == 0 and sent.stdout.startswith("INF job "), sent.stdout + sent.stderr
         got = reconq("retrieve", "--from-file", str(raw), "--out", str(tmp_path / "img.h5"), env=client_env)

@@ -254,7 +254,7 @@ def series(driver: webdriver.Chrome, job_id: str) -> dict[str, str] | None:
         "        exam: r.closest('.exam').querySelector('.exam-head').innerText}", job_id)
 
 
-def test_exams_of_the_day_say_when_to_retrieve(live_api, browser, e2e_settings, tmp_path):
+def test_exams_of_the_day_say_when_to_retrieve(live_api, browser, e2e_settings):
     from reconq.core.jobs import Job, JobStore
 
     store = JobStore(redis.Redis.from_url(e2e_settings.redis_url or "", decode_responses=True))
@@ -266,11 +266,22 @@ def test_exams_of_the_day_say_when_to_retrieve(live_api, browser, e2e_settings, 
                                 queued_at=time.time()))
         return job_id
 
+    def own_result(job_id: str) -> str:
+        """A result file of the job's run where the worker writes it (derived from its ids); its name in Redis."""
+        import ismrmrd
+        import numpy as np
+
+        from reconq.core.results import result_file, write_images
+        from reconq.core.storage import ScanStore
+
+        scans = ScanStore(e2e_settings.data_dir)
+        path = result_file(scans, store.get(job_id))
+        write_images(path, [ismrmrd.Image.from_array(np.zeros((8, 8), np.uint16))])
+        return scans.stored(path)
+
     done = job("exam-t1", "exam_t1")
-    result = tmp_path / "exam-t1.h5"
-    result.write_bytes(b"images")
-    assert store.set_state(done, JobState.RUNNING, progress=0.5)
-    assert store.set_state(done, JobState.DONE, progress=1.0, stage="done", result_path=str(result))
+    assert store.set_state(done, JobState.RUNNING, progress=0.5, attempts=1)
+    assert store.set_state(done, JobState.DONE, progress=1.0, stage="done", result_path=own_result(done))
     queued = job("exam-t2", "exam_t2")
     assert store.update(queued, runtime_estimate_s=120.0)  # no run-time history for this protocol: this is used
     failed = job("exam-dwi", "exam_dwi")
@@ -300,8 +311,8 @@ def test_exams_of_the_day_say_when_to_retrieve(live_api, browser, e2e_settings, 
     screenshot(browser, "dashboard-exams.png")
 
     # the card follows the live events: the queued series runs and is done, and the exam's verdict with it
-    assert store.set_state(queued, JobState.RUNNING, progress=0.0)
-    assert store.set_state(queued, JobState.DONE, progress=1.0, result_path=str(result))
+    assert store.set_state(queued, JobState.RUNNING, progress=0.0, attempts=1)
+    assert store.set_state(queued, JobState.DONE, progress=1.0, result_path=own_result(queued))
     wait_for(browser, lambda d: series(d, queued)["retrieval"] == "ready to retrieve", "the series to be ready")
     assert "retrieve after" not in series(browser, queued)["exam"]
 

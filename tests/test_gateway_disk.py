@@ -286,7 +286,18 @@ def test_disk_full_mid_scan_stops_the_scan_before_the_disk_fills(mount_namespace
 
 # -- a gateway killed mid-scan ---------------------------------------------------------------------------------
 
-def wait_for(condition, timeout: float = 20.0) -> None:  # noqa: ANN001 - a callable returning a truth value
+def rows_in_file(path: Path) -> int:
+    """The readable rows of a raw file the gateway is writing (read without HDF5's file lock; 0 while it
+    cannot be read)."""
+    try:
+        with h5py.File(path, "r", locking=False) as f:
+            dset = f["dataset/data"]
+            return next((i for i in range(dset.shape[0]) if not row_ok(dset, i)), dset.shape[0])
+    except Exception:  # noqa: BLE001 - the file changes under the reader
+        return 0
+
+
+def wait_for(condition, timeout: float = 30.0) -> None:  # noqa: ANN001 - a callable returning a truth value
     deadline = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < deadline, "timed out"
@@ -312,17 +323,20 @@ def test_killed_at_any_point_of_a_scan_leaves_a_file_that_holds_what_scan_json_c
             time.sleep(0.1)  # the writer thread writes and syncs the header
         elif when == "few_readouts":
             sock.sendall(readouts(patterns, 0, 5))
-            time.sleep(0.3)  # taken by the idle writer, written
+            wait_for(lambda: rows_in_file(folder / "raw.h5") >= 5)  # taken by the idle writer, in the file
         elif when == "mid_stream":
+            sent = [0]
+
             def stream() -> None:
                 try:
                     for start in range(0, 100_000, 16):
-                        sock.sendall(readouts(patterns, start, start + 16))
+                        sock.sendall(chunk := readouts(patterns, start, start + 16))
+                        sent[0] += len(chunk)
                 except OSError as e:  # the gateway was killed
                     stream_error.append(e)
 
             threading.Thread(target=stream, daemon=True).start()
-            time.sleep(0.6)
+            wait_for(lambda: sent[0] > 16_000_000)  # past the socket buffers: megabytes written and synced
         gw.kill()
         sock.close()
     finally:

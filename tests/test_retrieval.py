@@ -163,9 +163,10 @@ def test_a_missing_result_file_is_said_not_silent(gateway, worker, jobs, e2e_set
     j1 = client.send_scan(host, port, scan.header, scan.acquisitions, config="cartesian").job_id()
     done = wait_done(jobs, j1)
     assert done.state is JobState.DONE
+    from reconq.core.results import result_file
     from reconq.core.storage import ScanStore
 
-    ScanStore(e2e_settings.data_dir).resolve(done.result_path).unlink()
+    result_file(ScanStore(e2e_settings.data_dir), done).unlink()  # where the worker wrote it
     back = client.retrieve(host, port, scan.header)
     assert back.closed and not back.images
     assert back.texts[-1].startswith(f"ERR the images of job {j1} cannot be read (result file missing"), back.texts

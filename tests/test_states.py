@@ -101,3 +101,36 @@ def test_a_run_handed_back_cannot_record_an_outcome(store):
     assert store.set_state("f-j1", JobState.DONE, fence=2, result_path="scans/f/results/f-j1.h5")
     job = store.get("f-j1")
     assert job is not None and job.state is JobState.DONE and job.result_path.startswith("scans/")
+
+
+def test_a_run_handed_back_writes_nothing_more_even_before_another_starts(store):
+    """Once handed back (queued, no new run yet), the old run's progress, warnings and outcome are refused:
+    it learns so at its next progress write and stops; a second hand-back of the same run is refused too."""
+    store.create(Job(id="h-j1", scan_id="h", pipeline="cartesian"))
+    assert store.set_state("h-j1", JobState.RUNNING, fence="=0", attempts=1)
+    assert store.set_state("h-j1", JobState.QUEUED, fence=1, stage="handed back")
+    assert not store.set_state("h-j1", JobState.QUEUED, fence=1, stage="handed back again")  # two judges: one wins
+    assert not store.update("h-j1", fence=1, progress=0.7)
+    assert not store.set_state("h-j1", JobState.FAILED, fence=1, error="late")
+    job = store.get("h-j1")
+    assert job is not None and job.state is JobState.QUEUED and job.stage == "handed back" and not job.error
+
+
+def test_of_two_deliveries_only_one_starts_the_run(store):
+    """Both read attempts 0; the start is fenced by it, so the second start is refused (no two runs 1)."""
+    store.create(Job(id="d-j1", scan_id="d", pipeline="cartesian"))
+    assert store.set_state("d-j1", JobState.RUNNING, fence="=0", attempts=1, worker="w1")
+    assert not store.set_state("d-j1", JobState.RUNNING, fence="=0", attempts=1, worker="w2")
+    job = store.get("d-j1")
+    assert job is not None and job.worker == "w1" and job.attempts == 1
+
+
+def test_the_running_set_follows_every_change_of_state(store):
+    store.create(Job(id="r-j1", scan_id="r", pipeline="cartesian"))
+    assert store.running_ids() == []
+    assert store.set_state("r-j1", JobState.RUNNING, attempts=1)
+    assert store.running_ids() == ["r-j1"]
+    assert store.update("r-j1", fence=1, progress=0.5)
+    assert store.running_ids() == ["r-j1"]
+    assert store.set_state("r-j1", JobState.DONE, fence=1)
+    assert store.running_ids() == []

@@ -18,7 +18,7 @@ from reconq.api import exports
 from reconq.api.auth import hash_token
 from reconq.core.jobs import JobStore
 from reconq.core.mrdfile import MrdFile, parse_header, read_header, read_xml
-from reconq.core.results import read_images, read_result_xml, write_images
+from reconq.core.results import read_images, read_result_xml, result_file, write_images
 from reconq.core.states import JobState
 from reconq.core.storage import ScanStore
 from reconq.gateway import client
@@ -171,7 +171,7 @@ def test_unicode_patient_end_to_end(gateway, worker, e2e_settings) -> None:
     job = store.get(job_id)
     assert job is not None and job.state is JobState.DONE, job
     assert job.protocol == PROTOCOL and job.patient_id == "UNI_E2E"
-    result = ScanStore(e2e_settings.data_dir).resolve(job.result_path)  # relative to the data root
+    result = result_file(ScanStore(e2e_settings.data_dir), job)  # derived from the job's ids and run
     assert read_header(result).subjectInformation.patientName == PATIENT
 
     by_identity = client.retrieve(host, port, client.retrieval_header("UNI_E2E", scan.header.studyInformation

@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 import redis
 
-from reconq.core.constants import GPU_RESERVATION_OWNERS, WORKER_HEARTBEAT, WORKERS_INDEX
+from reconq.core.constants import GPU_RESERVATION_OWNERS, WORKER_DRAINING, WORKER_HEARTBEAT, WORKERS_INDEX
 from reconq.core.jobs import Job, JobStore
 from reconq.core.settings import Settings
 from reconq.core.states import JobState
@@ -142,7 +142,7 @@ class Heartbeat:
         worker will ever finish it). The change is fenced by the run's number, so a worker that comes back
         cannot record an outcome over the newer run."""
         store = JobStore(self.redis)
-        running, _ = store.query(0, 1000, JobState.RUNNING)
+        running = [j for j in store.get_many(store.running_ids()) if j.state is JobState.RUNNING]
         if not running:
             self._orphans.clear()
             return
@@ -160,6 +160,8 @@ class Heartbeat:
                 if time.monotonic() - first < 2 * self.settings.heartbeat_interval_s:
                     continue
                 why = f"worker {job.worker} is alive but no longer runs it (its run was lost)"
+                hand_back_job(store, job, why, self.send, self.settings.max_attempts, lost=False)  # not the job's doing
+                continue
             else:
                 continue
             hand_back_job(store, job, why, self.send, self.settings.max_attempts)
@@ -186,8 +188,16 @@ class Heartbeat:
         except redis.RedisError as e:
             log.warning("worker %s: heartbeat failed: %s", self.name, e)
 
+    def draining(self) -> bool:
+        """Whether this worker is stopping (SIGTERM to its main process, :mod:`reconq.workers.shutdown`): it
+        then dispatches no more jobs to its GPU's queue, which no one would consume once it is gone."""
+        try:
+            return bool(self.redis.exists(WORKER_DRAINING + self.name))
+        except redis.RedisError:
+            return False
+
     def _idle_dispatch(self) -> None:
-        if not self.slot.is_gpu or self.job_id or time.monotonic() < self._pending_until:
+        if not self.slot.is_gpu or self.job_id or time.monotonic() < self._pending_until or self.draining():
             return
         jobs = self.admission.fill(self.slot.gpu_id, self.name)
         if jobs:
@@ -231,3 +241,10 @@ def hand_back_job(store: JobStore, job: Job, why: str, send: Callable[[str, str]
     log.warning("job %s: %s; handed back to %s", job.id, why, job.queue)
     send(job.id, job.queue)
     return True
+
+
+def live_beats(client: redis.Redis) -> dict[str, dict]:
+    """The heartbeat records of the workers in the worker index whose heartbeat has not expired, by name."""
+    names = sorted(client.smembers(WORKERS_INDEX))
+    raws = client.mget([WORKER_HEARTBEAT + n for n in names]) if names else []
+    return {n: json.loads(raw) for n, raw in zip(names, raws, strict=True) if raw is not None}

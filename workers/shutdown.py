@@ -18,7 +18,6 @@ plus that margin before they kill the process.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -28,13 +27,13 @@ from collections.abc import Callable
 
 import redis
 
-from reconq.core.constants import WORKER_HEARTBEAT, WORKERS_INDEX
+from reconq.core.constants import WORKER_DRAINING, WORKER_HEARTBEAT, WORKERS_INDEX
 from reconq.core.jobs import JobStore
 from reconq.core.redisconn import connect
 from reconq.core.settings import Settings
 from reconq.core.states import JobState
 from reconq.scheduler.admission import Admission
-from reconq.workers.heartbeat import hand_back_job
+from reconq.workers.heartbeat import hand_back_job, live_beats
 from reconq.workers.slot import node_name
 
 log = logging.getLogger(__name__)
@@ -69,35 +68,44 @@ class GracefulStop:
             self._client = connect(self.settings)
         return self._client
 
+    def beats(self) -> list[dict]:
+        """The heartbeats of this process's pool processes."""
+        me, node = os.getpid(), node_name(self.settings)
+        return [beat for beat in live_beats(self.redis).values() if beat.get("host") == node and beat.get("ppid") == me]
+
     def running(self) -> list[tuple[int, dict]]:
         """(pid, heartbeat) of this process's pool processes that run a job now."""
-        names = sorted(self.redis.smembers(WORKERS_INDEX))
-        beats = self.redis.mget([WORKER_HEARTBEAT + n for n in names]) if names else []
-        me, node = os.getpid(), node_name(self.settings)
-        found = []
-        for raw in beats:
-            if raw is None:
-                continue
-            beat = json.loads(raw)
-            if beat.get("host") == node and beat.get("ppid") == me and beat.get("job"):
-                found.append((int(beat["pid"]), beat))
-        return found
+        return [(int(beat["pid"]), beat) for beat in self.beats() if beat.get("job")]
 
     def _run(self) -> None:
         grace = self.settings.worker_stop_grace_s
+        deadline = time.monotonic() + grace
         try:
-            if not self.running():
+            self._drain()
+            if self.running():
+                log.warning("stopping: running recons may end within %g s (RECONQ_WORKER_STOP_GRACE_S), then "
+                            "they are handed back to their queues", grace)
+        except redis.RedisError as e:
+            log.warning("stopping: Redis unavailable (%s); trying again until the grace period ends", e)
+        # until the deadline, not until nothing runs: a task still before its recon (inputs, admission) when
+        # the signal came starts one later, and Celery's warm shutdown would wait for it however long it takes
+        while time.monotonic() < deadline:
+            time.sleep(self.poll_s)
+        for _ in range(3):
+            try:
+                self._hand_back(grace)
                 return
-            log.warning("stopping: running recons may end within %g s (RECONQ_WORKER_STOP_GRACE_S), then they "
-                        "are handed back to their queues", grace)
-            deadline = time.monotonic() + grace
-            while time.monotonic() < deadline:
-                if not self.running():
-                    return
-                time.sleep(self.poll_s)
-            self._hand_back(grace)
-        except redis.RedisError as e:  # the runs stay; others hand them back when this worker's heartbeat ends
-            log.error("stopping: could not hand the running recons back (Redis unavailable: %s)", e)
+            except redis.RedisError as e:  # the runs stay; others hand them back once this worker's beats end
+                log.error("stopping: could not hand the running recons back (Redis unavailable: %s)", e)
+                time.sleep(1.0)
+
+    def _drain(self) -> None:
+        """Tell this process's pool processes to dispatch no more jobs to their GPU's queue, which no one
+        will consume once this worker is gone (:meth:`reconq.workers.heartbeat.Heartbeat.draining`)."""
+        ttl_ms = int((self.settings.worker_stop_grace_s + 120) * 1000)
+        names = [beat["worker"] for beat in self.beats()]
+        for name in names:
+            self.redis.set(WORKER_DRAINING + name, "1", px=ttl_ms)
 
     def _hand_back(self, grace: float) -> None:
         store = JobStore(self.redis)

@@ -17,7 +17,7 @@ from celery import Celery
 from celery.exceptions import Reject, SoftTimeLimitExceeded
 from celery.signals import worker_process_init, worker_process_shutdown, worker_shutting_down
 
-from reconq.core.constants import CPU_QUEUE, JOB_KEY, RUN_JOB_TASK, WORKER_HEARTBEAT
+from reconq.core.constants import CPU_QUEUE, JOB_KEY, RUN_JOB_TASK
 from reconq.core.jobs import Job, JobStore
 from reconq.core.mrdfile import MrdFileError
 from reconq.core.redisconn import connect
@@ -43,6 +43,9 @@ from reconq.workers.slot import Slot, cpu_slot, gpu_slot, worker_name
 log = logging.getLogger(__name__)
 
 SendFn = Callable[..., None]  # (job id, queue, countdown seconds=0)
+
+#: After a progress write fails, how long a recon writes no progress (each try would wait for its timeout).
+REDIS_QUIET_S = 5.0
 
 
 class JobCancelled(Exception):
@@ -77,6 +80,7 @@ class ProgressReporter:
         self.store, self.job_id, self.interval, self.fence = store, job_id, interval, fence
         self._last, self._stage = 0.0, ""
         self._redis_down = False
+        self._quiet_until = 0.0
         self._unwritten = False
         self.warnings: list[str] = []
         self.results: dict[str, Any] = {}
@@ -85,18 +89,21 @@ class ProgressReporter:
         now = time.monotonic()
         if stage == self._stage and now - self._last < self.interval:
             return
+        if now < self._quiet_until:  # Redis failed lately: no write (each would wait its timeout) until then
+            return
         try:
             if self.store.redis.hget(JOB_KEY + self.job_id, "state") == JobState.CANCELLED.value:
                 raise JobCancelled(self.job_id)
-            if stage != self._stage:
-                self.store.enter_stage(self.job_id, stage)
             written = self.store.update(self.job_id, fence=self.fence,
                                         progress=round(min(max(fraction, 0.0), 1.0), 4), stage=stage)
+            if written and stage != self._stage:  # only this run's stages (the update is fenced)
+                self.store.enter_stage(self.job_id, stage)
         except redis.RedisError as e:  # a Redis blip: the recon goes on, its progress is shown again later
             if not self._redis_down:
                 log.warning("job %s: progress not recorded (Redis unavailable: %s); the recon goes on",
                             self.job_id, e)
             self._redis_down, self._last, self._stage = True, now, stage
+            self._quiet_until = now + REDIS_QUIET_S
             return
         self._redis_down, self._last, self._stage = False, now, stage
         if not written:
@@ -107,8 +114,8 @@ class ProgressReporter:
         self.warnings.append(str(text))
 
         def write() -> None:
-            self.store.update(self.job_id, fence=self.fence, warnings=self.warnings)
-            self.store.log(self.job_id, f"WRN {text}")
+            if self.store.update(self.job_id, fence=self.fence, warnings=self.warnings):
+                self.store.log(self.job_id, f"WRN {text}")
 
         self._write(write)
 
@@ -125,6 +132,10 @@ class ProgressReporter:
             log.warning("job %s: warning/report not recorded yet (Redis unavailable: %s); kept for the outcome",
                         self.job_id, e)
             self._unwritten = True
+
+    def clear(self) -> None:
+        """No warnings and no report yet (an earlier run's are on the job until now)."""
+        self._write(lambda: self.store.update(self.job_id, fence=self.fence, warnings=[], report={}))
 
     def unwritten(self) -> dict[str, Any]:
         """The warnings and report to write with the job's outcome, where a Redis outage kept them back."""
@@ -157,19 +168,15 @@ class JobRunner:
                 self.admission.release(self.slot.gpu_id, job_id)  # reserved for it before it was cancelled
             log.info("job %s: already %s; nothing to do", job_id, job.state)
             return job.state.value
-        if job.state is JobState.RUNNING and job.worker != self.worker_name \
-                and self.store.redis.exists(WORKER_HEARTBEAT + job.worker):
-            log.info("job %s: running on %s, which is alive; this delivery dropped", job_id, job.worker)
+        if job.state is JobState.RUNNING and job.worker != self.worker_name:
+            # Running elsewhere: that run's worker may be alive (a second delivery), dead (its message came
+            # back with reject_on_worker_lost), or not yet beating again after a Redis outage. Which, the
+            # heartbeats decide (Heartbeat.hand_back: settled, fenced, counted), never a delivery.
+            log.info("job %s: running on %s; this delivery dropped (its heartbeats decide whether it is lost)",
+                     job_id, job.worker)
             return "duplicate"
-        if job.state is JobState.RUNNING:  # its message came again: the run before ended with its worker
-            job.lost_runs += 1
-            limit = self.settings.max_attempts
-            if job.lost_runs >= limit:  # (the dead run's GPU reservation is reclaimed with its heartbeat)
-                return self._fail(job_id, f"the recon ended its worker {job.lost_runs} times (killed or crashed; "
-                                          f"RECONQ_MAX_ATTEMPTS={limit}): not run again")
-            self.store.update(job_id, lost_runs=job.lost_runs)
-            self.store.log(job_id, f"the run on {job.worker or 'a worker'} ended with its worker "
-                                   f"({job.lost_runs} of {limit}); run again")
+        if job.state is JobState.RUNNING:  # here, but this process runs no job: its run ended without an outcome
+            self.store.log(job_id, f"the run on {job.worker} ended without an outcome; run again")
         try:
             job.params = resolve_inputs(job, self.scans, self.store.redis)
         except InputsMissing as e:
@@ -256,8 +263,11 @@ class JobRunner:
             self.heartbeat.expect_job()
 
     def _dispatch_next(self) -> None:
-        """This worker is about to be idle: fill its GPU with the waiting jobs that fit it now."""
+        """This worker is about to be idle: fill its GPU with the waiting jobs that fit it now (not when it
+        is stopping: no one would consume its GPU's queue)."""
         assert self.admission is not None
+        if self.heartbeat is not None and self.heartbeat.draining():
+            return
         jobs = self.admission.fill(self.slot.gpu_id, self.worker_name)
         if jobs and self.heartbeat is not None:
             self.heartbeat.expect_job()
@@ -265,10 +275,15 @@ class JobRunner:
             self.send(nxt, gpu_queue(self.slot.gpu_id))
 
     def _execute(self, job: Job, pipeline: Pipeline, need: int) -> str:
-        if not self.store.set_state(job.id, JobState.RUNNING, attempts=job.attempts + 1, worker=self.worker_name,
-                                    gpu=self.gpu, progress=0.0, stage="starting", error=""):
-            log.info("job %s: cancelled before it started; not run", job.id)
-            return JobState.CANCELLED.value
+        # fenced by the run number read in run(): of two deliveries of one job, only the first starts it
+        if not self.store.set_state(job.id, JobState.RUNNING, fence=f"={job.attempts}", attempts=job.attempts + 1,
+                                    worker=self.worker_name, gpu=self.gpu, progress=0.0, stage="starting", error=""):
+            state = self.store.redis.hget(JOB_KEY + job.id, "state")
+            if state == JobState.CANCELLED.value:
+                log.info("job %s: cancelled before it started; not run", job.id)
+                return JobState.CANCELLED.value
+            log.info("job %s: started by another delivery meanwhile (%s); this one dropped", job.id, state)
+            return "duplicate"
         job.attempts += 1  # this run's number: its writes are fenced by it
         log.info("job %s: running pipeline %s on scan %s (%s, %s)", job.id, job.pipeline, job.scan_id, self.gpu,
                  gb(need))
@@ -296,6 +311,8 @@ class JobRunner:
             return self._fail(job.id, f"stopped after {time.perf_counter() - t0:.0f} s: the time limit of a "
                                       f"recon is {self.settings.job_time_limit_s} s (RECONQ_JOB_TIME_LIMIT_S)",
                               fence=job.attempts)
+        except redis.RedisError:  # Redis past RECONQ_REDIS_RETRY_S inside the recon: not a recon error
+            raise  # the message goes back (run_job); the heartbeats hand the job back if no one runs it
         except Exception as e:  # a recon error, a GPU OOM, a bug: record it, keep the worker alive
             if is_gpu_oom(e) and self.slot.is_gpu:
                 return self._out_of_memory(job, need, e)
@@ -303,9 +320,7 @@ class JobRunner:
                 return self._fail(job.id, str(e), fence=job.attempts)
             log.exception("job %s: internal error", job.id)
             return self._fail(job.id, f"internal error: {type(e).__name__}: {e}", fence=job.attempts)
-        if self.store.redis.hget(JOB_KEY + job.id, "state") == JobState.CANCELLED.value:
-            return JobState.CANCELLED.value
-        elapsed = time.perf_counter() - t0
+        elapsed = time.perf_counter() - t0  # (a job cancelled meanwhile refuses the fenced DONE below)
         if not self._recorded(job.id, lambda: self.store.set_state(
                 job.id, JobState.DONE, fence=job.attempts, progress=1.0, stage="done",
                 result_path=self.scans.stored(result), **progress.unwritten())):
@@ -314,7 +329,8 @@ class JobRunner:
             result.unlink(missing_ok=True)  # never named in Redis: nothing reads it
             return "superseded"
         # kept per device class: GPU runs estimate GPU jobs, CPU runs (slower) the jobs CPU workers take
-        record_runtime(self.store.redis, job.pipeline, job.protocol, elapsed, GPU if self.slot.is_gpu else CPU)
+        with contextlib.suppress(redis.RedisError):  # a history point; the outcome is what had to be recorded
+            record_runtime(self.store.redis, job.pipeline, job.protocol, elapsed, GPU if self.slot.is_gpu else CPU)
         log.info("job %s: done in %.1f s -> %s", job.id, elapsed, result)
         return JobState.DONE.value
 
@@ -336,7 +352,7 @@ class JobRunner:
 
     def _reconstruct(self, job: Job, pipeline: Pipeline) -> tuple[Path, ProgressReporter]:
         progress = ProgressReporter(self.store, job.id, fence=job.attempts)
-        self.store.update(job.id, fence=job.attempts, warnings=[], report={})  # an earlier run said nothing here
+        progress.clear()  # an earlier run's warnings and report are not this run's
         params = dict(job.params)
         params["sequence_dir"] = str(self.settings.sequence_folder)  # a folder: only ever set here
         if self.slot.is_gpu and not self.slot.simulated:

@@ -1,4 +1,7 @@
-"""``/api/auth``: staff sign-in (a session cookie), sign-out, and who the API takes the viewer for."""
+"""``/api/auth``: staff sign-in (a session cookie), sign-out, and who the API takes the viewer for.
+
+A sign-in takes one attempt from its limits before the credential is checked (:meth:`StaffAuth.reserve`):
+parallel guesses past a limit get 429 without a password check run for them."""
 
 from __future__ import annotations
 
@@ -6,8 +9,9 @@ import logging
 
 from fastapi import APIRouter, HTTPException, Request, Response
 
-from reconq.api import auth
-from reconq.api.deps import PrincipalDep, RedisDep, SettingsDep
+from reconq.api.auth import SESSION_COOKIE
+from reconq.api.deps import AuthDep, PrincipalDep, SettingsDep, client_address
+from reconq.api.middleware import tls_on
 from reconq.api.problems import INVALID, VIEW_ERRORS, problem
 from reconq.api.schemas import Me, SignIn
 
@@ -17,34 +21,38 @@ router = APIRouter(prefix="/api/auth", tags=["auth"], responses={**VIEW_ERRORS, 
 
 
 @router.post("/signin", response_model=Me, summary="Sign in as staff (sets a session cookie)",
-             responses={401: problem("Wrong credentials"), 429: problem("Too many failed sign-ins")})
-def sign_in(body: SignIn, request: Request, response: Response, settings: SettingsDep, client: RedisDep) -> Me:
-    label = body.name if body.password else "<token>"
+             responses={401: problem("Wrong credentials"), 413: problem("Body too large"),
+                        429: problem("Too many failed sign-ins")})
+def sign_in(body: SignIn, request: Request, response: Response, settings: SettingsDep, auth: AuthDep) -> Me:
     if not (body.token or (body.name and body.password)):
         raise HTTPException(422, "give a name and password, or a token")
-    if auth.too_many_failures(client, label):
-        raise HTTPException(429, "too many failed sign-ins; wait a minute")
-    if body.token:
-        name = auth.token_owner(settings, body.token)
-    else:
-        stored = settings.staff_passwords.get(body.name)
-        name = body.name if stored and auth.verify_secret(body.password, stored) else None
-    if name is None:
-        auth.record_failure(client, label)
+    address = client_address(request)
+    name = None if body.token else body.name  # a token is limited per address: no name to change
+    refusal = auth.reserve(address, name)
+    if refusal is not None:
+        log.warning("sign-in as %r from %s refused: too many failed sign-ins %s", name or "<token>", address,
+                    refusal.reason)
+        raise HTTPException(429, f"too many failed sign-ins {refusal.reason}; try again in {refusal.retry_after_s} s",
+                            headers={"Retry-After": str(refusal.retry_after_s)})
+    cred = auth.token_credential(body.token) if body.token else auth.password_credential(body.name, body.password)
+    if cred is None:
+        log.warning("failed staff sign-in as %r from %s", name or "<token>", address)
         raise HTTPException(401, "wrong name, password or token")
-    session = auth.start_session(client, name, settings.session_ttl_s)
-    response.set_cookie(auth.SESSION_COOKIE, session, max_age=settings.session_ttl_s, httponly=True,
-                        samesite="strict", secure=request.url.scheme == "https")
-    log.info("staff %r signed in (%s)", name, "token" if body.token else "password")
-    return Me(name=name, staff=True, public_read=settings.dashboard_public_read)
+    auth.succeeded(address, name)
+    session = auth.start_session(cred)
+    response.set_cookie(SESSION_COOKIE, session, max_age=settings.session_ttl_s, httponly=True, samesite="strict",
+                        secure=tls_on(settings, request.url.scheme))
+    log.info("staff %r (%s) signed in from %s (%s)", cred.name, cred.role, address, cred.kind)
+    return Me(name=cred.name, staff=True, public_read=settings.dashboard_public_read)
 
 
 @router.post("/signout", response_model=Me, summary="End the dashboard session")
-def sign_out(request: Request, response: Response, settings: SettingsDep, client: RedisDep) -> Me:
-    cookie = request.cookies.get(auth.SESSION_COOKIE)
+def sign_out(request: Request, response: Response, settings: SettingsDep, auth: AuthDep) -> Me:
+    cookie = request.cookies.get(SESSION_COOKIE)
     if cookie:
-        auth.end_session(client, cookie)
-    response.delete_cookie(auth.SESSION_COOKIE)
+        auth.end_session(cookie)
+    response.delete_cookie(SESSION_COOKIE, httponly=True, samesite="strict",
+                           secure=tls_on(settings, request.url.scheme))
     return Me(name="", staff=False, public_read=settings.dashboard_public_read)
 
 

@@ -18,6 +18,7 @@ from reconq.api.deps import JobId, JobStoreDep, ScanStoreDep, StaffDep, ViewerDe
 from reconq.api.problems import JOB_ERRORS, Responses, problem
 from reconq.api.schemas import BINARY, ActionRecord, JobDetail, JobOut, JobPage, StageTiming
 from reconq.core.jobs import Job, JobStore
+from reconq.core.results import result_file
 from reconq.core.states import JobState
 from reconq.core.storage import ScanStore
 
@@ -32,18 +33,22 @@ def job_or_404(store: JobStore, job_id: str) -> Job:
     job = store.get(job_id)
     if job is None:
         raise HTTPException(404, f"no job {job_id!r}")
+    if job.id != job_id:  # a record whose id is not its key's was not written by ReconQ
+        log.warning("job %r: its record names the id %r; refused", job_id, job.id)
+        raise HTTPException(404, f"no job {job_id!r}")
     return job
 
 
 def _result_file(job: Job, scans: ScanStore) -> Path | None:
-    """The job's result file under the data root, or None (not done, no file, or a path that leaves the
-    data root: a record in Redis names no file outside it)."""
-    if job.state is not JobState.DONE or not job.result_path:
+    """The job's result file, or None (not done, or no file there). Its name is derived from the job's ids
+    and run under this data root (:func:`~reconq.core.results.result_file`), never read from the record:
+    whoever writes Redis cannot make the API serve another file (``result_path`` is only information)."""
+    if job.state is not JobState.DONE:
         return None
     try:
-        path = scans.resolve(job.result_path)
+        path = result_file(scans, job)
     except ValueError as e:
-        log.warning("job %s: result path refused: %s", job.id, e)
+        log.warning("job %s: no result file: %s", job.id, e)
         return None
     return path if path.is_file() else None
 

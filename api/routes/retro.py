@@ -1,4 +1,4 @@
-"""Retro-recon: new jobs on stored scans, with another pipeline or parameters (staff)."""
+"""Retro-recon: new jobs on stored scans, with another pipeline or parameters (technologists and admins)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Body
 
-from reconq.api.deps import ActionsDep, ScanId, StaffDep
+from reconq.api.deps import ActionsDep, ScanId, TechnologistDep
 from reconq.api.problems import ACTION_ERRORS, problem
 from reconq.api.schemas import JobOut, RetroBatch, RetroRecon
 
@@ -16,12 +16,13 @@ router = APIRouter(prefix="/api", tags=["actions"], responses={
 
 @router.post("/scans/{scan_id}/jobs", response_model=JobOut, status_code=201,
              summary="Retro-recon: a new job on a stored scan")
-def retro_recon(scan_id: ScanId, actions: ActionsDep, who: StaffDep, body: Annotated[RetroRecon, Body()]) -> JobOut:
+def retro_recon(scan_id: ScanId, actions: ActionsDep, who: TechnologistDep,
+                body: Annotated[RetroRecon, Body()]) -> JobOut:
     return JobOut.of(actions.retro_recon(scan_id, body.pipeline, body.params, body.queue, who.name), who.staff)
 
 
 @router.post("/retro", response_model=list[JobOut], status_code=201,
              summary="Retro-recon of several scans as one batch (all checked first; placed together)")
-def retro_recon_batch(actions: ActionsDep, who: StaffDep, body: Annotated[RetroBatch, Body()]) -> list[JobOut]:
+def retro_recon_batch(actions: ActionsDep, who: TechnologistDep, body: Annotated[RetroBatch, Body()]) -> list[JobOut]:
     jobs = actions.retro_recon_many(body.scan_ids, body.pipeline, body.params, body.queue, who.name)
     return [JobOut.of(job, who.staff) for job in jobs]

@@ -68,10 +68,17 @@ const ReconQ = {
     return `${Math.floor(s / 3600)} h ${Math.floor((s % 3600) / 60)} min`;
   },
 
+  // A progress bar as HTML; its width is set by paintBars (the Content-Security-Policy allows no inline styles).
   bar(job) {
     const pct = Math.round((job.progress || 0) * 100);
-    return `<div class="bar" title="${pct} %"><div class="fill state-${job.state}" style="width:${pct}%"></div></div>` +
+    return `<div class="bar" title="${pct} %"><div class="fill state-${job.state}" data-pct="${pct}"></div></div>` +
       `<span class="stage">${pct} % ${ReconQ.esc(job.stage)}</span>`;
+  },
+
+  paintBars(root) {
+    const fills = root.matches && root.matches(".fill[data-pct]") ? [root] : [];
+    if (root.querySelectorAll) fills.push(...root.querySelectorAll(".fill[data-pct]"));
+    for (const f of fills) f.style.width = `${f.dataset.pct}%`;
   },
 
   async loadMe(onChange) {
@@ -148,3 +155,8 @@ const ReconQ = {
     return () => { clearTimeout(timer); timer = setTimeout(fn, ms); };
   },
 };
+
+// Every progress bar put into the page gets its width, whichever view drew it.
+new MutationObserver((records) => {
+  for (const r of records) for (const n of r.addedNodes) if (n.nodeType === Node.ELEMENT_NODE) ReconQ.paintBars(n);
+}).observe(document.documentElement, { childList: true, subtree: true });
