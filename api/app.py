@@ -20,12 +20,14 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
+from reconq.api.audit import AuditLog
 from reconq.api.auth import StaffAuth, check_auth_settings, load_secret
 from reconq.api.deps import ViewerDep
 from reconq.api.middleware import HttpSecurity
 from reconq.api.problems import add_error_handlers
 from reconq.api.routes import ROUTERS
 from reconq.api.routes.pages import STATIC
+from reconq.api.schemas import Masker
 from reconq.core.jobs import JobStore
 from reconq.core.settings import Settings, SettingsError
 from reconq.core.storage import ScanStore
@@ -100,7 +102,10 @@ def create_api(settings: Settings, jobs: JobStore, scans: ScanStore, actions: Ac
     app.state.scans = scans
     app.state.actions = actions
     app.state.redis_url = _redis_url(settings, jobs.redis)
-    app.state.auth = StaffAuth(settings, jobs.redis, load_secret(settings.data_dir))
+    secret = load_secret(settings.data_dir)
+    app.state.auth = StaffAuth(settings, jobs.redis, secret)
+    app.state.masker = Masker(secret)
+    app.state.audit = AuditLog(settings.data_dir, jobs.redis)
     add_error_handlers(app)
     for router in ROUTERS:
         app.include_router(router)

@@ -6,13 +6,16 @@ A route names what it needs by type (``store: JobStoreDep``, ``who: StaffDep``),
 
 from __future__ import annotations
 
+import contextlib
 from typing import Annotated
 
 import redis
 from fastapi import Depends, HTTPException, Request
 from fastapi import Path as PathParam
 
+from reconq.api.audit import AuditError, AuditLog
 from reconq.api.auth import ACTION_HEADER, ANONYMOUS, SESSION_COOKIE, Principal, Role, StaffAuth
+from reconq.api.schemas import Masker, View
 from reconq.core.jobs import JobStore
 from reconq.core.settings import Settings
 from reconq.core.storage import ScanStore
@@ -41,6 +44,14 @@ def get_redis(request: Request) -> redis.Redis:
 
 def get_auth(request: Request) -> StaffAuth:
     return request.app.state.auth
+
+
+def get_audit_log(request: Request) -> AuditLog:
+    return request.app.state.audit
+
+
+def get_masker(request: Request) -> Masker:
+    return request.app.state.masker
 
 
 def client_address(request: Request) -> str:
@@ -130,3 +141,41 @@ ViewerDep = Annotated[Principal, Depends(viewer)]
 StaffDep = Annotated[Principal, Depends(staff)]
 TechnologistDep = Annotated[Principal, Depends(technologist)]
 AdminDep = Annotated[Principal, Depends(admin)]
+
+
+def view_of(who: ViewerDep, masker: Annotated[Masker, Depends(get_masker)]) -> View:
+    """How this viewer sees patient data: ``None`` (everything) for staff, the masker for anonymous viewers
+    (:meth:`reconq.api.schemas.JobOut.of`)."""
+    return None if who.staff else masker
+
+
+#: How the viewer sees patient data (None: staff, unmasked).
+ViewDep = Annotated[View, Depends(view_of)]
+
+
+class Audit:
+    """Records, in the audit log (:mod:`reconq.api.audit`), what this request's principal does to a job."""
+
+    def __init__(self, log: AuditLog, who: Principal, address: str) -> None:
+        self.log, self.who, self.address = log, who, address
+
+    def noted(self, action: str, job_id: str, detail: str = "") -> None:
+        """A view or an action: recorded; a line that cannot be written is logged (as an error) and the
+        request goes ahead."""
+        with contextlib.suppress(AuditError):  # logged (as an error) by AuditLog.record
+            self.log.record(self.who, action, job_id, self.address, detail)
+
+    def required(self, action: str, job_id: str, detail: str = "") -> None:
+        """Patient data about to leave (a download, a preview): recorded first, or 503 and nothing leaves."""
+        try:
+            self.log.record(self.who, action, job_id, self.address, detail)
+        except AuditError as e:
+            raise HTTPException(503, f"{e}: patient data is served only when its access is recorded") from e
+
+
+def audit_of(request: Request, who: PrincipalDep, log: Annotated[AuditLog, Depends(get_audit_log)]) -> Audit:
+    return Audit(log, who, client_address(request))
+
+
+#: The audit log, bound to who asks and from where.
+AuditDep = Annotated[Audit, Depends(audit_of)]

@@ -7,12 +7,15 @@ The services hand out plain records (:class:`reconq.core.jobs.Job`, the dataclas
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import hmac
 import time
 from typing import Annotated, Any
 
 from pydantic import BaseModel, Field
 from typing_extensions import TypeAliasType
 
+from reconq.api.auth import Role
 from reconq.core.constants import Queue
 from reconq.core.jobs import Job
 from reconq.core.states import JobState
@@ -28,11 +31,25 @@ TEXT = {"schema": {"type": "string"}}
 
 # --- jobs -----------------------------------------------------------------------------------------
 
-def mask(patient_id: str) -> str:
-    """A patient ID as anonymous viewers see it: first and last character only."""
-    if len(patient_id) <= 2:
-        return "*" * len(patient_id)
-    return patient_id[0] + "*" * (len(patient_id) - 2) + patient_id[-1]
+class Masker:
+    """Patient identifiers as anonymous (public-read) viewers see them: a prefix and the first 6 hex digits of
+    an HMAC-SHA256 of the value, keyed with a key derived from the server secret
+    (:func:`reconq.api.auth.load_secret`), e.g. ``P-3fa9c2``. Stable per value (jobs of one patient can be
+    told apart from another's), but not a bare hash: without the secret, no small ID space can be searched
+    for a match. Every masking for anonymous viewers goes through :meth:`JobOut.of` and :meth:`ExamOut.of`."""
+
+    def __init__(self, secret: bytes) -> None:
+        self._key = hmac.new(secret, b"reconq public-read mask v1", hashlib.sha256).digest()
+
+    def mask(self, value: str, prefix: str = "P") -> str:
+        """``value`` masked (``""`` stays ``""``: there is nothing to tell apart)."""
+        if not value:
+            return ""
+        return f"{prefix}-{hmac.new(self._key, value.encode(), hashlib.sha256).hexdigest()[:6]}"
+
+
+#: Who sees what: ``None`` for staff (everything unmasked), a :class:`Masker` for anonymous viewers.
+View = Masker | None
 
 
 def run_time(job: Job, now: float) -> float | None:
@@ -67,18 +84,26 @@ class JobOut(BaseModel):
     gpu: str
     error: str
     protocol: str
-    measurement_id: str
-    patient: str = Field(description="Patient ID; masked for viewers who are not signed in as staff")
+    measurement_id: str = Field(description="The scanner's measurement id; empty for viewers who are not signed in")
+    patient: str = Field(description="Patient ID; masked (`P-` and 6 hex digits of a keyed hash) for viewers who are "
+                                     "not signed in as staff")
     has_images: bool
     warnings: list[str] = Field(default_factory=list, description="What the recon warned of (sent to the "
                                                                   "retrieval scan as WRN)")
 
+    redacted: bool = Field(False, description="True for viewers who are not signed in: no parameters, log, "
+                                              "report, previews or measurement id, the patient ID masked")
+
     @classmethod
-    def of(cls, job: Job, staff: bool, now: float | None = None) -> JobOut:
-        """``job`` as a viewer sees it (``staff``: the patient ID unmasked)."""
+    def of(cls, job: Job, view: View, now: float | None = None) -> JobOut:
+        """``job`` as a viewer sees it: everything for staff (``view`` None); for anonymous viewers (a
+        :class:`Masker`) the patient ID masked and no parameters or measurement id."""
         data = job.public()
         data["has_images"] = job.state is JobState.DONE and bool(job.result_path)
-        data["patient"] = job.patient_id if staff else mask(job.patient_id)
+        if view is None:
+            data["patient"] = job.patient_id
+        else:
+            data.update(patient=view.mask(job.patient_id), measurement_id="", params={}, redacted=True)
         data["run_time_s"] = run_time(job, time.time() if now is None else now)
         data["memory_estimate_gb"] = round(job.mem_estimate_bytes / 1e9, 2) if job.mem_estimate_bytes else None
         data["expected_run_time_s"] = job.runtime_estimate_s or None
@@ -99,7 +124,7 @@ class ActionRecord(BaseModel):
 
 
 class JobDetail(JobOut):
-    """One job with everything the job page shows."""
+    """One job with everything the job page shows (for anonymous viewers: no log, report or previews)."""
 
     log: list[str]
     stages: list[StageTiming]
@@ -141,14 +166,18 @@ class ExamOut(BaseModel):
     """One patient and study (or one scan without either: ``identified`` false) and its series."""
 
     patient: str = Field(description="Patient ID; masked for viewers who are not signed in as staff")
-    study_uid: str
+    study_uid: str = Field(description="Study instance UID; masked (`S-` and 6 hex digits) for viewers who are not "
+                                       "signed in as staff")
     identified: bool = Field(description="False: the scan has no patient ID or study UID")
     first_at: float = Field(description="When its first job was created (epoch seconds)")
     series: list[SeriesOut] = Field(description="In the order of their first job")
 
     @classmethod
-    def of(cls, exam: Exam, staff: bool) -> ExamOut:
-        return cls(patient=exam.patient_id if staff else mask(exam.patient_id), study_uid=exam.study_uid,
+    def of(cls, exam: Exam, view: View) -> ExamOut:
+        """``exam`` as a viewer sees it (see :meth:`JobOut.of`)."""
+        patient, study = ((exam.patient_id, exam.study_uid) if view is None
+                          else (view.mask(exam.patient_id), view.mask(exam.study_uid, "S")))
+        return cls(patient=patient, study_uid=study,
                    identified=exam.identified, first_at=exam.first_at,
                    series=[SeriesOut.model_validate(s, from_attributes=True) for s in exam.series])
 
@@ -233,6 +262,8 @@ class Me(BaseModel):
 
     name: str
     staff: bool
+    role: Role | None = Field(None, description="viewer, technologist or admin; null when not signed in (the "
+                                                "dashboard offers the actions the role may do)")
     public_read: bool = Field(description="Whether viewing without sign-in is allowed")
 
 

@@ -29,8 +29,8 @@ from reconq.core.constants import (
     JOB_SEQ,
     JOB_STAGES,
     JOBS_INDEX,
-    RUNNING_JOBS,
     RETRIEVALS,
+    RUNNING_JOBS,
     SCAN_JOB_SEQ,
     SCAN_JOBS,
 )
@@ -258,7 +258,7 @@ class JobStore:
         of the job, or ``now`` while it runs)."""
         marks = [json.loads(m) for m in self.redis.lrange(JOB_STAGES + job.id, 0, -1)]
         end = job.finished_at or (time.time() if now is None else now)
-        ends = [m["at"] for m in marks[1:]] + [end]
+        ends = [m["at"] for m in marks[1:]] + [end] if marks else []
         return [StageTiming(m["stage"], m["at"], max(0.0, nxt - m["at"]))
                 for m, nxt in zip(marks, ends, strict=True) if m["stage"]]
 

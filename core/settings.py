@@ -53,6 +53,10 @@ class Settings(BaseSettings):
     reconcile_interval_s: float = Field(60.0, gt=0, description="How often the gateway queues complete "
                                         "scans that have no job (after a Redis outage)")
     plugin_dir: Path | None = Field(None, description="Folder of recon plugins (*.py defining recon())")
+    load_plugins_at_submit: bool = Field(
+        True, description="The gateway and the API import the plugins' code (their estimates at submit); false: "
+        "they read the plugins' names only, without running their code, and workers estimate plugin jobs"
+    )
     sequence_dir: Path | None = Field(
         None, description="Folder of Pulseq .seq files scans' trajectories come from (default: <data dir>/sequences)"
     )

@@ -115,12 +115,12 @@ def test_jobs_list_one_job_and_images(api, store, settings, tmp_path):
 
     page = api.get("/api/jobs", params={"limit": 2}).json()
     assert page["total"] == 3 and [j["id"] for j in page["jobs"]] == ["j2", "j1"]
-    assert page["jobs"][0]["patient"] == "S****T" and "patient_id" not in page["jobs"][0]
+    assert page["jobs"][0]["patient"].startswith("P-") and "patient_id" not in page["jobs"][0]  # masked
     assert api.get("/api/jobs", headers=STAFF).json()["jobs"][0]["patient"] == "SECRET"
     done = api.get("/api/jobs", params={"state": "done"}).json()
     assert [j["id"] for j in done["jobs"]] == ["j1"] and done["jobs"][0]["has_images"]
 
-    one = api.get("/api/jobs/j1").json()
+    one = api.get("/api/jobs/j1", headers=STAFF).json()  # the log and previews: staff only
     assert one["state"] == "done" and one["progress"] == 1.0 and one["finished_at"] is not None
     assert one["image_count"] == 3 and one["previews"] == [0, 1, 2] and "state done" in one["log"][-1]
 
@@ -150,10 +150,11 @@ def test_previews_and_dicom(api, store, settings):
     store.set_state("d1", JobState.RUNNING, attempts=1)
     store.set_state("d1", JobState.DONE, result_path=stored)
 
-    png = api.get("/api/jobs/d1/previews/2.png")
+    assert api.get("/api/jobs/d1/previews/2.png").status_code == 401  # previews carry the patient: staff only
+    png = api.get("/api/jobs/d1/previews/2.png", headers=STAFF)
     assert png.status_code == 200 and png.headers["content-type"] == "image/png"
     assert PILImage.open(io.BytesIO(png.content)).size == (32, 32)
-    missing = api.get("/api/jobs/d1/previews/9.png")
+    missing = api.get("/api/jobs/d1/previews/9.png", headers=STAFF)
     assert missing.status_code == 404 and "out of range (the result has 3)" in missing.json()["detail"]
 
     z = api.get("/api/jobs/d1/dicom", headers=STAFF)
@@ -208,7 +209,7 @@ def test_refusals_say_what_is_wrong(api, store):
     r = api.get("/api/jobs/q1/images", headers=STAFF)
     assert r.status_code == 409 and "has no images (state queued)" in r.json()["detail"]
     assert api.get("/api/jobs/q1/dicom", headers=STAFF).status_code == 409
-    assert api.get("/api/jobs/q1/previews/0.png").status_code == 409
+    assert api.get("/api/jobs/q1/previews/0.png", headers=STAFF).status_code == 409
     r = api.get("/api/jobs", headers={"Authorization": "Bearer wrong"})
     assert r.status_code == 401 and "bearer token is not valid" in r.json()["detail"]
 
@@ -225,7 +226,7 @@ def test_viewing_needs_sign_in_unless_settings_allow(closed_api, store):
 
 
 def test_sign_in_by_password_or_token_and_out(closed_api, caplog):
-    assert closed_api.get("/api/auth/me").json() == {"name": "", "staff": False, "public_read": False}
+    assert closed_api.get("/api/auth/me").json() == {"name": "", "staff": False, "role": None, "public_read": False}
     bad = closed_api.post("/api/auth/signin", json={"name": "alice", "password": "wrong"})
     assert bad.status_code == 401 and bad.json()["detail"] == "wrong name, password or token"
     r = closed_api.post("/api/auth/signin", json={"name": "alice"})

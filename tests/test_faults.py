@@ -48,7 +48,8 @@ def test_workers_killed_whole_three_times_over_ten_jobs_every_job_done_once(own_
     assert len(lost) == 3 and all(j.attempts == 2 and j.lost_runs == 1 for j in lost), run.jobs
     assert all(j.attempts == 1 for j in run.jobs if not j.lost_runs)
     ttl, beat = faultkit.FAST_BEATS["heartbeat_ttl_s"], faultkit.FAST_BEATS["heartbeat_interval_s"]
-    assert len(run.recover_s) == 3 and all(s < ttl + beat + 2.0 for s in run.recover_s), run.recover_s
+    # (plus a margin for a loaded 2-CPU machine; the broker alone would take hours)
+    assert len(run.recover_s) == 3 and all(s < ttl + beat + 5.0 for s in run.recover_s), run.recover_s
 
 
 def test_sigterm_hands_a_long_recon_back_after_the_grace_period(own_redis, tmp_path):

@@ -190,6 +190,7 @@ def test_the_gateway_starts_and_serves_while_redis_is_down(server, settings, sto
 
     server.start()
     wait_until(all_queued(store, settings, [record]), BACK_BOUND_S)
+    wait_until(lambda: (j := store.get(f"{cut.scan_id}-j1")) is not None and j.state is JobState.FAILED, BACK_BOUND_S)
     cut_job = store.get(f"{cut.scan_id}-j1")
     assert cut_job is not None and cut_job.state is JobState.FAILED
     assert cut_job.error.startswith("scan incomplete: ")

@@ -21,7 +21,7 @@ from reconq.core.constants import CPU_QUEUE, JOB_KEY, RUN_JOB_TASK
 from reconq.core.jobs import Job, JobStore
 from reconq.core.mrdfile import MrdFileError
 from reconq.core.redisconn import connect
-from reconq.core.results import write_images
+from reconq.core.results import result_file, write_images
 from reconq.core.sender import TaskSender
 from reconq.core.settings import Settings
 from reconq.core.states import JobState
@@ -364,7 +364,7 @@ class JobRunner:
             raise ReconError(f"pipeline {job.pipeline} produced no images")
         progress(0.99, "storing")
         # one file per run: a superseded run that still finishes cannot overwrite the images of the newer one
-        path = self.scans.result_path(job.scan_id, job.id).with_name(f"{job.id}-run{job.attempts}.h5")
+        path = result_file(self.scans, job)  # job.attempts is this run's number
         write_images(path, images, xml)
         with contextlib.suppress(redis.RedisError):  # the outcome, written next, is tried again; a log line not
             self.store.log(job.id, f"{len(images)} images stored")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from reconq.api.deps import ActionsDep, JobId, TechnologistDep
+from reconq.api.deps import ActionsDep, AuditDep, JobId, TechnologistDep
 from reconq.api.problems import ACTION_ERRORS
 from reconq.api.schemas import JobOut, PriorityChange
 
@@ -13,15 +13,22 @@ router = APIRouter(prefix="/api/jobs", tags=["actions"], responses=ACTION_ERRORS
 
 
 @router.post("/{job_id}/retry", response_model=JobOut, summary="Queue a failed job again")
-def retry_job(job_id: JobId, actions: ActionsDep, who: TechnologistDep) -> JobOut:
-    return JobOut.of(actions.retry(job_id, who.name), who.staff)
+def retry_job(job_id: JobId, actions: ActionsDep, who: TechnologistDep, audit: AuditDep) -> JobOut:
+    job = actions.retry(job_id, who.name)
+    audit.noted("retry", job_id)
+    return JobOut.of(job, None)
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut, summary="Cancel a queued or running job")
-def cancel_job(job_id: JobId, actions: ActionsDep, who: TechnologistDep) -> JobOut:
-    return JobOut.of(actions.cancel(job_id, who.name), who.staff)
+def cancel_job(job_id: JobId, actions: ActionsDep, who: TechnologistDep, audit: AuditDep) -> JobOut:
+    job = actions.cancel(job_id, who.name)
+    audit.noted("cancel", job_id)
+    return JobOut.of(job, None)
 
 
 @router.post("/{job_id}/priority", response_model=JobOut, summary="Move a queued job to another queue")
-def change_priority(job_id: JobId, body: PriorityChange, actions: ActionsDep, who: TechnologistDep) -> JobOut:
-    return JobOut.of(actions.set_priority(job_id, body.queue, who.name), who.staff)
+def change_priority(job_id: JobId, body: PriorityChange, actions: ActionsDep, who: TechnologistDep,
+                    audit: AuditDep) -> JobOut:
+    job = actions.set_priority(job_id, body.queue, who.name)
+    audit.noted("priority", job_id, f"to {body.queue.value}")
+    return JobOut.of(job, None)

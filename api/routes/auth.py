@@ -43,7 +43,7 @@ def sign_in(body: SignIn, request: Request, response: Response, settings: Settin
     response.set_cookie(SESSION_COOKIE, session, max_age=settings.session_ttl_s, httponly=True, samesite="strict",
                         secure=tls_on(settings, request.url.scheme))
     log.info("staff %r (%s) signed in from %s (%s)", cred.name, cred.role, address, cred.kind)
-    return Me(name=cred.name, staff=True, public_read=settings.dashboard_public_read)
+    return Me(name=cred.name, staff=True, role=cred.role, public_read=settings.dashboard_public_read)
 
 
 @router.post("/signout", response_model=Me, summary="End the dashboard session")
@@ -58,4 +58,4 @@ def sign_out(request: Request, response: Response, settings: SettingsDep, auth: 
 
 @router.get("/me", response_model=Me, summary="Who the API takes this viewer for")
 def me(who: PrincipalDep, settings: SettingsDep) -> Me:
-    return Me(name=who.name, staff=who.staff, public_read=settings.dashboard_public_read)
+    return Me(name=who.name, staff=who.staff, role=who.role, public_read=settings.dashboard_public_read)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -23,8 +24,22 @@ SSE_KEEPALIVE_S = 15.0
 
 router = APIRouter(prefix="/api", tags=["status"])
 
+#: What an event may tell a viewer who is not signed in (public read): ids and states, nothing of the patient.
+PUBLIC_EVENT_KEYS = ("id", "state", "progress", "stage", "action")
 
-async def _event_stream(request: Request, redis_url: str) -> AsyncIterator[str]:
+
+def public_event(data: str) -> str | None:
+    """An event as anonymous viewers get it: only :data:`PUBLIC_EVENT_KEYS` (None: not a JSON object, dropped)."""
+    try:
+        event = json.loads(data)
+    except ValueError:
+        return None
+    if not isinstance(event, dict):
+        return None
+    return json.dumps({k: event[k] for k in PUBLIC_EVENT_KEYS if k in event})
+
+
+async def _event_stream(request: Request, redis_url: str, staff: bool) -> AsyncIterator[str]:
     client = aioredis.Redis.from_url(redis_url, decode_responses=True)
     pubsub = client.pubsub()
     try:
@@ -34,7 +49,9 @@ async def _event_stream(request: Request, redis_url: str) -> AsyncIterator[str]:
         while not await request.is_disconnected():
             msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
             if msg is not None:
-                yield f"data: {msg['data']}\n\n"
+                data = msg["data"] if staff else public_event(msg["data"])
+                if data is not None:
+                    yield f"data: {data}\n\n"
                 quiet_since = time.monotonic()
             elif time.monotonic() - quiet_since > SSE_KEEPALIVE_S:
                 yield ": keep-alive\n\n"
@@ -51,5 +68,5 @@ async def _event_stream(request: Request, redis_url: str) -> AsyncIterator[str]:
                                             "description": "`data:` JSON {id, state?, progress?, stage?, "
                                                            "action?} per change"}})
 async def events(request: Request, redis_url: RedisUrlDep, who: ViewerDep) -> StreamingResponse:
-    return StreamingResponse(_event_stream(request, redis_url), media_type="text/event-stream",
+    return StreamingResponse(_event_stream(request, redis_url, who.staff), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

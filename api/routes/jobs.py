@@ -14,7 +14,7 @@ from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, Response
 
 from reconq.api import exports
-from reconq.api.deps import JobId, JobStoreDep, ScanStoreDep, StaffDep, ViewerDep
+from reconq.api.deps import AuditDep, JobId, JobStoreDep, ScanStoreDep, StaffDep, ViewDep
 from reconq.api.problems import JOB_ERRORS, Responses, problem
 from reconq.api.schemas import BINARY, ActionRecord, JobDetail, JobOut, JobPage, StageTiming
 from reconq.core.jobs import Job, JobStore
@@ -67,7 +67,7 @@ def _epoch(value: datetime | None) -> float | None:
 @router.get("", response_model=JobPage, summary="Jobs, newest first, filtered", responses=JOB_ERRORS)
 def list_jobs(
     store: JobStoreDep,
-    who: ViewerDep,
+    view: ViewDep,
     offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     state: JobState | None = None,
@@ -80,44 +80,52 @@ def list_jobs(
         raise HTTPException(422, "`since` must be before `until`")
     jobs, total = store.query(offset, limit, state, protocol, lo, hi)
     now = time.time()
-    return JobPage(total=total, offset=offset, limit=limit, jobs=[JobOut.of(j, who.staff, now) for j in jobs])
+    return JobPage(total=total, offset=offset, limit=limit, jobs=[JobOut.of(j, view, now) for j in jobs])
 
 
 @router.get("/{job_id}", response_model=JobDetail, summary="One job, with its log, stages and actions",
             responses=JOB_ERRORS)
-def get_job(job_id: JobId, store: JobStoreDep, scans: ScanStoreDep, who: ViewerDep) -> JobDetail:
+def get_job(job_id: JobId, store: JobStoreDep, scans: ScanStoreDep, view: ViewDep, audit: AuditDep) -> JobDetail:
     job = job_or_404(store, job_id)
     path = _result_file(job, scans)
     count = exports.count_images(path) if path is not None else 0
-    return JobDetail(**JobOut.of(job, who.staff).model_dump(), log=store.log_lines(job_id),
+    audit.noted("view", job_id)
+    staff = view is None  # anonymous viewers (public read) get no log, report or previews
+    return JobDetail(**JobOut.of(job, view).model_dump(), log=store.log_lines(job_id) if staff else [],
                      stages=[StageTiming.model_validate(t, from_attributes=True) for t in store.stage_timings(job)],
                      actions=[ActionRecord(**a) for a in store.actions(job_id)],
-                     previews=exports.preview_indexes(count), image_count=count, report=job.report)
+                     previews=exports.preview_indexes(count) if staff else [], image_count=count,
+                     report=job.report if staff else {})
 
 
 @router.get("/{job_id}/images", response_class=FileResponse, summary="The result MRD file (staff)",
             responses={**JOB_ERRORS, **NO_IMAGES, 200: {"content": {"application/x-hdf5": BINARY}}})
-def get_job_images(job_id: JobId, store: JobStoreDep, scans: ScanStoreDep, who: StaffDep) -> FileResponse:
+def get_job_images(job_id: JobId, store: JobStoreDep, scans: ScanStoreDep, who: StaffDep,
+                   audit: AuditDep) -> FileResponse:
     path = _result_or_409(job_or_404(store, job_id), scans)
+    audit.required("download-mrd", job_id)
     return FileResponse(path, media_type="application/x-hdf5", filename=f"{job_id}.h5")
 
 
 @router.get("/{job_id}/dicom", response_class=Response, summary="The result as DICOM files in a zip (staff)",
             responses={**JOB_ERRORS, **NO_IMAGES, 200: {"content": {"application/zip": BINARY}}})
-def get_job_dicom(job_id: JobId, store: JobStoreDep, scans: ScanStoreDep, who: StaffDep) -> Response:
+def get_job_dicom(job_id: JobId, store: JobStoreDep, scans: ScanStoreDep, who: StaffDep, audit: AuditDep) -> Response:
     job = job_or_404(store, job_id)
-    data = exports.dicom_zip(_result_or_409(job, scans), job.id, f"{job.protocol} {job.pipeline} ReconQ".strip())
+    path = _result_or_409(job, scans)
+    audit.required("download-dicom", job_id)
+    data = exports.dicom_zip(path, job.id, f"{job.protocol} {job.pipeline} ReconQ".strip())
     return Response(data, media_type="application/zip",
                     headers={"Content-Disposition": f'attachment; filename="{job_id}-dicom.zip"'})
 
 
-@router.get("/{job_id}/previews/{index}.png", response_class=Response, summary="PNG preview of one image",
+@router.get("/{job_id}/previews/{index}.png", response_class=Response, summary="PNG preview of one image (staff)",
             responses={**JOB_ERRORS, **NO_IMAGES, 200: {"content": {"image/png": BINARY}}})
 def get_preview(job_id: JobId, index: Annotated[int, PathParam(ge=0)], store: JobStoreDep, scans: ScanStoreDep,
-                who: ViewerDep) -> Response:
+                who: StaffDep, audit: AuditDep) -> Response:
     path = _result_or_409(job_or_404(store, job_id), scans)
     try:
         png = exports.preview_png(path, index)
     except IndexError as e:
         raise HTTPException(404, str(e)) from e
-    return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
+    audit.required("preview", job_id, f"image {index}")
+    return Response(png, media_type="image/png", headers={"Cache-Control": "no-store"})

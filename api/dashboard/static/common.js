@@ -2,7 +2,13 @@
 "use strict";
 
 const ReconQ = {
-  me: { name: "", staff: false, public_read: false },
+  me: { name: "", staff: false, role: null, public_read: false },
+  roles: ["viewer", "technologist", "admin"],  // each may what the one before it may, and more
+
+  // Whether the signed-in viewer has this role or a higher one (anonymous viewers have none).
+  may(role) {
+    return ReconQ.me.staff && ReconQ.roles.indexOf(ReconQ.me.role) >= ReconQ.roles.indexOf(role);
+  },
   vocab: null,  // GET /api/vocabulary: the job states, their transitions, the queues, the actions' states
 
   async api(path, options = {}) {
@@ -82,14 +88,15 @@ const ReconQ = {
   },
 
   async loadMe(onChange) {
-    try { ReconQ.me = await ReconQ.api("/api/auth/me"); } catch (e) { ReconQ.me = { name: "", staff: false }; }
+    try { ReconQ.me = await ReconQ.api("/api/auth/me"); } catch (e) { ReconQ.me = { name: "", staff: false, role: null }; }
     ReconQ.renderAuth(onChange);
   },
 
   renderAuth(onChange) {
     const el = document.getElementById("auth");
     if (ReconQ.me.staff) {
-      el.innerHTML = `<span>Signed in as <b id="who">${ReconQ.esc(ReconQ.me.name)}</b></span>` +
+      el.innerHTML = `<span>Signed in as <b id="who">${ReconQ.esc(ReconQ.me.name)}</b>` +
+        ` <span id="role" class="role">(${ReconQ.esc(ReconQ.me.role || "")})</span></span>` +
         `<button id="signout" type="button">Sign out</button>`;
       document.getElementById("signout").onclick = async () => {
         await ReconQ.api("/api/auth/signout", { method: "POST" });

@@ -48,16 +48,18 @@ function render(j, v) {
     fact("Expected run time", j.expected_run_time_s == null ? "not known" : ReconQ.duration(j.expected_run_time_s)) +
     fact("GPU memory", j.memory_estimate_gb == null ? "not estimated" : `${j.memory_estimate_gb} GB`) +
     fact("GPU", e(j.gpu)) + fact("Worker", e(j.worker));
-  document.getElementById("params").textContent = JSON.stringify(j.params, null, 2);
+  // what the server withholds from viewers who are not signed in (public read): parameters, log, previews
+  document.getElementById("params").textContent = j.redacted ? "Sign in as staff to see the parameters."
+    : JSON.stringify(j.params, null, 2);
   document.querySelector("#stages tbody").innerHTML = j.stages.map((s) =>
     `<tr><th>${e(s.stage)}</th><td>${ReconQ.time(s.started_at)}</td><td>${ReconQ.duration(s.seconds)}</td></tr>`).join("")
     || "<tr><td>not started</td></tr>";
-  const key = `${j.state}:${j.previews.join(",")}`;
+  const key = `${j.state}:${j.redacted}:${j.previews.join(",")}`;
   if (key !== previewsShown) {
     previewsShown = key;
     document.getElementById("previews").innerHTML = j.previews.length ? j.previews.map((i) =>
       `<img class="preview" alt="image ${i + 1} of ${j.image_count}" src="/api/jobs/${encodeURIComponent(j.id)}/previews/${i}.png">`
-    ).join("") : "none yet";
+    ).join("") : j.redacted && j.image_count ? "Sign in as staff to see the previews." : "none yet";
   }
   const base = `/api/jobs/${encodeURIComponent(j.id)}`;
   document.getElementById("downloads").innerHTML = !j.has_images ? "" : ReconQ.me.staff
@@ -71,7 +73,16 @@ function render(j, v) {
   for (const action of ["retry", "cancel", "priority"]) {
     document.getElementById(action).disabled = !v.actions[action].includes(j.state);
   }
-  document.getElementById("log").textContent = j.log.join("\n");
+  // the actions only for a role that may do them (technologist, admin); the server checks again
+  const mayAct = ReconQ.may("technologist");
+  document.getElementById("action-buttons").hidden = !mayAct;
+  document.getElementById("retro").hidden = !mayAct;
+  const hint = document.getElementById("act-hint");
+  hint.hidden = mayAct;
+  hint.textContent = mayAct ? "" : ReconQ.me.staff
+    ? `Your role (${ReconQ.me.role}) may only view; retry, cancel, move and retro-recon need a technologist.`
+    : "Sign in as a technologist to retry, cancel, move or retro-recon this job.";
+  document.getElementById("log").textContent = j.redacted ? "Sign in as staff to see the log." : j.log.join("\n");
   window.reconqJob = j;
 }
 
@@ -105,7 +116,11 @@ async function act(label, path, body) {
 
 const path = (what) => `/api/jobs/${encodeURIComponent(jobId)}/${what}`;
 document.getElementById("retry").onclick = () => act("Retry", path("retry"));
-document.getElementById("cancel").onclick = () => act("Cancel", path("cancel"));
+document.getElementById("cancel").onclick = () => {
+  if (window.confirm(`Cancel job ${jobId}? Its reconstruction stops and its images will not be made.`)) {
+    act("Cancel", path("cancel"));
+  }
+};
 document.getElementById("priority").onclick = () =>
   act("Priority", path("priority"), { queue: document.getElementById("queue").value });
 document.getElementById("retro").onsubmit = (ev) => {
