@@ -186,7 +186,7 @@ def cmd_exams(settings: Settings, args: argparse.Namespace) -> int:
     store = JobStore(connect(settings))
     exams = exams_of_day(store, store.redis, *day_bounds(day), time.time())
     if args.json:  # as GET /api/exams for staff
-        print(ExamDay(day=day.isoformat(), exams=[ExamOut.of(e, staff=True) for e in exams]).model_dump_json(indent=2))
+        print(ExamDay(day=day.isoformat(), exams=[ExamOut.of(e, None) for e in exams]).model_dump_json(indent=2))
         return 0
     for exam in exams:
         who = f"{exam.patient_id} / {exam.study_uid}" if exam.identified else f"(no patient or study) {exam.patient_id}"

@@ -38,7 +38,7 @@ from reconq.core.states import JobState
 from reconq.core.storage import ScanStore
 from reconq.recon.simulate import synthetic_scan, write_mrd
 from reconq.scheduler.submit import enqueue
-from reconq.stack import settings_env
+from reconq.stack import child_env
 from reconq.workers.testpipelines import COMPLETED
 
 #: Heartbeats fast enough that a dead worker is noticed within seconds.
@@ -61,6 +61,27 @@ def wait_until(what: Callable[[], Any], timeout: float, poll: float = 0.1) -> An
     return value
 
 
+def spawn_worker(settings: Settings, log_path: Path, *args: str, ready: int = 1, new_session: bool = False,
+                 prefix: tuple[str, ...] | list[str] = ()) -> subprocess.Popen[bytes]:
+    """A real ``reconq worker ARGS`` process (default ``--concurrency 1``) on ``settings``, its output in
+    ``log_path``; waits until ``ready`` Celery workers report ready (RuntimeError with the log if not).
+    ``new_session``: in a process group of its own (which a test may kill whole); ``prefix``: a command to
+    run it under (``unshare ...``, say)."""
+    with open(log_path, "wb") as log:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen([*prefix, sys.executable, "-m", "reconq.cli", "worker",
+                                 *(args or ("--concurrency", "1"))], env=child_env(settings), stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=new_session)
+    deadline = time.monotonic() + 90
+    while log_path.read_bytes().count(b"ready.") < ready:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL) if new_session else proc.kill()
+            proc.wait()
+            raise RuntimeError("worker did not start:\n" + log_path.read_text(errors="replace"))
+        time.sleep(0.1)
+    return proc
+
+
 class Workers:
     """Real ``reconq worker`` processes on ``settings``, each in a process group of its own."""
 
@@ -75,20 +96,9 @@ class Workers:
 
     def start(self, *args: str, ready: int = 1) -> subprocess.Popen[bytes]:
         """``reconq worker ARGS`` (default ``--concurrency 1``); waits until ``ready`` Celery workers are."""
-        env = {k: v for k, v in os.environ.items() if not k.startswith("RECONQ_")}
-        env.update(settings_env(self.settings))
         log_path = self.folder / f"worker-{self._started}.log"
         self._started += 1
-        with open(log_path, "wb") as log:
-            proc = subprocess.Popen([sys.executable, "-m", "reconq.cli", "worker", *(args or ("--concurrency", "1"))],
-                                    env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 60
-        while log_path.read_bytes().count(b"ready.") < ready:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                raise RuntimeError("worker did not start:\n" + log_path.read_text(errors="replace"))
-            time.sleep(0.1)
+        proc = spawn_worker(self.settings, log_path, *args, ready=ready, new_session=True)
         self.procs.append(proc)
         return proc
 

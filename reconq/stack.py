@@ -41,6 +41,14 @@ def settings_env(settings: Settings) -> dict[str, str]:
     return env
 
 
+def child_env(settings: Settings) -> dict[str, str]:
+    """This process's environment for a child process on ``settings``: the caller's own ``RECONQ_*``
+    variables replaced by those that rebuild ``settings`` (:func:`settings_env`)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
+    env.update(settings_env(settings))
+    return env
+
+
 class Stack:
     """Starts and stops the services; :meth:`stop` is safe to call more than once."""
 
@@ -64,8 +72,7 @@ class Stack:
             check_data_root(self.settings, client, create=True, role="`reconq up`")
         finally:
             client.close()
-        env = {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
-        env.update(settings_env(self.settings))
+        env = child_env(self.settings)
         self._spawn("gateway", ["gateway"], env)
         self._spawn("api", ["api"], env)
         for i in range(self.workers):

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -18,8 +16,9 @@ from reconq.core.jobs import JobStore
 from reconq.core.redisconn import PrivateRedis
 from reconq.core.settings import Settings, load_settings
 from reconq.core.storage import ScanStore
+from reconq.faultkit import spawn_worker
+from reconq.gateway.server import Gateway
 from reconq.scheduler.scanindex import rebuild
-from reconq.stack import settings_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -103,19 +102,7 @@ def start_worker(settings: Settings, log_path: Path, concurrency: int = 1,
     is made the root of record first (:func:`claim_data_root`): some tests start a worker before, or
     without, a gateway."""
     claim_data_root(settings)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RECONQ_")}
-    env.update(settings_env(settings))
-    with open(log_path, "wb") as log:  # the child keeps its own copy of the descriptor
-        proc = subprocess.Popen([sys.executable, "-m", "reconq.cli", "worker", "--concurrency", str(concurrency)],
-                                env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-                                start_new_session=new_session)
-    deadline = time.monotonic() + 60
-    while b"ready." not in log_path.read_bytes():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError("worker did not start:\n" + log_path.read_text(errors="replace"))
-        time.sleep(0.1)
-    return proc
+    return spawn_worker(settings, log_path, "--concurrency", str(concurrency), new_session=new_session)
 
 
 def stop_process(proc: subprocess.Popen[bytes], timeout: float = 20) -> None:
@@ -154,3 +141,21 @@ def gateway(e2e_settings: Settings) -> Iterator[tuple[str, int]]:
     address = gw.start()
     yield address
     gw.stop()
+
+
+@pytest.fixture
+def start_gateway(settings: Settings) -> Iterator[Callable[..., Gateway]]:
+    """Start an in-process gateway on ``settings`` with some changed; stopped after the test."""
+    from reconq.services import make_gateway
+
+    started: list[Gateway] = []
+
+    def start(**changes: object) -> Gateway:
+        gateway = make_gateway(settings.model_copy(update=changes))
+        gateway.start()
+        started.append(gateway)
+        return gateway
+
+    yield start
+    for gateway in started:
+        gateway.stop()

@@ -8,7 +8,6 @@ the scan index in Redis, and one the index knows but this node's disk lacks is r
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -21,6 +20,7 @@ import redis
 from conftest import ROOT, stop_process
 from fastapi.testclient import TestClient
 
+from reconq import faultkit
 from reconq.api.auth import hash_token
 from reconq.core.constants import DATA_ROOT_KEY, SCAN_INDEX
 from reconq.core.dataroot import (
@@ -42,7 +42,7 @@ from reconq.gateway import client as mrd
 from reconq.recon.simulate import synthetic_scan
 from reconq.scheduler import scanindex
 from reconq.services import make_api, make_gateway
-from reconq.stack import settings_env
+from reconq.stack import child_env
 from reconq.workers.inputs import InputsMissing, InputsNotReady, resolve_inputs
 
 TOKEN = "dataroot-token-0123456789abcdef"
@@ -206,9 +206,7 @@ def test_the_gateway_and_the_api_refuse_a_wrong_root(url, client, tmp_path):
 # -- two nodes, real worker processes -------------------------------------------------------------------------
 
 def env_of(settings: Settings) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RECONQ_")}
-    env.update(settings_env(settings))
-    return env
+    return child_env(settings)
 
 
 @pytest.mark.parametrize("args", [["worker", "--concurrency", "1"], ["worker", "--cpu", "1"]],
@@ -255,16 +253,7 @@ def mount_elsewhere(shared: Path, mount_point: Path) -> list[str]:
 
 
 def spawn_worker(settings: Settings, prefix: list[str], log_path: Path) -> subprocess.Popen[bytes]:
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([*prefix, sys.executable, "-m", "reconq.cli", "worker", "--concurrency", "1"],
-                                env=env_of(settings), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-    deadline = time.monotonic() + 90
-    while b"ready." not in log_path.read_bytes():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError("worker did not start:\n" + log_path.read_text(errors="replace"))
-        time.sleep(0.1)
-    return proc
+    return faultkit.spawn_worker(settings, log_path, prefix=prefix)
 
 
 def test_a_worker_with_the_shared_root_at_another_path_reconstructs_and_the_images_come_back(url, client, tmp_path):

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import h5py
@@ -36,7 +36,6 @@ from reconq.gateway import protocol as p
 from reconq.gateway.rawfile import RawFileWriter
 from reconq.gateway.server import Gateway
 from reconq.recon.simulate import synthetic_scan
-from reconq.services import make_gateway
 from reconq.stack import settings_env
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,22 +45,6 @@ _ACQ_FIELDS = ismrmrd.hdf5.acquisition_header_dtype.fields
 @pytest.fixture(scope="module")
 def scan():
     return synthetic_scan(matrix=(32, 32), ncoil=4, protocol="robust", patient_id="ROB01")
-
-
-@pytest.fixture
-def start_gateway(settings: Settings) -> Iterator[Callable[..., Gateway]]:
-    """Start an in-process gateway on ``settings`` with some changed; stopped after the test."""
-    started: list[Gateway] = []
-
-    def start(**changes: object) -> Gateway:
-        gateway = make_gateway(settings.model_copy(update=changes))
-        gateway.start()
-        started.append(gateway)
-        return gateway
-
-    yield start
-    for gateway in started:
-        gateway.stop()
 
 
 @pytest.fixture

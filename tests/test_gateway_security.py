@@ -28,7 +28,6 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import ismrmrd.hdf5
@@ -56,22 +55,6 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def scan():
     return synthetic_scan(matrix=(32, 32), ncoil=4, protocol="security", patient_id="SEC01")
-
-
-@pytest.fixture
-def start_gateway(settings: Settings) -> Iterator[Callable[..., Gateway]]:
-    """Start an in-process gateway on ``settings`` with some changed; stopped after the test."""
-    started: list[Gateway] = []
-
-    def start(**changes: object) -> Gateway:
-        gateway = make_gateway(settings.model_copy(update=changes))
-        gateway.start()
-        started.append(gateway)
-        return gateway
-
-    yield start
-    for gateway in started:
-        gateway.stop()
 
 
 # -- helpers ---------------------------------------------------------------------------------------------------

@@ -252,7 +252,7 @@ def test_removed_staff_and_changed_passwords_are_signed_out_at_their_next_reques
     removed = client_of(before.model_copy(update={"staff_passwords": {"alice": ALICE}}))
     removed.cookies.set(SESSION_COOKIE, cookie)
     assert removed.get("/api/jobs").status_code == 401
-    assert removed.get("/api/auth/me").json() == {"name": "", "staff": False, "public_read": False}
+    assert removed.get("/api/auth/me").json() == {"name": "", "staff": False, "role": None, "public_read": False}
     r = redis.Redis.from_url(settings.redis_url or "", decode_responses=True)
     assert not r.exists(session_key(cookie))
 

@@ -21,8 +21,7 @@ import redis
 from fastapi.testclient import TestClient
 
 from reconq.api.audit import AUDIT_STREAM, audit_file
-from reconq.api.auth import load_secret
-from reconq.api.auth import hash_token
+from reconq.api.auth import hash_token, load_secret
 from reconq.api.routes.events import _event_stream, public_event
 from reconq.api.schemas import Masker
 from reconq.core.constants import EVENTS_CHANNEL
