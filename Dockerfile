@@ -16,7 +16,7 @@
 ARG PYTHON_IMAGE=python:3.12.8-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build
-ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/venv
 # Layer 1, the dependencies: only requirements.lock invalidates it. Wheels only, every file checked
 # against its hash; --no-deps: the lock is the whole set (setuptools included, the build backend).
@@ -33,9 +33,9 @@ COPY workers workers
 COPY recon recon
 COPY scheduler scheduler
 COPY parametermaps parametermaps
+# (pip compiles the bytecode as it installs: the runtime, on a read-only file system, writes none)
 RUN /opt/venv/bin/pip install --no-deps --no-build-isolation . \
-    && /opt/venv/bin/pip uninstall --yes setuptools \
-    && /opt/venv/bin/python -m compileall -q /opt/venv/lib
+    && /opt/venv/bin/pip uninstall --yes setuptools
 
 FROM ${PYTHON_IMAGE}
 RUN groupadd --system --gid 10001 reconq \

@@ -7,6 +7,7 @@ job page are saved under ``test-artifacts/``.
 
 from __future__ import annotations
 
+import re
 import shutil
 import tempfile
 import threading
@@ -30,6 +31,7 @@ from reconq.services import make_api
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 PASSWORD = "dashboard test password"
+VIEWER_PASSWORD = "dashboard viewer password"
 WAIT_S = 90
 
 pytestmark = pytest.mark.skipif(
@@ -74,8 +76,9 @@ class LiveApi:
 @pytest.fixture(scope="module")
 def dash_settings(e2e_settings: Settings) -> Settings:
     """The stack's settings plus staff sign-in; anonymous viewers may look (identifiers masked)."""
-    return e2e_settings.model_copy(update={"staff_passwords": {"alice": hash_password(PASSWORD)},
-                                           "dashboard_public_read": True})
+    return e2e_settings.model_copy(update={"staff_passwords": {
+        "alice": hash_password(PASSWORD), "vera": {"hash": hash_password(VIEWER_PASSWORD), "role": "viewer"}},
+        "dashboard_public_read": True})
 
 
 @pytest.fixture(scope="module")
@@ -124,10 +127,10 @@ def options(driver: webdriver.Chrome, select: str) -> list[str]:
         "return [...document.querySelector(arguments[0]).options].map((o) => o.text)", select)
 
 
-def sign_in(driver: webdriver.Chrome) -> None:
+def sign_in(driver: webdriver.Chrome, name: str = "alice", password: str = PASSWORD) -> None:
     form = driver.find_element(By.ID, "signin")
-    form.find_element(By.NAME, "name").send_keys("alice")
-    form.find_element(By.NAME, "password").send_keys(PASSWORD)
+    form.find_element(By.NAME, "name").send_keys(name)
+    form.find_element(By.NAME, "password").send_keys(password)
     form.find_element(By.CSS_SELECTOR, "button").click()
     wait_for(driver, lambda d: d.find_elements(By.ID, "who"), "signed in")
 
@@ -152,7 +155,7 @@ def test_scan_appears_progresses_turns_done_and_shows_its_images(gateway, worker
     assert job_id, reply.texts
 
     wait_for(browser, lambda d: row(d, job_id) is not None, "the new job in the table")
-    assert row(browser, job_id)[1] == "D******1"  # the patient ID, masked
+    assert re.fullmatch(r"P-[0-9a-f]{6}", row(browser, job_id)[1])  # the patient ID, masked
     wait_for(browser, lambda d: row(d, job_id)[4].lower() == "done", "the job to turn done")
     widths = [w for j, w in browser.execute_script("return window.widths") if j == job_id]
     assert any(0 < w < 100 for w in widths), f"the progress bar never showed a value between 0 and 100: {widths}"
@@ -164,15 +167,20 @@ def test_scan_appears_progresses_turns_done_and_shows_its_images(gateway, worker
     screenshot(browser, "dashboard-jobs.png")
 
     browser.find_element(By.LINK_TEXT, job_id).click()
+    wait_for(browser, lambda d: "storing" in d.find_element(By.ID, "stages").text, "the stages")
+    # public read: no previews, parameters or log, and no actions
+    assert not browser.find_elements(By.CSS_SELECTOR, "img.preview")
+    assert "Sign in as staff to see the previews" in browser.find_element(By.ID, "previews").text
+    assert "Sign in as staff" in browser.find_element(By.ID, "params").text
+    assert "Sign in as staff" in browser.find_element(By.ID, "log").text
+    assert "Sign in as staff to download" in browser.find_element(By.ID, "downloads").text
+    assert not browser.find_element(By.ID, "retry").is_displayed()
+    sign_in(browser)
+    wait_for(browser, lambda d: d.find_elements(By.ID, "dl-dicom"), "the download links")
     wait_for(browser, lambda d: d.execute_script(
         "const i = document.querySelectorAll('img.preview');"
         "return i.length > 0 && [...i].every((x) => x.complete && x.naturalWidth > 0)"), "the previews")
     assert len(browser.find_elements(By.CSS_SELECTOR, "img.preview")) == 4  # a few of the 8 slices
-    stages = browser.find_element(By.ID, "stages").text
-    assert "storing" in stages
-    assert "Sign in as staff to download" in browser.find_element(By.ID, "downloads").text
-    sign_in(browser)
-    wait_for(browser, lambda d: d.find_elements(By.ID, "dl-dicom"), "the download links")
     assert browser.find_element(By.CSS_SELECTOR, "#facts .patient").text == "DASH4711"
     screenshot(browser, "dashboard-job.png")
 
@@ -189,19 +197,20 @@ def test_failed_job_shows_its_error_and_staff_can_retry_it(gateway, worker, live
                      and d.find_element(By.ID, "error"), "the error")
     assert error.text.startswith("Error: ") and len(error.text) > 10
     assert browser.find_element(By.ID, "state").text.lower() == "failed"
+    # not signed in: no actions offered (the server refuses them too)
+    assert not browser.find_element(By.ID, "retry").is_displayed()
+    assert not browser.find_element(By.ID, "retro").is_displayed()
+    assert "Sign in as a technologist" in browser.find_element(By.ID, "act-hint").text
+    assert "nothing" in browser.find_element(By.ID, "audit").text
+
+    sign_in(browser)
+    wait_for(browser, lambda d: d.find_element(By.ID, "retry").is_displayed(), "the actions")
     # the buttons and choices follow the server's vocabulary: a failed job may be retried, not cancelled
     assert browser.find_element(By.ID, "retry").is_enabled() and not browser.find_element(By.ID, "cancel").is_enabled()
     assert options(browser, "#queue") == [q.value for q in QUEUE_ORDER]
     assert browser.find_element(By.ID, "retro-queue").get_attribute("value") == QUEUE_ORDER[-1].value
     screenshot(browser, "dashboard-failed-job.png")
-
-    browser.find_element(By.ID, "retry").click()
     msg = browser.find_element(By.ID, "action-msg")
-    wait_for(browser, lambda d: "refused" in msg.text, "the refusal")
-    assert "sign in as staff to do this" in msg.text
-    assert "nothing" in browser.find_element(By.ID, "audit").text
-
-    sign_in(browser)
     browser.find_element(By.ID, "retry").click()
     wait_for(browser, lambda d: "Retry: done" in msg.text, "the retry")
     wait_for(browser, lambda d: "alice" in d.find_element(By.ID, "audit").text, "the action on the job")
@@ -367,3 +376,34 @@ def test_an_alignsense_job_shows_its_motion_table_and_a_sequential_scan_its_warn
     warning = wait_for(browser, lambda d: [w for w in d.find_elements(By.CSS_SELECTOR, "#warnings li")
                                           if "motion not corrected" in w.text], "the warning")
     assert "sequential" in warning[0].text
+
+
+def test_a_viewer_sees_no_actions_and_a_cancel_asks_first(live_api, browser, e2e_settings):
+    """Roles in the dashboard: a viewer gets no retry/cancel/move/retro; a technologist's cancel is confirmed
+    first (declined: nothing happens)."""
+    from reconq.core.jobs import Job, JobStore
+
+    store = JobStore(redis.Redis.from_url(e2e_settings.redis_url or "", decode_responses=True))
+    job_id = f"roles-{time.time_ns()}-j1"
+    store.create(Job(id=job_id, scan_id=job_id[:-3], pipeline="cartesian", protocol="dash_roles"))
+    browser.get(f"{live_api.url}/jobs/{job_id}")
+    wait_for(browser, lambda d: d.find_element(By.ID, "state").text.lower() == "queued", "the job")
+    sign_in(browser, "vera", VIEWER_PASSWORD)
+    assert "(viewer)" in browser.find_element(By.ID, "role").text
+    wait_for(browser, lambda d: "may only view" in d.find_element(By.ID, "act-hint").text, "the viewer's hint")
+    for button in ("retry", "cancel", "priority"):
+        assert not browser.find_element(By.ID, button).is_displayed(), button
+    assert not browser.find_element(By.ID, "retro").is_displayed()
+
+    browser.find_element(By.ID, "signout").click()
+    wait_for(browser, lambda d: d.find_elements(By.ID, "signin"), "signed out")
+    sign_in(browser)
+    wait_for(browser, lambda d: d.find_element(By.ID, "cancel").is_displayed(), "the actions")
+    browser.execute_script("window.asked = []; window.confirm = (q) => { window.asked.push(q); return false; };")
+    browser.find_element(By.ID, "cancel").click()
+    assert "Cancel job" in browser.execute_script("return window.asked[0]")
+    time.sleep(0.5)
+    assert store.get(job_id).state is JobState.QUEUED  # declined: not cancelled
+    browser.execute_script("window.confirm = () => true;")
+    browser.find_element(By.ID, "cancel").click()
+    wait_for(browser, lambda d: store.get(job_id).state is JobState.CANCELLED, "the cancel")

@@ -175,3 +175,23 @@ def test_dockerignore_keeps_data_and_environments_out_of_the_build_context():
     for needed in ("reconq-data", "reconq-demo", "test-artifacts", ".venv", ".git", "build", "**/*.h5",
                    "**/__pycache__"):
         assert needed in lines, f".dockerignore lets {needed} into the build context"
+
+
+def test_the_gateway_and_api_read_plugin_names_without_running_plugin_code(tmp_path):
+    from reconq.core.settings import load_settings
+    from reconq.recon.plugins import PluginError
+    from reconq.services import plugin_names
+
+    ran = tmp_path / "plugin-code-ran"
+    (tmp_path / "mine.py").write_text(f"open({str(ran)!r}, 'w').close()\nPIPELINE_NAME = 'my_recon'\n")
+    (tmp_path / "by_file_name.py").write_text("def recon(twix, params, progress):\n    return None\n")
+    (tmp_path / "_helper.py").write_text("raise SystemExit('never imported')\n")
+    settings = load_settings(plugin_dir=tmp_path)
+    assert {"my_recon", "by_file_name"} <= plugin_names(settings)
+    assert not ran.exists(), "a plugin's code ran where only its name was needed"
+    (tmp_path / "computed.py").write_text("PIPELINE_NAME = 'a' + 'b'\n")
+    with pytest.raises(PluginError, match="PIPELINE_NAME must be a string literal"):
+        plugin_names(settings)
+    (tmp_path / "computed.py").write_text("PIPELINE_NAME = 'sense'\n")
+    with pytest.raises(PluginError, match="would replace a built-in"):
+        plugin_names(settings)

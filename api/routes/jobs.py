@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/api/jobs", tags=["jobs"])
 
-NO_IMAGES: Responses = {409: problem("No images yet")}
+NO_IMAGES: Responses = {409: problem("No images yet"),
+                         503: problem("The audit log cannot be written: no patient data is served")}
 
 
 def job_or_404(store: JobStore, job_id: str) -> Job:
