@@ -310,7 +310,9 @@ def test_exams_of_the_day_say_when_to_retrieve(live_api, browser, e2e_settings):
     assert row_queued["state"] == "queued"
     assert row_queued["finish"].split()[0] == time.strftime("%H:%M", time.localtime(expected))  # HH:MM, local
     assert row_queued["retrieval"] == "not yet" and row_queued["link"] == f"/jobs/{queued}"
-    assert "E******2" in row_queued["exam"] and "1.2.826.0.1.4242" in row_queued["exam"]  # one card per exam
+    # one card per exam; public read: the patient ID and study UID masked (keyed hash prefixes)
+    assert re.search(r"P-[0-9a-f]{6}", row_queued["exam"]) and re.search(r"study S-[0-9a-f]{6}", row_queued["exam"])
+    assert "EXAM0042" not in row_queued["exam"] and "1.2.826.0.1.4242" not in row_queued["exam"]
     assert "retrieve after" in row_queued["exam"]
 
     assert series(browser, done)["retrieval"] == "ready to retrieve"
@@ -360,6 +362,8 @@ def test_an_alignsense_job_shows_its_motion_table_and_a_sequential_scan_its_warn
     assert job is not None and len(job.report["motion"]["rows"]) == 4 and not job.warnings
 
     browser.get(f"{live_api.url}/jobs/{job_id}")
+    wait_for(browser, lambda d: d.find_elements(By.ID, "signin"), "the sign-in form")
+    sign_in(browser)  # the recon's report is patient data: staff only
     table = wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#report table.report"), "the motion table")
     cells = browser.execute_script(
         "return [...arguments[0].querySelectorAll('tbody tr')].map((r) => [...r.cells].map((c) => c.innerText))",

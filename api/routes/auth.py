@@ -53,7 +53,7 @@ def sign_out(request: Request, response: Response, settings: SettingsDep, auth: 
         auth.end_session(cookie)
     response.delete_cookie(SESSION_COOKIE, httponly=True, samesite="strict",
                            secure=tls_on(settings, request.url.scheme))
-    return Me(name="", staff=False, public_read=settings.dashboard_public_read)
+    return Me(name="", staff=False, role=None, public_read=settings.dashboard_public_read)
 
 
 @router.get("/me", response_model=Me, summary="Who the API takes this viewer for")
