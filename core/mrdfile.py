@@ -31,9 +31,12 @@ resolve (a file still being written) fall back to HDF5's own read, in blocks of 
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import struct
+import threading
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -41,6 +44,8 @@ import h5py
 import ismrmrd.hdf5
 import ismrmrd.xsd
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 HEAD_DTYPE = ismrmrd.hdf5.acquisition_header_dtype
 #: A variable-length reference as stored: length, global heap collection address, object index.
@@ -84,10 +89,38 @@ def parse_header(xml: str, source: str) -> ismrmrd.xsd.ismrmrdHeader:
     declaration is dropped: ``ismrmrd.xsd.ToXML`` declares ``encoding="ascii"`` by default whatever the
     header holds, and the parser would refuse such a header's first non-ASCII character (a patient
     ``Müller``)."""
+    caught: list[warnings.WarningMessage] = []
     try:
-        return ismrmrd.xsd.CreateFromDocument(_DECLARATION.sub("", xml, count=1))
+        with _WARNINGS_LOCK, warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            return ismrmrd.xsd.CreateFromDocument(_DECLARATION.sub("", xml, count=1))
     except Exception as e:  # the XML parser's errors have no common base worth naming
         raise MrdFileError(f"{source}: the MRD header XML cannot be parsed: {e}") from e
+    finally:  # the lock released and the process's warnings filters back
+        for w in caught:
+            if _from_parser(w):
+                _log_quietly(w, source)
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+
+
+# xsdata's ConverterWarning quotes the value it could not convert (a patient's birth date), which must not
+# reach any log: the parser's warnings are logged by category and field only. catch_warnings changes
+# process-wide state, hence the lock.
+_WARNED_FIELD = re.compile(r"\A\s*Failed to convert value for `([A-Za-z0-9_.]{1,200})`")
+_WARNED_TYPE = re.compile(r"is not a valid `([A-Za-z0-9_.]{1,100})`\s*\Z")
+_WARNINGS_LOCK = threading.Lock()
+
+
+def _from_parser(w: warnings.WarningMessage) -> bool:
+    return "xsdata" in w.filename or w.category.__module__.startswith("xsdata")
+
+
+def _log_quietly(w: warnings.WarningMessage, what: str) -> None:
+    message = str(w.message)
+    field, kind = _WARNED_FIELD.search(message), _WARNED_TYPE.search(message)
+    log.warning("%s: the header parser warns (%s)%s%s; the value is not logged", what, w.category.__name__,
+                f" about {field.group(1)}" if field else "", f": not a valid {kind.group(1)}" if kind else "")
 
 
 def _xml(file: h5py.File, path: str, dataset: str) -> str:

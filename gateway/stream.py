@@ -14,9 +14,7 @@ from __future__ import annotations
 import logging
 import re
 import socket
-import threading
 import time
-import warnings
 from collections.abc import Callable, Collection
 
 import ismrmrd.xsd
@@ -50,39 +48,13 @@ def unexpected(msg: int) -> str:
 
 _DOCTYPE = re.compile(r"<!\s*doctype", re.IGNORECASE)
 #: xsdata's ConverterWarning: "Failed to convert value for `type.field`\n  `VALUE` is not a valid `Type`"
-_WARNED_FIELD = re.compile(r"\A\s*Failed to convert value for `([A-Za-z0-9_.]{1,200})`")
-_WARNED_TYPE = re.compile(r"is not a valid `([A-Za-z0-9_.]{1,100})`\s*\Z")
 #: ``warnings.catch_warnings`` swaps process-wide state: header parses take turns under this lock.
-_WARNINGS_LOCK = threading.Lock()
 
 
 def parse_header_quietly(xml: str, source: str, who: str = "") -> ismrmrd.xsd.ismrmrdHeader:
-    """:func:`reconq.core.mrdfile.parse_header`, with the parser's warnings logged by category and field
-    only: xsdata's ``ConverterWarning`` quotes the value it could not convert (a patient's birth date),
-    which must not reach the logs. ``who`` names the sender in the log. A warning that is not the
-    parser's (another thread's, meanwhile) is passed on as it came."""
-    caught: list[warnings.WarningMessage] = []
-    try:
-        with _WARNINGS_LOCK, warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            return parse_header(xml, source)
-    finally:  # the lock released and the process's warnings filters back
-        for w in caught:
-            if _from_parser(w):
-                _log_quietly(w, f"{source} from {who}" if who else source)
-            else:
-                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
-
-
-def _from_parser(w: warnings.WarningMessage) -> bool:
-    return "xsdata" in w.filename or w.category.__module__.startswith("xsdata")
-
-
-def _log_quietly(w: warnings.WarningMessage, what: str) -> None:
-    message = str(w.message)
-    field, kind = _WARNED_FIELD.search(message), _WARNED_TYPE.search(message)
-    log.warning("%s: the header parser warns (%s)%s%s; the value is not logged", what, w.category.__name__,
-                f" about {field.group(1)}" if field else "", f": not a valid {kind.group(1)}" if kind else "")
+    """:func:`reconq.core.mrdfile.parse_header` (which logs the parser's warnings without their values),
+    naming the sender in its log line."""
+    return parse_header(xml, f"{source} from {who}" if who else source)
 
 
 class MessageStream:

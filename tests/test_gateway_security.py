@@ -536,3 +536,18 @@ def test_the_estimates_refuse_what_the_gateway_refuses(scan):
     declared = Param(int, 1, 10)
     assert declared.refusal("n", "7") is None and declared.refusal("n", 10.0) is None
     assert "out of range" in (declared.refusal("n", 11) or "") and "whole" in (declared.refusal("n", "7.5") or "")
+
+
+def test_workers_and_the_api_parse_stored_headers_without_logging_the_birth_date(scan, caplog):
+    """The same header read back from a stored file (as a worker or the API does, core.mrdfile)."""
+    from reconq.core.mrdfile import parse_header
+
+    caplog.set_level(logging.DEBUG)
+    xml = client.header_xml(scan.header).replace(
+        "<patientID>SEC01</patientID>", "<patientID>SEC01</patientID><patientBirthdate>1961-13-45</patientBirthdate>")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        header = parse_header(xml, "raw.h5")
+    assert header.subjectInformation.patientID == "SEC01"
+    assert "1961-13-45" not in caplog.text and not [w for w in seen if "1961-13-45" in str(w.message)]
+    assert any("raw.h5: the header parser warns" in r.getMessage() for r in caplog.records)

@@ -179,7 +179,7 @@ def test_events_for_anonymous_viewers_carry_ids_and_states_only(settings):
     async def read(staff: bool) -> list[str]:
         client = redis.Redis.from_url(settings.redis_url)
         out = []
-        gen = _event_stream(Request(), settings.redis_url, staff)  # type: ignore[arg-type]
+        gen = _event_stream(Request(), settings.redis_url, staff, settings)  # type: ignore[arg-type]
         out.append(await gen.__anext__())  # hello: subscribed
         client.publish(EVENTS_CHANNEL, json.dumps({"id": "pd-j1", "progress": 0.5, "measurement_id": MEASUREMENT_ID,
                                                    "patient_id": PATIENT_ID}))

@@ -12,10 +12,12 @@ import redis.asyncio as aioredis
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from reconq.api.deps import RedisUrlDep, ViewerDep
+from reconq.api.deps import RedisUrlDep, SettingsDep, ViewerDep
 from reconq.api.problems import VIEW_ERRORS
 from reconq.api.schemas import TEXT
 from reconq.core.constants import EVENTS_CHANNEL
+from reconq.core.redisconn import connect_async
+from reconq.core.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +41,11 @@ def public_event(data: str) -> str | None:
     return json.dumps({k: event[k] for k in PUBLIC_EVENT_KEYS if k in event})
 
 
-async def _event_stream(request: Request, redis_url: str, staff: bool) -> AsyncIterator[str]:
-    client = aioredis.Redis.from_url(redis_url, decode_responses=True)
+async def _event_stream(request: Request, redis_url: str, staff: bool, settings: Settings) -> AsyncIterator[str]:
+    # made as every other client (password file, TLS verified against RECONQ_REDIS_CA_FILE), where the settings
+    # name the Redis; an API built on a given client (tests) has only its URL
+    client = (connect_async(settings, socket_timeout=None) if settings.redis_url
+              else aioredis.Redis.from_url(redis_url, decode_responses=True))
     pubsub = client.pubsub()
     try:
         await pubsub.subscribe(EVENTS_CHANNEL)
@@ -67,6 +72,6 @@ async def _event_stream(request: Request, redis_url: str, staff: bool) -> AsyncI
             responses={**VIEW_ERRORS, 200: {"content": {"text/event-stream": TEXT},
                                             "description": "`data:` JSON {id, state?, progress?, stage?, "
                                                            "action?} per change"}})
-async def events(request: Request, redis_url: RedisUrlDep, who: ViewerDep) -> StreamingResponse:
-    return StreamingResponse(_event_stream(request, redis_url, who.staff), media_type="text/event-stream",
+async def events(request: Request, redis_url: RedisUrlDep, who: ViewerDep, settings: SettingsDep) -> StreamingResponse:
+    return StreamingResponse(_event_stream(request, redis_url, who.staff, settings), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
