@@ -169,10 +169,15 @@ def run_gateway_session(address: tuple[str, int], block: Block, readouts: int) -
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.sendall(client.opening("cartesian", header_xml()))
         block.stream(sock, readouts)
-        t_close = time.perf_counter()
-        sock.sendall(p.write_close())
-        reply = client.read_reply(sock)
-        t_ack = time.perf_counter()
+        return close_and_ack(sock, t0)
+
+
+def close_and_ack(sock: socket.socket, t0: float) -> Session:
+    """Send the client's CLOSE, read the gateway's answer: the session, timed from ``t0`` and from the CLOSE."""
+    t_close = time.perf_counter()
+    sock.sendall(p.write_close())
+    reply = client.read_reply(sock)
+    t_ack = time.perf_counter()
     if not reply.closed or reply.job_id() is None:
         raise RuntimeError(f"gateway session failed: {reply.texts}")
     return Session(t_ack - t0, t_ack - t_close, reply.job_id(), reply.texts)
@@ -271,13 +276,7 @@ def run_load(gw: GatewayProcess, scans: ScanStore, jobs: JobStore, block: Block,
                     if gap_s > 0:
                         time.sleep(gap_s)
                         closing.wait(60)
-                    t_close = time.perf_counter()
-                    sock.sendall(p.write_close())
-                    reply = client.read_reply(sock)
-                    t_ack = time.perf_counter()
-                if not reply.closed or reply.job_id() is None:
-                    raise RuntimeError(f"gateway session failed: {reply.texts}")
-                results[i] = Session(t_ack - t0, t_ack - t_close, reply.job_id(), reply.texts)
+                    results[i] = close_and_ack(sock, t0)
             except BaseException as e:  # noqa: BLE001 - reported below
                 results[i] = e
 
