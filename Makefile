@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# apt waits (up to 10 min) for another apt holding the dpkg lock, instead of failing at once
+APT    := $(SUDO) apt-get -o DPkg::Lock::Timeout=600
 
 .PHONY: setup demo test lint imports redis browser
 
@@ -18,13 +20,13 @@ $(VENV)/.installed: pyproject.toml
 redis:
 	@command -v redis-server >/dev/null || { \
 	  echo "installing redis-server (Debian package)"; \
-	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq redis-server; }
+	  $(APT) update -qq && DEBIAN_FRONTEND=noninteractive $(APT) install -y -qq redis-server; }
 
 # Debian's chromium and its driver, for the dashboard's browser tests (tests/test_dashboard.py).
 browser:
 	@{ command -v chromium && command -v chromedriver; } >/dev/null || { \
 	  echo "installing chromium and chromium-driver (Debian packages)"; \
-	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium chromium-driver; }
+	  $(APT) update -qq && DEBIAN_FRONTEND=noninteractive $(APT) install -y -qq chromium chromium-driver; }
 
 demo: setup
 	$(BIN)/reconq demo
