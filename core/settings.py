@@ -7,12 +7,15 @@ setting is never silently dropped.
 
 from __future__ import annotations
 
+import difflib
 import os
+import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsError as PydanticSettingsError
 
 ENV_PREFIX = "RECONQ_"
 
@@ -153,6 +156,10 @@ class Settings(BaseSettings):
         False, description="Register the `sleep` test pipelines in workers (tests and benchmarks only)"
     )
 
+    log_format: Literal["text", "json"] = Field(
+        "text", description="`json`: one JSON object a log line (time, level, logger, job_id, scan_id, worker, "
+        "message); `text`: plain lines, ` [job <id>]` on those logged during a job"
+    )
     environment: Literal["development", "production"] = Field(
         "production", description="`development` accepts placeholder sign-in secrets (with a warning)"
     )
@@ -207,8 +214,65 @@ def load_settings(**overrides: object) -> Settings:
         key for key in os.environ if key.startswith(ENV_PREFIX) and key[len(ENV_PREFIX) :] not in known
     )
     if unknown:
+        guesses = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, [ENV_PREFIX + k for k in known], n=1, cutoff=0.7)
+            if close:
+                guesses.append(f"{key}: did you mean {close[0]}?")
         raise SettingsError(
-            f"unknown setting(s) {', '.join(unknown)}; known settings are "
-            + ", ".join(ENV_PREFIX + k for k in sorted(known))
+            f"unknown setting(s) {', '.join(unknown)}; "
+            + (" ".join(guesses) + " " if guesses else "")
+            + "known settings are " + ", ".join(ENV_PREFIX + k for k in sorted(known))
         )
-    return Settings(**overrides)  # type: ignore[arg-type]
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as e:
+        problems = []
+        for err in e.errors():
+            field = str(err["loc"][0]) if err.get("loc") else ""
+            variable = ENV_PREFIX + field.upper() if field in Settings.model_fields else field
+            given = os.environ.get(variable)
+            shown = "" if given is None or _secret(field) else f"={given!r}"
+            source = f" (setting {field})" if field else ""
+            problems.append(f"{variable}{shown}{source}: {err['msg'].lower()}")
+        raise SettingsError("; ".join(problems) + " (see `reconq settings` for what each setting takes)") from None
+    except PydanticSettingsError as e:  # a list or dict setting whose value is not JSON
+        m = re.search(r'field "(\w+)"', str(e))
+        if m is None:
+            raise SettingsError(str(e)) from None
+        variable = ENV_PREFIX + m.group(1).upper()
+        raise SettingsError(f"{variable} is not valid JSON: give a JSON list or object, e.g. "
+                            f'{variable}=\'[80,24]\' or \'{{"name": "..."}}\' (see `reconq settings`)') from None
+
+
+def _secret(name: str) -> bool:
+    return any(word in name for word in ("password", "token", "secret", "key"))
+
+
+_URL_PASSWORD = re.compile(r"(://[^:@/]*):[^@/]*@")
+
+
+def _shown(name: str, value: object) -> object:
+    """A setting's value as it may be printed: secrets masked, a URL's password shown as ``***``."""
+    if value is None:
+        return None
+    if isinstance(value, Path):
+        return str(value)
+    if _secret(name) and not isinstance(value, bool) and name not in ("redis_password_file", "tls_key"):
+        if isinstance(value, dict):
+            return {k: "***" for k in value}
+        return "***" if value else value
+    if isinstance(value, str):
+        return re.sub(r"password=[^&]*", "password=***", _URL_PASSWORD.sub(r"\1:***@", value))
+    return value
+
+
+def describe_settings(settings: Settings) -> list[dict[str, object]]:
+    """Every setting: its variable, default, current value (secrets masked) and description."""
+    rows = []
+    for name, field in Settings.model_fields.items():
+        default = field.get_default(call_default_factory=True)
+        rows.append({"variable": ENV_PREFIX + name.upper(), "default": _shown(name, default),
+                     "value": _shown(name, getattr(settings, name)), "set": (ENV_PREFIX + name.upper()) in os.environ,
+                     "description": field.description or ""})
+    return rows

@@ -42,8 +42,13 @@ logger = logging.getLogger(__name__)
 
 def run_cartesian(scan: RawScan, params: Mapping[str, Any], progress: ProgressFn,
                   name: str = "cartesian") -> list[ismrmrd.Image]:
-    """The ``cartesian`` pipeline's recon (params: :class:`~reconq.recon.pipelines.CartesianPipeline`)."""
+    """The ``cartesian`` pipeline's recon (params: :class:`~reconq.recon.pipelines.CartesianPipeline`). A scan
+    whose header declares parallel-imaging acceleration is reconstructed as it is (its images fold), with a
+    warning on the job and in every image's ``ImageComments`` suggesting ``sense``."""
     enc = CartesianEncoding.from_header(scan.header)
+    folded = undersampled_warning(scan.header, name)
+    if folded:
+        warn(progress, folded)
     buffer = read_scan(scan, enc, params, progress, 0.6)
     w = whitener(buffer) if _flag(params, "prewhiten", True) else None
     progress(0.6, "fft")
@@ -58,7 +63,37 @@ def run_cartesian(scan: RawScan, params: Mapping[str, Any], progress: ProgressFn
                               combine=str(params.get("combine", "sos")))
             mags.append(sp.to_device(img, sp.cpu_device))
             geometry += image_geometries(buffer, key)
-    return _images(name, scan, params, mags, geometry, progress)
+    images = _images(name, scan, params, mags, geometry, progress)
+    if folded:
+        add_comment(images, folded)
+    return images
+
+
+def declared_acceleration(header: Any) -> tuple[int, int]:
+    """``(Ry, Rz)`` the header's ``encoding/parallelImaging/accelerationFactor`` declares (1 where unset)."""
+    pi = header.encoding[0].parallelImaging if header.encoding else None
+    factor = pi.accelerationFactor if pi is not None else None
+    if factor is None:
+        return 1, 1
+    return int(factor.kspace_encoding_step_1 or 1), int(factor.kspace_encoding_step_2 or 1)
+
+
+def undersampled_warning(header: Any, name: str = "cartesian") -> str | None:
+    """The warning for an FFT recon of a scan whose header declares acceleration (None: it declares none)."""
+    ry, rz = declared_acceleration(header)
+    if max(ry, rz) <= 1:
+        return None
+    return (f"{name}: the scan is undersampled (parallel imaging, acceleration {ry} x {rz} in its header): "
+            "these images fold; reconstruct it with the sense pipeline")
+
+
+def add_comment(images: list[ismrmrd.Image], text: str) -> None:
+    """Add ``text`` to every image's ``ImageComments`` meta (DICOM ImageComments at the scanner)."""
+    for image in images:
+        meta = ismrmrd.Meta.deserialize(image.attribute_string) if image.attribute_string else ismrmrd.Meta()
+        comments = meta.get("ImageComments", [])
+        meta["ImageComments"] = [*(comments if isinstance(comments, list) else [comments]), text]
+        image.attribute_string = meta.serialize()
 
 
 def run_sense(scan: RawScan, params: Mapping[str, Any], progress: ProgressFn,

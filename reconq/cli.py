@@ -10,7 +10,7 @@ import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from reconq.core.settings import Settings, SettingsError, load_settings
 
@@ -56,7 +56,8 @@ def cmd_api(settings: Settings, args: argparse.Namespace) -> int:
 
     options = uvicorn_options(settings)  # HTTPS with RECONQ_TLS_CERT/_KEY (a SettingsError if they do not do)
     uvicorn.run(make_api(settings, connect(settings)), host=settings.http_host, port=settings.http_port,
-                log_level="info", **options)
+                log_level="info", **options,
+                **({"log_config": None} if settings.log_format == "json" else {}))  # JSON: the root's handlers
     return 0
 
 
@@ -95,13 +96,14 @@ def cmd_gpus(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
     from reconq.core.datalock import DataDirLock
     from reconq.core.redisconn import redact
-    from reconq.stack import Stack
+    from reconq.stack import Stack, remove_connection, write_connection
 
     lock = DataDirLock(settings.data_dir, "up").acquire()  # before its Redis starts on the data dir's AOF
     stack = Stack(settings, workers=args.workers)
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         eff = stack.start()
+        write_connection(eff)  # for client commands in another shell (read by _client_settings)
         print(f"ReconQ up: MRD on {eff.mrd_host}:{eff.mrd_port}, API on http://{eff.http_host}:{eff.http_port}, "
               f"Redis {redact(eff.redis_url)}, data in {eff.data_dir}. Ctrl-C stops.", flush=True)
         return stack.wait()
@@ -110,7 +112,92 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
         return 0
     finally:
         stack.stop()
+        remove_connection(settings.data_dir)
         lock.release()
+
+
+class CliError(Exception):
+    """A failure the user can fix: printed as one line ``reconq: <message>``, exit code ``code``."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+#: Commands that are clients of a running stack, and those of them that need its Redis.
+CLIENT_COMMANDS = frozenset({"gpus", "send", "retrieve", "retro", "jobs", "exams"})
+REDIS_COMMANDS = frozenset({"gpus", "retro", "jobs", "exams"})
+
+
+def _client_settings(settings: Settings, need_redis: bool) -> Settings:
+    """``settings`` completed from the connection file of a running ``reconq up`` on the data dir: its Redis
+    when ``RECONQ_REDIS_URL`` is unset, its MRD and HTTP addresses when their variables are unset."""
+    from reconq.core.settings import ENV_PREFIX
+    from reconq.stack import CONNECTION_FILE, read_connection
+
+    doc, stale = read_connection(settings.data_dir)
+    if doc is not None:
+        update: dict[str, Any] = {}
+        if not settings.redis_url and doc.get("redis_url"):
+            update.update(redis_url=doc["redis_url"], redis_password_file=None,
+                          redis_ca_file=Path(str(doc["redis_ca_file"])) if doc.get("redis_ca_file") else None)
+        for name in ("mrd_host", "mrd_port", "http_host", "http_port"):
+            if ENV_PREFIX + name.upper() not in os.environ and doc.get(name) is not None:
+                update[name] = doc[name]
+        return settings.model_copy(update=update)
+    if need_redis and not settings.redis_url:
+        data_dir = settings.data_dir.resolve()
+        hint = f" (a stale {data_dir / CONNECTION_FILE} left by a stopped reconq up)" if stale else ""
+        raise CliError(f"RECONQ_REDIS_URL is not set and no running `reconq up` was found in {data_dir}{hint}; "
+                       "start `reconq up` or set RECONQ_REDIS_URL", code=1)
+    return settings
+
+
+def _mrd_file(path: str, what: str = "file", raw: bool = False) -> Path:
+    """``path`` checked to be a readable MRD (ISMRMRD HDF5) file with a header, or a :class:`CliError`."""
+    import h5py
+
+    file = Path(path)
+    if not file.is_file():
+        raise CliError(f"{what} {path}: no such file; give the path of a raw MRD (ISMRMRD HDF5) file")
+    try:
+        if not h5py.is_hdf5(file):
+            raise CliError(f"{what} {path} is not an HDF5 file; give a raw MRD (ISMRMRD HDF5) file")
+        with h5py.File(file, "r") as f:
+            group = f.get("dataset")
+            ok = isinstance(group, h5py.Group) and "xml" in group
+            readouts = ok and "data" in group
+            images = isinstance(group, h5py.Group) and any(k.startswith("image_") for k in group)
+    except OSError as e:
+        raise CliError(f"{what} {path} cannot be read: {e}") from e
+    if images and (raw or not ok):
+        raise CliError(f"{what} {path} is an MRD image file (images, no raw readouts); "
+                       "give a raw MRD scan (an MRD file with /dataset/data)")
+    if not ok:
+        raise CliError(f"{what} {path} is HDF5 but not an MRD file (no /dataset/xml header); "
+                       "give a raw MRD (ISMRMRD HDF5) file")
+    if raw and not readouts:
+        raise CliError(f"{what} {path} is an MRD file without raw readouts; "
+                       "give a raw MRD scan (an MRD file with /dataset/data)")
+    return file
+
+
+def _json_params(text: str | None, option: str = "--params") -> dict[str, Any] | None:
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise CliError(f"{option} {text!r} is not JSON: {e.msg} at character {e.pos + 1} "
+                       f"({text[e.pos:e.pos + 10]!r}); write it as JSON, e.g. "
+                       """--params '{"maps": "walsh"}'""", code=2) from e
+    if not isinstance(value, dict):
+        raise CliError(f"{option} must be a JSON object, e.g. --params '{{\"maps\": \"walsh\"}}'", code=2)
+    return value
+
+
+def _mrd_address(settings: Settings, args: argparse.Namespace) -> tuple[str, int]:
+    return args.host or settings.mrd_host, args.port or settings.mrd_port
 
 
 def _print_reply(reply: Any) -> int:
@@ -122,9 +209,9 @@ def _print_reply(reply: Any) -> int:
 def cmd_send(settings: Settings, args: argparse.Namespace) -> int:
     from reconq.gateway.client import send_file
 
-    params = json.loads(args.params) if args.params else None
-    reply = send_file(args.host or settings.mrd_host, args.port or settings.mrd_port, Path(args.file),
-                      config=args.config, params=params)
+    params = _json_params(args.params)
+    file = _mrd_file(args.file, raw=True)
+    reply = send_file(*_mrd_address(settings, args), file, config=args.config, params=params)
     return _print_reply(reply)
 
 
@@ -135,17 +222,16 @@ def cmd_retrieve(settings: Settings, args: argparse.Namespace) -> int:
     from reconq.gateway import client
 
     if args.from_file:
-        with ismrmrd.Dataset(args.from_file, "dataset", create_if_needed=False, mode="r") as dset:
+        raw = str(_mrd_file(args.from_file, "--from-file"))
+        with ismrmrd.Dataset(raw, "dataset", create_if_needed=False, mode="r") as dset:
             xml = dset.read_xml_header()
         header = xml.decode() if isinstance(xml, bytes) else xml
     else:
         if not (args.patient and args.protocol):
-            print("reconq retrieve: give --from-file RAW.h5, or --patient and --protocol (and --study)")
-            return 2
+            raise CliError("retrieve: give --from-file RAW.h5, or --patient and --protocol (and --study)", code=2)
         header = client.retrieval_header(args.patient, args.study or "", args.protocol)
     params = {"job": args.job} if args.job else None
-    reply = client.retrieve(args.host or settings.mrd_host, args.port or settings.mrd_port, header,
-                            params=params)
+    reply = client.retrieve(*_mrd_address(settings, args), header, params=params)
     code = _print_reply(reply)
     if reply.images:
         write_images(Path(args.out), reply.images)
@@ -222,7 +308,7 @@ def cmd_retro(settings: Settings, args: argparse.Namespace) -> int:
     actions = build_services(settings).actions
     try:
         jobs = actions.retro_recon_many(args.scan_id, args.pipeline,
-                                        json.loads(args.params) if args.params else None, Queue(args.queue),
+                                        _json_params(args.params), Queue(args.queue),
                                         who=f"cli:{getpass.getuser()}")
     except ActionError as e:  # no such scan, an unknown pipeline, a scan not complete
         print(f"reconq retro: {e}", file=sys.stderr)
@@ -262,6 +348,26 @@ def cmd_sequences(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_settings(settings: Settings, args: argparse.Namespace) -> int:
+    """Every setting: its variable, default, value here (secrets masked) and what it means."""
+    from reconq.core.settings import describe_settings
+
+    rows = describe_settings(settings)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+
+    def show(v: object) -> str:
+        return "unset" if v is None else json.dumps(v) if isinstance(v, list | dict | bool) else str(v)
+
+    for row in rows:
+        value = show(row["value"])
+        mark = " (set)" if row["set"] else ""
+        print(f"{row['variable']} = {value}{mark}   [default {show(row['default'])}]\n    {row['description']}")
+    print(f"({len(rows)} settings; set them as environment variables)")
+    return 0
+
+
 def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
     from reconq.demo import run_demo
 
@@ -270,9 +376,37 @@ def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
     return run_demo(settings, Path(args.out))
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argparse parser whose usage errors are one line (with a "did you mean" for a mistyped choice)."""
+
+    def error(self, message: str) -> NoReturn:
+        import difflib
+        import re
+
+        m = re.search(r"invalid choice: '?([^'\s]*)'? \(choose from (.*)\)", message)
+        if m:
+            choices = [c.strip().strip("'\"") for c in m.group(2).split(",")]
+            close = difflib.get_close_matches(m.group(1), choices, n=1)
+            message = message[:m.start()] + f"invalid choice {m.group(1)!r}" + (
+                f"; did you mean {close[0]}?" if close else "") + f" (choose from {', '.join(choices)})"
+        where = self.prog.removeprefix("reconq").strip()
+        self.exit(2, f"reconq: {where + ': ' if where else ''}{message}; see `{self.prog} --help`\n")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("reconq")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="reconq", description="Asynchronous inline MRI reconstruction")
+    parser = _Parser(prog="reconq", description="Asynchronous inline MRI reconstruction")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    parser.add_argument("--version", action="version", version=f"reconq {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def add(name: str, func: Callable[[Settings, argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
@@ -319,7 +453,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--params", default=None, help="JSON parameters of the new job")
     p.add_argument("--queue", default="bulk", choices=["stat", "routine", "bulk"])
     p = add("jobs", cmd_jobs, "list jobs, newest first")
-    p.add_argument("--state", default=None)
+    p.add_argument("--state", default=None, choices=["receiving", "queued", "waiting_inputs", "running", "done",
+                                                     "failed", "cancelled"])
     p.add_argument("--limit", type=int, default=20)
     p = add("exams", cmd_exams, "one day's exams: each series' state, progress and expected finish")
     p.add_argument("--day", default=None, help="YYYY-MM-DD (default: today, local time)")
@@ -332,6 +467,8 @@ def build_parser() -> argparse.ArgumentParser:
     q = seqs.add_parser("list", help="the folder's .seq files, their signatures, whether each verifies",
                         description="the folder's .seq files, their signatures, whether each verifies")
     q.add_argument("--json", action="store_true", help="print JSON")
+    p = add("settings", cmd_settings, "every setting: its RECONQ_ variable, default, value here and meaning")
+    p.add_argument("--json", action="store_true", help="print JSON")
     p = add("demo", cmd_demo, "a synthetic scan through the whole flow, on a private Redis and CPU workers")
     p.add_argument("--out", default="reconq-demo", help="output folder (default ./reconq-demo)")
     return parser
@@ -355,14 +492,62 @@ def main(argv: list[str] | None = None) -> int:
     except (SettingsError, ValueError) as e:
         print(f"reconq: {e}", file=sys.stderr)
         return 2
+    from reconq.core.logs import configure_logging
+
+    configure_logging(settings.log_format)  # the job filter, and JSON lines with RECONQ_LOG_FORMAT=json
     from reconq.core.datalock import DataDirBusy
     from reconq.core.dataroot import DataRootError
 
     try:
+        if args.command in CLIENT_COMMANDS:
+            settings = _client_settings(settings, need_redis=args.command in REDIS_COMMANDS)
         return int(args.func(settings, args))
     except (SettingsError, DataDirBusy, DataRootError) as e:  # DataRootError: not the recorded data root
+        if args.debug:
+            raise
         print(f"reconq: {e}", file=sys.stderr)
         return 2
+    except CliError as e:
+        if args.debug:
+            raise
+        print(f"reconq: {e}", file=sys.stderr)
+        return e.code
+    except KeyboardInterrupt:
+        print("reconq: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        if args.command in ("send", "retrieve"):  # the MRD connection, not our output
+            print(f"reconq: {_failure(ConnectionError('the gateway closed the connection'), settings, args)}",
+                  file=sys.stderr)
+            return 1
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # output piped into `head`, say
+        return 0
+    except Exception as e:  # one line, not a traceback (that with --debug)
+        if args.debug:
+            raise
+        print(f"reconq: {_failure(e, settings, args)}", file=sys.stderr)
+        return 1
+
+
+def _failure(e: Exception, settings: Settings, args: argparse.Namespace) -> str:
+    """One line for an unexpected failure: what is wrong and what to do."""
+    import redis
+
+    from reconq.core.redisconn import redact
+
+    if isinstance(e, redis.AuthenticationError | redis.ResponseError):
+        return f"Redis at {redact(settings.redis_url)} refused: {e}; check RECONQ_REDIS_URL's credentials"
+    if isinstance(e, redis.ConnectionError | redis.TimeoutError):
+        return (f"cannot reach Redis at {redact(settings.redis_url)}: {e}; is `reconq up` (or your Redis) running? "
+                "check RECONQ_REDIS_URL")
+    if isinstance(e, ConnectionRefusedError) and args.command in ("send", "retrieve"):
+        host, port = _mrd_address(settings, args)
+        return (f"no MRD gateway listening on {host}:{port} (connection refused); start `reconq up` "
+                "or give --host/--port (RECONQ_MRD_PORT)")
+    if isinstance(e, OSError) and args.command in ("send", "retrieve"):
+        host, port = _mrd_address(settings, args)
+        return f"MRD session with {host}:{port} failed: {e}; check the gateway is running and reachable"
+    return f"{type(e).__name__}: {e}; run `reconq --debug {args.command}` for the traceback"
 
 
 if __name__ == "__main__":

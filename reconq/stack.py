@@ -168,3 +168,70 @@ def _http_ok(url: str) -> bool:
             return r.status == 200
     except OSError:
         return False
+
+
+#: The file ``reconq up`` writes in its data dir (mode 0600) so that client commands in another shell find
+#: its Redis (the URL with its password) and its ports without any variable set.
+CONNECTION_FILE = "reconq-up.json"
+
+
+def connection_path(data_dir: Path) -> Path:
+    return Path(data_dir).resolve() / CONNECTION_FILE
+
+
+def write_connection(settings: Settings, pid: int | None = None) -> Path:
+    """Write the running stack's connection details (atomically, mode 0600); returns the file's path."""
+    path = connection_path(settings.data_dir)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    doc = {"pid": pid or os.getpid(), "redis_url": settings.redis_url, "redis_ca_file":
+           str(settings.redis_ca_file) if settings.redis_ca_file else None, "mrd_host": settings.mrd_host,
+           "mrd_port": settings.mrd_port, "http_host": settings.http_host, "http_port": settings.http_port}
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, json.dumps(doc, indent=2).encode("utf-8"))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    return path
+
+
+def remove_connection(data_dir: Path, pid: int | None = None) -> None:
+    """Remove the connection file if it is this process's (``pid``'s) own."""
+    path = connection_path(data_dir)
+    doc = _read_json(path)
+    if doc is not None and doc.get("pid") == (pid or os.getpid()):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def read_connection(data_dir: Path) -> tuple[dict[str, object] | None, bool]:
+    """``(details, stale)``: the details of a running ``reconq up`` on ``data_dir``, or ``(None, True)`` when
+    its file is left by an ``up`` no longer running, or ``(None, False)`` when there is none."""
+    doc = _read_json(connection_path(data_dir))
+    if doc is None:
+        return None, False
+    pid = doc.get("pid")
+    if not isinstance(pid, int) or not _alive(pid):
+        return None, True
+    return doc, False
+
+
+def _read_json(path: Path) -> dict[str, object] | None:
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -19,6 +19,7 @@ from celery.signals import worker_process_init, worker_process_shutdown, worker_
 
 from reconq.core.constants import CPU_QUEUE, JOB_KEY, RUN_JOB_TASK
 from reconq.core.jobs import Job, JobStore
+from reconq.core.logs import JobContext, job_context
 from reconq.core.mrdfile import MrdFileError
 from reconq.core.redisconn import connect
 from reconq.core.results import result_file, write_images
@@ -50,6 +51,19 @@ REDIS_QUIET_S = 5.0
 
 class JobCancelled(Exception):
     """The job was cancelled while it ran."""
+
+
+class ReconFailed(Exception):
+    """Raised by the task once its job is recorded ``failed``, so that Celery records the task as FAILURE
+    (Flower, celery-exporter). Expected (the task's ``throws``): logged without a traceback, never retried;
+    with ``task_acks_on_failure_or_timeout`` (True) the message is acked, not redelivered."""
+
+    def __init__(self, job_id: str, error: str = "") -> None:
+        super().__init__(job_id, error)
+        self.job_id, self.error = job_id, error
+
+    def __str__(self) -> str:
+        return f"job {self.job_id} failed: {self.error}" if self.error else f"job {self.job_id} failed"
 
 
 class JobSuperseded(Exception):
@@ -158,8 +172,15 @@ class JobRunner:
         return self.slot.label
 
     def run(self, job_id: str) -> str:
-        """Run one job if it may start here; returns its state. Finished jobs are left alone."""
+        """Run one job if it may start here; returns its state. Finished jobs are left alone. Every line
+        logged meanwhile in this thread carries the job id, scan id and worker (:mod:`reconq.core.logs`)."""
+        with job_context(job_id, worker=self.worker_name) as ctx:
+            return self._run(job_id, ctx)
+
+    def _run(self, job_id: str, ctx: JobContext) -> str:
         job = self.store.get(job_id)
+        if job is not None:
+            ctx.scan_id = job.scan_id
         if job is None:
             log.error("job %s: no such job record; message dropped", job_id)
             return "missing"
@@ -443,11 +464,16 @@ def register_tasks(app: Celery, settings: Settings, gpu_index: int | None = None
 
     worker_shutting_down.connect(shutting_down, weak=False)
 
-    @app.task(name=RUN_JOB_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+    @app.task(name=RUN_JOB_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True,
+              throws=(ReconFailed,))
     def run_job(job_id: str) -> str:
         start()
         try:
-            return runner["r"].run(job_id)
+            state = runner["r"].run(job_id)
         except redis.RedisError as e:  # the outcome could not be recorded: not acked, so it comes again
             log.error("job %s: Redis unavailable past RECONQ_REDIS_RETRY_S (%s): the message goes back", job_id, e)
             raise Reject(f"Redis unavailable: {e}", requeue=True) from e
+        if state == JobState.FAILED.value:  # recorded failed: the task ends FAILURE, acked, not retried
+            job = runner["r"].store.get(job_id)
+            raise ReconFailed(job_id, job.error if job is not None else "")
+        return state
