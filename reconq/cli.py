@@ -56,8 +56,8 @@ def cmd_api(settings: Settings, args: argparse.Namespace) -> int:
 
     options = uvicorn_options(settings)  # HTTPS with RECONQ_TLS_CERT/_KEY (a SettingsError if they do not do)
     uvicorn.run(make_api(settings, connect(settings)), host=settings.http_host, port=settings.http_port,
-                log_level="info", **options,
-                **({"log_config": None} if settings.log_format == "json" else {}))  # JSON: the root's handlers
+                log_level="info", **options,  # JSON: uvicorn's lines through the root's handlers
+                log_config=None if settings.log_format == "json" else uvicorn.config.LOGGING_CONFIG)
     return 0
 
 
