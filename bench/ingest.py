@@ -44,6 +44,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -172,6 +173,17 @@ def run_gateway_session(address: tuple[str, int], block: Block, readouts: int) -
         return close_and_ack(sock, t0)
 
 
+def run_at_once(one: Callable[[int], None], n: int) -> float:
+    """``one(0)`` ... ``one(n - 1)``, each in a thread of its own, all started together; the wall time."""
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - t0
+
+
 def close_and_ack(sock: socket.socket, t0: float) -> Session:
     """Send the client's CLOSE, read the gateway's answer: the session, timed from ``t0`` and from the CLOSE."""
     t_close = time.perf_counter()
@@ -281,13 +293,7 @@ def run_load(gw: GatewayProcess, scans: ScanStore, jobs: JobStore, block: Block,
                 results[i] = e
 
         gw.reset_peak()
-        t0 = time.perf_counter()
-        threads = [threading.Thread(target=one, args=(i,)) for i in range(sessions)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        wall = time.perf_counter() - t0
+        wall = run_at_once(one, sessions)
         done = [x for x in results if isinstance(x, Session)]
         failed = [x for x in results if isinstance(x, BaseException)]
         ok = ok and not failed
@@ -423,13 +429,7 @@ def main() -> int:
 
         print(f"== {args.concurrent} simultaneous sessions of {n_each * block.message_size / _MB:.0f} MB")
         gw.reset_peak()
-        t0 = time.perf_counter()
-        threads = [threading.Thread(target=one, args=(i,)) for i in range(args.concurrent)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        wall = time.perf_counter() - t0
+        wall = run_at_once(one, args.concurrent)
         failed = [r for r in results if isinstance(r, BaseException)]
         total_mb = args.concurrent * n_each * block.message_size / _MB
         print(f"{total_mb:.0f} MB in {wall:.1f} s: {total_mb / wall:.0f} MB/s in all; gateway peak RSS "

@@ -152,19 +152,18 @@ class Heartbeat:
         for job in running:
             beat = json.loads(beats[job.worker]) if beats.get(job.worker) else None
             if job.worker in dead or (beat is None and (job.started_at or 0.0) < now - ttl):
-                why = f"worker {job.worker or '(none)'} stopped (no heartbeat for {ttl:g} s)"
+                why, lost = f"worker {job.worker or '(none)'} stopped (no heartbeat for {ttl:g} s)", True
             elif beat is not None and beat.get("job") != job.id and float(beat.get("seen", 0)) > \
                     (job.started_at or now) + 2 * self.settings.heartbeat_interval_s + 1.0:
                 # seen so twice, a few beats apart: not a run between its end and its outcome's write
                 first = self._orphans.setdefault((job.id, job.attempts), time.monotonic())
                 if time.monotonic() - first < 2 * self.settings.heartbeat_interval_s:
                     continue
-                why = f"worker {job.worker} is alive but no longer runs it (its run was lost)"
-                hand_back_job(store, job, why, self.send, self.settings.max_attempts, lost=False)  # not the job's doing
-                continue
+                # not the job's doing: not counted against RECONQ_MAX_ATTEMPTS
+                why, lost = f"worker {job.worker} is alive but no longer runs it (its run was lost)", False
             else:
                 continue
-            hand_back_job(store, job, why, self.send, self.settings.max_attempts)
+            hand_back_job(store, job, why, self.send, self.settings.max_attempts, lost=lost)
         current = {(job.id, job.attempts) for job in running}
         self._orphans = {k: v for k, v in self._orphans.items() if k in current}
 
