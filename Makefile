@@ -6,7 +6,7 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # apt waits (up to 10 min) for another apt holding the dpkg lock, instead of failing at once
 APT    := $(SUDO) apt-get -o DPkg::Lock::Timeout=600
 
-.PHONY: setup demo test lint imports redis browser
+.PHONY: setup demo test lint imports redis browser checkers
 
 setup: $(VENV)/.installed redis
 
@@ -28,10 +28,17 @@ browser:
 	  echo "installing chromium and chromium-driver (Debian packages)"; \
 	  $(APT) update -qq && DEBIAN_FRONTEND=noninteractive $(APT) install -y -qq chromium chromium-driver; }
 
+# Debian's dicom3tools (dciodvfy checks the DICOM export) and docker-compose (checks compose.yaml), for the
+# tests that use them (tests/test_dicom.py, tests/test_deploy.py).
+checkers:
+	@{ command -v dciodvfy && command -v docker-compose; } >/dev/null || { \
+	  echo "installing dicom3tools and docker-compose (Debian packages)"; \
+	  $(APT) update -qq && DEBIAN_FRONTEND=noninteractive $(APT) install -y -qq dicom3tools docker-compose; }
+
 demo: setup
 	$(BIN)/reconq demo
 
-test: setup browser
+test: setup browser checkers
 	$(BIN)/pytest -ra
 
 lint: imports

@@ -261,7 +261,10 @@ class PrivateRedis:
                 "--logfile", str(self.dir / "redis.log")]
         # the config read from stdin ("-") holds the password; its files (AOF, log) are made 0600/0700; its
         # stdout only says that it reads stdin (then it logs to its file), its stderr is a fatal error's
-        self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, umask=0o077)
+        # a session of its own: a Ctrl-C at the terminal reaches `reconq up` alone, which stops Redis last,
+        # after the workers have finished or handed back their jobs
+        self.proc = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, umask=0o077,
+                                     start_new_session=True)
         assert self.proc.stdin is not None
         with self.proc.stdin:
             self.proc.stdin.write(f"requirepass {password}\n".encode("ascii"))

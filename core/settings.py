@@ -108,6 +108,20 @@ class Settings(BaseSettings):
         "a write would leave less free space than this: the disk never fills up under the raw-file writer"
     )
 
+    # Retention: 0 keeps forever. A scan is purged only once every job on it has ended (done, failed,
+    # cancelled); results and job records by the time their job ended.
+    keep_raw_days: float = Field(0.0, ge=0, description="Raw scans are deleted this many days after the last job "
+                                 "on them ended (0: kept forever); a scan with a job not ended is never touched")
+    keep_results_days: float = Field(0.0, ge=0, description="Result images are deleted this many days after their "
+                                     "job ended (0: kept forever)")
+    keep_jobs_days: float = Field(0.0, ge=0, description="Job records are deleted from Redis this many days after "
+                                  "the job ended, once its scan's raw data and results are gone (0: kept forever)")
+    purge_interval_s: float = Field(3600.0, gt=0, description="How often the gateway applies the keep_* settings")
+
+    dicom_uid_root: str = Field("", pattern=r"^$|^[0-9]+(\.[0-9]+)*$", max_length=40,
+                                description="UID root (an organisation's registered OID) for the DICOM UIDs ReconQ "
+                                "makes; empty: pydicom's root")
+
     queue: str = Field("routine", description="Queue for scans from the scanner")
     visibility_timeout_s: int = Field(
         6 * 3600, ge=60, description="Redis broker visibility timeout; above the longest recon"

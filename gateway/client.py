@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +35,14 @@ class Reply:
         return [t for t in self.texts if t.startswith(("ERR", "WRN"))]
 
 
-def read_reply(sock: socket.socket, limits: p.Limits | None = None) -> Reply:
+#: Called with each TEXT the server sends, as it comes (a progress bar shows it; see ``reconq send``)
+TextHook = Callable[[str], None]
+#: Called with each image as it arrives, and with how many have come
+ImageHook = Callable[[ismrmrd.Image, int], None]
+
+
+def read_reply(sock: socket.socket, limits: p.Limits | None = None, on_text: TextHook | None = None,
+               on_image: ImageHook | None = None) -> Reply:
     """Read server messages until its CLOSE (or EOF)."""
     limits = limits or p.Limits()
     src = p.SocketSource(sock)
@@ -48,8 +55,12 @@ def read_reply(sock: socket.socket, limits: p.Limits | None = None) -> Reply:
                 return reply
             if msg == p.MessageId.TEXT:
                 reply.texts.append(p.read_length_prefixed(src, limits.max_text_bytes, "TEXT"))
+                if on_text is not None:
+                    on_text(reply.texts[-1])
             elif msg == p.MessageId.IMAGE:
                 reply.images.append(p.read_image(src, limits))
+                if on_image is not None:
+                    on_image(reply.images[-1], len(reply.images))
             else:
                 raise p.ProtocolError(f"unexpected message id {msg} from the server")
     except p.StreamClosed:
@@ -78,15 +89,20 @@ def opening(config: str | None, header: ismrmrd.xsd.ismrmrdHeader | str, params:
     return b"".join(parts)
 
 
-def stream_session(host: str, port: int, head: bytes, messages: Iterable[bytes], timeout: float = 600.0) -> Reply:
-    """Send ``head``, then each message, then CLOSE; return what the server replied."""
+def stream_session(host: str, port: int, head: bytes, messages: Iterable[bytes], timeout: float = 600.0,
+                   on_sent: Callable[[int], None] | None = None, on_text: TextHook | None = None,
+                   on_image: ImageHook | None = None) -> Reply:
+    """Send ``head``, then each message, then CLOSE; return what the server replied. ``on_sent`` is called
+    with the size of each message sent after the head; ``on_text``/``on_image`` as :func:`read_reply`."""
     with socket.create_connection((host, port), timeout=timeout) as sock:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.sendall(head)
         for message in messages:
             sock.sendall(message)
+            if on_sent is not None:
+                on_sent(len(message))
         sock.sendall(p.write_close())
-        return read_reply(sock)
+        return read_reply(sock, on_text=on_text, on_image=on_image)
 
 
 def send_scan(host: str, port: int, header: ismrmrd.xsd.ismrmrdHeader | str,
@@ -97,8 +113,10 @@ def send_scan(host: str, port: int, header: ismrmrd.xsd.ismrmrdHeader | str,
 
 
 def send_file(host: str, port: int, path: Path, config: str | None = None,
-              params: dict[str, Any] | None = None) -> Reply:
-    """Stream an MRD file's header, readouts and waveforms, as a scanner would."""
+              params: dict[str, Any] | None = None, on_sent: Callable[[int], None] | None = None,
+              on_text: TextHook | None = None) -> Reply:
+    """Stream an MRD file's header, readouts and waveforms, as a scanner would (``on_sent``: see
+    :func:`stream_session`)."""
     with ismrmrd.Dataset(str(path), "dataset", create_if_needed=False, mode="r") as dset:
         xml = dset.read_xml_header()
         xml = xml.decode("utf-8") if isinstance(xml, bytes) else xml
@@ -111,13 +129,16 @@ def send_file(host: str, port: int, path: Path, config: str | None = None,
             for i in range(n_acq):
                 yield p.write_acquisition(dset.read_acquisition(i))
 
-        return stream_session(host, port, opening(config, xml, params), all_messages())
+        return stream_session(host, port, opening(config, xml, params), all_messages(), on_sent=on_sent,
+                              on_text=on_text)
 
 
 def retrieve(host: str, port: int, header: ismrmrd.xsd.ismrmrdHeader | str, config: str = "retrieve",
-             params: dict[str, Any] | None = None, timeout: float = 3600.0) -> Reply:
+             params: dict[str, Any] | None = None, timeout: float = 3600.0, on_text: TextHook | None = None,
+             on_image: ImageHook | None = None) -> Reply:
     """Run a retrieval scan: the header identifies patient, study and protocol; no data."""
-    return stream_session(host, port, opening(config, header, params), (), timeout=timeout)
+    return stream_session(host, port, opening(config, header, params), (), timeout=timeout, on_text=on_text,
+                          on_image=on_image)
 
 
 def retrieval_header(patient_id: str, study_uid: str, protocol: str) -> str:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 import ismrmrd
@@ -31,6 +32,8 @@ import ismrmrd.xsd as xsd
 import numpy as np
 import sigpy as sp
 import sigpy.sim
+from pydicom.uid import generate_uid
+from xsdata.models.datatype import XmlDate, XmlTime
 
 from reconq.recon import fft
 from reconq.recon.geometry import Grid
@@ -311,25 +314,34 @@ def _header(plan: _Plan, ncoil, fov_mm, patient_id, patient_name, study_uid, pro
         user = xsd.userParametersType(
             userParameterLong=[xsd.userParameterLongType(name="BitsStored", value=bits_stored)])
     return scan_header(encoding, ncoil, patient_id, patient_name, study_uid, protocol, measurement_id,
-                       xsd.sequenceParametersType(TR=[10.0], TE=[5.0], flipAngle_deg=[15.0]), user)
+                       xsd.sequenceParametersType(TR=[10.0], TE=[5.0], flipAngle_deg=[15.0],
+                                                  sequence_type="Flash"), user)
 
 
 def scan_header(encoding: xsd.encodingType, ncoil: int, patient_id: str, patient_name: str, study_uid: str,
                 protocol: str, measurement_id: str, sequence: xsd.sequenceParametersType,
                 user: xsd.userParametersType | None = None, field_t: float = 3.0,
-                frequency_hz: int = 123_200_000) -> xsd.ismrmrdHeader:
+                frequency_hz: int = 123_200_000, when: datetime | None = None) -> xsd.ismrmrdHeader:
     """A simulated scan's MRD header around its ``encoding``: identity, protocol, system and sequence
-    (every simulator of :mod:`reconq.recon` writes its headers through this)."""
+    (every simulator of :mod:`reconq.recon` writes its headers through this), with the study and series
+    dated ``when`` (default: now) and a frame of reference of the study, as a scanner writes them."""
+    when = when or datetime.now().replace(microsecond=0)
+    date, time_ = XmlDate.from_date(when.date()), XmlTime.from_time(when.time())
+    frame = generate_uid(entropy_srcs=[study_uid, "frame of reference"])  # the study's, the same every time
     return xsd.ismrmrdHeader(
         version=1,
-        subjectInformation=xsd.subjectInformationType(patientID=patient_id, patientName=patient_name),
-        studyInformation=xsd.studyInformationType(studyInstanceUID=study_uid, studyID="1"),
+        subjectInformation=xsd.subjectInformationType(
+            patientID=patient_id, patientName=patient_name, patientBirthdate=XmlDate(1970, 1, 1),
+            patientGender="O", patientWeight_kg=70.0),
+        studyInformation=xsd.studyInformationType(studyInstanceUID=study_uid, studyID="1", studyDate=date,
+                                                  studyTime=time_, studyDescription="ReconQ simulation"),
         measurementInformation=xsd.measurementInformationType(
             measurementID=measurement_id, patientPosition=xsd.patientPositionType.HFS,
-            protocolName=protocol, seriesDescription=protocol),
+            protocolName=protocol, seriesDescription=protocol, seriesDate=date, seriesTime=time_,
+            frameOfReferenceUID=frame),
         acquisitionSystemInformation=xsd.acquisitionSystemInformationType(
             systemVendor="ReconQ", systemModel="Simulator", systemFieldStrength_T=field_t,
-            receiverChannels=ncoil),
+            receiverChannels=ncoil, institutionName="ReconQ", stationName="simulator"),
         experimentalConditions=xsd.experimentalConditionsType(H1resonanceFrequency_Hz=frequency_hz),
         encoding=[encoding],
         sequenceParameters=sequence,

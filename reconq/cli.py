@@ -76,8 +76,7 @@ def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
         if make_inventory(settings).gpus():  # no options on a GPU machine: one process per GPU
             return launch(settings, None, args.per_gpu, 0)
     except LaunchError as e:
-        print(f"reconq worker: {e}", file=sys.stderr)
-        return 2
+        raise CliError(f"worker: {e}", code=2) from e
     run_worker(settings, concurrency=args.concurrency or settings.worker_concurrency)
     return 0
 
@@ -103,12 +102,16 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         eff = stack.start()
-        write_connection(eff)  # for client commands in another shell (read by _client_settings)
+
+        def record() -> None:  # for client commands in another shell (read by _client_settings)
+            write_connection(eff, children=stack.pids())
+
+        record()
         print(f"ReconQ up: MRD on {eff.mrd_host}:{eff.mrd_port}, API on http://{eff.http_host}:{eff.http_port}, "
               f"Redis {redact(eff.redis_url)}, data in {eff.data_dir}. Ctrl-C stops.", flush=True)
-        return stack.wait()
+        return stack.supervise(on_restart=record)  # a child that dies is started again
     except KeyboardInterrupt:
-        print("stopping ...", flush=True)
+        print("stopping (running recons may finish or are handed back) ...", flush=True)
         return 0
     finally:
         stack.stop()
@@ -200,19 +203,43 @@ def _mrd_address(settings: Settings, args: argparse.Namespace) -> tuple[str, int
     return args.host or settings.mrd_host, args.port or settings.mrd_port
 
 
-def _print_reply(reply: Any) -> int:
-    for t in reply.texts:
-        print(t)
+def _reply_code(reply: Any) -> int:
     return 1 if reply.errors() or not reply.closed else 0
 
 
+def _progress_bar(**kwargs: Any) -> Any:
+    """A tqdm bar on stderr, shown on a terminal only (not in pipes, logs or tests); ``TQDM_DISABLE=1`` hides
+    it there too."""
+    from tqdm import tqdm
+
+    return tqdm(file=sys.stderr, disable=None, dynamic_ncols=True, leave=False, **kwargs)
+
+
+def _print_text(bar: Any) -> Callable[[str], None]:
+    """Print a server TEXT as it comes, above the bar."""
+    def show(text: str) -> None:
+        if bar.disable:
+            print(text, flush=True)
+        else:
+            bar.write(text, file=sys.stdout)
+    return show
+
+
 def cmd_send(settings: Settings, args: argparse.Namespace) -> int:
+    import ismrmrd
+
     from reconq.gateway.client import send_file
 
     params = _json_params(args.params)
     file = _mrd_file(args.file, raw=True)
-    reply = send_file(*_mrd_address(settings, args), file, config=args.config, params=params)
-    return _print_reply(reply)
+    with ismrmrd.Dataset(str(file), "dataset", create_if_needed=False, mode="r") as dset:
+        names = dset.list()
+        total = (dset.number_of_acquisitions() if "data" in names else 0) + (
+            dset.number_of_waveforms() if "waveforms" in names else 0)
+    with _progress_bar(total=total, unit=" readouts", desc=f"send {file.name}") as bar:
+        reply = send_file(*_mrd_address(settings, args), file, config=args.config, params=params,
+                          on_sent=lambda _n: bar.update(1), on_text=_print_text(bar))
+    return _reply_code(reply)
 
 
 def cmd_retrieve(settings: Settings, args: argparse.Namespace) -> int:
@@ -231,8 +258,10 @@ def cmd_retrieve(settings: Settings, args: argparse.Namespace) -> int:
             raise CliError("retrieve: give --from-file RAW.h5, or --patient and --protocol (and --study)", code=2)
         header = client.retrieval_header(args.patient, args.study or "", args.protocol)
     params = {"job": args.job} if args.job else None
-    reply = client.retrieve(*_mrd_address(settings, args), header, params=params)
-    code = _print_reply(reply)
+    with _progress_bar(unit=" images", desc="retrieve") as bar:
+        reply = client.retrieve(*_mrd_address(settings, args), header, params=params, on_text=_print_text(bar),
+                                on_image=lambda _image, _n: bar.update(1))
+    code = _reply_code(reply)
     if reply.images:
         write_images(Path(args.out), reply.images)
         print(f"{len(reply.images)} images written to {args.out}")
@@ -246,6 +275,12 @@ def cmd_jobs(settings: Settings, args: argparse.Namespace) -> int:
 
     store = JobStore(connect(settings))
     jobs, total = store.query(limit=args.limit, state=JobState(args.state) if args.state else None)
+    if args.json:  # as GET /api/jobs for staff
+        from reconq.api.schemas import JobOut, JobPage
+
+        page = JobPage(total=total, offset=0, limit=args.limit, jobs=[JobOut.of(j, None) for j in jobs])
+        print(page.model_dump_json(indent=2))
+        return 0
     print(f"{'job':34} {'state':15} {'progress':>8}  {'pipeline':12} {'protocol':20} stage / error")
     for j in jobs:
         print(f"{j.id:34} {j.state.value:15} {100 * j.progress:7.0f}%  {j.pipeline:12} {j.protocol[:20]:20} "
@@ -267,8 +302,7 @@ def cmd_exams(settings: Settings, args: argparse.Namespace) -> int:
     try:
         day = date.fromisoformat(args.day) if args.day else date.today()
     except ValueError:
-        print(f"reconq exams: --day {args.day!r} is not YYYY-MM-DD", file=sys.stderr)
-        return 2
+        raise CliError(f"exams: --day {args.day!r} is not a date; give YYYY-MM-DD", code=2) from None
     store = JobStore(connect(settings))
     exams = exams_of_day(store, store.redis, *day_bounds(day), time.time())
     if args.json:  # as GET /api/exams for staff
@@ -311,11 +345,24 @@ def cmd_retro(settings: Settings, args: argparse.Namespace) -> int:
                                         _json_params(args.params), Queue(args.queue),
                                         who=f"cli:{getpass.getuser()}")
     except ActionError as e:  # no such scan, an unknown pipeline, a scan not complete
-        print(f"reconq retro: {e}", file=sys.stderr)
-        return 1
+        raise CliError(f"retro: {e}{_scan_hint(settings, args.scan_id)}") from e
     for job in jobs:
         print(f"job {job.id} queued on {job.queue}: pipeline {job.pipeline} on scan {job.scan_id}")
     return 0
+
+
+def _scan_hint(settings: Settings, names: list[str]) -> str:
+    """For names that are job ids, not scan ids: which scans they are jobs on, as a command to run."""
+    from reconq.core.jobs import JobStore
+    from reconq.core.redisconn import connect
+
+    store = JobStore(connect(settings))
+    scans = {name: job.scan_id for name in names if (job := store.get(name)) is not None}
+    if not scans:
+        return ""
+    said = ", ".join(f"{name} is a job on scan {scan}" for name, scan in scans.items())
+    fixed = " ".join(scans.get(name, name) for name in names)
+    return f"; {said}: retro takes scan ids, e.g. `reconq retro {fixed} --pipeline ...`"
 
 
 def cmd_sequences(settings: Settings, args: argparse.Namespace) -> int:
@@ -336,7 +383,7 @@ def cmd_sequences(settings: Settings, args: argparse.Namespace) -> int:
             print(f"{dest.name}  {signature}  verified")
         return 0
     entries = library.entries()
-    if args.json:
+    if getattr(args, "json", False) or args.sequences_json:
         print(json.dumps({"folder": str(library.folder), "sequences": [e.as_dict() for e in entries]}, indent=2))
         return 0
     print(f"sequence folder {library.folder}")
@@ -365,6 +412,82 @@ def cmd_settings(settings: Settings, args: argparse.Namespace) -> int:
         mark = " (set)" if row["set"] else ""
         print(f"{row['variable']} = {value}{mark}   [default {show(row['default'])}]\n    {row['description']}")
     print(f"({len(rows)} settings; set them as environment variables)")
+    return 0
+
+
+#: ``reconq simulate --orientation``: (read, phase, slice) directions in patient coordinates (LPS)
+ORIENTATIONS: dict[str, tuple[tuple[float, float, float], ...]] = {
+    "axial": ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0)),
+    "coronal": ((1.0, 0.0, 0.0), (0.0, 0.0, -1.0), (0.0, 1.0, 0.0)),
+    "sagittal": ((0.0, 1.0, 0.0), (0.0, 0.0, -1.0), (1.0, 0.0, 0.0)),
+}
+
+
+def _rotation(x_deg: float, y_deg: float) -> Any:
+    import numpy as np
+
+    a, b = np.radians(x_deg), np.radians(y_deg)
+    rx = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
+    ry = np.array([[np.cos(b), 0, np.sin(b)], [0, 1, 0], [-np.sin(b), 0, np.cos(b)]])
+    return ry @ rx
+
+
+def cmd_simulate(settings: Settings, args: argparse.Namespace) -> int:
+    """A synthetic raw MRD scan of a head phantom, with a full identity, to send to the gateway."""
+    import time
+
+    from pydicom.uid import generate_uid
+
+    from reconq.recon.errors import ReconError
+    from reconq.recon.simulate import SyntheticScan, synthetic_scan, write_mrd
+
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise CliError(f"{out} exists; give another name or --force to replace it", code=2)
+    if not out.parent.is_dir():
+        raise CliError(f"{out.parent}: no such folder", code=2)
+    n = args.matrix
+    if not 8 <= n <= 1024 or args.coils < 1 or args.slices < 1 or args.acceleration < 1:
+        raise CliError("simulate: --matrix takes 8..1024, --coils, --slices and --acceleration at least 1", code=2)
+    identity = dict(patient_id=args.patient_id, patient_name=args.patient_name,
+                    study_uid=args.study_uid or generate_uid(), protocol=args.protocol,
+                    measurement_id=f"66001_{int(time.time()) % 10**7}_{os.getpid() % 10**7}_1")  # one per file
+    try:
+        scan: SyntheticScan
+        if args.radial:
+            import numpy as np
+
+            from reconq.recon import radial
+            from reconq.recon.phantoms import Phantom
+            from reconq.recon.radialsim import radial_scan
+
+            if args.slices != 1 or args.acceleration != 1:
+                raise CliError("simulate --radial makes one 2D slice: --slices and --acceleration do not apply "
+                               "(undersample with --spokes)", code=2)
+            phantom = Phantom.default(2, ncoil=args.coils, seed=args.seed)
+            spokes = args.spokes or int(np.pi / 2 * n)
+            coord = radial.radial_2d(spokes, 2 * n, n / 2, golden=True)
+            scan = radial_scan(coord, lambda c, e: phantom.kspace(c, te_ms=0.0), ncoil=args.coils,
+                               matrix=(n, n, 1), fov_mm=(args.fov, args.fov, 5.0), kind="2d", noise=args.noise,
+                               seed=args.seed, **identity)
+        else:
+            read, phase, slc = ORIENTATIONS.get(args.orientation, ORIENTATIONS["axial"])
+            rotation = _rotation(20.0, 15.0) if args.orientation == "oblique" else None
+            scan = synthetic_scan(matrix=(n, n), ncoil=args.coils, nslices=args.slices,
+                                  fov_mm=(args.fov, args.fov, 5.0), read_dir=read, phase_dir=phase, slice_dir=slc,
+                                  rotation=rotation,
+                                  acceleration=(args.acceleration, 1), acs_lines=(args.acs, 1), noise=args.noise,
+                                  seed=args.seed, **identity)
+    except ReconError as e:
+        raise CliError(f"simulate: {e}", code=2) from e
+    write_mrd(scan, out)
+    kind = f"2D radial, {len(scan.acquisitions)} spokes" if args.radial else (
+        f"{args.orientation} Cartesian, {args.slices} slice(s)"
+        + (f", accelerated R={args.acceleration} with {args.acs} calibration lines" if args.acceleration > 1 else ""))
+    print(f"{out}: {kind}, {n}x{n}, {args.coils} coils, {len(scan.acquisitions)} readouts; patient "
+          f"{args.patient_id}, protocol {args.protocol}")
+    pipeline = "radial" if args.radial else "sense" if args.acceleration > 1 else "cartesian"
+    print(f"send it: reconq send {out} --config {pipeline}")
     return 0
 
 
@@ -456,19 +579,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state", default=None, choices=["receiving", "queued", "waiting_inputs", "running", "done",
                                                      "failed", "cancelled"])
     p.add_argument("--limit", type=int, default=20)
+    p.add_argument("--json", action="store_true", help="print JSON (as GET /api/jobs for staff)")
     p = add("exams", cmd_exams, "one day's exams: each series' state, progress and expected finish")
     p.add_argument("--day", default=None, help="YYYY-MM-DD (default: today, local time)")
     p.add_argument("--json", action="store_true", help="print JSON (as GET /api/exams)")
     p = add("sequences", cmd_sequences, "the Pulseq .seq files scans' trajectories come from: add, list")
-    seqs = p.add_subparsers(dest="sequences_command", required=True)
+    seqs = p.add_subparsers(dest="sequences_command")  # none: list
     q = seqs.add_parser("add", help="copy signed .seq files into the sequence folder",
                         description="copy signed .seq files into the sequence folder")
     q.add_argument("files", nargs="+", metavar="FILE", help="Pulseq .seq file(s)")
     q = seqs.add_parser("list", help="the folder's .seq files, their signatures, whether each verifies",
                         description="the folder's .seq files, their signatures, whether each verifies")
     q.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--json", dest="sequences_json", action="store_true", help="print JSON (list)")
     p = add("settings", cmd_settings, "every setting: its RECONQ_ variable, default, value here and meaning")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p = add("simulate", cmd_simulate, "write a synthetic raw MRD scan (a head phantom, with patient, study and "
+                                      "protocol) to send with `reconq send`")
+    p.add_argument("out", metavar="OUT.h5", help="the MRD file to write")
+    p.add_argument("--coils", type=int, default=8, help="receive coils (default 8)")
+    p.add_argument("--slices", type=int, default=1, help="2D slices (default 1)")
+    p.add_argument("--matrix", type=int, default=128, help="image matrix N (N x N, default 128)")
+    p.add_argument("--fov", type=float, default=256.0, help="field of view in mm (default 256)")
+    p.add_argument("--acceleration", type=int, default=1,
+                   help="parallel imaging: every R-th phase line, with calibration lines (default 1: none)")
+    p.add_argument("--acs", type=int, default=24, help="calibration lines when accelerated (default 24)")
+    p.add_argument("--orientation", default="axial", choices=["axial", "coronal", "sagittal", "oblique"])
+    p.add_argument("--radial", action="store_true", help="a 2D golden-angle radial scan (pipeline radial)")
+    p.add_argument("--spokes", type=int, default=0, help="radial spokes (default pi/2 N: fully sampled)")
+    p.add_argument("--noise", type=float, default=0.0, help="k-space noise std (default 0)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--patient-id", default="PAT001")
+    p.add_argument("--patient-name", default="Phantom^Demo", help="DICOM style: Family^Given")
+    p.add_argument("--study-uid", default=None, help="default: a new UID, one study per file")
+    p.add_argument("--protocol", default="reconq_sim", help="protocol name (the retrieval scan matches it)")
+    p.add_argument("--force", action="store_true", help="replace OUT.h5 if it exists")
     p = add("demo", cmd_demo, "a synthetic scan through the whole flow, on a private Redis and CPU workers")
     p.add_argument("--out", default="reconq-demo", help="output folder (default ./reconq-demo)")
     return parser

@@ -18,6 +18,8 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
@@ -49,6 +51,28 @@ def child_env(settings: Settings) -> dict[str, str]:
     return env
 
 
+#: A child's exit code that says it refused its configuration: it is not started again (see Stack.supervise)
+REFUSED = 2
+
+
+@dataclass
+class Restarts:
+    """One child's restarts: back-off 1, 2, 4, ... up to 60 s while it keeps dying within a minute of its
+    start; a child that ran longer than that starts again after 1 s."""
+
+    total: int = 0
+    quick: int = 0  # deaths in a row, each within STABLE_S of its start
+    due: float | None = None  # monotonic time of the next start, while one is pending
+
+    STABLE_S = 60.0
+    MAX_DELAY_S = 60.0
+
+    def failed(self, ran_s: float) -> float:
+        """Note a death after ``ran_s`` seconds of running; returns the delay before the next start."""
+        self.quick = self.quick + 1 if ran_s < self.STABLE_S else 1
+        return min(self.MAX_DELAY_S, 2.0 ** (self.quick - 1))
+
+
 class Stack:
     """Starts and stops the services; :meth:`stop` is safe to call more than once."""
 
@@ -58,6 +82,9 @@ class Stack:
         self.log_dir = log_dir
         self.redis: PrivateRedis | None = None
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.roles: dict[str, list[str]] = {}  # each child's command line arguments, to start it again
+        self.started_at: dict[str, float] = {}  # monotonic
+        self.env: dict[str, str] = {}
         self._logs: list[IO[bytes]] = []
 
     def start(self, timeout: float = 60.0) -> Settings:
@@ -72,7 +99,7 @@ class Stack:
             check_data_root(self.settings, client, create=True, role="`reconq up`")
         finally:
             client.close()
-        env = child_env(self.settings)
+        self.env = env = child_env(self.settings)
         self._spawn("gateway", ["gateway"], env)
         self._spawn("api", ["api"], env)
         for i in range(self.workers):
@@ -91,6 +118,7 @@ class Stack:
         # child that outlives its stop is killed with its own children (a worker's pool processes)
         self.procs[name] = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=out,
                                             stderr=subprocess.STDOUT if out else None, start_new_session=True)
+        self.roles[name], self.started_at[name] = args, time.monotonic()
         log.info("started %s (pid %d)", name, self.procs[name].pid)
 
     def _wait_ready(self, timeout: float) -> None:
@@ -119,6 +147,44 @@ class Stack:
                     log.error("%s exited with code %d; stopping the stack", name, proc.returncode)
                     return proc.returncode or 1
             time.sleep(0.5)
+
+    def supervise(self, on_restart: Callable[[], None] | None = None, poll_s: float = 0.5) -> int:
+        """Keep the stack up until Ctrl-C: a child that dies is started again after a back-off, each child on
+        its own, so the gateway goes on taking scans while the API or a worker restarts (and the other way
+        round); a private Redis that dies is started again on its port and AOF. A child that exits with code
+        2 refused its configuration (a wrong data root, say): starting it again would only refuse again, so
+        the stack stops and this returns 2. ``on_restart`` is called after each restart."""
+        restarts: dict[str, Restarts] = {}
+        while True:
+            now = time.monotonic()
+            if self.redis is not None and self.redis.proc is not None and self.redis.proc.poll() is not None:
+                code = self.redis.proc.returncode
+                log.error("private Redis exited with code %s; starting it again on port %d", code, self.redis.port)
+                self.redis.start()
+            for name, proc in list(self.procs.items()):
+                code = proc.poll()
+                if code is None:
+                    continue
+                if code == REFUSED:
+                    log.error("%s refused to run (exit code 2; its log says why); stopping the stack", name)
+                    return REFUSED
+                state = restarts.setdefault(name, Restarts())
+                if state.due is None:
+                    delay = state.failed(now - self.started_at.get(name, now))
+                    log.error("%s exited with code %d; starting it again in %.0f s (restart %d)", name, code, delay,
+                              state.total + 1)
+                    state.due = now + delay
+                elif now >= state.due:
+                    self._spawn(name, self.roles[name], self.env)
+                    state.total += 1
+                    state.due = None
+                    if on_restart is not None:
+                        on_restart()
+            time.sleep(poll_s)
+
+    def pids(self) -> dict[str, int]:
+        """The children's process ids, by name (``gateway``, ``api``, ``worker0``, ...)."""
+        return {name: proc.pid for name, proc in self.procs.items()}
 
     def stop(self, timeout: float | None = None) -> None:
         """SIGTERM every child (workers finish or hand back their job: they get the recons' grace period
@@ -179,13 +245,15 @@ def connection_path(data_dir: Path) -> Path:
     return Path(data_dir).resolve() / CONNECTION_FILE
 
 
-def write_connection(settings: Settings, pid: int | None = None) -> Path:
-    """Write the running stack's connection details (atomically, mode 0600); returns the file's path."""
+def write_connection(settings: Settings, pid: int | None = None, children: dict[str, int] | None = None) -> Path:
+    """Write the running stack's connection details (atomically, mode 0600), with its children's process ids
+    by name; returns the file's path."""
     path = connection_path(settings.data_dir)
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     doc = {"pid": pid or os.getpid(), "redis_url": settings.redis_url, "redis_ca_file":
            str(settings.redis_ca_file) if settings.redis_ca_file else None, "mrd_host": settings.mrd_host,
-           "mrd_port": settings.mrd_port, "http_host": settings.http_host, "http_port": settings.http_port}
+           "mrd_port": settings.mrd_port, "http_host": settings.http_host, "http_port": settings.http_port,
+           "children": children or {}}
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:

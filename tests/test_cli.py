@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -187,3 +188,120 @@ def test_version_and_settings():
     assert by_variable["RECONQ_MRD_PORT"]["default"] == 9002 and by_variable["RECONQ_MRD_PORT"]["description"]
     assert by_variable["RECONQ_STAFF_TOKENS"]["value"] == {"ann": "***"}
     assert all(r["description"] for r in rows)
+
+
+def readme_block(heading: str, index: int = 0) -> list[str]:
+    """The command lines of the ``index``-th ```sh block under README's ``heading``, comments removed."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = text.split(f"\n{heading}\n", 1)[1].split("\n## ", 1)[0]
+    block = section.split("```sh\n")[index + 1].split("```", 1)[0]
+    return [line.split("  #", 1)[0].strip() for line in block.splitlines() if line.strip()]
+
+
+def as_run(line: str) -> list[str]:
+    """A README command line as this test runs it: ``.venv/bin/reconq`` is this interpreter's reconq."""
+    words = line.split()
+    assert words[0] == ".venv/bin/reconq", line
+    return [sys.executable, "-m", "reconq.cli", *words[1:]]
+
+
+def test_the_readme_running_it_block_as_written_and_up_restarts_a_dead_child(tmp_path):
+    """README "Running it": `up` in one shell, the client commands in another, in the same folder, nothing
+    set in the second. Then `up` as a supervisor: the API killed, scans still taken, the API back."""
+    first, *client_lines = readme_block("## Running it")
+    assert first == ".venv/bin/reconq up" and len(client_lines) == 4, client_lines
+    mrd_port, http_port = free_port(), free_port()  # shell 1 only: not the default ports on a shared machine
+    shell1 = clean_env(RECONQ_MRD_PORT=str(mrd_port), RECONQ_HTTP_PORT=str(http_port), RECONQ_MIN_FREE_BYTES="0")
+    shell2 = clean_env(TQDM_DISABLE="1")
+    up = subprocess.Popen(as_run(first), env=shell1, cwd=tmp_path, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(up.stdout.readline, "")), daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 90
+        while not any("ReconQ up" in line for line in lines):
+            assert up.poll() is None and time.monotonic() < deadline, "".join(lines)
+            time.sleep(0.2)
+        out = {}
+        for line in client_lines:
+            run = subprocess.run(as_run(line), env=shell2, cwd=tmp_path, capture_output=True, text=True, timeout=180)
+            assert run.returncode == 0 and "Traceback" not in run.stderr, (line, run.stdout, run.stderr)
+            out[line.split()[1]] = run.stdout
+        assert "raw.h5: axial Cartesian, 1 slice(s), 128x128, 8 coils" in out["simulate"]
+        assert out["send"].startswith("INF job ") and " queued" in out["send"], out["send"]
+        job_id = out["send"].split()[2]
+        assert "1 images written to images.h5" in out["retrieve"], out["retrieve"]
+        with ismrmrd.Dataset(str(tmp_path / "images.h5"), "dataset", create_if_needed=False, mode="r") as dset:
+            assert dset.number_of_images("image_1") == 1
+        listed = next(row for row in out["jobs"].splitlines() if row.startswith(job_id))
+        assert listed.split()[1] == "done" and "reconq_sim" in listed, out["jobs"]
+
+        # --json, as the API's staff JSON; a job id given to retro is answered with its scan id
+        jobs = json.loads(subprocess.run(as_run(".venv/bin/reconq jobs --json"), env=shell2, cwd=tmp_path,
+                                         capture_output=True, text=True, timeout=60).stdout)
+        (mine,) = [j for j in jobs["jobs"] if j["id"] == job_id]
+        assert mine["state"] == "done" and mine["patient"] == "PAT001" and jobs["total"] >= 1
+        retro = subprocess.run(as_run(f".venv/bin/reconq retro {job_id} --pipeline cartesian"), env=shell2,
+                               cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        scan_id = mine["scan_id"]
+        _one_line_error(retro, 1, f"{job_id} is a job on scan {scan_id}", f"reconq retro {scan_id} --pipeline")
+
+        # the supervisor: kill -9 the API; the gateway takes a scan meanwhile; the API comes back
+        connection = json.loads((tmp_path / "reconq-data" / "reconq-up.json").read_text())
+        api_pid = connection["children"]["api"]
+        os.kill(api_pid, 9)
+        deadline = time.monotonic() + 10
+        while not any("api exited with code -9; starting it again" in line for line in lines):
+            assert time.monotonic() < deadline, "".join(lines)
+            time.sleep(0.1)
+        scan = synthetic_scan(matrix=(16, 16), ncoil=2, protocol="while_api_down")
+        reply = mrd.send_scan("127.0.0.1", mrd_port, scan.header, scan.acquisitions, config="cartesian")
+        assert reply.job_id() is not None and not reply.errors(), reply.texts
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/api/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline and up.poll() is None, "".join(lines)
+            time.sleep(0.3)
+        restarted = json.loads((tmp_path / "reconq-data" / "reconq-up.json").read_text())["children"]
+        assert restarted["api"] != api_pid and restarted["gateway"] == connection["children"]["gateway"]
+    finally:
+        up.send_signal(2)  # Ctrl-C
+        code = up.wait(timeout=60)
+        reader.join(5)
+    assert code == 0, "".join(lines)
+    log = "".join(lines)
+    assert "stopping" in log and " ERROR " not in log.split("stopping", 1)[1], log  # Ctrl-C is not an error
+    assert not (tmp_path / "reconq-data" / "reconq-up.json").exists()
+
+
+def test_simulate_writes_scans_with_an_identity(tmp_path):
+    run = reconq("simulate", str(tmp_path / "s.h5"), "--acceleration", "2", "--slices", "2", "--coils", "4",
+                 "--matrix", "32", "--patient-id", "PX1", "--patient-name", "Müller^Anna", "--protocol", "t1_sim",
+                 env=clean_env())
+    assert run.returncode == 0 and "send it: reconq send" in run.stdout and "--config sense" in run.stdout, run.stderr
+    with ismrmrd.Dataset(str(tmp_path / "s.h5"), "dataset", create_if_needed=False, mode="r") as dset:
+        header = ismrmrd.xsd.CreateFromDocument(dset.read_xml_header())
+        n = dset.number_of_acquisitions()
+        acqs = [dset.read_acquisition(i) for i in range(n)]
+    assert header.subjectInformation.patientID == "PX1" and header.subjectInformation.patientName == "Müller^Anna"
+    assert header.measurementInformation.protocolName == "t1_sim" and header.studyInformation.studyDate
+    assert header.studyInformation.studyInstanceUID and header.measurementInformation.frameOfReferenceUID
+    assert header.encoding[0].parallelImaging.accelerationFactor.kspace_encoding_step_1 == 2
+    assert acqs[0].active_channels == 4 and {a.idx.slice for a in acqs} == {0, 1}
+    assert any(a.is_flag_set(ismrmrd.ACQ_IS_PARALLEL_CALIBRATION_AND_IMAGING) or
+               a.is_flag_set(ismrmrd.ACQ_IS_PARALLEL_CALIBRATION) for a in acqs)
+    radial = reconq("simulate", str(tmp_path / "r.h5"), "--radial", "--spokes", "30", "--matrix", "32",
+                    "--coils", "2", env=clean_env())
+    assert radial.returncode == 0 and "2D radial, 30 spokes" in radial.stdout, radial.stderr
+    with ismrmrd.Dataset(str(tmp_path / "r.h5"), "dataset", create_if_needed=False, mode="r") as dset:
+        assert dset.number_of_acquisitions() == 30 and dset.read_acquisition(0).traj.shape[1] == 2
+    second = reconq("simulate", str(tmp_path / "s.h5"), env=clean_env())
+    _one_line_error(second, 2, "exists", "--force")
+    _one_line_error(reconq("simulate", str(tmp_path / "x.h5"), "--radial", "--slices", "3", env=clean_env()), 2,
+                    "--radial makes one 2D slice")
