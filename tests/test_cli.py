@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
+import struct
 import subprocess
 import sys
+import termios
 import threading
 import time
 import urllib.request
@@ -305,3 +309,33 @@ def test_simulate_writes_scans_with_an_identity(tmp_path):
     _one_line_error(second, 2, "exists", "--force")
     _one_line_error(reconq("simulate", str(tmp_path / "x.h5"), "--radial", "--slices", "3", env=clean_env()), 2,
                     "--radial makes one 2D slice")
+
+
+def test_send_shows_a_progress_bar_on_a_terminal_only(tmp_path, settings, start_gateway):
+    gateway = start_gateway()
+    _, port = gateway.address
+    raw = write_mrd(synthetic_scan(matrix=(32, 32), ncoil=2, protocol="cli_bar"), tmp_path / "raw.h5")
+    env = clean_env(RECONQ_MRD_PORT=str(port), RECONQ_DATA_DIR=str(tmp_path / "client"))
+    master, slave = os.openpty()  # stderr a terminal, as in a shell: 24 x 100 characters
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    try:
+        run = subprocess.run([sys.executable, "-m", "reconq.cli", "send", str(raw), "--config", "cartesian"],
+                             env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=slave, text=True, timeout=120)
+        os.close(slave)
+        shown = b""
+        with contextlib.suppress(OSError):  # EIO once the child's end is closed and read to its end
+            while chunk := os.read(master, 65536):
+                shown += chunk
+    finally:
+        os.close(master)
+    assert run.returncode == 0 and run.stdout.startswith("INF job "), run.stdout
+    assert b"send raw.h5" in shown and b"32/32" in shown and b"readouts" in shown, shown
+    piped = reconq("send", str(raw), "--config", "cartesian", env=env)  # stderr a pipe: no bar
+    assert piped.returncode == 0 and piped.stderr == "", piped.stderr
+
+
+def test_sequences_json(tmp_path):
+    run = reconq("sequences", "--json", env=clean_env(RECONQ_SEQUENCE_DIR=str(tmp_path / "seq")))
+    assert run.returncode == 0, run.stderr
+    listed = json.loads(run.stdout)
+    assert listed["sequences"] == [] and listed["folder"] == str(tmp_path / "seq")
