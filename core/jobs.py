@@ -35,12 +35,13 @@ from reconq.core.constants import (
     SCAN_JOBS,
 )
 from reconq.core.scripts import load_script
-from reconq.core.states import STAMPS, JobState, allowed_from
+from reconq.core.states import FINISHED, STAMPS, JobState, allowed_from
 
 log = logging.getLogger(__name__)
 
 _JSON_FIELDS = {"params", "warnings", "report"}
-_FLOAT_FIELDS = {"progress", "created_at", "queued_at", "started_at", "finished_at", "runtime_estimate_s"}
+_FLOAT_FIELDS = {"progress", "created_at", "queued_at", "started_at", "finished_at", "runtime_estimate_s",
+                 "results_purged_at", "raw_purged_at"}
 _INT_FIELDS = {"attempts", "mem_estimate_bytes", "oom_count", "seq", "lost_runs"}
 _LOG_LINES_KEPT = 500
 _STAGES_KEPT = 200
@@ -87,6 +88,12 @@ class Job:
     warnings: list[str] = field(default_factory=list)
     #: Results beside the images that the recon kept (JSON), e.g. ``{"motion": ...}`` of ``alignsense``.
     report: dict[str, Any] = field(default_factory=dict)
+    #: When retention deleted the job's result files (epoch seconds; None: not deleted); ``result_path`` is
+    #: then cleared: "images deleted by retention on <date>" (:mod:`reconq.scheduler.retention`).
+    results_purged_at: float | None = None
+    #: When retention deleted the raw data of the job's scan (None: not deleted): a retry or retro-recon of
+    #: it cannot run.
+    raw_purged_at: float | None = None
 
     def to_redis(self) -> dict[str, str]:
         out = {}
@@ -160,6 +167,7 @@ class JobStore:
         self.redis = client
         self._create = load_script(client, "reconq.core", "job_create")
         self._update = load_script(client, "reconq.core", "job_update")
+        self._delete = load_script(client, "reconq.core", "job_delete")
 
     def create(self, job: Job) -> bool:
         """Record ``job`` and its indexes at once, and give it its number (``job.seq``); False (and nothing
@@ -367,6 +375,27 @@ class JobStore:
     def retrieval_totals(self) -> tuple[int, int]:
         """(found, not found) retrieval scans ever recorded."""
         return self.retrieval_counts(0.0)
+
+    def delete(self, job_id: str, ended_before: float | None = None) -> bool:
+        """Delete an ended job's record, log, stages and actions, and its entries in the indexes (all jobs,
+        its exam's, its scan's; the scan's job counter with its last job), at once, unless it is not ended
+        (or ended after ``ended_before``, epoch seconds) when the script runs. True if deleted.
+
+        For retention (:mod:`reconq.scheduler.retention`), which deletes records only of scans gone from
+        disk: a complete scan left on disk without a job would be queued again by the reconciler."""
+        job = self.get(job_id)
+        if job is None:
+            return False
+        keys = [JOB_KEY + job_id, JOBS_INDEX, exam_key(job.patient_id, job.study_uid, job.protocol),
+                SCAN_JOBS + job.scan_id, JOB_LOG + job_id, JOB_STAGES + job_id, JOB_ACTIONS + job_id,
+                SCAN_JOB_SEQ + job.scan_id]
+        ended = " ".join(sorted(s.value for s in FINISHED))
+        deleted = int(self._delete(keys=keys, args=[job_id, ended, "" if ended_before is None else repr(ended_before)]))
+        if deleted != 1:
+            log.info("job %s: not deleted (%s)", job_id, "gone" if deleted < 0 else "not ended, or ended since")
+            return False
+        self._publish(job_id, action="deleted")
+        return True
 
     def _publish(self, job_id: str, **what: Any) -> None:
         self.redis.publish(EVENTS_CHANNEL, json.dumps({"id": job_id, **what}))

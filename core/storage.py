@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
 import shutil
 import time
@@ -51,6 +52,10 @@ class ScanRecord:
     images: int = 0
     bytes_received: int = 0
     error: str | None = None
+    #: When retention deleted the raw file (epoch seconds; None: not deleted). The record then says
+    #: ``incomplete`` (its ``error`` says why), so nothing queues, indexes or references the scan again;
+    #: its folder stays for the results kept longer (:mod:`reconq.scheduler.retention`).
+    raw_purged_at: float | None = None
 
     @classmethod
     def from_json(cls, text: str) -> ScanRecord:
@@ -158,3 +163,70 @@ class ScanStore:
 
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.root).free
+
+    # --- deleting, for retention (reconq.scheduler.retention decides what and when) ---------------------
+
+    def result_files(self, scan_id: str) -> list[Path]:
+        """Every result file in the scan's ``results/`` folder (``<job>-run<n>.h5``, or ``<job>.h5`` of older
+        versions), by name; temporary files being written (a leading dot) left out."""
+        folder = self.folder(scan_id) / "results"
+        if not folder.is_dir():
+            return []
+        return sorted(f for f in folder.iterdir() if f.suffix == ".h5" and not f.name.startswith("."))
+
+    def job_result_files(self, scan_id: str, job_id: str) -> list[Path]:
+        """The result files of one job: each run's ``<job_id>-run<n>.h5`` and an older ``<job_id>.h5``
+        (``<scan>-j1`` does not take ``<scan>-j10``'s files)."""
+        run = re.compile(re.escape(job_id) + r"-run[0-9]+\.h5")
+        return [f for f in self.result_files(scan_id) if f.name == f"{job_id}.h5" or run.fullmatch(f.name)]
+
+    def delete_file(self, path: Path) -> int:
+        """Delete one file of this data root and make that durable; the bytes freed (0: it was gone).
+        ValueError for a path outside the data root's scans."""
+        path = Path(path)
+        if not path.resolve().is_relative_to(self.root.resolve()):
+            raise ValueError(f"{path} lies outside the data root's scans")
+        try:
+            size = path.stat().st_size
+            path.unlink()
+        except FileNotFoundError:
+            return 0
+        fsync_path(path.parent)
+        return size
+
+    def delete_raw(self, scan_id: str) -> int:
+        """Delete the scan's raw file (its record and results stay); the bytes freed."""
+        return self.delete_file(self.raw_path(scan_id))
+
+    def remove_scan(self, scan_id: str) -> int:
+        """Delete the scan's whole folder; the bytes freed. It is first renamed to a hidden name
+        (``.removed-<scan_id>``), so no reader ever sees half a scan, then deleted (see
+        :meth:`sweep_removed` for one left by a process stopped in between)."""
+        folder = self.folder(scan_id)
+        hidden = self.root / f".removed-{scan_id}"
+        try:
+            os.rename(folder, hidden)
+        except FileNotFoundError:
+            return 0
+        fsync_path(self.root)
+        size = _tree_bytes(hidden)
+        shutil.rmtree(hidden)
+        return size
+
+    def sweep_removed(self) -> int:
+        """Delete what :meth:`remove_scan` left half-deleted (a process stopped mid-way); the bytes freed."""
+        freed = 0
+        for hidden in self.root.glob(".removed-*"):
+            freed += _tree_bytes(hidden)
+            shutil.rmtree(hidden, ignore_errors=True)
+        return freed
+
+
+def _tree_bytes(folder: Path) -> int:
+    """The bytes of the files under ``folder``."""
+    total = 0
+    for dirpath, _dirs, files in os.walk(folder):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+    return total

@@ -195,6 +195,12 @@ class Retrieval:
         out: list[ismrmrd.Image] = []
         series: dict[tuple[str, int], int] = {}  # (job, its series) -> the series sent
         for job in jobs:
+            if job.results_purged_at is not None:  # deleted by retention: said so, never older images instead
+                on = time.strftime("%Y-%m-%d", time.localtime(job.results_purged_at))
+                raise SessionError(f"the images of job {job.id} were deleted by retention on {on} (RECONQ_KEEP_"
+                                   "RESULTS_DAYS); " + ("its raw data was deleted too: it cannot be reconstructed"
+                                                        if job.raw_purged_at is not None else
+                                                        "reconstruct it again from the dashboard (retro-recon)"))
             try:
                 images = read_images(result_file(self.ctx.scans, job))  # from its ids: never a path from Redis
             except Exception as e:  # missing, truncated or not MRD: the scanner is told, never left silent

@@ -31,7 +31,7 @@ from typing import Any
 import redis
 
 from reconq.core.constants import GATEWAY_STATS
-from reconq.core.dataroot import DataRootMismatch, DataRootUnchecked, check_data_root
+from reconq.core.dataroot import DataRootError, DataRootMismatch, DataRootUnchecked, check_data_root
 from reconq.core.jobs import Job, JobStore
 from reconq.core.sender import TaskSender
 from reconq.core.settings import Settings, SettingsError
@@ -42,6 +42,7 @@ from reconq.gateway.context import SessionContext
 from reconq.gateway.session import Session
 from reconq.gateway.stream import text
 from reconq.scheduler.placement import Placement
+from reconq.scheduler.retention import retention_on, run_purge
 from reconq.scheduler.submit import (
     QUEUE_UNREACHABLE,
     announce_scan,
@@ -69,6 +70,9 @@ COUNTS_RETRY_S = 2.0
 #: Refusals (gateway busy, too many sessions from one client) being answered at once; past it a refused
 #: connection is closed without its ERR, so a flood of them costs no thread each.
 REFUSERS = 16
+#: The first periodic purge runs this long after start (at most ``purge_interval_s``), not one whole interval
+#: later: a gateway restarted more often than the interval still purges.
+PURGE_FIRST_S = 60.0
 #: A refused address is logged at most once per this (with the count refused since), so a flood of
 #: connections from outside the allow-list does not flood the log.
 REFUSAL_LOG_S = 60.0
@@ -300,6 +304,24 @@ class Gateway:
             except Exception:  # a scan folder being written, say: try at the next interval
                 log.exception("periodic reconcile failed; trying again in %g s", self.settings.reconcile_interval_s)
 
+    def purge_forever(self) -> None:
+        """Every ``purge_interval_s`` (the first soon after start), apply the ``keep_*`` retention settings
+        (:func:`reconq.scheduler.retention.run_purge`): one gateway at a time over a shared data root (a lock
+        in Redis; a round another holds is skipped). A round that cannot run (Redis unreachable, the data root
+        not the recorded one) or fails is logged and the next one tried: the gateway never stops for it."""
+        interval = self.settings.purge_interval_s
+        wait = min(interval, PURGE_FIRST_S)
+        while not self._stopping.wait(wait):
+            wait = interval
+            if self.fatal or not retention_on(self.settings):
+                continue
+            try:
+                run_purge(self.settings, self.jobs.redis, dry_run=False)
+            except (redis.RedisError, DataRootError) as e:
+                log.warning("retention: purge skipped this round (%s); next in %g s", e, interval)
+            except Exception:  # a file that cannot be read, say: the next round tries again
+                log.exception("retention: purge failed; next in %g s", interval)
+
     def start(self) -> tuple[str, int]:
         address = self.bind()
         self._thread = threading.Thread(target=self.serve_forever, name="mrd-accept", daemon=True)
@@ -310,6 +332,8 @@ class Gateway:
         if self._listener is None:
             self.bind()
         threading.Thread(target=self.requeue_forever, name="mrd-reconcile", daemon=True).start()
+        if retention_on(self.settings):
+            threading.Thread(target=self.purge_forever, name="mrd-purge", daemon=True).start()
         self._counter_thread = threading.Thread(target=self.count_forever, name="mrd-counters", daemon=True)
         self._counter_thread.start()
         assert self._listener is not None

@@ -128,8 +128,8 @@ class CliError(Exception):
 
 
 #: Commands that are clients of a running stack, and those of them that need its Redis.
-CLIENT_COMMANDS = frozenset({"gpus", "send", "retrieve", "retro", "jobs", "exams"})
-REDIS_COMMANDS = frozenset({"gpus", "retro", "jobs", "exams"})
+CLIENT_COMMANDS = frozenset({"gpus", "send", "retrieve", "retro", "jobs", "exams", "purge"})
+REDIS_COMMANDS = frozenset({"gpus", "retro", "jobs", "exams", "purge"})
 
 
 def _client_settings(settings: Settings, need_redis: bool) -> Settings:
@@ -491,6 +491,21 @@ def cmd_simulate(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_purge(settings: Settings, args: argparse.Namespace) -> int:
+    """Apply the retention settings now (``--dry-run``: only list what is due), as the gateway does
+    every ``RECONQ_PURGE_INTERVAL_S``."""
+    from reconq.core.redisconn import connect
+    from reconq.scheduler.retention import run_purge
+
+    report = run_purge(settings, connect(settings), dry_run=args.dry_run)
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2))
+    else:
+        for line in report.lines():
+            print(line)
+    return 0
+
+
 def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
     from reconq.demo import run_demo
 
@@ -614,6 +629,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--study-uid", default=None, help="default: a new UID, one study per file")
     p.add_argument("--protocol", default="reconq_sim", help="protocol name (the retrieval scan matches it)")
     p.add_argument("--force", action="store_true", help="replace OUT.h5 if it exists")
+    p = add("purge", cmd_purge, "delete what the retention settings (RECONQ_KEEP_*_DAYS) say is due; never a scan "
+                                "with a job not ended")
+    p.add_argument("--dry-run", action="store_true", help="list what would be deleted; delete nothing")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
     p = add("demo", cmd_demo, "a synthetic scan through the whole flow, on a private Redis and CPU workers")
     p.add_argument("--out", default="reconq-demo", help="output folder (default ./reconq-demo)")
     return parser
