@@ -7,6 +7,11 @@ A route names what it needs by type (``store: JobStoreDep``, ``who: StaffDep``),
 from __future__ import annotations
 
 import contextlib
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterable
 from typing import Annotated
 
 import redis
@@ -16,10 +21,15 @@ from fastapi import Path as PathParam
 from reconq.api.audit import AuditError, AuditLog
 from reconq.api.auth import ACTION_HEADER, ANONYMOUS, SESSION_COOKIE, Principal, Role, StaffAuth
 from reconq.api.schemas import Masker, View
-from reconq.core.jobs import JobStore
+from reconq.core.jobs import Job, JobStore
+from reconq.core.mrdfile import parse_header, read_header, read_xml
+from reconq.core.results import result_file
 from reconq.core.settings import Settings
+from reconq.core.states import JobState
 from reconq.core.storage import ScanStore
 from reconq.scheduler.actions import Actions
+
+log = logging.getLogger(__name__)
 
 
 def get_settings(request: Request) -> Settings:
@@ -179,3 +189,76 @@ def audit_of(request: Request, who: PrincipalDep, log: Annotated[AuditLog, Depen
 
 #: The audit log, bound to who asks and from where.
 AuditDep = Annotated[Audit, Depends(audit_of)]
+
+
+class PatientNames:
+    """Patients' names, for signed-in staff. Job and scan records keep the patient ID alone (no name goes
+    through Redis), so the name is read from the scan's raw MRD header (``subjectInformation.patientName``,
+    the header alone: :func:`reconq.core.mrdfile.read_header`), or from a done job's result file where the
+    raw scan is gone (retention). Kept per scan (a stored scan's header does not change), at most
+    :attr:`KEPT`; a scan whose header cannot be read (still being written, not there) is tried again after
+    :attr:`RETRY_S`. Names are never logged, and never read for anonymous viewers."""
+
+    KEPT = 4096
+    RETRY_S = 15.0
+
+    def __init__(self, scans: ScanStore) -> None:
+        self.scans = scans
+        self._kept: OrderedDict[str, tuple[str, float | None]] = OrderedDict()  # scan id -> (name, retry at)
+        self._lock = threading.Lock()
+
+    def of_job(self, job: Job) -> str:
+        """The name of the job's patient ('' where no header of its scan names one)."""
+        return self.of_scan(job.scan_id, job if job.state is JobState.DONE else None)
+
+    def of_scans(self, scan_ids: Iterable[str]) -> str:
+        """The first name that one of these scans (an exam's) gives ('' where none does)."""
+        return next((name for name in map(self.of_scan, scan_ids) if name), "")
+
+    def of_scan(self, scan_id: str, done: Job | None = None) -> str:
+        with self._lock:
+            kept = self._kept.get(scan_id)
+            if kept is not None and (kept[1] is None or kept[1] > time.monotonic()):
+                self._kept.move_to_end(scan_id)
+                return kept[0]
+        name, final = self._read(scan_id, done)
+        with self._lock:
+            self._kept[scan_id] = (name, None if final else time.monotonic() + self.RETRY_S)
+            self._kept.move_to_end(scan_id)
+            while len(self._kept) > self.KEPT:
+                self._kept.popitem(last=False)
+        return name
+
+    def _read(self, scan_id: str, done: Job | None) -> tuple[str, bool]:
+        """The name and whether it is final (a header was read); ('', False) where none could be."""
+        try:
+            raw = self.scans.raw_path(scan_id)
+            if raw.is_file():
+                header = read_header(raw)
+            elif done is not None:
+                xml = read_xml(result_file(self.scans, done))
+                header = parse_header(xml, f"the result of job {done.id}")
+            else:
+                return "", False
+        except (OSError, ValueError) as e:  # MrdFileError is a ValueError; its text may quote the header: not logged
+            log.debug("scan %s: its patient's name cannot be read (%s)", scan_id, type(e).__name__)
+            return "", False
+        subject = header.subjectInformation
+        return str(getattr(subject, "patientName", None) or ""), True
+
+
+_PATIENT_NAMES_LOCK = threading.Lock()
+
+
+def get_patient_names(request: Request, scans: ScanStoreDep) -> PatientNames:
+    """The app's :class:`PatientNames`, made on first use (it only caches what the scans' files say)."""
+    state = request.app.state
+    with _PATIENT_NAMES_LOCK:
+        names = getattr(state, "patient_names", None)
+        if names is None:
+            names = state.patient_names = PatientNames(scans)
+    return names
+
+
+#: Patients' names for staff (read only where the view is unmasked).
+PatientNamesDep = Annotated[PatientNames, Depends(get_patient_names)]

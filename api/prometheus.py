@@ -3,7 +3,8 @@
 Jobs by state and the run-time histogram come from the job records; queue depths from Celery's queue
 lists; retrieval outcomes from the retrieval log; gateway counters from the hash
 ``reconq:stats:gateway`` when the gateway keeps one; GPUs from the workers' heartbeats
-(:func:`reconq.scheduler.monitor.cluster_status`, as ``/api/gpus``). A scrape only reads.
+(:func:`reconq.scheduler.monitor.cluster_status`, as ``/api/gpus``); the data root's free and total bytes from
+its file system (:func:`reconq.core.diskuse.file_system`, no walk). A scrape only reads.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 
 from reconq.core.constants import GATEWAY_STATS, QUEUE_ORDER
+from reconq.core.diskuse import FileSystem
 from reconq.core.jobs import JobStore
 from reconq.core.states import JobState
 from reconq.scheduler.monitor import GpuStatus
@@ -77,8 +79,17 @@ def _gpu_lines(gpus: Sequence[GpuStatus]) -> list[str]:
     return out
 
 
-def render(store: JobStore, gpus: Sequence[GpuStatus]) -> str:
-    """Every ReconQ metric as Prometheus text."""
+def _disk_lines(disk: FileSystem | None) -> list[str]:
+    if disk is None:  # the data dir could not be read: the families say so by having no sample
+        return []
+    return (_family("reconq_disk_free_bytes", "gauge", "Free bytes on the data root's file system (for unprivileged "
+                    "writers, as new scans need).", [_line("reconq_disk_free_bytes", disk.free_bytes)])
+            + _family("reconq_disk_total_bytes", "gauge", "Size of the data root's file system in bytes.",
+                      [_line("reconq_disk_total_bytes", disk.total_bytes)]))
+
+
+def render(store: JobStore, gpus: Sequence[GpuStatus], disk: FileSystem | None = None) -> str:
+    """Every ReconQ metric as Prometheus text (the disk gauges where ``disk`` is given)."""
     states, durations = _job_samples(store)
     out = _family("reconq_jobs", "gauge", "Jobs by state.",
                   [_line("reconq_jobs", states.get(s.value, 0), {"state": s.value}) for s in JobState])
@@ -97,4 +108,5 @@ def render(store: JobStore, gpus: Sequence[GpuStatus]) -> str:
         except ValueError:
             continue
     out += _gpu_lines(gpus)
+    out += _disk_lines(disk)
     return "\n".join(out) + "\n"

@@ -17,6 +17,7 @@ from typing_extensions import TypeAliasType
 
 from reconq.api.auth import Role
 from reconq.core.constants import Queue
+from reconq.core.diskuse import DiskUsage
 from reconq.core.jobs import Job
 from reconq.core.states import JobState
 from reconq.scheduler.exams import Exam
@@ -87,6 +88,9 @@ class JobOut(BaseModel):
     measurement_id: str = Field(description="The scanner's measurement id; empty for viewers who are not signed in")
     patient: str = Field(description="Patient ID; masked (`P-` and 6 hex digits of a keyed hash) for viewers who are "
                                      "not signed in as staff")
+    patient_name: str | None = Field(None, exclude_if=lambda v: v is None, description=(
+        "The patient's name as the scan's MRD header gives it (DICOM PN, `Family^Given`), for staff (empty where "
+        "the scan names none); absent for viewers who are not signed in as staff"))
     has_images: bool
     warnings: list[str] = Field(default_factory=list, description="What the recon warned of (sent to the "
                                                                   "retrieval scan as WRN)")
@@ -95,15 +99,17 @@ class JobOut(BaseModel):
                                               "report, previews or measurement id, the patient ID masked")
 
     @classmethod
-    def of(cls, job: Job, view: View, now: float | None = None) -> JobOut:
-        """``job`` as a viewer sees it: everything for staff (``view`` None); for anonymous viewers (a
-        :class:`Masker`) the patient ID masked and no parameters or measurement id."""
+    def of(cls, job: Job, view: View, now: float | None = None, patient_name: str = "") -> JobOut:
+        """``job`` as a viewer sees it: everything for staff (``view`` None), with ``patient_name`` (read from
+        the scan by :class:`reconq.api.deps.PatientNames`); for anonymous viewers (a :class:`Masker`) the
+        patient ID masked, no name (the key absent), parameters or measurement id."""
         data = job.public()
         data["has_images"] = job.state is JobState.DONE and bool(job.result_path)
         if view is None:
-            data["patient"] = job.patient_id
+            data.update(patient=job.patient_id, patient_name=patient_name)
         else:
-            data.update(patient=view.mask(job.patient_id), measurement_id="", params={}, redacted=True)
+            data.update(patient=view.mask(job.patient_id), patient_name=None, measurement_id="", params={},
+                        redacted=True)
         data["run_time_s"] = run_time(job, time.time() if now is None else now)
         data["memory_estimate_gb"] = round(job.mem_estimate_bytes / 1e9, 2) if job.mem_estimate_bytes else None
         data["expected_run_time_s"] = job.runtime_estimate_s or None
@@ -166,6 +172,9 @@ class ExamOut(BaseModel):
     """One patient and study (or one scan without either: ``identified`` false) and its series."""
 
     patient: str = Field(description="Patient ID; masked for viewers who are not signed in as staff")
+    patient_name: str | None = Field(None, exclude_if=lambda v: v is None, description=(
+        "The patient's name (DICOM PN) from the exam's scans, for staff (empty where none names one); absent for "
+        "viewers who are not signed in as staff"))
     study_uid: str = Field(description="Study instance UID; masked (`S-` and 6 hex digits) for viewers who are not "
                                        "signed in as staff")
     identified: bool = Field(description="False: the scan has no patient ID or study UID")
@@ -173,11 +182,11 @@ class ExamOut(BaseModel):
     series: list[SeriesOut] = Field(description="In the order of their first job")
 
     @classmethod
-    def of(cls, exam: Exam, view: View) -> ExamOut:
+    def of(cls, exam: Exam, view: View, patient_name: str = "") -> ExamOut:
         """``exam`` as a viewer sees it (see :meth:`JobOut.of`)."""
         patient, study = ((exam.patient_id, exam.study_uid) if view is None
                           else (view.mask(exam.patient_id), view.mask(exam.study_uid, "S")))
-        return cls(patient=patient, study_uid=study,
+        return cls(patient=patient, patient_name=patient_name if view is None else None, study_uid=study,
                    identified=exam.identified, first_at=exam.first_at,
                    series=[SeriesOut.model_validate(s, from_attributes=True) for s in exam.series])
 
@@ -207,8 +216,34 @@ class RetroBatch(RetroRecon):
 # --- status ---------------------------------------------------------------------------------------
 
 class Health(BaseModel):
-    status: str
+    """Answered with 200 when Redis answers, 503 (the same body) when it does not."""
+
+    status: str = Field(description='"ok", or "degraded" when Redis does not answer')
     redis: bool
+
+
+class FileCountOut(BaseModel):
+    count: int
+    bytes: int
+
+
+class DiskOut(BaseModel):
+    """The data root's file system and what ReconQ keeps on it (:func:`reconq.core.diskuse.disk_usage`)."""
+
+    total_bytes: int = Field(description="Size of the data root's file system")
+    free_bytes: int = Field(description="Free space an unprivileged process may use (what new scans need)")
+    used_bytes: int
+    raw: FileCountOut = Field(description="Raw scans (raw.h5, or its part while being written): scans and bytes")
+    results: FileCountOut = Field(description="Result MRD files: files and bytes")
+    walked_at: float = Field(description="When the scans folder was last counted (epoch seconds; counts are "
+                                         "reused for up to a minute)")
+    min_free_bytes: int = Field(description="The setting: below this free space the gateway refuses new scans")
+    low: bool = Field(description="free_bytes is below min_free_bytes")
+
+    @classmethod
+    def of(cls, usage: DiskUsage, min_free_bytes: int) -> DiskOut:
+        return cls.model_validate({**dataclasses.asdict(usage), "min_free_bytes": min_free_bytes,
+                                   "low": usage.free_bytes < min_free_bytes})
 
 
 class QueueDepth(BaseModel):

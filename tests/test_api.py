@@ -15,6 +15,7 @@ import numpy as np
 import pydicom
 import pytest
 import redis
+from conftest import claim_data_root
 from fastapi.testclient import TestClient
 from PIL import Image as PILImage
 
@@ -495,7 +496,7 @@ def test_openapi_is_complete_and_typed(api):
             "/api/jobs/{job_id}/previews/{index}.png", "/api/jobs/{job_id}/retry", "/api/jobs/{job_id}/cancel",
             "/api/jobs/{job_id}/priority", "/api/scans/{scan_id}/jobs", "/api/queues", "/api/retrievals",
             "/api/pipelines", "/api/health", "/api/events", "/api/auth/signin", "/api/auth/signout",
-            "/api/auth/me", "/api/vocabulary", "/api/gpus", "/metrics"} <= set(spec["paths"])
+            "/api/auth/me", "/api/vocabulary", "/api/gpus", "/api/disk", "/metrics"} <= set(spec["paths"])
 
     def untyped(node, where):  # a schema that says nothing is an `Any`
         if isinstance(node, dict):
@@ -522,8 +523,127 @@ def test_openapi_is_complete_and_typed(api):
                     assert schema.endswith(("/Problem", "/ValidationProblem")), (path, err)
 
 
+def test_health_is_503_while_redis_is_stopped(settings, tmp_path):
+    """A Redis of its own, really stopped: the health check (compose's, the load balancer's) gets 503 with the
+    same body shape, and 200 again once Redis is back."""
+    from reconq.core.redisconn import PrivateRedis
+
+    server = PrivateRedis(tmp_path / "own-redis")
+    server.start()
+    try:
+        own = settings.model_copy(update={"redis_url": server.url})
+        claim_data_root(own)
+        client = make_client(own)
+        ok = client.get("/api/health")
+        assert ok.status_code == 200 and ok.json() == {"status": "ok", "redis": True}
+        server.stop()
+        down = client.get("/api/health")
+        assert down.status_code == 503, down.text
+        assert down.json() == {"status": "degraded", "redis": False}
+        assert down.headers["content-type"].startswith("application/json")
+        server.start()
+        assert client.get("/api/health").status_code == 200
+    finally:
+        server.stop()
+
+
 def test_health_reports_redis(api):
-    assert api.get("/api/health").json() == {"status": "ok", "redis": True}
+    answer = api.get("/api/health")
+    assert answer.status_code == 200 and answer.json() == {"status": "ok", "redis": True}
+    spec = api.get("/openapi.json").json()["paths"]["/api/health"]["get"]["responses"]
+    assert spec["503"]["content"]["application/json"]["schema"]["$ref"].endswith("/Health")
+
+
+# --- disk use -------------------------------------------------------------------------------------
+
+def write_bytes(path: Path, n: int) -> int:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\0" * n)
+    return n
+
+
+def test_disk_use_for_staff_matches_statvfs_and_the_files(settings):
+    import os
+
+    from reconq.core.diskuse import disk_usage
+
+    scans = Path(settings.data_dir) / "scans"
+    raw = write_bytes(scans / "d1" / "raw.h5", 12345) + write_bytes(scans / "d2" / ".raw.h5.part", 777)
+    results = (write_bytes(scans / "d1" / "results" / "d1-j1-run1.h5", 1000)
+               + write_bytes(scans / "d1" / "results" / "d1-j2-run1.h5", 2000)
+               + write_bytes(scans / "d2" / "results" / "d2-j1-run1.h5", 30))
+    write_bytes(scans / "d1" / "scan.json", 50)  # neither raw nor result
+    write_bytes(scans / "d1" / "results" / "notes.txt", 99)
+    viewer = "viewer-disk-token-0123456789"
+    tokens = {"robot": hash_token(TOKEN), "vera": {"hash": hash_token(viewer), "role": "viewer"}}
+    client = make_client(settings, dashboard_public_read=True, staff_tokens=tokens)
+
+    anonymous = client.get("/api/disk")  # public read shows the queue, not the disk
+    assert anonymous.status_code == 401 and "sign in as staff" in anonymous.json()["detail"]
+    answer = client.get("/api/disk", headers={"Authorization": f"Bearer {viewer}"})
+    assert answer.status_code == 200, answer.text
+    d = answer.json()
+    st = os.statvfs(settings.data_dir)
+    assert d["total_bytes"] == st.f_blocks * st.f_frsize
+    assert abs(d["free_bytes"] - st.f_bavail * st.f_frsize) < 256 << 20  # others write on this disk meanwhile
+    assert abs(d["used_bytes"] - (st.f_blocks - st.f_bfree) * st.f_frsize) < 256 << 20
+    assert d["raw"] == {"count": 2, "bytes": raw} and d["results"] == {"count": 3, "bytes": results}
+    assert d["min_free_bytes"] == settings.min_free_bytes == 0 and d["low"] is False
+
+    write_bytes(scans / "d3" / "raw.h5", 5)  # the walk is kept for a minute: the next poll does not walk
+    assert client.get("/api/disk", headers=STAFF).json()["raw"] == {"count": 2, "bytes": raw}
+    assert disk_usage(settings.data_dir, max_age_s=0).raw.count == 3  # walked again
+    low = make_client(settings, min_free_bytes=d["total_bytes"] + 1).get("/api/disk", headers=STAFF).json()
+    assert low["low"] is True and low["min_free_bytes"] == d["total_bytes"] + 1
+
+    lines = set(client.get("/metrics").text.splitlines())
+    assert f"reconq_disk_total_bytes {st.f_blocks * st.f_frsize}" in lines
+    assert "# TYPE reconq_disk_free_bytes gauge" in lines
+    free = next(int(line.split()[1]) for line in lines if line.startswith("reconq_disk_free_bytes "))
+    assert abs(free - st.f_bavail * st.f_frsize) < 256 << 20
+
+
+# --- patient names: staff only --------------------------------------------------------------------
+
+def test_patient_names_for_staff_never_for_public_read_nor_logs(api, store, settings, caplog):
+    """The name is read from the scan's raw MRD header (the records keep the ID alone), or from a done job's
+    result file once the raw scan is gone; staff of any role get it, public readers never."""
+    import logging
+
+    caplog.set_level(logging.DEBUG)
+    name = "Zyxwort^Hermione"
+    ScanStore(settings.data_dir).create(ScanRecord(scan_id="pn", state=ScanState.COMPLETE, patient_id="PN777"))
+    write_mrd(synthetic_scan(matrix=(16, 16), ncoil=2, patient_id="PN777", patient_name=name, study_uid="1.2.77"),
+              ScanStore(settings.data_dir).raw_path("pn"))
+    now = time.time()
+    store.create(Job(id="pn-j1", scan_id="pn", pipeline="cartesian", protocol="t1", patient_id="PN777",
+                     study_uid="1.2.77", created_at=now, queued_at=now))
+    # a done job whose raw scan is gone (retention): the name from its result file's header
+    store.create(Job(id="gone-j1", scan_id="gone", pipeline="cartesian", protocol="t1", patient_id="PAT12345",
+                     created_at=now - 1))
+    _, stored = stored_result(settings, "gone", "gone-j1")
+    store.set_state("gone-j1", JobState.RUNNING, attempts=1)
+    store.set_state("gone-j1", JobState.DONE, result_path=stored, progress=1.0)
+
+    viewer = "viewer-name-token-0123456789"
+    staff = make_client(settings, staff_tokens={"vera": {"hash": hash_token(viewer), "role": "viewer"}})
+    as_viewer = {"Authorization": f"Bearer {viewer}"}
+    jobs = {j["id"]: j for j in staff.get("/api/jobs", headers=as_viewer).json()["jobs"]}
+    assert jobs["pn-j1"]["patient_name"] == name and jobs["pn-j1"]["patient"] == "PN777"
+    assert jobs["gone-j1"]["patient_name"] == "Phantom^Demo"
+    assert staff.get("/api/jobs/pn-j1", headers=as_viewer).json()["patient_name"] == name
+    exams = staff.get("/api/exams", headers=as_viewer).json()["exams"]
+    assert next(x for x in exams if x["patient"] == "PN777")["patient_name"] == name
+
+    for path in ("/api/jobs", "/api/jobs/pn-j1", "/api/exams", "/api/jobs/gone-j1"):
+        public = api.get(path)
+        assert public.status_code == 200, path
+        assert "Zyxwort" not in public.text and "Hermione" not in public.text and "Phantom" not in public.text, path
+        assert "PN777" not in public.text, path
+    assert all("patient_name" not in j for j in api.get("/api/jobs").json()["jobs"])  # not even the key
+    assert all("patient_name" not in x for x in api.get("/api/exams").json()["exams"])
+    assert "patient_name" not in api.get("/api/jobs/pn-j1").json()
+    assert "Zyxwort" not in caplog.text and "Hermione" not in caplog.text
 
 
 def test_plugin_pipelines_are_offered_for_retro_recon(settings):
@@ -693,3 +813,19 @@ def test_a_result_is_found_from_the_ids_whatever_path_the_record_names(api, stor
     store.set_state("n1", JobState.RUNNING, attempts=1)
     store.set_state("n1", JobState.DONE, result_path="/mnt/other-node/reconq-data/" + stored)
     assert api.get("/api/jobs/n1").json()["image_count"] == len(images)
+
+
+def test_dicom_uids_are_under_the_configured_root(settings, store):
+    """RECONQ_DICOM_UID_ROOT reaches the export through the API: every UID ReconQ makes starts with it."""
+    _, stored = stored_result(settings, "sroot", "droot")
+    store.create(Job(id="droot", scan_id="sroot", pipeline="cartesian", protocol="t1"))
+    store.set_state("droot", JobState.RUNNING, attempts=1)
+    store.set_state("droot", JobState.DONE, result_path=stored)
+    api = make_client(settings, dashboard_public_read=True, dicom_uid_root="1.2.826.0.1.999")
+    z = api.get("/api/jobs/droot/dicom", headers=STAFF)
+    assert z.status_code == 200
+    with zipfile.ZipFile(io.BytesIO(z.content)) as zf:
+        files = [pydicom.dcmread(io.BytesIO(zf.read(name))) for name in zf.namelist()]
+    for ds in files:
+        assert ds.SOPInstanceUID.startswith("1.2.826.0.1.999.") and ds.SeriesInstanceUID.startswith("1.2.826.0.1.999.")
+        assert ds.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID

@@ -32,7 +32,15 @@ CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver"
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 PASSWORD = "dashboard test password"
 VIEWER_PASSWORD = "dashboard viewer password"
+TECH_PASSWORD = "dashboard technologist password"
 WAIT_S = 90
+#: How the dashboard shows every time: ISO date, 24-hour local time.
+ISO_TIME = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d")
+
+
+def local_iso(epoch: float) -> str:
+    """``epoch`` as the dashboard should show it (the browser runs on this machine, in its time zone)."""
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch))
 
 pytestmark = pytest.mark.skipif(
     not (CHROMIUM.exists() and CHROMEDRIVER.exists()),
@@ -77,7 +85,8 @@ class LiveApi:
 def dash_settings(e2e_settings: Settings) -> Settings:
     """The stack's settings plus staff sign-in; anonymous viewers may look (identifiers masked)."""
     return e2e_settings.model_copy(update={"staff_passwords": {
-        "alice": hash_password(PASSWORD), "vera": {"hash": hash_password(VIEWER_PASSWORD), "role": "viewer"}},
+        "alice": hash_password(PASSWORD), "vera": {"hash": hash_password(VIEWER_PASSWORD), "role": "viewer"},
+        "tess": {"hash": hash_password(TECH_PASSWORD), "role": "technologist"}},
         "dashboard_public_read": True})
 
 
@@ -148,7 +157,8 @@ def test_scan_appears_progresses_turns_done_and_shows_its_images(gateway, worker
         ).observe(document.querySelector('#jobs tbody'), {subtree: true, childList: true, attributes: true});
     """)
     # Big enough, with Walsh coil combination, that the recon takes seconds and its progress can be seen.
-    scan = synthetic_scan(matrix=(192, 192), ncoil=16, nslices=8, protocol="dash_t1", patient_id="DASH4711")
+    scan = synthetic_scan(matrix=(192, 192), ncoil=16, nslices=8, protocol="dash_t1", patient_id="DASH4711",
+                          patient_name="Dashwood^Erika")
     reply = client.send_scan(host, port, scan.header, scan.acquisitions, config="cartesian",
                              params={"combine": "walsh"})
     job_id = reply.job_id()
@@ -162,6 +172,11 @@ def test_scan_appears_progresses_turns_done_and_shows_its_images(gateway, worker
     assert widths[-1] == 100
     cells = row(browser, job_id)
     assert cells[2] == "dash_t1" and cells[10] and cells[11] == "1" and cells[9]  # protocol, GPU, attempts, run time
+    assert all(ISO_TIME.fullmatch(c) for c in cells[6:9]), cells  # queued, started, finished: ISO, 24 h
+    job = browser.execute_async_script(
+        f"fetch('/api/jobs/{job_id}').then((r) => r.json()).then(arguments[arguments.length - 1])")
+    assert cells[6] == local_iso(job["queued_at"]) and cells[8] == local_iso(job["finished_at"])
+    assert "Dashwood" not in browser.page_source and "DASH4711" not in browser.page_source  # public read
     assert browser.find_element(By.CSS_SELECTOR, '#queues .depth[data-queue="routine"]').text == "0"
     browser.find_element(By.ID, "tab-jobs").click()  # the exams of the day come first; the table is a tab
     screenshot(browser, "dashboard-jobs.png")
@@ -175,6 +190,9 @@ def test_scan_appears_progresses_turns_done_and_shows_its_images(gateway, worker
     assert "Sign in as staff" in browser.find_element(By.ID, "log").text
     assert "Sign in as staff to download" in browser.find_element(By.ID, "downloads").text
     assert not browser.find_element(By.ID, "retry").is_displayed()
+    facts = browser.find_element(By.ID, "facts").text
+    assert f"Created {local_iso(job['created_at'])}" in facts and f"Finished {local_iso(job['finished_at'])}" in facts
+    assert "Dashwood" not in browser.page_source and "DASH4711" not in browser.page_source
     sign_in(browser)
     wait_for(browser, lambda d: d.find_elements(By.ID, "dl-dicom"), "the download links")
     wait_for(browser, lambda d: d.execute_script(
@@ -182,6 +200,7 @@ def test_scan_appears_progresses_turns_done_and_shows_its_images(gateway, worker
         "return i.length > 0 && [...i].every((x) => x.complete && x.naturalWidth > 0)"), "the previews")
     assert len(browser.find_elements(By.CSS_SELECTOR, "img.preview")) == 4  # a few of the 8 slices
     assert browser.find_element(By.CSS_SELECTOR, "#facts .patient").text == "DASH4711"
+    assert browser.find_element(By.CSS_SELECTOR, "#facts .patient-name").text == "Dashwood, Erika"
     screenshot(browser, "dashboard-job.png")
 
 
@@ -250,6 +269,16 @@ def test_filters_narrow_the_table(gateway, live_api, browser, e2e_settings):
     wait_for(browser, lambda d: row(d, "filt-1") is None, "the filtered table")
     ids = [r.get_attribute("data-id") for r in browser.find_elements(By.CSS_SELECTOR, "#jobs tbody tr[data-id]")]
     assert ids == ["filt-0", "filt-2"]
+    # dates are typed as ISO dates, whatever the browser's locale (a date picker would show its order)
+    since = form.find_element(By.NAME, "since")
+    assert since.get_attribute("placeholder") == "YYYY-MM-DD"
+    since.send_keys("12/01/2026")
+    assert not browser.execute_script("return arguments[0].validity.valid", since)
+    since.clear()
+    since.send_keys(time.strftime("%Y-%m-%d", time.localtime(time.time() + 86400)))  # tomorrow: none yet
+    form.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+    wait_for(browser, lambda d: row(d, "filt-0") is None, "the table filtered by date")
+    assert "No jobs" in browser.find_element(By.CSS_SELECTOR, "#jobs tbody").text
 
 
 def series(driver: webdriver.Chrome, job_id: str) -> dict[str, str] | None:
@@ -308,7 +337,10 @@ def test_exams_of_the_day_say_when_to_retrieve(live_api, browser, e2e_settings):
     assert expected is not None and expected >= t0 + 120 - 2, expected
     row_queued = series(browser, queued)
     assert row_queued["state"] == "queued"
-    assert row_queued["finish"].split()[0] == time.strftime("%H:%M", time.localtime(expected))  # HH:MM, local
+    shown = ISO_TIME.match(row_queued["finish"])  # ISO date and 24-hour local time, to the second
+    assert shown, row_queued["finish"]
+    assert abs(time.mktime(time.strptime(shown.group(), "%Y-%m-%d %H:%M:%S")) - expected) < 5  # it moves with the clock
+    assert ISO_TIME.search(row_queued["exam"].split("first series ")[1]), row_queued["exam"]
     assert row_queued["retrieval"] == "not yet" and row_queued["link"] == f"/jobs/{queued}"
     # one card per exam; public read: the patient ID and study UID masked (keyed hash prefixes)
     assert re.search(r"P-[0-9a-f]{6}", row_queued["exam"]) and re.search(r"study S-[0-9a-f]{6}", row_queued["exam"])
@@ -382,9 +414,18 @@ def test_an_alignsense_job_shows_its_motion_table_and_a_sequential_scan_its_warn
     assert "sequential" in warning[0].text
 
 
-def test_a_viewer_sees_no_actions_and_a_cancel_asks_first(live_api, browser, e2e_settings):
-    """Roles in the dashboard: a viewer gets no retry/cancel/move/retro; a technologist's cancel is confirmed
-    first (declined: nothing happens)."""
+ACTIONS = ("retry", "cancel", "priority-choice", "priority", "retro")
+
+
+def shown_actions(driver: webdriver.Chrome) -> list[str]:
+    """The job page's actions a user can see (each hidden, not merely disabled, where the role may not)."""
+    return [a for a in ACTIONS if driver.find_element(By.ID, a).is_displayed()]
+
+
+def test_actions_are_shown_only_to_roles_that_may_use_them_and_a_cancel_asks_first(live_api, browser, e2e_settings):
+    """Roles in the dashboard: a public reader and a viewer get no retry/cancel/move/retro (hidden); a
+    technologist gets them, and a cancel asks first in a real dialog naming the job and its protocol:
+    dismissed, nothing happens; accepted, the job is cancelled."""
     from reconq.core.jobs import Job, JobStore
 
     store = JobStore(redis.Redis.from_url(e2e_settings.redis_url or "", decode_responses=True))
@@ -392,22 +433,119 @@ def test_a_viewer_sees_no_actions_and_a_cancel_asks_first(live_api, browser, e2e
     store.create(Job(id=job_id, scan_id=job_id[:-3], pipeline="cartesian", protocol="dash_roles"))
     browser.get(f"{live_api.url}/jobs/{job_id}")
     wait_for(browser, lambda d: d.find_element(By.ID, "state").text.lower() == "queued", "the job")
+    assert shown_actions(browser) == []  # public read
+    assert all(browser.find_element(By.ID, a).get_attribute("hidden") is not None for a in ACTIONS)
+    assert "Sign in as a technologist" in browser.find_element(By.ID, "act-hint").text
+
     sign_in(browser, "vera", VIEWER_PASSWORD)
     assert "(viewer)" in browser.find_element(By.ID, "role").text
     wait_for(browser, lambda d: "may only view" in d.find_element(By.ID, "act-hint").text, "the viewer's hint")
-    for button in ("retry", "cancel", "priority"):
-        assert not browser.find_element(By.ID, button).is_displayed(), button
-    assert not browser.find_element(By.ID, "retro").is_displayed()
-
+    assert shown_actions(browser) == []
     browser.find_element(By.ID, "signout").click()
     wait_for(browser, lambda d: d.find_elements(By.ID, "signin"), "signed out")
-    sign_in(browser)
+    assert shown_actions(browser) == []
+
+    sign_in(browser, "tess", TECH_PASSWORD)
     wait_for(browser, lambda d: d.find_element(By.ID, "cancel").is_displayed(), "the actions")
-    browser.execute_script("window.asked = []; window.confirm = (q) => { window.asked.push(q); return false; };")
+    assert shown_actions(browser) == list(ACTIONS)
+    assert not browser.find_element(By.ID, "act-hint").is_displayed()
     browser.find_element(By.ID, "cancel").click()
-    assert "Cancel job" in browser.execute_script("return window.asked[0]")
-    time.sleep(0.5)
-    assert store.get(job_id).state is JobState.QUEUED  # declined: not cancelled
-    browser.execute_script("window.confirm = () => true;")
+    alert = wait_for(browser, lambda d: d.switch_to.alert, "the confirmation", timeout=10)
+    assert job_id in alert.text and "dash_roles" in alert.text and alert.text.startswith("Cancel job"), alert.text
+    alert.dismiss()
+    time.sleep(1.0)
+    assert store.get(job_id).state is JobState.QUEUED  # dismissed: not cancelled
+    assert browser.find_element(By.ID, "action-msg").text == ""
     browser.find_element(By.ID, "cancel").click()
+    wait_for(browser, lambda d: d.switch_to.alert, "the confirmation again", timeout=10).accept()
     wait_for(browser, lambda d: store.get(job_id).state is JobState.CANCELLED, "the cancel")
+    wait_for(browser, lambda d: "Cancel: done" in d.find_element(By.ID, "action-msg").text, "the cancel's answer")
+    assert "tess" in browser.find_element(By.ID, "audit").text
+
+
+def test_patient_names_for_staff_never_for_public_readers(live_api, browser, e2e_settings):
+    """The exams, the jobs table and the job page show staff (any role) the patient's name and ID; a
+    public reader sees the masked ID only: the name is nowhere in the page's source nor in the JSON."""
+    from reconq.core.jobs import Job, JobStore
+    from reconq.core.storage import ScanRecord, ScanState, ScanStore
+    from reconq.recon.simulate import write_mrd
+
+    store = JobStore(redis.Redis.from_url(e2e_settings.redis_url or "", decode_responses=True))
+    scans = ScanStore(e2e_settings.data_dir)
+    scan_id = f"names{time.time_ns()}"
+    scans.create(ScanRecord(scan_id=scan_id, state=ScanState.COMPLETE, patient_id="NAME8642", protocol="dash_name"))
+    write_mrd(synthetic_scan(matrix=(16, 16), ncoil=2, patient_id="NAME8642", patient_name="Quenby^Marguerite^Ann",
+                             study_uid="1.2.826.0.1.8642", protocol="dash_name"), scans.raw_path(scan_id))
+    job_id = f"{scan_id}-j1"
+    now = time.time()
+    store.create(Job(id=job_id, scan_id=scan_id, pipeline="cartesian", protocol="dash_name", patient_id="NAME8642",
+                     study_uid="1.2.826.0.1.8642", created_at=now, queued_at=now))
+    secrets = ("Quenby", "Marguerite", "NAME8642", "1.2.826.0.1.8642")
+
+    def fetched(path: str) -> str:
+        return browser.execute_async_script(
+            f"fetch('{path}').then((r) => r.text()).then(arguments[arguments.length - 1])")
+
+    def card() -> str | None:
+        return series(browser, job_id) and series(browser, job_id)["exam"]
+
+    browser.get(live_api.url + "/")
+    wait_for(browser, lambda d: card(), "the exam")
+    assert re.search(r"P-[0-9a-f]{6}", card())
+    browser.find_element(By.ID, "tab-jobs").click()
+    wait_for(browser, lambda d: row(d, job_id) is not None, "the job in the table")
+    assert re.fullmatch(r"P-[0-9a-f]{6}", row(browser, job_id)[1])
+    for text, where in ((browser.page_source, "the page"), (fetched("/api/jobs"), "/api/jobs"),
+                        (fetched("/api/exams"), "/api/exams"), (fetched(f"/api/jobs/{job_id}"), "the job")):
+        for secret in secrets:
+            assert secret not in text, (secret, where)
+    browser.get(f"{live_api.url}/jobs/{job_id}")
+    wait_for(browser, lambda d: d.find_element(By.ID, "state").text.lower() == "queued", "the job page")
+    assert not browser.find_elements(By.CSS_SELECTOR, "#facts .patient-name")
+    assert all(secret not in browser.page_source for secret in secrets)
+
+    sign_in(browser, "vera", VIEWER_PASSWORD)  # a viewer: the lowest role sees names
+    name = wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#facts .patient-name"), "the name")[0]
+    assert name.text == "Quenby, Marguerite Ann"
+    assert browser.find_element(By.CSS_SELECTOR, "#facts .patient").text == "NAME8642"
+    browser.get(live_api.url + "/")
+    wait_for(browser, lambda d: card() and "Quenby" in card(), "the name on the exam")
+    assert "Quenby, Marguerite Ann NAME8642" in card() and "study 1.2.826.0.1.8642" in card()
+    browser.find_element(By.ID, "tab-jobs").click()
+    wait_for(browser, lambda d: row(d, job_id) is not None, "the job in the table")
+    assert row(browser, job_id)[1] == "Quenby, Marguerite Ann NAME8642"
+    assert '"patient_name":"Quenby^Marguerite^Ann"' in fetched("/api/jobs")
+
+
+DISK_TEXT = re.compile(r"Disk: [\d.]+ [kMGT]?B free of [\d.]+ [kMGT]?B; raw scans [\d.]+ [kMGT]?B \((\d+)\), "
+                       r"results [\d.]+ [kMGT]?B \((\d+)\)")
+
+
+def test_disk_use_is_shown_to_staff_with_a_warning_when_low(live_api, dash_settings, browser):
+    browser.get(live_api.url + "/")
+    wait_for(browser, lambda d: d.find_element(By.ID, "signin"), "the page")
+    time.sleep(0.5)
+    assert not browser.find_element(By.ID, "disk-panel").is_displayed()  # public read: no disk panel
+    assert "Disk:" not in browser.page_source
+    sign_in(browser, "vera", VIEWER_PASSWORD)
+    disk = wait_for(browser, lambda d: DISK_TEXT.search(d.find_element(By.ID, "disk").text)
+                    and d.find_element(By.ID, "disk"), "the disk panel")
+    answer = browser.execute_async_script(
+        "fetch('/api/disk').then((r) => r.json()).then(arguments[arguments.length - 1])")
+    counts = DISK_TEXT.search(disk.text).groups()
+    assert counts == (str(answer["raw"]["count"]), str(answer["results"]["count"]))  # one walk, kept a minute
+    assert "low" not in disk.get_attribute("class") and "Low:" not in disk.text  # min_free_bytes 0
+
+    tight = LiveApi(dash_settings.model_copy(update={"min_free_bytes": answer["total_bytes"] + 1})).start()
+    try:
+        browser.find_element(By.ID, "signout").click()  # cookies are per host, not port: sign in afresh there
+        wait_for(browser, lambda d: d.find_elements(By.ID, "signin"), "signed out")
+        browser.get(tight.url + "/")
+        sign_in(browser, "vera", VIEWER_PASSWORD)
+        low = wait_for(browser, lambda d: "Low:" in d.find_element(By.ID, "disk").text
+                       and d.find_element(By.ID, "disk"), "the low-space warning")
+        assert "low" in low.get_attribute("class").split()
+        assert "the gateway refuses new scans" in low.text
+        screenshot(browser, "dashboard-disk-low.png")
+    finally:
+        tight.stop()

@@ -14,7 +14,7 @@ from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, Response
 
 from reconq.api import exports
-from reconq.api.deps import AuditDep, JobId, JobStoreDep, ScanStoreDep, StaffDep, ViewDep
+from reconq.api.deps import AuditDep, JobId, JobStoreDep, PatientNamesDep, ScanStoreDep, SettingsDep, StaffDep, ViewDep
 from reconq.api.problems import JOB_ERRORS, Responses, problem
 from reconq.api.schemas import BINARY, ActionRecord, JobDetail, JobOut, JobPage, StageTiming
 from reconq.core.jobs import Job, JobStore
@@ -69,6 +69,7 @@ def _epoch(value: datetime | None) -> float | None:
 def list_jobs(
     store: JobStoreDep,
     view: ViewDep,
+    names: PatientNamesDep,
     offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     state: JobState | None = None,
@@ -81,18 +82,22 @@ def list_jobs(
         raise HTTPException(422, "`since` must be before `until`")
     jobs, total = store.query(offset, limit, state, protocol, lo, hi)
     now = time.time()
-    return JobPage(total=total, offset=offset, limit=limit, jobs=[JobOut.of(j, view, now) for j in jobs])
+    return JobPage(total=total, offset=offset, limit=limit,
+                   jobs=[JobOut.of(j, view, now, names.of_job(j) if view is None else "") for j in jobs])
 
 
 @router.get("/{job_id}", response_model=JobDetail, summary="One job, with its log, stages and actions",
             responses=JOB_ERRORS)
-def get_job(job_id: JobId, store: JobStoreDep, scans: ScanStoreDep, view: ViewDep, audit: AuditDep) -> JobDetail:
+def get_job(job_id: JobId, store: JobStoreDep, scans: ScanStoreDep, view: ViewDep, names: PatientNamesDep,
+            audit: AuditDep) -> JobDetail:
     job = job_or_404(store, job_id)
     path = _result_file(job, scans)
     count = exports.count_images(path) if path is not None else 0
     audit.noted("view", job_id)
-    staff = view is None  # anonymous viewers (public read) get no log, report or previews
-    return JobDetail(**JobOut.of(job, view).model_dump(), log=store.log_lines(job_id) if staff else [],
+    staff = view is None  # anonymous viewers (public read) get no log, report, previews or patient name
+    name = names.of_job(job) if staff else ""
+    return JobDetail(**JobOut.of(job, view, patient_name=name).model_dump(),
+                     log=store.log_lines(job_id) if staff else [],
                      stages=[StageTiming.model_validate(t, from_attributes=True) for t in store.stage_timings(job)],
                      actions=[ActionRecord(**a) for a in store.actions(job_id)],
                      previews=exports.preview_indexes(count) if staff else [], image_count=count,
@@ -110,11 +115,13 @@ def get_job_images(job_id: JobId, store: JobStoreDep, scans: ScanStoreDep, who: 
 
 @router.get("/{job_id}/dicom", response_class=Response, summary="The result as DICOM files in a zip (staff)",
             responses={**JOB_ERRORS, **NO_IMAGES, 200: {"content": {"application/zip": BINARY}}})
-def get_job_dicom(job_id: JobId, store: JobStoreDep, scans: ScanStoreDep, who: StaffDep, audit: AuditDep) -> Response:
+def get_job_dicom(job_id: JobId, store: JobStoreDep, scans: ScanStoreDep, who: StaffDep, audit: AuditDep,
+                  settings: SettingsDep) -> Response:
     job = job_or_404(store, job_id)
     path = _result_or_409(job, scans)
     audit.required("download-dicom", job_id)
-    data = exports.dicom_zip(path, job.id, f"{job.protocol} {job.pipeline} ReconQ".strip())
+    data = exports.dicom_zip(path, job.id, f"{job.protocol} {job.pipeline} ReconQ".strip(),
+                             uid_root=settings.dicom_uid_root)
     return Response(data, media_type="application/zip",
                     headers={"Content-Disposition": f'attachment; filename="{job_id}-dicom.zip"'})
 

@@ -9,6 +9,14 @@ const ReconQ = {
   may(role) {
     return ReconQ.me.staff && ReconQ.roles.indexOf(ReconQ.me.role) >= ReconQ.roles.indexOf(role);
   },
+
+  // Every element marked data-needs="<role>" (an action, a staff-only panel) is shown only to a viewer with
+  // that role or a higher one: hidden, not merely disabled, for others and for anonymous (public) readers.
+  // The pages mark them hidden to begin with, so nothing shows before the role is known; the server checks
+  // every action again.
+  applyRoles(root = document) {
+    for (const el of root.querySelectorAll("[data-needs]")) el.hidden = !ReconQ.may(el.dataset.needs);
+  },
   vocab: null,  // GET /api/vocabulary: the job states, their transitions, the queues, the actions' states
 
   async api(path, options = {}) {
@@ -51,19 +59,30 @@ const ReconQ = {
     return d.innerHTML;
   },
 
+  // The one way the dashboard shows a time: YYYY-MM-DD HH:MM:SS, the browser's local time, 24-hour clock
+  // (never the locale's format: no AM/PM, no day-month order to guess). Empty for a time not known.
   time(epoch) {
     if (epoch == null) return "";
-    const d = new Date(epoch * 1000), now = new Date();
-    const t = d.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit" });
-    return d.toDateString() === now.toDateString() ? t : `${d.toLocaleDateString()} ${t}`;
+    const d = new Date(epoch * 1000), two = (n) => String(n).padStart(2, "0");
+    return `${d.getFullYear()}-${two(d.getMonth() + 1)}-${two(d.getDate())} ` +
+      `${two(d.getHours())}:${two(d.getMinutes())}:${two(d.getSeconds())}`;
   },
 
-  // A clock time, HH:MM local (24 h), with the date in front when it is not today.
-  clock(epoch) {
-    if (epoch == null) return "";
-    const d = new Date(epoch * 1000), two = (n) => String(n).padStart(2, "0");
-    const t = `${two(d.getHours())}:${two(d.getMinutes())}`;
-    return d.toDateString() === new Date().toDateString() ? t : `${d.toLocaleDateString()} ${t}`;
+  // Bytes in decimal units (as disks are sold): 120 GB, 1.5 TB.
+  bytes(n) {
+    if (n == null) return "";
+    const units = [[1e12, "TB"], [1e9, "GB"], [1e6, "MB"], [1e3, "kB"]];
+    for (const [size, unit] of units) if (n >= size) return `${(n / size).toFixed(n < 10 * size ? 1 : 0)} ${unit}`;
+    return `${n} B`;
+  },
+
+  // A patient as staff see them: the name (DICOM "Family^Given^Middle" as "Family, Given Middle") and the ID;
+  // public readers get the masked ID alone (the server sends them no name).
+  patientHtml(x) {
+    const e = ReconQ.esc, parts = (x.patient_name || "").split("^").map((p) => p.trim());
+    const given = parts.slice(1, 3).filter((p) => p).join(" ");
+    const name = parts[0] && given ? `${parts[0]}, ${given}` : parts[0] || given;
+    return (name ? `<span class="patient-name">${e(name)}</span> ` : "") + `<span class="patient">${e(x.patient)}</span>`;
   },
 
   duration(seconds) {
@@ -94,6 +113,7 @@ const ReconQ = {
 
   renderAuth(onChange) {
     const el = document.getElementById("auth");
+    ReconQ.applyRoles();
     if (ReconQ.me.staff) {
       el.innerHTML = `<span>Signed in as <b id="who">${ReconQ.esc(ReconQ.me.name)}</b>` +
         ` <span id="role" class="role">(${ReconQ.esc(ReconQ.me.role || "")})</span></span>` +

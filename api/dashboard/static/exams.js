@@ -9,8 +9,8 @@ const Exams = {
   active: [],       // the server's states in which a job is still on its way (from the vocabulary)
 
   query() {
-    const day = document.getElementById("exam-day").value;
-    return day ? `?${new URLSearchParams({ day })}` : "";
+    const input = document.getElementById("exam-day"), day = input.value.trim();
+    return day && input.validity.valid ? `?${new URLSearchParams({ day })}` : "";
   },
 
   async load() {
@@ -38,12 +38,12 @@ const Exams = {
   card(x) {
     const e = ReconQ.esc;
     const who = x.identified
-      ? `<span class="patient">${e(x.patient)}</span> <span class="study">study ${e(x.study_uid)}</span>`
+      ? `${ReconQ.patientHtml(x)} <span class="study">study ${e(x.study_uid)}</span>`
       : `<span class="unidentified">no patient ID / study UID: retrieve by job id</span>` +
-        (x.patient ? ` <span class="patient">${e(x.patient)}</span>` : "");
+        (x.patient ? ` ${ReconQ.patientHtml(x)}` : "");
     const [kind, verdict] = Exams.verdict(x);
     return `<article class="exam${x.identified ? "" : " anonymous"}">` +
-      `<div class="exam-head"><h3>${who}</h3><span class="since">first series ${ReconQ.clock(x.first_at)}</span>` +
+      `<div class="exam-head"><h3>${who}</h3><span class="since">first series ${ReconQ.time(x.first_at)}</span>` +
       `<span class="verdict ${kind}">${verdict}</span></div>` +
       `<table class="jobs series"><thead><tr><th class="c-protocol">Protocol</th><th class="c-state">State</th>` +
       `<th class="c-progress">Progress</th><th class="c-finish">Expected finish</th>` +
@@ -59,7 +59,7 @@ const Exams = {
     if (busy.length) {
       const ends = busy.map((s) => s.expected_finish);
       return ["wait", (ends.some((t) => t == null) ? "retrieve when done (finish not known yet)"
-        : `retrieve after ${ReconQ.clock(Math.max(...ends))}`) + failures];
+        : `retrieve after ${ReconQ.time(Math.max(...ends))}`) + failures];
     }
     if (ready === x.series.length) return ["ready", "ready to retrieve"];
     return [failed ? "bad" : "wait", `${ready} of ${x.series.length} ready to retrieve${failures}`];
@@ -83,7 +83,7 @@ const Exams = {
 
   finish(epoch) {
     if (epoch == null) return `<span class="unknown">not known</span>`;
-    const at = `<time datetime="${new Date(epoch * 1000).toISOString()}">${ReconQ.clock(epoch)}</time>`;
+    const at = `<time datetime="${new Date(epoch * 1000).toISOString()}">${ReconQ.time(epoch)}</time>`;
     return epoch * 1000 < Date.now() ? `${at} <span class="late">late</span>` : at;
   },
 
@@ -105,7 +105,8 @@ const Exams = {
   },
 
   start() {
-    document.getElementById("exam-day").onchange = Exams.reload;
+    // the day as YYYY-MM-DD (a text field: a date picker would show the browser's locale's order)
+    document.getElementById("exam-day").onchange = (ev) => { if (ev.target.reportValidity()) Exams.reload(); };
     document.getElementById("exam-today").onclick = () => { document.getElementById("exam-day").value = ""; Exams.reload(); };
     ReconQ.listen(Exams.onEvent, Exams.reload);
     setInterval(Exams.load, Exams.REFRESH_MS);

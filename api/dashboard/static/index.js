@@ -19,4 +19,5 @@ showTab();
   if (await loadJobs()) startListening();
   loadPanels();
   setInterval(loadGpus, 10000);
+  setInterval(loadDisk, 30000);
 })();

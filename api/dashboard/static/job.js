@@ -40,7 +40,7 @@ function render(j, v) {
         `</tr></thead><tbody>${r.rows.map((row) => `<tr>${row.map((c) => `<td>${e(c)}</td>`).join("")}</tr>`).join("")}` +
         "</tbody></table>"
       : `<pre>${e(JSON.stringify(r, null, 2))}</pre>`)).join("");
-  document.getElementById("facts").innerHTML = fact("Patient", `<span class="patient">${e(j.patient)}</span>`) +
+  document.getElementById("facts").innerHTML = fact("Patient", ReconQ.patientHtml(j)) +
     fact("Protocol", e(j.protocol)) + fact("Pipeline", e(j.pipeline)) + fact("Scan", e(j.scan_id)) +
     fact("Queue", e(j.queue)) + fact("Attempts", j.attempts) + fact("Created", ReconQ.time(j.created_at)) +
     fact("Queued", ReconQ.time(j.queued_at)) + fact("Started", ReconQ.time(j.started_at)) +
@@ -73,10 +73,9 @@ function render(j, v) {
   for (const action of ["retry", "cancel", "priority"]) {
     document.getElementById(action).disabled = !v.actions[action].includes(j.state);
   }
-  // the actions only for a role that may do them (technologist, admin); the server checks again
+  // the actions (data-needs="technologist") only for a role that may do them; the server checks again
+  ReconQ.applyRoles();
   const mayAct = ReconQ.may("technologist");
-  document.getElementById("action-buttons").hidden = !mayAct;
-  document.getElementById("retro").hidden = !mayAct;
   const hint = document.getElementById("act-hint");
   hint.hidden = mayAct;
   hint.textContent = mayAct ? "" : ReconQ.me.staff
@@ -116,8 +115,11 @@ async function act(label, path, body) {
 
 const path = (what) => `/api/jobs/${encodeURIComponent(jobId)}/${what}`;
 document.getElementById("retry").onclick = () => act("Retry", path("retry"));
+// A cancel asks first, naming the job and its protocol; only OK cancels.
 document.getElementById("cancel").onclick = () => {
-  if (window.confirm(`Cancel job ${jobId}? Its reconstruction stops and its images will not be made.`)) {
+  const j = window.reconqJob || { id: jobId, protocol: "" };
+  const what = `job ${j.id} (${j.protocol ? `protocol ${j.protocol}` : "no protocol"})`;
+  if (window.confirm(`Cancel ${what}? Its reconstruction stops and its images will not be made.`)) {
     act("Cancel", path("cancel"));
   }
 };

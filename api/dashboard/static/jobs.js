@@ -22,7 +22,7 @@ function filterParams() {
 
 function rowHtml(j) {
   return `<td><a href="/jobs/${encodeURIComponent(j.id)}">${ReconQ.esc(j.id)}</a></td>` +
-    `<td class="patient">${ReconQ.esc(j.patient)}</td><td>${ReconQ.esc(j.protocol)}</td>` +
+    `<td class="who">${ReconQ.patientHtml(j)}</td><td>${ReconQ.esc(j.protocol)}</td>` +
     `<td>${ReconQ.esc(j.pipeline)}</td><td class="state state-${j.state}">${j.state}</td>` +
     `<td class="progress">${ReconQ.bar(j)}</td><td>${ReconQ.time(j.queued_at)}</td>` +
     `<td>${ReconQ.time(j.started_at)}</td><td>${ReconQ.time(j.finished_at)}</td>` +
@@ -99,8 +99,24 @@ async function loadGpus() {
   }).join("") + "</table>";
 }
 
+// Disk use (staff only: the panel is data-needs="viewer"): free space, raw scans and results; red below the
+// free space new scans need (the setting min_free_bytes).
+async function loadDisk() {
+  const el = document.getElementById("disk");
+  if (!ReconQ.may("viewer")) { el.textContent = ""; return; }
+  let d;
+  try { d = await ReconQ.api("/api/disk"); } catch (e) { el.textContent = `Unavailable: ${e.message}`; return; }
+  const b = ReconQ.bytes;
+  el.className = d.low ? "disk low" : "disk";
+  el.innerHTML = `Disk: ${b(d.free_bytes)} free of ${b(d.total_bytes)}; raw scans ${b(d.raw.bytes)} (${d.raw.count}), ` +
+    `results ${b(d.results.bytes)} (${d.results.count})` + (d.low
+      ? `<span class="warn">Low: below the ${b(d.min_free_bytes)} new scans need; the gateway refuses new scans.</span>`
+      : "");
+}
+
 async function loadPanels() {
   loadGpus();
+  loadDisk();
   try {
     const qs = await ReconQ.api("/api/queues");
     document.getElementById("queues").innerHTML = "<table>" +
