@@ -66,7 +66,7 @@ RUN --mount=type=bind,source=requirements-gpu.lock,target=/tmp/requirements-gpu.
 # them in the nvidia wheels' folders (cupy finds the same files itself).
 ENV NVIDIA_VISIBLE_DEVICES=all \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility \
-    LD_LIBRARY_PATH=/opt/venv/lib/python3.12/site-packages/nvidia/cuda_runtime/lib:/opt/venv/lib/python3.12/site-packages/nvidia/cufft/lib:/opt/venv/lib/python3.12/site-packages/nvidia/nvjitlink/lib
+    LD_LIBRARY_PATH=/opt/venv/lib/python3.12/site-packages/nvidia/cuda_runtime/lib:/opt/venv/lib/python3.12/site-packages/nvidia/cufft/lib:/opt/venv/lib/python3.12/site-packages/nvidia/nvjitlink/lib:/opt/venv/lib/python3.12/site-packages/nvidia/cuda_nvrtc/lib
 
 # ReconQ's wheel, built with the locked setuptools (no build isolation, so nothing is fetched unpinned).
 # The same pure-Python wheel for both variants.

@@ -138,9 +138,8 @@ class _Export:
         """The header's UID ``value`` where it is a valid one, else one made from ``entropy``."""
         if value and len(value) <= 64 and RE_VALID_UID.match(value):
             return UID(value)
-        if value:
-            log.warning("job %s: the MRD header's UID %r is not a valid DICOM UID: another is made", self.job_id,
-                        value)
+        if value:  # not the value: a study UID identifies the exam
+            log.warning("job %s: a UID in the MRD header is not a valid DICOM UID: another is made", self.job_id)
         return self.uid(*entropy)
 
 
@@ -223,6 +222,16 @@ def _patient(ds: FileDataset, export: _Export) -> None:
         ds.PatientSize = _ds(height_m)
 
 
+def _identifier(value: object, what: str, job_id: str) -> str:
+    """An SH identifier (16 characters at most): one longer is left empty, never cut (a cut accession
+    number could be another order's), with a warning that does not show it."""
+    text = "" if value is None else str(value)
+    if len(text) > 16:
+        log.warning("job %s: the MRD header's %s is longer than DICOM's 16 characters: left empty", job_id, what)
+        return ""
+    return text
+
+
 def _study(ds: FileDataset, export: _Export) -> None:
     """General Study module (C.7.2.1): the scanner's study UID, or one made from the job where it has none."""
     study = getattr(export.header, "studyInformation", None)
@@ -230,8 +239,8 @@ def _study(ds: FileDataset, export: _Export) -> None:
     ds.StudyDate = _da(getattr(study, "studyDate", None))
     ds.StudyTime = _tm(getattr(study, "studyTime", None))
     ds.ReferringPhysicianName = _text(getattr(study, "referringPhysicianName", None), 64)
-    ds.StudyID = _text(getattr(study, "studyID", None), 16)
-    ds.AccessionNumber = _text(getattr(study, "accessionNumber", None), 16)
+    ds.StudyID = _identifier(getattr(study, "studyID", None), "study ID", export.job_id)
+    ds.AccessionNumber = _identifier(getattr(study, "accessionNumber", None), "accession number", export.job_id)
     if description := getattr(study, "studyDescription", None):
         ds.StudyDescription = _text(description, 64)
 
@@ -290,14 +299,15 @@ def _general_image(ds: FileDataset, image: ismrmrd.Image, export: _Export) -> No
 
 
 def _image_plane(ds: FileDataset, image: ismrmrd.Image, rows: int, columns: int) -> None:
-    """Image Plane module (C.7.6.2): MRD gives the image centre and FOV; DICOM the centre of the first
-    (top left) pixel and the spacing of rows, then columns. The slice location is along the DICOM normal
-    (row x column direction)."""
+    """Image Plane module (C.7.6.2): MRD gives the position of the centre pixel, ``(rows // 2, columns // 2)``
+    (the centred FFT's, :mod:`reconq.recon.geometry`), and the FOV; DICOM the centre of the first (top left)
+    pixel and the spacing of rows, then columns. The slice location is along the DICOM normal (row x column
+    direction)."""
     fov = [float(v) for v in image.field_of_view]
     read_dir, phase_dir = np.asarray(image.read_dir, float), np.asarray(image.phase_dir, float)
     dy, dx = fov[1] / rows, fov[0] / columns
     centre = np.asarray(image.position, float)
-    corner = centre - read_dir * (fov[0] - dx) / 2 - phase_dir * (fov[1] - dy) / 2
+    corner = centre - read_dir * (columns // 2) * dx - phase_dir * (rows // 2) * dy
     ds.ImagePositionPatient = [f"{v:.6f}" for v in corner]
     ds.ImageOrientationPatient = [f"{v:.6f}" for v in (*read_dir, *phase_dir)]
     ds.PixelSpacing = [f"{dy:.6f}", f"{dx:.6f}"]

@@ -118,7 +118,7 @@ class Settings(BaseSettings):
                                   "the job ended, once its scan's raw data and results are gone (0: kept forever)")
     purge_interval_s: float = Field(3600.0, gt=0, description="How often the gateway applies the keep_* settings")
 
-    dicom_uid_root: str = Field("", pattern=r"^$|^[0-9]+(\.[0-9]+)*$", max_length=40,
+    dicom_uid_root: str = Field("", pattern=r"^$|^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$", max_length=40,
                                 description="UID root (an organisation's registered OID) for the DICOM UIDs ReconQ "
                                 "makes; empty: pydicom's root")
 

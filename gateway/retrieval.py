@@ -194,13 +194,16 @@ class Retrieval:
         """The images of ``jobs``, each job its own series, fitted to this retrieval scan."""
         out: list[ismrmrd.Image] = []
         series: dict[tuple[str, int], int] = {}  # (job, its series) -> the series sent
-        for job in jobs:
-            if job.results_purged_at is not None:  # deleted by retention: said so, never older images instead
-                on = time.strftime("%Y-%m-%d", time.localtime(job.results_purged_at))
-                raise SessionError(f"the images of job {job.id} were deleted by retention on {on} (RECONQ_KEEP_"
-                                   "RESULTS_DAYS); " + ("its raw data was deleted too: it cannot be reconstructed"
-                                                        if job.raw_purged_at is not None else
-                                                        "reconstruct it again from the dashboard (retro-recon)"))
+        purged = [job for job in jobs if job.results_purged_at is not None]
+        for job in purged:  # deleted by retention: said so, never older images instead
+            on = time.strftime("%Y-%m-%d", time.localtime(job.results_purged_at or 0.0))
+            why = (f"the images of job {job.id} were deleted by retention on {on} (RECONQ_KEEP_RESULTS_DAYS); "
+                   + ("its raw data was deleted too: it cannot be reconstructed" if job.raw_purged_at is not None
+                      else "reconstruct it again from the dashboard (retro-recon)"))
+            if len(purged) == len(jobs):
+                raise SessionError(why)
+            self.stream.send(text("WRN", why))  # the scan's other pipelines' images still go
+        for job in (j for j in jobs if j.results_purged_at is None):
             try:
                 images = read_images(result_file(self.ctx.scans, job))  # from its ids: never a path from Redis
             except Exception as e:  # missing, truncated or not MRD: the scanner is told, never left silent

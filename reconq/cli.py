@@ -109,11 +109,14 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
         record()
         print(f"ReconQ up: MRD on {eff.mrd_host}:{eff.mrd_port}, API on http://{eff.http_host}:{eff.http_port}, "
               f"Redis {redact(eff.redis_url)}, data in {eff.data_dir}. Ctrl-C stops.", flush=True)
-        return stack.supervise(on_restart=record)  # a child that dies is started again
+        return stack.supervise(on_restart=record)  # a child (or the private Redis) that dies is started again
     except KeyboardInterrupt:
-        print("stopping (running recons may finish or are handed back) ...", flush=True)
+        print("stopping (running recons may finish or are handed back; Ctrl-C again is ignored) ...", flush=True)
         return 0
     finally:
+        # a second Ctrl-C must not cut the stop short: it would leave Redis running on the data dir's AOF
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         stack.stop()
         remove_connection(settings.data_dir)
         lock.release()
@@ -347,8 +350,11 @@ def cmd_retro(settings: Settings, args: argparse.Namespace) -> int:
     except ActionError as e:  # no such scan, an unknown pipeline, a scan not complete
         raise CliError(f"retro: {e}{_scan_hint(settings, args.scan_id)}") from e
     for job in jobs:
-        print(f"job {job.id} queued on {job.queue}: pipeline {job.pipeline} on scan {job.scan_id}")
-    return 0
+        if job.state.finished:  # its scan's raw data purged as it was made
+            print(f"job {job.id} {job.state.value}: {job.error}")
+        else:
+            print(f"job {job.id} queued on {job.queue}: pipeline {job.pipeline} on scan {job.scan_id}")
+    return 1 if any(job.state.finished for job in jobs) else 0
 
 
 def _scan_hint(settings: Settings, names: list[str]) -> str:
@@ -503,6 +509,12 @@ def cmd_purge(settings: Settings, args: argparse.Namespace) -> int:
     else:
         for line in report.lines():
             print(line)
+        if report.off:
+            print("(the RECONQ_KEEP_* settings of this shell; the gateway purges with its own)")
+    failed = [k for k in report.kept if k.why.startswith("not deleted")]
+    if report.skipped or failed:  # another purge held the lock, or files that could not be deleted
+        raise CliError(f"purge: {report.skipped or f'{len(failed)} item(s) not deleted (see above)'}; "
+                       "try again later")
     return 0
 
 

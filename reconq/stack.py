@@ -51,8 +51,10 @@ def child_env(settings: Settings) -> dict[str, str]:
     return env
 
 
-#: A child's exit code that says it refused its configuration: it is not started again (see Stack.supervise)
+#: The gateway's exit code when it refuses its data root: the stack then stops (see Stack.supervise)
 REFUSED = 2
+#: How long a restarted private Redis may take to load its AOF and answer
+REDIS_RESTART_TIMEOUT_S = 300.0
 
 
 @dataclass
@@ -94,6 +96,7 @@ class Stack:
             # its URL carries its own password; no TLS on loopback
             self.settings = self.settings.model_copy(update={"redis_url": self.redis.start(),
                                                              "redis_password_file": None, "redis_ca_file": None})
+            self.started_at["redis"] = time.monotonic()
         client = connect(self.settings)
         try:  # before any child: they then find the root's id recorded, whichever starts first
             check_data_root(self.settings, client, create=True, role="`reconq up`")
@@ -151,64 +154,102 @@ class Stack:
     def supervise(self, on_restart: Callable[[], None] | None = None, poll_s: float = 0.5) -> int:
         """Keep the stack up until Ctrl-C: a child that dies is started again after a back-off, each child on
         its own, so the gateway goes on taking scans while the API or a worker restarts (and the other way
-        round); a private Redis that dies is started again on its port and AOF. A child that exits with code
-        2 refused its configuration (a wrong data root, say): starting it again would only refuse again, so
-        the stack stops and this returns 2. ``on_restart`` is called after each restart."""
+        round); what a dead child leaves in its process group (a launcher's per-GPU workers) is killed first.
+        A private Redis that dies is started again on its port and AOF, with the same back-off. A gateway
+        that exits with code 2 refused its data root (not the recorded one): the stack stops and this returns
+        2. Any other child is started again whatever its code: a worker that gave up waiting for Redis (code
+        2 too) starts again once it is back. ``on_restart`` is called after each restart."""
         restarts: dict[str, Restarts] = {}
         while True:
             now = time.monotonic()
-            if self.redis is not None and self.redis.proc is not None and self.redis.proc.poll() is not None:
-                code = self.redis.proc.returncode
-                log.error("private Redis exited with code %s; starting it again on port %d", code, self.redis.port)
-                self.redis.start()
+            self._keep_redis(restarts.setdefault("redis", Restarts()), now)
             for name, proc in list(self.procs.items()):
                 code = proc.poll()
                 if code is None:
                     continue
-                if code == REFUSED:
-                    log.error("%s refused to run (exit code 2; its log says why); stopping the stack", name)
-                    return REFUSED
                 state = restarts.setdefault(name, Restarts())
-                if state.due is None:
+                if state.due is None:  # just found dead
+                    _signal_group(proc.pid, signal.SIGTERM)
+                    if name == "gateway" and code == REFUSED:
+                        log.error("the gateway refused to run (exit code 2: its log says why); stopping the stack")
+                        return REFUSED
                     delay = state.failed(now - self.started_at.get(name, now))
                     log.error("%s exited with code %d; starting it again in %.0f s (restart %d)", name, code, delay,
                               state.total + 1)
                     state.due = now + delay
                 elif now >= state.due:
-                    self._spawn(name, self.roles[name], self.env)
-                    state.total += 1
+                    _signal_group(proc.pid, signal.SIGKILL)  # anything of the old one that did not stop
                     state.due = None
+                    try:
+                        self._spawn(name, self.roles[name], self.env)
+                    except OSError as e:  # no process slot, a log file that cannot be opened: tried again
+                        log.error("%s could not be started again: %s", name, e)
+                        continue
+                    state.total += 1
                     if on_restart is not None:
-                        on_restart()
+                        try:
+                            on_restart()
+                        except OSError as e:  # a full disk, say: the stack goes on
+                            log.error("after restarting %s: %s", name, e)
             time.sleep(poll_s)
 
+    def _keep_redis(self, state: Restarts, now: float) -> None:
+        """Start the private Redis again (on its port, from its AOF) once its back-off is over, if it died."""
+        if self.redis is None or self.redis.proc is None or self.redis.proc.poll() is None:
+            return
+        if state.due is None:
+            delay = state.failed(now - self.started_at.get("redis", now))
+            log.error("private Redis exited with code %s; starting it again on port %d in %.0f s",
+                      self.redis.proc.returncode, self.redis.port, delay)
+            state.due = now + delay
+        elif now >= state.due:
+            state.due = None
+            try:
+                self.redis.start(timeout=REDIS_RESTART_TIMEOUT_S)  # a large AOF takes a while to load
+            except (OSError, RuntimeError) as e:
+                log.error("private Redis did not start again: %s", e)
+                return
+            self.started_at["redis"] = time.monotonic()
+            state.total += 1
+
     def pids(self) -> dict[str, int]:
-        """The children's process ids, by name (``gateway``, ``api``, ``worker0``, ...)."""
-        return {name: proc.pid for name, proc in self.procs.items()}
+        """The children's process ids, by name (``gateway``, ``api``, ``worker0``, ..., ``redis`` for a private
+        Redis)."""
+        pids = {name: proc.pid for name, proc in self.procs.items()}
+        if self.redis is not None and self.redis.proc is not None:
+            pids["redis"] = self.redis.proc.pid
+        return pids
 
     def stop(self, timeout: float | None = None) -> None:
         """SIGTERM every child (workers finish or hand back their job: they get the recons' grace period
-        and the time to hand back, by default), then stop Redis."""
+        and the time to hand back, by default), kill what is left of their process groups, then stop Redis
+        (whatever went wrong before: it is never left running on the data dir's AOF)."""
         if timeout is None:
-            timeout = self.settings.worker_stop_grace_s + 20.0
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        for proc in self.procs.values():
+            # a GPU launcher's own stop: its workers' grace + 15 s, then SIGQUIT + 10 s, then SIGKILL + 10 s
+            timeout = self.settings.worker_stop_grace_s + 40.0
+        try:
+            for proc in self.procs.values():
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + timeout
+            for proc in self.procs.values():
+                try:
+                    proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    _signal_group(proc.pid, signal.SIGKILL)
+                    proc.wait()
+            for proc in self.procs.values():  # a launcher's workers, a pool process: none outlives `up`
+                _signal_group(proc.pid, signal.SIGKILL)
+        finally:
+            self.procs.clear()
             try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        self.procs.clear()
-        if self.redis is not None:
-            self.redis.stop()
-            self.redis = None
-        for f in self._logs:
-            f.close()
-        self._logs.clear()
+                if self.redis is not None:
+                    self.redis.stop()
+            finally:
+                self.redis = None
+                for f in self._logs:
+                    f.close()
+                self._logs.clear()
 
     def __enter__(self) -> Stack:
         self.start()
@@ -216,6 +257,12 @@ class Stack:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    """Signal a child's process group (each child leads one of its own), if anything is left in it."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
 
 
 def _port_open(host: str, port: int) -> bool:

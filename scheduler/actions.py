@@ -25,6 +25,7 @@ import dataclasses
 import functools
 import json
 import logging
+import time
 from collections.abc import Callable, Collection, Sequence
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
@@ -135,12 +136,35 @@ class Actions:
         job = self._job(job_id)
         if job.state not in RETRYABLE:
             raise ActionRefused(f"job {job_id} is {job.state.value}; only a failed job can be retried")
+        if job.raw_purged_at is not None:
+            raise ActionRefused(f"the raw data of scan {job.scan_id} was deleted by retention on "
+                                f"{_day(job.raw_purged_at)}: job {job_id} cannot be run again")
         self.store.update(job_id, error="", progress=0.0, stage="", warnings=[], report={}, lost_runs=0)
         self.store.clear_fields(job_id, "finished_at", "started_at")
         self.store.record_action(job_id, who, "retry", f"previous error: {job.error}" if job.error else "")
         enqueue(self.store, self.sender, job, self.placement)
+        self._fail_if_purged([job])  # a purge that read the job failed just before the retry queued it
         log.info("job %s retried by %s", job_id, who)
         return self._job(job_id)
+
+    def _fail_if_purged(self, jobs: list[Job]) -> list[Job]:
+        """The jobs whose scan's raw data a purge deleted while they were being made or queued (retention
+        marks the scan, then reads its jobs; an action makes or queues the job, then reads the scan: one of the
+        two sees the other): each failed, saying so. Returns the others."""
+        kept = []
+        for job in jobs:
+            try:
+                record = self.scans.load(job.scan_id)
+            except (ValueError, OSError):  # no record (a folder gone whole): the worker says so, failing it
+                record = None
+            if record is None or record.raw_purged_at is None:
+                kept.append(job)
+                continue
+            when = _day(record.raw_purged_at)
+            self.store.set_state(job.id, JobState.FAILED, error=f"the raw data of scan {job.scan_id} was deleted by "
+                                 f"retention ({when}) as this job was made: it cannot run")
+            log.warning("job %s failed: its scan %s was purged as the job was made", job.id, job.scan_id)
+        return kept
 
     @_serialised
     def cancel(self, job_id: str, who: str) -> Job:
@@ -258,9 +282,13 @@ class Actions:
             job = job_for_scan(record, self.store.next_job_id(record.scan_id), queue.value, pipeline, params)
             self.store.create(job)
             jobs.append(job)
-        enqueue_many(self.store, self.sender, jobs, self.placement)
+        enqueue_many(self.store, self.sender, self._fail_if_purged(jobs), self.placement)
         for job in jobs:
             self.store.record_action(job.id, who, "retro-recon", f"pipeline {pipeline} on queue {queue.value}, "
                                                                  f"params {json.dumps(job.params, sort_keys=True)}")
             log.info("job %s: retro-recon of scan %s with %s by %s", job.id, job.scan_id, pipeline, who)
         return [self._job(job.id) for job in jobs]
+
+
+def _day(epoch: float) -> str:
+    return time.strftime("%Y-%m-%d", time.gmtime(epoch))

@@ -44,7 +44,7 @@ from typing import Any
 import redis
 
 from reconq.core.constants import JOB_KEY, KEY_PREFIX, REFERENCE_PROTOCOL, REFERENCE_SCAN, SCAN_INDEX, SCANS_INDEXED
-from reconq.core.dataroot import check_data_root
+from reconq.core.dataroot import DataRootError, check_data_root
 from reconq.core.jobs import JobStore
 from reconq.core.scripts import load_script
 from reconq.core.settings import Settings
@@ -60,7 +60,7 @@ PURGE_LOCK = KEY_PREFIX + "purgelock"
 #: How long the lock lasts unless its holder renews it (it does, as it goes): a holder that dies frees it.
 PURGE_LOCK_TTL_S = 600.0
 _RENEW_EVERY_S = 30.0
-_JOB_FIELDS = ["scan_id", "state", "finished_at", "created_at", "params", "patient_id", "study_uid"]
+_JOB_FIELDS = ["scan_id", "state", "finished_at", "created_at", "params", "patient_id", "study_uid", "protocol"]
 
 
 class Kind(StrEnum):
@@ -220,6 +220,12 @@ class _JobRow:
     params: dict[str, Any]
     patient_id: str
     study_uid: str
+    protocol: str
+
+    @property
+    def exam(self) -> tuple[str, str, str]:
+        """What a retrieval scan matches it by (:func:`reconq.core.jobs.exam_key`)."""
+        return self.patient_id, self.study_uid, self.protocol
 
     @property
     def ended(self) -> bool:
@@ -227,7 +233,7 @@ class _JobRow:
 
 
 def _row(job_id: str, values: list[str | None]) -> _JobRow | None:
-    scan_id, state, finished_at, created_at, params, patient_id, study_uid = values
+    scan_id, state, finished_at, created_at, params, patient_id, study_uid, protocol = values
     if not scan_id:
         return None  # the index names a record that is gone
     try:
@@ -242,7 +248,7 @@ def _row(job_id: str, values: list[str | None]) -> _JobRow | None:
     except ValueError:
         parsed = {}
     return _JobRow(job_id, scan_id, st, ended_at, parsed if isinstance(parsed, dict) else {},
-                   patient_id or "", study_uid or "")
+                   patient_id or "", study_uid or "", protocol or "")
 
 
 def _job_rows(jobs: JobStore) -> list[_JobRow]:
@@ -339,11 +345,20 @@ def plan_purge(settings: Settings, scans: ScanStore, jobs: JobStore, now: float)
         if no_raw and set(scans.result_files(scan_id)) <= results.get(scan_id, set()):
             plan.folders.append(scan_id)
     if plan.keep_jobs_days:
+        # A job record is what says a retrieval that its images were deleted (results_purged_at). An exam's
+        # (patient, study, protocol) records therefore go all together or not at all, oldest first: were the
+        # newest scan's records gone and an older scan's left, a retrieval would take the older scan's images
+        # for the exam's newest.
         gone = set(plan.folders)
+        exams: dict[tuple[str, str, str], list[_JobRow]] = {}
         for row in rows:
-            if not row.ended or (row.ended_at or 0.0) > plan.cutoff(Kind.JOB):
+            exams.setdefault(row.exam, []).append(row)
+        for exam_rows in exams.values():
+            due = [row for row in exam_rows if row.ended and (row.ended_at or 0.0) <= plan.cutoff(Kind.JOB) and (
+                row.scan_id in gone or (row.scan_id not in records and not _folder_exists(scans, row.scan_id)))]
+            if len(due) < len(exam_rows):
                 continue
-            if row.scan_id in gone or (row.scan_id not in records and not _folder_exists(scans, row.scan_id)):
+            for row in sorted(due, key=lambda r: (r.ended_at or 0.0, r.id)):
                 plan.items.append(PurgeItem(Kind.JOB, row.id, row.scan_id, 0, (now - (row.ended_at or 0.0)) / DAY_S,
                                             row.ended_at or 0.0))
     return plan
@@ -382,7 +397,8 @@ class _Applying:
         steps += [(Kind.JOB, i) for i in self.plan.of(Kind.JOB)]
         for kind, what in steps:
             if not self.keep_alive():
-                self.report.skipped = "the purge lock was lost (another purge may run): stopped part-way"
+                self.report.skipped = ("the purge lock was lost (another purge may run), or the data root is no longer "
+                                       "the recorded one: stopped part-way")
                 log.error("retention: %s", self.report.skipped)
                 break
             try:
@@ -581,7 +597,19 @@ def run_purge(settings: Settings, client: redis.Redis, *, dry_run: bool, now: fl
                 report = PurgeReport(False, now, keep, skipped="another purge is running (it holds the purge lock)")
                 log.info("retention: %s; this round skipped", report.skipped)
                 return report
-            report = apply_purge(plan_purge(settings, scans, jobs, now), scans, jobs, keep_alive=lock.renew)
+            def still_ours() -> bool:
+                """The lock still held and the data root still the recorded one (a share unmounted part-way
+                would make every scan folder look gone, and their job records due)."""
+                if not lock.renew():
+                    return False
+                try:
+                    check_data_root(settings, client, create=False, role="purge")
+                except DataRootError as e:
+                    log.error("retention: stopped part-way: %s", e)
+                    return False
+                return True
+
+            report = apply_purge(plan_purge(settings, scans, jobs, now), scans, jobs, keep_alive=still_ours)
     t = report.totals()
     log.info("retention%s: %d raw scan(s) (%s), %d result file(s) (%s), %d job record(s), %d folder(s) %s; %d kept "
              "as changed since the plan", " (dry run)" if dry_run else "", t["raw"]["count"], _size(t["raw"]["bytes"]),

@@ -166,8 +166,8 @@ def test_previews_and_dicom(api, store, settings):
     assert len(names) == 3 and ds.Modality == "MR" and ds.PatientID == "PAT12345"
     assert np.array_equal(ds.pixel_array, np.asarray(images[1].data)[0, 0])
     assert [float(v) for v in ds.PixelSpacing] == [220 / 32, 220 / 32]
-    # MRD gives the image centre; DICOM the first pixel's centre
-    assert float(ds.ImagePositionPatient[0]) == pytest.approx(-(220 - 220 / 32) / 2)
+    # MRD gives the centre pixel's position (rows // 2, columns // 2); DICOM the first pixel's centre
+    assert float(ds.ImagePositionPatient[0]) == pytest.approx(-(32 // 2) * 220 / 32)  # the centre pixel is 16
 
 
 def test_filters_by_state_protocol_and_date(api, store):

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import h5py
 import ismrmrd
+import pytest
 
 from reconq.core.redisconn import free_port
 from reconq.gateway import client as mrd
@@ -274,14 +275,32 @@ def test_the_readme_running_it_block_as_written_and_up_restarts_a_dead_child(tmp
             time.sleep(0.3)
         restarted = json.loads((tmp_path / "reconq-data" / "reconq-up.json").read_text())["children"]
         assert restarted["api"] != api_pid and restarted["gateway"] == connection["children"]["gateway"]
+
+        # the private Redis killed: started again on its port and AOF, the jobs still there
+        os.kill(connection["children"]["redis"], 9)
+        deadline = time.monotonic() + 60
+        while True:
+            again = subprocess.run(as_run(".venv/bin/reconq jobs"), env=shell2, cwd=tmp_path, capture_output=True,
+                                   text=True, timeout=60)
+            if again.returncode == 0 and job_id in again.stdout:
+                break
+            assert time.monotonic() < deadline and up.poll() is None, "".join(lines) + again.stderr
+            time.sleep(0.5)
+        assert any("private Redis exited with code -9; starting it again" in line for line in lines)
+        redis_pid = json.loads((tmp_path / "reconq-data" / "reconq-up.json").read_text())["children"]["redis"]
     finally:
-        up.send_signal(2)  # Ctrl-C
-        code = up.wait(timeout=60)
+        up.send_signal(2)  # Ctrl-C, and again at once: the stop is not cut short
+        time.sleep(0.3)
+        with contextlib.suppress(ProcessLookupError):
+            up.send_signal(2)
+        code = up.wait(timeout=90)
         reader.join(5)
     assert code == 0, "".join(lines)
     log = "".join(lines)
     assert "stopping" in log and " ERROR " not in log.split("stopping", 1)[1], log  # Ctrl-C is not an error
     assert not (tmp_path / "reconq-data" / "reconq-up.json").exists()
+    with pytest.raises(ProcessLookupError):  # no Redis left running on the data dir's AOF
+        os.kill(redis_pid, 0)
 
 
 def test_simulate_writes_scans_with_an_identity(tmp_path):

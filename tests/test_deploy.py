@@ -632,6 +632,7 @@ def fake_gpu_stack(monkeypatch: pytest.MonkeyPatch, *, fft_error: float = 0.0, r
     cupy = types.SimpleNamespace(
         __version__="14.2.0", asarray=np.asarray, asnumpy=np.asarray, ElementwiseKernel=ElementwiseKernel,
         fft=types.SimpleNamespace(fftn=lambda a: np.fft.fftn(a) * (1 + fft_error)),
+        linalg=types.SimpleNamespace(solve=np.linalg.solve, eigh=np.linalg.eigh),
         cuda=types.SimpleNamespace(runtime=_Runtime(runtime_fails), Device=lambda i: contextlib.nullcontext()))
     memory = types.SimpleNamespace(total=150_000_000_000, used=600_000_000)
     pynvml = types.SimpleNamespace(

@@ -435,7 +435,7 @@ def test_a_bad_birth_date_is_logged_without_the_date(start_gateway, store, scan,
     caplog.set_level(logging.DEBUG)
     gw = start_gateway()
     xml = client.header_xml(scan.header).replace(
-        "<patientID>SEC01</patientID>", "<patientID>SEC01</patientID><patientBirthdate>1961-13-45</patientBirthdate>")
+        "<patientBirthdate>1970-01-01</patientBirthdate>", "<patientBirthdate>1961-13-45</patientBirthdate>")
     with warnings.catch_warnings(record=True) as seen:  # anything that escapes the gateway's own catch
         warnings.simplefilter("always")
         with connect(gw) as sock:
@@ -452,7 +452,7 @@ def test_a_bad_birth_date_is_logged_without_the_date(start_gateway, store, scan,
 
 def test_parsing_headers_from_many_threads_leaves_the_warnings_filters_as_they_were(scan):
     xml = client.header_xml(scan.header).replace(
-        "<patientID>SEC01</patientID>", "<patientID>SEC01</patientID><patientBirthdate>1961-13-45</patientBirthdate>")
+        "<patientBirthdate>1970-01-01</patientBirthdate>", "<patientBirthdate>1961-13-45</patientBirthdate>")
     filters = list(warnings.filters)
     threads = [threading.Thread(target=lambda: [gateway_stream.parse_header_quietly(xml, "HEADER", "t")
                                                 for _ in range(5)]) for _ in range(8)]
@@ -544,7 +544,7 @@ def test_workers_and_the_api_parse_stored_headers_without_logging_the_birth_date
 
     caplog.set_level(logging.DEBUG)
     xml = client.header_xml(scan.header).replace(
-        "<patientID>SEC01</patientID>", "<patientID>SEC01</patientID><patientBirthdate>1961-13-45</patientBirthdate>")
+        "<patientBirthdate>1970-01-01</patientBirthdate>", "<patientBirthdate>1961-13-45</patientBirthdate>")
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         header = parse_header(xml, "raw.h5")

@@ -160,9 +160,9 @@ def test_another_patients_scan_of_the_reference_protocol_is_not_protected(settin
 
 
 def test_a_dry_run_deletes_nothing_and_lists_what_the_run_deletes(settings, scans, store, client):
-    for n, days in enumerate((30, 12, 3)):
-        add_job(store, scans, add_scan(scans, client, f"S-dry{n}"), ended_days_ago=days)
-    gone = add_scan(scans, client, "S-dry-gone")
+    for n, days in enumerate((30, 12, 3)):  # each its own protocol: an exam's records go together
+        add_job(store, scans, add_scan(scans, client, f"S-dry{n}", protocol=f"t1_dry{n}"), ended_days_ago=days)
+    gone = add_scan(scans, client, "S-dry-gone", protocol="t1_gone")
     add_job(store, scans, gone, ended_days_ago=30)
     scans.remove_scan("S-dry-gone")  # its files gone already: its record is due
     policy = keep(settings, raw=10, results=20, jobs=20)
@@ -411,3 +411,64 @@ def test_reconq_purge_dry_run_then_for_real(settings, scans, store, client):
     quiet = subprocess.run([sys.executable, "-m", "reconq.cli", "purge"], env=off, capture_output=True, text=True,
                            timeout=120)
     assert quiet.returncode == 0 and "retention is off" in quiet.stdout, quiet.stdout
+
+
+# --- what a retrieval and the staff actions see after a purge ---------------------------------------------
+
+def test_an_exams_job_records_go_together_or_not_at_all(settings, scans, store, client,
+                                                       start_gateway: Callable[..., Gateway]):
+    """Scan A, then a repeat B of the same protocol, then a retro-recon of A. B's files are all due, A's
+    newest results not yet: B's job record stays (saying its images were deleted), or a retrieval would take
+    A's older acquisition for the exam's newest."""
+    older = add_scan(scans, client, "S-examA", protocol="t1_rep")
+    newer = add_scan(scans, client, "S-examB", protocol="t1_rep")
+    add_job(store, scans, older, ended_days_ago=10)
+    repeat = add_job(store, scans, newer, ended_days_ago=10)
+    retro = add_job(store, scans, older, n=2, ended_days_ago=2)
+
+    run_purge(keep(settings, raw=7, results=7, jobs=7), client, dry_run=False)
+    assert not (settings.data_dir / "scans" / "S-examB").exists()  # its files all went
+    kept = store.get(repeat.id)
+    assert kept is not None and kept.results_purged_at is not None  # its record did not: A's is not due
+    assert store.get(retro.id).result_path
+
+    host, port = start_gateway().address
+    back = mrd.retrieve(host, port, mrd.retrieval_header(PATIENT, STUDY, "t1_rep"), timeout=30)
+    assert back.closed and not back.images, back.texts  # never the older scan's images instead
+    assert any(t.startswith("ERR") and f"images of job {repeat.id} were deleted by retention" in t
+               for t in back.texts), back.texts
+
+
+def test_a_retro_recon_made_as_its_scan_is_purged_fails_saying_so(settings, store, client):
+    """Retention marks the scan, then reads its jobs; a retro-recon makes its job, then reads the scan: a
+    retro that read the scan just before the purge marked it finds the mark and its job fails, not queued."""
+    from reconq.core.celeryapp import make_celery
+    from reconq.core.constants import Queue
+    from reconq.core.sender import TaskSender
+    from reconq.recon.registry import pipeline_names
+    from reconq.scheduler.actions import ActionRefused, Actions
+
+    class PurgedAfterLoad(ScanStore):
+        """The purge runs right after the retro-recon has read the scan (complete then)."""
+
+        def load(self, scan_id: str) -> ScanRecord:
+            record = super().load(scan_id)
+            if record.raw_purged_at is None and not getattr(self, "purged", False):
+                self.purged = True
+                run_purge(keep(settings, raw=7), client, dry_run=False)
+            return record
+
+    scans = PurgedAfterLoad(settings.data_dir)
+    record = add_scan(scans, client, "S-retro-race")
+    add_job(store, scans, record, ended_days_ago=10)
+    earlier = add_job(store, scans, record, n=2, state=JobState.FAILED, ended_days_ago=10)
+    actions = Actions(store, TaskSender(make_celery(settings)), scans, pipeline_names())
+    (job,) = actions.retro_recon_many(["S-retro-race"], "cartesian", None, Queue.BULK, who="test")
+    assert not scans.raw_path("S-retro-race").exists()  # the purge saw no job not ended, and deleted
+    failed = store.get(job.id)
+    assert failed.state is JobState.FAILED and "deleted by retention" in failed.error and "cannot run" in failed.error
+    assert failed.queued_at is None  # never sent to a worker
+
+    with pytest.raises(ActionRefused, match="deleted by retention on .*cannot be run again"):
+        actions.retry(earlier.id, who="test")  # its raw data is gone too
+    assert store.get(earlier.id).state is JobState.FAILED

@@ -208,8 +208,27 @@ def check_cupy_kernels() -> str:
                 raise CheckFailed(f"device {device}: cuFFT failed ({type(e).__name__}: {e})",
                                   "the cuFFT library (nvidia-cufft-cu12) is missing or does not load") from e
             _close(f"device {device}: cuFFT", got_fft, want_fft, 1e-4)
+            _check_linalg(cupy, device, rng)
             names.append(str(device))
-    return f"cupy kernels: elementwise (NVRTC) and cuFFT against numpy on device(s) {', '.join(names)}"
+    return (f"cupy kernels: elementwise (NVRTC), cuFFT, cuBLAS and cuSOLVER (solve, eigh) against numpy on "
+            f"device(s) {', '.join(names)}")
+
+
+def _check_linalg(cupy: Any, device: int, rng: np.random.Generator) -> None:
+    """SENSE's solve and ESPIRiT's/the coil maps' eigh run on cuBLAS and cuSOLVER: checked on a small
+    Hermitian positive definite system."""
+    a = (rng.standard_normal((8, 8)) + 1j * rng.standard_normal((8, 8))).astype(np.complex64)
+    h = (a @ a.conj().T + 8 * np.eye(8)).astype(np.complex64)
+    b = (rng.standard_normal(8) + 1j * rng.standard_normal(8)).astype(np.complex64)
+    try:
+        x = cupy.asnumpy(cupy.linalg.solve(cupy.asarray(h), cupy.asarray(b)))
+        w = cupy.asnumpy(cupy.linalg.eigh(cupy.asarray(h))[0])
+    except Exception as e:
+        raise CheckFailed(f"device {device}: cuBLAS/cuSOLVER failed ({type(e).__name__}: {e})",
+                          "the cuBLAS and cuSOLVER libraries (nvidia-cublas-cu12, nvidia-cusolver-cu12) are "
+                          "missing or do not load") from e
+    _close(f"device {device}: cuSOLVER solve", h @ x, b, 1e-4)
+    _close(f"device {device}: cuSOLVER eigh", w, np.linalg.eigvalsh(h), 1e-4)
 
 
 def check_cufinufft() -> str:
