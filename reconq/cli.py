@@ -553,7 +553,10 @@ def _version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="reconq", description="Asynchronous inline MRI reconstruction")
+    parser = _Parser(prog="reconq", description="Asynchronous inline MRI reconstruction",
+                     epilog="Settings are environment variables RECONQ_*: `reconq settings` lists every one with its "
+                            "default, its value here and what it means. Start with `reconq up` in one shell, then "
+                            "`reconq simulate raw.h5` and `reconq send raw.h5` in another.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     parser.add_argument("--version", action="version", version=f"reconq {_version()}")

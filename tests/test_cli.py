@@ -181,6 +181,10 @@ def test_cli_mistakes_are_one_line(tmp_path):
 
 
 def test_version_and_settings():
+    helped = reconq("--help", env=clean_env())
+    assert helped.returncode == 0 and "`reconq settings` lists every one" in helped.stdout.replace("\n", " ")
+    for command in ("simulate", "purge", "settings", "up", "send", "retrieve"):
+        assert command in helped.stdout
     version = reconq("--version", env=clean_env())
     assert version.returncode == 0 and version.stdout.startswith("reconq ") and version.stdout.split()[1][0].isdigit()
     env = clean_env(RECONQ_REDIS_URL="redis://:s3cret@127.0.0.1:6390/0", RECONQ_STAFF_TOKENS='{"ann": "sha256$ab"}')
