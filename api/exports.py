@@ -212,7 +212,7 @@ def _patient(ds: FileDataset, export: _Export) -> None:
     """Patient module (C.7.1.1); weight (kg) and height (m) when the header has them."""
     subject = getattr(export.header, "subjectInformation", None)
     ds.PatientName = _text(getattr(subject, "patientName", None), 64)
-    ds.PatientID = _text(getattr(subject, "patientID", None), 64)
+    ds.PatientID = _identifier(getattr(subject, "patientID", None), "patient ID", export.job_id, 64)
     ds.PatientBirthDate = _da(getattr(subject, "patientBirthdate", None))
     sex = getattr(subject, "patientGender", None)
     ds.PatientSex = sex if sex in ("M", "F", "O") else ""
@@ -222,12 +222,13 @@ def _patient(ds: FileDataset, export: _Export) -> None:
         ds.PatientSize = _ds(height_m)
 
 
-def _identifier(value: object, what: str, job_id: str) -> str:
-    """An SH identifier (16 characters at most): one longer is left empty, never cut (a cut accession
-    number could be another order's), with a warning that does not show it."""
+def _identifier(value: object, what: str, job_id: str, max_chars: int = 16) -> str:
+    """An identifier (SH: 16 characters at most, LO: 64): one longer is left empty, never cut (a cut patient
+    ID or accession number could be another patient's or order's), with a warning that does not show it."""
     text = "" if value is None else str(value)
-    if len(text) > 16:
-        log.warning("job %s: the MRD header's %s is longer than DICOM's 16 characters: left empty", job_id, what)
+    if len(text) > max_chars:
+        log.warning("job %s: the MRD header's %s is longer than DICOM's %d characters: left empty", job_id, what,
+                    max_chars)
         return ""
     return text
 

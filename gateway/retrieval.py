@@ -184,9 +184,10 @@ class Retrieval:
         refusals = [text("ERR", f"job {j.id} failed: {j.error}") for j in jobs if j.state is JobState.FAILED]
         refusals += [text("WRN", f"job {j.id} was cancelled") for j in jobs if j.state is JobState.CANCELLED]
         ctx.jobs.record_retrieval(bool(images))
-        sent = [text("INF", f"{len(images)} images of job{'s' if len(done) > 1 else ''} "
-                            f"{', '.join(j.id for j in done)} sent")] if images else []
-        warned = [text("WRN", f"job {j.id}: {w}") for j in done for w in j.warnings]  # what its recon warned of
+        shown = [j for j in done if j.results_purged_at is None]  # the jobs whose images went
+        sent = [text("INF", f"{len(images)} images of job{'s' if len(shown) > 1 else ''} "
+                            f"{', '.join(j.id for j in shown)} sent")] if images else []
+        warned = [text("WRN", f"job {j.id}: {w}") for j in shown for w in j.warnings]  # what its recon warned of
         s.send(*sent, *warned, *refusals, p.write_close())
         log.info("retrieval from %s: %d images of %s sent", s.peer, len(images), ", ".join(j.id for j in done))
 

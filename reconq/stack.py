@@ -54,7 +54,7 @@ def child_env(settings: Settings) -> dict[str, str]:
 #: The gateway's exit code when it refuses its data root: the stack then stops (see Stack.supervise)
 REFUSED = 2
 #: How long a restarted private Redis may take to load its AOF and answer
-REDIS_RESTART_TIMEOUT_S = 300.0
+REDIS_RESTART_TIMEOUT_S = 60.0
 
 
 @dataclass
@@ -65,6 +65,8 @@ class Restarts:
     total: int = 0
     quick: int = 0  # deaths in a row, each within STABLE_S of its start
     due: float | None = None  # monotonic time of the next start, while one is pending
+    group: int | None = None  # the dead child's process group, while something in it got its SIGTERM
+    drain_until: float = 0.0  # how long what is left in that group may take to stop (a worker hands back)
 
     STABLE_S = 60.0
     MAX_DELAY_S = 60.0
@@ -87,7 +89,8 @@ class Stack:
         self.roles: dict[str, list[str]] = {}  # each child's command line arguments, to start it again
         self.started_at: dict[str, float] = {}  # monotonic
         self.env: dict[str, str] = {}
-        self._logs: list[IO[bytes]] = []
+        self._logs: dict[str, IO[bytes]] = {}  # each child's log file (with log_dir)
+        self._orphans: set[int] = set()  # process groups of dead children with something still stopping
 
     def start(self, timeout: float = 60.0) -> Settings:
         """Start everything and wait until the gateway and API answer; returns the effective settings."""
@@ -111,17 +114,21 @@ class Stack:
         return self.settings
 
     def _spawn(self, name: str, args: list[str], env: dict[str, str]) -> None:
+        # stamped at every attempt: one that fails (no process slot) backs off like a child that died at once
+        self.roles[name], self.started_at[name] = args, time.monotonic()
+        old = self._logs.pop(name, None)
+        if old is not None:  # the log of the child this one replaces
+            old.close()
         out: IO[bytes] | None = None
         if self.log_dir is not None:
             self.log_dir.mkdir(parents=True, exist_ok=True)
             out = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - closed in stop()
-            self._logs.append(out)
+            self._logs[name] = out
         cmd = [sys.executable, "-m", "reconq.cli", *args]
         # each in a process group of its own: a Ctrl-C reaches `up` alone, which stops them in order, and a
         # child that outlives its stop is killed with its own children (a worker's pool processes)
         self.procs[name] = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=out,
                                             stderr=subprocess.STDOUT if out else None, start_new_session=True)
-        self.roles[name], self.started_at[name] = args, time.monotonic()
         log.info("started %s (pid %d)", name, self.procs[name].pid)
 
     def _wait_ready(self, timeout: float) -> None:
@@ -162,14 +169,18 @@ class Stack:
         restarts: dict[str, Restarts] = {}
         while True:
             now = time.monotonic()
-            self._keep_redis(restarts.setdefault("redis", Restarts()), now)
+            if self._keep_redis(restarts.setdefault("redis", Restarts()), now):
+                self._restarted(on_restart, "Redis")
             for name, proc in list(self.procs.items()):
                 code = proc.poll()
                 if code is None:
                     continue
                 state = restarts.setdefault(name, Restarts())
-                if state.due is None:  # just found dead
-                    _signal_group(proc.pid, signal.SIGTERM)
+                if state.due is None:  # just found dead: what is left of its group (a launcher's workers) stops
+                    state.group = proc.pid if _signal_group(proc.pid, signal.SIGTERM) else None
+                    if state.group is not None:
+                        self._orphans.add(state.group)
+                    state.drain_until = now + self.settings.worker_stop_grace_s + 40.0
                     if name == "gateway" and code == REFUSED:
                         log.error("the gateway refused to run (exit code 2: its log says why); stopping the stack")
                         return REFUSED
@@ -178,25 +189,34 @@ class Stack:
                               state.total + 1)
                     state.due = now + delay
                 elif now >= state.due:
-                    _signal_group(proc.pid, signal.SIGKILL)  # anything of the old one that did not stop
-                    state.due = None
+                    if state.group is not None and _signal_group(state.group, 0):  # some of it still stopping
+                        if now < state.drain_until:
+                            continue  # its workers finish or hand back their jobs first
+                        _signal_group(state.group, signal.SIGKILL)
+                    self._orphans.discard(state.group or 0)
+                    state.due = state.group = None
                     try:
                         self._spawn(name, self.roles[name], self.env)
                     except OSError as e:  # no process slot, a log file that cannot be opened: tried again
                         log.error("%s could not be started again: %s", name, e)
                         continue
                     state.total += 1
-                    if on_restart is not None:
-                        try:
-                            on_restart()
-                        except OSError as e:  # a full disk, say: the stack goes on
-                            log.error("after restarting %s: %s", name, e)
+                    self._restarted(on_restart, name)
             time.sleep(poll_s)
 
-    def _keep_redis(self, state: Restarts, now: float) -> None:
-        """Start the private Redis again (on its port, from its AOF) once its back-off is over, if it died."""
+    @staticmethod
+    def _restarted(on_restart: Callable[[], None] | None, name: str) -> None:
+        if on_restart is not None:
+            try:
+                on_restart()
+            except OSError as e:  # a full disk, say: the stack goes on
+                log.error("after restarting %s: %s", name, e)
+
+    def _keep_redis(self, state: Restarts, now: float) -> bool:
+        """Start the private Redis again (on its port, from its AOF) once its back-off is over, if it died;
+        True when it did."""
         if self.redis is None or self.redis.proc is None or self.redis.proc.poll() is None:
-            return
+            return False
         if state.due is None:
             delay = state.failed(now - self.started_at.get("redis", now))
             log.error("private Redis exited with code %s; starting it again on port %d in %.0f s",
@@ -204,13 +224,15 @@ class Stack:
             state.due = now + delay
         elif now >= state.due:
             state.due = None
+            self.started_at["redis"] = time.monotonic()  # every attempt: one that fails backs off too
             try:
                 self.redis.start(timeout=REDIS_RESTART_TIMEOUT_S)  # a large AOF takes a while to load
             except (OSError, RuntimeError) as e:
                 log.error("private Redis did not start again: %s", e)
-                return
-            self.started_at["redis"] = time.monotonic()
+                return False
             state.total += 1
+            return True
+        return False
 
     def pids(self) -> dict[str, int]:
         """The children's process ids, by name (``gateway``, ``api``, ``worker0``, ..., ``redis`` for a private
@@ -228,18 +250,21 @@ class Stack:
             # a GPU launcher's own stop: its workers' grace + 15 s, then SIGQUIT + 10 s, then SIGKILL + 10 s
             timeout = self.settings.worker_stop_grace_s + 40.0
         try:
-            for proc in self.procs.values():
-                if proc.poll() is None:
-                    proc.send_signal(signal.SIGTERM)
+            running = [proc for proc in self.procs.values() if proc.poll() is None]
+            for proc in running:
+                proc.send_signal(signal.SIGTERM)
             deadline = time.monotonic() + timeout
-            for proc in self.procs.values():
+            for proc in running:
                 try:
                     proc.wait(timeout=max(0.1, deadline - time.monotonic()))
                 except subprocess.TimeoutExpired:
                     _signal_group(proc.pid, signal.SIGKILL)
-                    proc.wait()
-            for proc in self.procs.values():  # a launcher's workers, a pool process: none outlives `up`
-                _signal_group(proc.pid, signal.SIGKILL)
+                    with contextlib.suppress(subprocess.TimeoutExpired):  # stuck in the kernel: Redis still stops
+                        proc.wait(timeout=10)
+            # a launcher's workers, a pool process, what a dead child left: none outlives `up`
+            for group in [proc.pid for proc in running] + sorted(self._orphans):
+                _signal_group(group, signal.SIGKILL)
+            self._orphans.clear()
         finally:
             self.procs.clear()
             try:
@@ -247,7 +272,7 @@ class Stack:
                     self.redis.stop()
             finally:
                 self.redis = None
-                for f in self._logs:
+                for f in self._logs.values():
                     f.close()
                 self._logs.clear()
 
@@ -259,10 +284,14 @@ class Stack:
         self.stop()
 
 
-def _signal_group(pgid: int, sig: signal.Signals) -> None:
-    """Signal a child's process group (each child leads one of its own), if anything is left in it."""
-    with contextlib.suppress(ProcessLookupError, PermissionError):
+def _signal_group(pgid: int, sig: int) -> bool:
+    """Signal a child's process group (each child leads one of its own); False when nothing is left in it
+    (``sig`` 0: only look)."""
+    try:
         os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
 
 
 def _port_open(host: str, port: int) -> bool:

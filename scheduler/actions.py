@@ -21,12 +21,13 @@ An action that cannot be done raises one of the :class:`ActionError` family (:cl
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
 import logging
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from reconq.core.constants import CPU_QUEUE, GPU_QUEUE_PREFIX, GPU_WAITING, Queue
@@ -36,6 +37,7 @@ from reconq.core.states import CANCELLABLE, FINISHED, JobState, can_move
 from reconq.core.storage import ScanState, ScanStore
 from reconq.scheduler.admission import PENDING_SUFFIX, Admission
 from reconq.scheduler.placement import Placement
+from reconq.scheduler.retention import ScanBusy, scan_guard
 from reconq.scheduler.routing import gpu_queue, waiting_score
 from reconq.scheduler.submit import enqueue, enqueue_many, job_for_scan
 
@@ -142,15 +144,29 @@ class Actions:
         self.store.update(job_id, error="", progress=0.0, stage="", warnings=[], report={}, lost_runs=0)
         self.store.clear_fields(job_id, "finished_at", "started_at")
         self.store.record_action(job_id, who, "retry", f"previous error: {job.error}" if job.error else "")
-        enqueue(self.store, self.sender, job, self.placement)
-        self._fail_if_purged([job])  # a purge that read the job failed just before the retry queued it
+        with self._guard(job.scan_id):  # a purge of its scan sees it queued, or it the purge
+            enqueue(self.store, self.sender, job, self.placement)
+            if not self._fail_if_purged([job]):
+                raise ActionRefused(f"the raw data of scan {job.scan_id} was deleted by retention: job {job_id} "
+                                    "cannot be run again")
         log.info("job %s retried by %s", job_id, who)
         return self._job(job_id)
 
+    @contextlib.contextmanager
+    def _guard(self, scan_id: str) -> Iterator[None]:
+        """The scan's guard against a purge (:func:`reconq.scheduler.retention.scan_guard`); a scan busy
+        too long refuses the action, saying so."""
+        try:
+            with scan_guard(self.store.redis, scan_id):
+                yield
+        except ScanBusy as e:
+            raise ActionRefused(str(e)) from e
+
     def _fail_if_purged(self, jobs: list[Job]) -> list[Job]:
-        """The jobs whose scan's raw data a purge deleted while they were being made or queued (retention
-        marks the scan, then reads its jobs; an action makes or queues the job, then reads the scan: one of the
-        two sees the other): each failed, saying so. Returns the others."""
+        """The jobs whose scan's raw data a purge deleted before they were made or queued (under the scan's
+        guard, :func:`reconq.scheduler.retention.scan_guard`: retention marks the scan and reads its jobs, an
+        action makes or queues the job and reads the scan, one at a time): each failed, saying so. Returns
+        the others."""
         kept = []
         for job in jobs:
             try:
@@ -161,6 +177,7 @@ class Actions:
                 kept.append(job)
                 continue
             when = _day(record.raw_purged_at)
+            self.store.update(job.id, raw_purged_at=record.raw_purged_at)  # a retry of it is refused
             self.store.set_state(job.id, JobState.FAILED, error=f"the raw data of scan {job.scan_id} was deleted by "
                                  f"retention ({when}) as this job was made: it cannot run")
             log.warning("job %s failed: its scan %s was purged as the job was made", job.id, job.scan_id)
@@ -277,12 +294,14 @@ class Actions:
                 raise ActionRefused(f"scan {scan_id} is {record.state.value}; only a complete scan can be "
                                     "reconstructed again")
             records.append(record)
-        jobs = []
+        jobs, runnable = [], []
         for record in records:
             job = job_for_scan(record, self.store.next_job_id(record.scan_id), queue.value, pipeline, params)
-            self.store.create(job)
+            with self._guard(record.scan_id):  # a purge of the scan sees the job, or it the purge
+                self.store.create(job)
+                runnable += self._fail_if_purged([job])
             jobs.append(job)
-        enqueue_many(self.store, self.sender, self._fail_if_purged(jobs), self.placement)
+        enqueue_many(self.store, self.sender, runnable, self.placement)
         for job in jobs:
             self.store.record_action(job.id, who, "retro-recon", f"pipeline {pipeline} on queue {queue.value}, "
                                                                  f"params {json.dumps(job.params, sort_keys=True)}")

@@ -45,7 +45,7 @@ import redis
 
 from reconq.core.constants import JOB_KEY, KEY_PREFIX, REFERENCE_PROTOCOL, REFERENCE_SCAN, SCAN_INDEX, SCANS_INDEXED
 from reconq.core.dataroot import DataRootError, check_data_root
-from reconq.core.jobs import JobStore
+from reconq.core.jobs import JobStore, exam_key
 from reconq.core.scripts import load_script
 from reconq.core.settings import Settings
 from reconq.core.states import FINISHED, JobState
@@ -60,6 +60,7 @@ PURGE_LOCK = KEY_PREFIX + "purgelock"
 #: How long the lock lasts unless its holder renews it (it does, as it goes): a holder that dies frees it.
 PURGE_LOCK_TTL_S = 600.0
 _RENEW_EVERY_S = 30.0
+_ROOT_CHECK_S = 2.0  # how often a purge looks again that its data root is the recorded one
 _JOB_FIELDS = ["scan_id", "state", "finished_at", "created_at", "params", "patient_id", "study_uid", "protocol"]
 
 
@@ -351,8 +352,8 @@ def plan_purge(settings: Settings, scans: ScanStore, jobs: JobStore, now: float)
         # for the exam's newest.
         gone = set(plan.folders)
         exams: dict[tuple[str, str, str], list[_JobRow]] = {}
-        for row in rows:
-            exams.setdefault(row.exam, []).append(row)
+        for row in rows:  # a record without a patient or study: no retrieval matches it, it goes alone
+            exams.setdefault(row.exam if row.patient_id and row.study_uid else ("", "", row.id), []).append(row)
         for exam_rows in exams.values():
             due = [row for row in exam_rows if row.ended and (row.ended_at or 0.0) <= plan.cutoff(Kind.JOB) and (
                 row.scan_id in gone or (row.scan_id not in records and not _folder_exists(scans, row.scan_id)))]
@@ -394,7 +395,7 @@ class _Applying:
         steps: list[tuple[Kind | None, Any]] = [(Kind.RESULTS, i) for i in self.plan.of(Kind.RESULTS)]
         steps += [(Kind.RAW, i) for i in self.plan.of(Kind.RAW)]
         steps += [(None, scan_id) for scan_id in self.plan.folders]
-        steps += [(Kind.JOB, i) for i in self.plan.of(Kind.JOB)]
+        steps += [(Kind.JOB, group) for group in self._exams(self.plan.of(Kind.JOB))]
         for kind, what in steps:
             if not self.keep_alive():
                 self.report.skipped = ("the purge lock was lost (another purge may run), or the data root is no longer "
@@ -404,12 +405,16 @@ class _Applying:
             try:
                 if kind is None:
                     self._folder(what)
+                elif kind is Kind.JOB:
+                    self._exam_records(what)
                 else:
-                    {Kind.RESULTS: self._results, Kind.RAW: self._raw, Kind.JOB: self._job}[kind](what)
-            except OSError as e:  # a file that cannot be deleted: the next round tries again
-                label = f"scan folder {what}" if kind is None else f"{kind.value} {what.id}"
+                    {Kind.RESULTS: self._results, Kind.RAW: self._raw}[kind](what)
+            except (OSError, ScanBusy) as e:  # a file that cannot be deleted, a busy scan: the next round tries
+                label = (f"scan folder {what}" if kind is None else f"job records {', '.join(i.id for i in what)}"
+                         if kind is Kind.JOB else f"{kind.value} {what.id}")
                 log.warning("retention: %s not deleted: %s", label, e)
-                self.report.kept.append(Kept(kind or Kind.RAW, what if kind is None else what.id, f"not deleted: {e}"))
+                ids = [what] if kind is None else [i.id for i in what] if kind is Kind.JOB else [what.id]
+                self.report.kept += [Kept(kind or Kind.RAW, i, f"not deleted: {e}") for i in ids]
         self.scans.sweep_removed()
         self._unindex_purged()
         return self.report
@@ -449,6 +454,10 @@ class _Applying:
         return why
 
     def _raw(self, item: PurgeItem) -> None:
+        with scan_guard(self.jobs.redis, item.id):  # no staff action makes or queues a job on it meanwhile
+            self._raw_guarded(item)
+
+    def _raw_guarded(self, item: PurgeItem) -> None:
         cutoff = self.plan.cutoff(Kind.RAW)
         if why := self._scan_why_not(item.id, cutoff):
             self._keep(item, why)
@@ -491,15 +500,49 @@ class _Applying:
         self.report.folders_removed.append(scan_id)
         log.info("retention: folder of scan %s removed (%s)", scan_id, _size(freed))
 
-    def _job(self, item: PurgeItem) -> None:
+    def _exams(self, items: list[PurgeItem]) -> list[list[PurgeItem]]:
+        """The job records due, by exam (patient, study, protocol; a record without a patient or study alone:
+        no retrieval matches it)."""
+        groups: dict[str, list[PurgeItem]] = {}
+        for item in items:
+            job = self.jobs.get(item.id)
+            key = exam_key(job.patient_id, job.study_uid, job.protocol) if (
+                job is not None and job.patient_id and job.study_uid) else ""
+            groups.setdefault(key or f"job {item.id}", []).append(item)
+        return list(groups.values())
+
+    def _exam_records(self, group: list[PurgeItem]) -> None:
+        """One exam's job records: all of its records read again now, deleted oldest first (the exam's own
+        order, as a retrieval ranks them), and none newer than one kept. Were a newer scan's records gone and
+        an older scan's left, a retrieval would take the older acquisition for the exam's newest."""
+        job = self.jobs.get(group[0].id)
+        due = {item.id: item for item in group}
+        if job is not None and job.patient_id and job.study_uid:
+            members = self.jobs.redis.zrange(exam_key(job.patient_id, job.study_uid, job.protocol), 0, -1)
+            members = [m for m in members if self.jobs.redis.exists(JOB_KEY + m)]
+            if others := [m for m in members if m not in due]:
+                for item in group:
+                    self._keep(item, f"job {others[0]} of the same exam is kept: an exam's records go together")
+                return
+            ordered = [due[m] for m in members]
+        else:
+            ordered = group
+        for n, item in enumerate(ordered):
+            if not self._job(item):
+                for newer in ordered[n + 1:]:
+                    self._keep(newer, f"an older record of its exam ({item.id}) is kept")
+                return
+
+    def _job(self, item: PurgeItem) -> bool:
         if _folder_exists(self.scans, item.scan_id):
             self._keep(item, f"its scan {item.scan_id} is still on disk")
-            return
+            return False
         if not self.jobs.delete(item.id, ended_before=self.plan.cutoff(Kind.JOB)):
             self._keep(item, "the job is not ended, or ended since the plan, or is gone")
-            return
+            return False
         self.report.items.append(item)
         log.info("retention: record of job %s deleted (ended %.1f days ago)", item.id, item.age_days)
+        return True
 
 
 def _unindex(client: redis.Redis, scan_id: str) -> None:
@@ -572,6 +615,34 @@ class PurgeLock:
                 self.release()
 
 
+#: One scan's guard (``SET NX PX``): retention's "mark the scan purged, read its jobs, delete or put it back"
+#: and a staff action's "make or queue a job on it, read the scan" run one at a time per scan, so either the
+#: purge sees the job (and keeps the scan) or the action sees the purge (and fails its job, saying why).
+SCAN_GUARD = KEY_PREFIX + "scanguard:"
+SCAN_GUARD_TTL_S = 60.0
+
+
+class ScanBusy(Exception):
+    """The scan's guard was not had in time."""
+
+
+@contextlib.contextmanager
+def scan_guard(client: redis.Redis, scan_id: str, wait_s: float = 30.0) -> Iterator[None]:
+    """Hold ``scan_id``'s guard inside (waiting up to ``wait_s`` for another holder); :class:`ScanBusy`
+    where it is not had in time."""
+    key, token = SCAN_GUARD + scan_id, secrets.token_hex(16)
+    deadline = time.monotonic() + wait_s
+    while not client.set(key, token, nx=True, px=int(SCAN_GUARD_TTL_S * 1000)):
+        if time.monotonic() > deadline:
+            raise ScanBusy(f"scan {scan_id} is busy (a purge or another action holds it); try again")
+        time.sleep(0.05)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(redis.RedisError):
+            load_script(client, "reconq.scheduler", "purge_lock")(keys=[key], args=[token, 0])
+
+
 # --- the entry point ------------------------------------------------------------------------------------
 
 def run_purge(settings: Settings, client: redis.Redis, *, dry_run: bool, now: float | None = None) -> PurgeReport:
@@ -597,11 +668,16 @@ def run_purge(settings: Settings, client: redis.Redis, *, dry_run: bool, now: fl
                 report = PurgeReport(False, now, keep, skipped="another purge is running (it holds the purge lock)")
                 log.info("retention: %s; this round skipped", report.skipped)
                 return report
+            checked = [time.monotonic()]
+
             def still_ours() -> bool:
                 """The lock still held and the data root still the recorded one (a share unmounted part-way
-                would make every scan folder look gone, and their job records due)."""
+                would make every scan folder look gone, and their job records due), looked at every few s."""
                 if not lock.renew():
                     return False
+                if time.monotonic() - checked[0] < _ROOT_CHECK_S:
+                    return True
+                checked[0] = time.monotonic()
                 try:
                     check_data_root(settings, client, create=False, role="purge")
                 except DataRootError as e:

@@ -291,7 +291,12 @@ def test_the_readme_running_it_block_as_written_and_up_restarts_a_dead_child(tmp
             assert time.monotonic() < deadline and up.poll() is None, "".join(lines) + again.stderr
             time.sleep(0.5)
         assert any("private Redis exited with code -9; starting it again" in line for line in lines)
-        redis_pid = json.loads((tmp_path / "reconq-data" / "reconq-up.json").read_text())["children"]["redis"]
+        deadline = time.monotonic() + 10
+        while (redis_pid := json.loads((tmp_path / "reconq-data" / "reconq-up.json").read_text())["children"][
+                "redis"]) == connection["children"]["redis"]:  # the new one's pid, recorded after its restart
+            assert time.monotonic() < deadline, "the restarted Redis's pid was not recorded"
+            time.sleep(0.1)
+        os.kill(redis_pid, 0)  # alive now
     finally:
         up.send_signal(2)  # Ctrl-C, and again at once: the stop is not cut short
         time.sleep(0.3)

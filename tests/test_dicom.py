@@ -238,3 +238,17 @@ def test_a_point_is_found_where_it_is_in_the_patient(tmp_path, orientation):
 ])
 def test_sequence_type_gives_the_mr_image_terms(sequence_type, scanning, variant):
     assert exports._sequence_terms(sequence_type) == (scanning, variant)
+
+
+def test_identifiers_too_long_for_dicom_are_left_empty_never_cut(tmp_path, caplog):
+    """A cut accession number or patient ID could be another order's or patient's: left empty, with a
+    warning that does not show the value."""
+    scan = scanner_scan()
+    scan.header.studyInformation.accessionNumber = 12345678901234567890  # 20 digits; SH holds 16
+    scan.header.subjectInformation.patientID = "P" * 70  # LO holds 64
+    caplog.set_level(logging.WARNING)
+    (_, ds), *_ = exported(result_of(scan, tmp_path), tmp_path)
+    assert ds.AccessionNumber == "" and ds.PatientID == ""
+    assert "accession number is longer than DICOM's 16 characters" in caplog.text
+    assert "patient ID is longer than DICOM's 64 characters" in caplog.text
+    assert "1234567890123456" not in caplog.text and "P" * 64 not in caplog.text

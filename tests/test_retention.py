@@ -472,3 +472,43 @@ def test_a_retro_recon_made_as_its_scan_is_purged_fails_saying_so(settings, stor
     with pytest.raises(ActionRefused, match="deleted by retention on .*cannot be run again"):
         actions.retry(earlier.id, who="test")  # its raw data is gone too
     assert store.get(earlier.id).state is JobState.FAILED
+
+
+def test_an_exams_records_stay_together_when_an_older_scans_deletion_fails(settings, store, client,
+                                                                           start_gateway: Callable[..., Gateway]):
+    """All of an exam is due, but the older scan's result file cannot be deleted (an OSError): that scan and
+    its record stay, so the newer scan's record stays too, and a retrieval is told the newest images were
+    deleted instead of getting the older scan's."""
+
+    class Stuck(ScanStore):
+        def delete_file(self, path: Path) -> int:
+            if "S-stuck1" in str(path):
+                raise PermissionError(13, "Permission denied", str(path))
+            return super().delete_file(path)
+
+    scans = Stuck(settings.data_dir)
+    older = add_job(store, scans, add_scan(scans, client, "S-stuck1", protocol="t2_stuck"), ended_days_ago=20)
+    newer = add_job(store, scans, add_scan(scans, client, "S-stuck2", protocol="t2_stuck"), ended_days_ago=20)
+    plan = plan_purge(keep(settings, raw=7, results=7, jobs=7), scans, store, time.time())
+    assert {(i.kind, i.id) for i in plan.of(Kind.JOB)} == {(Kind.JOB, older.id), (Kind.JOB, newer.id)}
+
+    report = apply_purge(plan, scans, store)
+    assert not (settings.data_dir / "scans" / "S-stuck2").exists()  # the newer scan's files went
+    assert store.get(older.id) is not None and store.get(newer.id) is not None  # neither record did
+    assert any(k.id == newer.id and f"an older record of its exam ({older.id}) is kept" in k.why
+               for k in report.kept), report.kept
+
+    host, port = start_gateway().address
+    back = mrd.retrieve(host, port, mrd.retrieval_header(PATIENT, STUDY, "t2_stuck"), timeout=30)
+    assert not back.images and any(f"images of job {newer.id} were deleted by retention" in t for t in back.texts)
+
+
+def test_records_without_a_patient_or_study_go_alone(settings, scans, store, client):
+    """Phantom and QA scans with no identity: no retrieval matches them, so one recent such scan does not
+    keep every old one's record for ever."""
+    old = add_scan(scans, client, "S-qa-old", patient="")
+    recent = add_scan(scans, client, "S-qa-new", patient="")
+    old_job = add_job(store, scans, old, ended_days_ago=30)
+    add_job(store, scans, recent, ended_days_ago=1)
+    run_purge(keep(settings, raw=7, results=7, jobs=7), client, dry_run=False)
+    assert store.get(old_job.id) is None and scans.raw_path("S-qa-new").exists()
