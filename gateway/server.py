@@ -203,10 +203,15 @@ class Gateway:
         try:
             return submit_scan(self.jobs, self.sender, record, self.settings.queue, self.placement, header)
         except QUEUE_UNREACHABLE:
-            with self._owed_lock:
-                self._owed.add(record.scan_id)
-            self._behind.set()
+            self._owe(record.scan_id)
             raise
+
+    def _owe(self, scan_id: str) -> None:
+        """Note a scan whose job's submit failed (its job may be ``queued`` with no message): the reconcile
+        loop sends it again, promptly, once Redis is back."""
+        with self._owed_lock:
+            self._owed.add(scan_id)
+        self._behind.set()
 
     def bind(self) -> tuple[str, int]:
         """Reconcile disk with Redis, then open the listening socket.
@@ -244,7 +249,7 @@ class Gateway:
             self._root_mismatches = 0
             with self.sender.exclusive():
                 requeued = reconcile(self.scans, self.jobs, self.sender, self.settings.queue, at_start=False,
-                                     placement=self.placement)
+                                     placement=self.placement, owed=self._owe)
                 self._send_owed(requeued)
         except DataRootMismatch as e:
             # three rounds in a row, not one: a shared file system may say "no such file" for a moment

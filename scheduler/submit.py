@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -180,7 +180,7 @@ def mark_interrupted(scans: ScanStore) -> list[str]:
 
 
 def reconcile(scans: ScanStore, store: JobStore, sender: TaskSender, queue: str, at_start: bool = True,
-              placement: Placement | None = None) -> list[str]:
+              placement: Placement | None = None, owed: Callable[[str], None] | None = None) -> list[str]:
     """Queue every complete scan that has no job in Redis (or only one still ``receiving``), and fail the
     ``receiving`` job of every incomplete scan; at start-up, first mark the scans that a stopped gateway
     left receiving as incomplete (later, such a scan may be a session still running). The disk part
@@ -188,7 +188,9 @@ def reconcile(scans: ScanStore, store: JobStore, sender: TaskSender, queue: str,
     and this with ``at_start=False`` once Redis is back.
 
     Returns the job ids queued; raises one of :data:`QUEUE_UNREACHABLE` when Redis cannot be reached
-    (what was done stays done: running it again is safe).
+    (what was done stays done: running it again is safe), after calling ``owed`` with the scan whose job it
+    was queueing: that job may be marked ``queued`` with its message lost, which a later reconcile skips, so
+    the caller sends it again (the gateway's :meth:`~reconq.gateway.server.Gateway.reconcile_once`).
     """
     if at_start:
         mark_interrupted(scans)
@@ -206,7 +208,12 @@ def reconcile(scans: ScanStore, store: JobStore, sender: TaskSender, queue: str,
             continue  # complete, with its job (a scan marked complete whose job was never queued is not)
         if first is None and store.jobs_for_scan(record.scan_id):
             continue
-        job = submit_scan(store, sender, record, queue, placement)
+        try:
+            job = submit_scan(store, sender, record, queue, placement)
+        except QUEUE_UNREACHABLE:
+            if owed is not None:
+                owed(record.scan_id)
+            raise
         log.warning("job %s queued from disk: Redis had no queued job for complete scan %s", job.id, record.scan_id)
         queued.append(job.id)
     scanindex.rebuild(store.redis, scans, records)  # the reference-scan index, made whole from the disk

@@ -245,3 +245,37 @@ def test_redis_that_hangs_costs_a_session_its_timeout_not_a_hang(server, setting
         assert_queued_once(store, settings, records)
     finally:
         gw.stop()
+
+
+def test_a_job_whose_message_a_reconcile_lost_is_sent_again(settings, server, store, tmp_path):
+    """The reconciler marks a job queued, then its Celery message cannot go (the producer's connection to
+    Redis hangs: a TCP proxy the test pauses; the job store's own connection is direct). The job is queued
+    with no message; the next reconcile, Redis reachable again, sends it (a later reconcile alone would
+    skip a queued job)."""
+    from reconq.core.celeryapp import make_celery
+    from reconq.core.sender import TaskSender
+    from reconq.faultkit import PausableProxy
+    from reconq.recon.simulate import write_mrd
+    from reconq.services import build_services
+
+    scans = ScanStore(settings.data_dir)
+    record = ScanRecord(scan_id="20261201T000000-lost0001", state=ScanState.COMPLETE, pipeline="cartesian",
+                        patient_id="DOWN01", study_uid="1.2.3", protocol="down_test", acquisitions=32)
+    scans.create(record)
+    write_mrd(synthetic_scan(matrix=(32, 32), ncoil=2), scans.raw_path(record.scan_id))
+    proxy = PausableProxy(server.port)
+    broker = settings.model_copy(update={"redis_url": server.url_on(proxy.port), "redis_timeout_s": 1.0})
+    services = build_services(settings)
+    gw = Gateway(settings, services.jobs, services.scans, TaskSender(make_celery(broker)), None, services.pipelines)
+    try:
+        proxy.pause()
+        assert gw.reconcile_once() is False  # the message did not go
+        job = store.get(f"{record.scan_id}-j1")
+        assert job is not None and job.state is JobState.QUEUED and queued_task_ids(store, "routine") == []
+        proxy.resume()
+        assert gw.reconcile_once() is True
+        assert queued_task_ids(store, "routine") == [f"{record.scan_id}-j1.0"]  # sent again, once
+        assert gw.reconcile_once() is True and queued_task_ids(store, "routine") == [f"{record.scan_id}-j1.0"]
+    finally:
+        proxy.close()
+        gw.stop()
