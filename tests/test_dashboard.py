@@ -137,7 +137,8 @@ def options(driver: webdriver.Chrome, select: str) -> list[str]:
 
 
 def sign_in(driver: webdriver.Chrome, name: str = "alice", password: str = PASSWORD) -> None:
-    form = driver.find_element(By.ID, "signin")
+    form = wait_for(driver, lambda d: d.find_elements(By.ID, "signin") and d.find_element(By.ID, "signin"),
+                    "the sign-in form")  # a page just asked for may not be there yet
     form.find_element(By.NAME, "name").send_keys(name)
     form.find_element(By.NAME, "password").send_keys(password)
     form.find_element(By.CSS_SELECTOR, "button").click()
