@@ -161,7 +161,8 @@ class Stack:
     def supervise(self, on_restart: Callable[[], None] | None = None, poll_s: float = 0.5) -> int:
         """Keep the stack up until Ctrl-C: a child that dies is started again after a back-off, each child on
         its own, so the gateway goes on taking scans while the API or a worker restarts (and the other way
-        round); what a dead child leaves in its process group (a launcher's per-GPU workers) is killed first.
+        round); what a dead child leaves in its process group (a launcher's per-GPU workers) is stopped first
+        (SIGTERM: running recons finish or are handed back; SIGKILL past the grace period and 40 s).
         A private Redis that dies is started again on its port and AOF, with the same back-off. A gateway
         that exits with code 2 refused its data root (not the recorded one): the stack stops and this returns
         2. Any other child is started again whatever its code: a worker that gave up waiting for Redis (code
@@ -189,7 +190,7 @@ class Stack:
                               state.total + 1)
                     state.due = now + delay
                 elif now >= state.due:
-                    if state.group is not None and _signal_group(state.group, 0):  # some of it still stopping
+                    if state.group is not None and _group_alive(state.group):  # some of it still stopping
                         if now < state.drain_until:
                             continue  # its workers finish or hand back their jobs first
                         _signal_group(state.group, signal.SIGKILL)
@@ -292,6 +293,24 @@ def _signal_group(pgid: int, sig: int) -> bool:
     except (ProcessLookupError, PermissionError):
         return False
     return True
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether a process of group ``pgid`` still runs (zombies, exited and not yet reaped by whoever
+    adopted them, do not count: a signal finds them all the same)."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return _signal_group(pgid, 0)
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            state, _ppid, pgrp = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:3]
+        except (OSError, ValueError):
+            continue  # gone meanwhile
+        if int(pgrp) == pgid and state != "Z":
+            return True
+    return False
 
 
 def _port_open(host: str, port: int) -> bool:

@@ -367,3 +367,50 @@ def test_sequences_json(tmp_path):
     assert run.returncode == 0, run.stderr
     listed = json.loads(run.stdout)
     assert listed["sequences"] == [] and listed["folder"] == str(tmp_path / "seq")
+
+
+def _children_of(pid: int) -> list[int]:
+    """Processes whose parent is ``pid`` (from /proc)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    out.append(int(entry.name))
+    return out
+
+
+def test_up_lets_a_dead_launchers_gpu_workers_stop_before_it_starts_another(tmp_path):
+    """On a GPU machine `up`'s worker child is a launcher with a Celery worker per GPU (here a **simulated**
+    GPU). The launcher killed: its workers, left in its process group, get SIGTERM and stop before another
+    launcher starts, so a GPU never has two sets of workers."""
+    env = clean_env(RECONQ_DATA_DIR=str(tmp_path / "data"), RECONQ_MRD_PORT=str(free_port()),
+                    RECONQ_HTTP_PORT=str(free_port()), RECONQ_MIN_FREE_BYTES="0", RECONQ_SIMULATED_GPUS="[8]",
+                    RECONQ_WORKER_STOP_GRACE_S="2")
+    up = subprocess.Popen([sys.executable, "-m", "reconq.cli", "up"], env=env, cwd=tmp_path,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(iter(up.stdout.readline, "")), daemon=True).start()
+    connection = tmp_path / "data" / "reconq-up.json"
+    try:
+        deadline = time.monotonic() + 90
+        while not any("ReconQ up" in line for line in lines):
+            assert up.poll() is None and time.monotonic() < deadline, "".join(lines)
+            time.sleep(0.2)
+        launcher = json.loads(connection.read_text())["children"]["worker0"]
+        while not (workers := _children_of(launcher)):  # its per-GPU Celery worker
+            assert time.monotonic() < deadline, "the launcher started no worker"
+            time.sleep(0.2)
+        os.kill(launcher, 9)
+        deadline = time.monotonic() + 60
+        while (now := json.loads(connection.read_text())["children"]["worker0"]) == launcher:
+            assert time.monotonic() < deadline and up.poll() is None, "".join(lines)
+            time.sleep(0.1)
+        for pid in workers:  # gone (or a zombie not reaped yet) before the new launcher was started
+            with contextlib.suppress(FileNotFoundError):
+                assert Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z", pid
+        assert now != launcher and any("worker0 exited with code -9; starting it again" in line for line in lines)
+    finally:
+        up.send_signal(2)
+        code = up.wait(timeout=90)
+    assert code == 0, "".join(lines)
