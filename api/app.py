@@ -22,7 +22,7 @@ from fastapi.staticfiles import StaticFiles
 
 from reconq.api.audit import AuditLog
 from reconq.api.auth import StaffAuth, check_auth_settings, load_secret
-from reconq.api.deps import ViewerDep
+from reconq.api.deps import PatientNames, ViewerDep
 from reconq.api.middleware import HttpSecurity
 from reconq.api.problems import add_error_handlers
 from reconq.api.routes import ROUTERS
@@ -105,6 +105,7 @@ def create_api(settings: Settings, jobs: JobStore, scans: ScanStore, actions: Ac
     secret = load_secret(settings.data_dir)
     app.state.auth = StaffAuth(settings, jobs.redis, secret)
     app.state.masker = Masker(secret)
+    app.state.patient_names = PatientNames(scans)  # for staff: read from the scans' headers, kept per scan
     app.state.audit = AuditLog(settings.data_dir, jobs.redis)
     add_error_handlers(app)
     for router in ROUTERS:

@@ -247,17 +247,8 @@ class PatientNames:
         return str(getattr(subject, "patientName", None) or ""), True
 
 
-_PATIENT_NAMES_LOCK = threading.Lock()
-
-
-def get_patient_names(request: Request, scans: ScanStoreDep) -> PatientNames:
-    """The app's :class:`PatientNames`, made on first use (it only caches what the scans' files say)."""
-    state = request.app.state
-    with _PATIENT_NAMES_LOCK:
-        names = getattr(state, "patient_names", None)
-        if names is None:
-            names = state.patient_names = PatientNames(scans)
-    return names
+def get_patient_names(request: Request) -> PatientNames:
+    return request.app.state.patient_names
 
 
 #: Patients' names for staff (read only where the view is unmasked).

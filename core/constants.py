@@ -43,6 +43,11 @@ DATA_ROOT_KEY = KEY_PREFIX + "dataroot"
 SCAN_INDEX = KEY_PREFIX + "scanidx:"
 #: Hash: scan id -> JSON ``{"digest", "completed_at"}`` of every scan in :data:`SCAN_INDEX`.
 SCANS_INDEXED = KEY_PREFIX + "scansindexed"
+#: String: the token of the one retention purge running over the data root (:mod:`reconq.scheduler.retention`).
+PURGE_LOCK = KEY_PREFIX + "purgelock"
+#: String ``reconq:scanguard:<scan_id>``: a purge of that scan, or a staff action making or queueing a job on
+#: it, holds its token while it runs (:func:`reconq.scheduler.retention.scan_guard`).
+SCAN_GUARD = KEY_PREFIX + "scanguard:"
 
 #: Celery task that runs one job; its only argument is the job id (never patient data).
 RUN_JOB_TASK = "reconq.run_job"

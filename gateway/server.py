@@ -318,7 +318,7 @@ class Gateway:
         wait = min(interval, PURGE_FIRST_S)
         while not self._stopping.wait(wait):
             wait = interval
-            if self.fatal or not retention_on(self.settings):
+            if self.fatal:
                 continue
             try:
                 run_purge(self.settings, self.jobs.redis, dry_run=False)

@@ -429,15 +429,6 @@ ORIENTATIONS: dict[str, tuple[tuple[float, float, float], ...]] = {
 }
 
 
-def _rotation(x_deg: float, y_deg: float) -> Any:
-    import numpy as np
-
-    a, b = np.radians(x_deg), np.radians(y_deg)
-    rx = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
-    ry = np.array([[np.cos(b), 0, np.sin(b)], [0, 1, 0], [-np.sin(b), 0, np.cos(b)]])
-    return ry @ rx
-
-
 def cmd_simulate(settings: Settings, args: argparse.Namespace) -> int:
     """A synthetic raw MRD scan of a head phantom, with a full identity, to send to the gateway."""
     import time
@@ -478,7 +469,11 @@ def cmd_simulate(settings: Settings, args: argparse.Namespace) -> int:
                                seed=args.seed, **identity)
         else:
             read, phase, slc = ORIENTATIONS.get(args.orientation, ORIENTATIONS["axial"])
-            rotation = _rotation(20.0, 15.0) if args.orientation == "oblique" else None
+            rotation = None
+            if args.orientation == "oblique":  # the slice normal tilted about x, then y
+                from scipy.spatial.transform import Rotation
+
+                rotation = Rotation.from_euler("xy", [20.0, 15.0], degrees=True).as_matrix()
             scan = synthetic_scan(matrix=(n, n), ncoil=args.coils, nslices=args.slices,
                                   fov_mm=(args.fov, args.fov, 5.0), read_dir=read, phase_dir=phase, slice_dir=slc,
                                   rotation=rotation,

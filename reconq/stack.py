@@ -149,15 +149,6 @@ class Stack:
                 raise RuntimeError(f"{', '.join(sorted(pending))} not ready after {timeout:g} s")
             time.sleep(0.1)
 
-    def wait(self) -> int:
-        """Block until a child exits (or Ctrl-C); returns its exit code."""
-        while True:
-            for name, proc in self.procs.items():
-                if proc.poll() is not None:
-                    log.error("%s exited with code %d; stopping the stack", name, proc.returncode)
-                    return proc.returncode or 1
-            time.sleep(0.5)
-
     def supervise(self, on_restart: Callable[[], None] | None = None, poll_s: float = 0.5) -> int:
         """Keep the stack up until Ctrl-C: a child that dies is started again after a back-off, each child on
         its own, so the gateway goes on taking scans while the API or a worker restarts (and the other way

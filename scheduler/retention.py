@@ -43,7 +43,15 @@ from typing import Any
 
 import redis
 
-from reconq.core.constants import JOB_KEY, KEY_PREFIX, REFERENCE_PROTOCOL, REFERENCE_SCAN, SCAN_INDEX, SCANS_INDEXED
+from reconq.core.constants import (
+    EXAM_INDEX,
+    JOB_KEY,
+    PURGE_LOCK,
+    REFERENCE_PROTOCOL,
+    REFERENCE_SCAN,
+    SCAN_GUARD,
+    SCANS_INDEXED,
+)
 from reconq.core.dataroot import DataRootError, check_data_root
 from reconq.core.jobs import JobStore, exam_key
 from reconq.core.scripts import load_script
@@ -56,7 +64,6 @@ log = logging.getLogger(__name__)
 
 DAY_S = 86400.0
 #: String: the token of the process purging now (SET NX PX): one purge at a time over a shared data root.
-PURGE_LOCK = KEY_PREFIX + "purgelock"
 #: How long the lock lasts unless its holder renews it (it does, as it goes): a holder that dies frees it.
 PURGE_LOCK_TTL_S = 600.0
 _RENEW_EVERY_S = 30.0
@@ -410,10 +417,9 @@ class _Applying:
                 else:
                     {Kind.RESULTS: self._results, Kind.RAW: self._raw}[kind](what)
             except (OSError, ScanBusy) as e:  # a file that cannot be deleted, a busy scan: the next round tries
-                label = (f"scan folder {what}" if kind is None else f"job records {', '.join(i.id for i in what)}"
-                         if kind is Kind.JOB else f"{kind.value} {what.id}")
+                ids = [what] if kind is None else [i.id for i in what[1]] if kind is Kind.JOB else [what.id]
+                label = f"scan folder {what}" if kind is None else f"{(kind or Kind.RAW).value} {', '.join(ids)}"
                 log.warning("retention: %s not deleted: %s", label, e)
-                ids = [what] if kind is None else [i.id for i in what] if kind is Kind.JOB else [what.id]
                 self.report.kept += [Kept(kind or Kind.RAW, i, f"not deleted: {e}") for i in ids]
         self.scans.sweep_removed()
         self._unindex_purged()
@@ -424,7 +430,7 @@ class _Applying:
         index that read their records just before they were marked may have put them back)."""
         purged = {r.scan_id for r in self.records if r.raw_purged_at is not None}
         for scan_id in purged & set(self.jobs.redis.hkeys(SCANS_INDEXED)):
-            _unindex(self.jobs.redis, scan_id)
+            scanindex.forget(self.jobs.redis, scan_id)
 
     def _keep(self, item: PurgeItem, why: str) -> None:
         log.info("retention: %s %s kept: %s", item.kind.value, item.id, why)
@@ -469,7 +475,7 @@ class _Applying:
         record.error = f"{record.error}; " if record.error else ""
         record.error += f"raw data deleted by retention on {when}"
         self.scans.save(record)  # from here no retro-recon, index entry or reference takes the scan
-        _unindex(self.jobs.redis, item.id)
+        scanindex.forget(self.jobs.redis, item.id)
         # a retro-recon (or a retry) that took the scan before the record changed: its job is seen now
         why, _ended = _why_not_raw(before, _rows_of_scan(self.jobs, item.id), cutoff)
         if why:
@@ -496,29 +502,29 @@ class _Applying:
             log.info("retention: folder of scan %s kept: job %s has not ended", scan_id, active[0].id)
             return
         freed = self.scans.remove_scan(scan_id)
-        _unindex(self.jobs.redis, scan_id)
+        scanindex.forget(self.jobs.redis, scan_id)
         self.report.folders_removed.append(scan_id)
         log.info("retention: folder of scan %s removed (%s)", scan_id, _size(freed))
 
-    def _exams(self, items: list[PurgeItem]) -> list[list[PurgeItem]]:
-        """The job records due, by exam (patient, study, protocol; a record without a patient or study alone:
-        no retrieval matches it)."""
+    def _exams(self, items: list[PurgeItem]) -> list[tuple[str, list[PurgeItem]]]:
+        """The job records due, by exam: ``(its exam index key, its records)``; a record without a patient or
+        study goes alone, with key '' (no retrieval matches it)."""
         groups: dict[str, list[PurgeItem]] = {}
         for item in items:
             job = self.jobs.get(item.id)
             key = exam_key(job.patient_id, job.study_uid, job.protocol) if (
                 job is not None and job.patient_id and job.study_uid) else ""
             groups.setdefault(key or f"job {item.id}", []).append(item)
-        return list(groups.values())
+        return [(key if key.startswith(EXAM_INDEX) else "", group) for key, group in groups.items()]
 
-    def _exam_records(self, group: list[PurgeItem]) -> None:
+    def _exam_records(self, exam: tuple[str, list[PurgeItem]]) -> None:
         """One exam's job records: all of its records read again now, deleted oldest first (the exam's own
         order, as a retrieval ranks them), and none newer than one kept. Were a newer scan's records gone and
         an older scan's left, a retrieval would take the older acquisition for the exam's newest."""
-        job = self.jobs.get(group[0].id)
+        key, group = exam
         due = {item.id: item for item in group}
-        if job is not None and job.patient_id and job.study_uid:
-            members = self.jobs.redis.zrange(exam_key(job.patient_id, job.study_uid, job.protocol), 0, -1)
+        if key:
+            members = self.jobs.redis.zrange(key, 0, -1)
             members = [m for m in members if self.jobs.redis.exists(JOB_KEY + m)]
             if others := [m for m in members if m not in due]:
                 for item in group:
@@ -545,17 +551,6 @@ class _Applying:
         return True
 
 
-def _unindex(client: redis.Redis, scan_id: str) -> None:
-    """Take a scan out of the scan index (:mod:`reconq.scheduler.scanindex`): no reference is found there."""
-    raw = client.hget(SCANS_INDEXED, scan_id)
-    pipe = client.pipeline(transaction=True)
-    with contextlib.suppress(ValueError, KeyError, TypeError):
-        if raw is not None:
-            pipe.zrem(SCAN_INDEX + str(json.loads(raw)["digest"]), scan_id)
-    pipe.hdel(SCANS_INDEXED, scan_id)
-    pipe.execute()
-
-
 def _keep_days(plan: PurgePlan) -> dict[str, float]:
     return {"keep_raw_days": plan.keep_raw_days, "keep_results_days": plan.keep_results_days,
             "keep_jobs_days": plan.keep_jobs_days}
@@ -579,28 +574,30 @@ def planned(plan: PurgePlan) -> PurgeReport:
 
 # --- one purge at a time --------------------------------------------------------------------------------
 
-class PurgeLock:
-    """The lock one purge holds over a shared data root (``SET NX PX``; renewed as it goes, released after)."""
+class Lease:
+    """A lock in Redis (``SET NX PX`` with a token; renewed and released only by its holder, by
+    ``purge_lock.lua``): one purge over a shared data root, one purge-or-action on a scan."""
 
-    def __init__(self, client: redis.Redis, ttl_s: float = PURGE_LOCK_TTL_S) -> None:
-        self.client, self.ttl_ms = client, int(ttl_s * 1000)
+    def __init__(self, client: redis.Redis, key: str, ttl_s: float) -> None:
+        self.client, self.key, self.ttl_ms = client, key, int(ttl_s * 1000)
         self.token = secrets.token_hex(16)
         self._script = load_script(client, "reconq.scheduler", "purge_lock")
         self._renewed = 0.0
 
     def acquire(self) -> bool:
         self._renewed = time.monotonic()
-        return bool(self.client.set(PURGE_LOCK, self.token, nx=True, px=self.ttl_ms))
+        return bool(self.client.set(self.key, self.token, nx=True, px=self.ttl_ms))
 
     def renew(self) -> bool:
         """Keep the lock (at most every few seconds); False if it is no longer this holder's."""
         if time.monotonic() - self._renewed < _RENEW_EVERY_S:
             return True
         self._renewed = time.monotonic()
-        return bool(self._script(keys=[PURGE_LOCK], args=[self.token, self.ttl_ms]))
+        return bool(self._script(keys=[self.key], args=[self.token, self.ttl_ms]))
 
     def release(self) -> None:
-        self._script(keys=[PURGE_LOCK], args=[self.token, 0])
+        with contextlib.suppress(redis.RedisError):
+            self._script(keys=[self.key], args=[self.token, 0])
 
     @contextlib.contextmanager
     def held(self) -> Iterator[bool]:
@@ -611,14 +608,17 @@ class PurgeLock:
         try:
             yield True
         finally:
-            with contextlib.suppress(redis.RedisError):
-                self.release()
+            self.release()
 
 
-#: One scan's guard (``SET NX PX``): retention's "mark the scan purged, read its jobs, delete or put it back"
+def purge_lock(client: redis.Redis) -> Lease:
+    """The lock one purge holds over a shared data root, renewed as it goes."""
+    return Lease(client, PURGE_LOCK, PURGE_LOCK_TTL_S)
+
+
+#: How long a scan's guard lives: retention's "mark the scan purged, read its jobs, delete or put it back"
 #: and a staff action's "make or queue a job on it, read the scan" run one at a time per scan, so either the
 #: purge sees the job (and keeps the scan) or the action sees the purge (and fails its job, saying why).
-SCAN_GUARD = KEY_PREFIX + "scanguard:"
 SCAN_GUARD_TTL_S = 60.0
 
 
@@ -630,17 +630,16 @@ class ScanBusy(Exception):
 def scan_guard(client: redis.Redis, scan_id: str, wait_s: float = 30.0) -> Iterator[None]:
     """Hold ``scan_id``'s guard inside (waiting up to ``wait_s`` for another holder); :class:`ScanBusy`
     where it is not had in time."""
-    key, token = SCAN_GUARD + scan_id, secrets.token_hex(16)
+    lease = Lease(client, SCAN_GUARD + scan_id, SCAN_GUARD_TTL_S)
     deadline = time.monotonic() + wait_s
-    while not client.set(key, token, nx=True, px=int(SCAN_GUARD_TTL_S * 1000)):
+    while not lease.acquire():
         if time.monotonic() > deadline:
             raise ScanBusy(f"scan {scan_id} is busy (a purge or another action holds it); try again")
         time.sleep(0.05)
     try:
         yield
     finally:
-        with contextlib.suppress(redis.RedisError):
-            load_script(client, "reconq.scheduler", "purge_lock")(keys=[key], args=[token, 0])
+        lease.release()
 
 
 # --- the entry point ------------------------------------------------------------------------------------
@@ -662,7 +661,7 @@ def run_purge(settings: Settings, client: redis.Redis, *, dry_run: bool, now: fl
     if dry_run:
         report = planned(plan_purge(settings, scans, jobs, now))
     else:
-        lock = PurgeLock(client)
+        lock = purge_lock(client)
         with lock.held() as mine:
             if not mine:
                 report = PurgeReport(False, now, keep, skipped="another purge is running (it holds the purge lock)")

@@ -80,6 +80,14 @@ def record_scan(client: redis.Redis, record: ScanRecord) -> bool:
     return True
 
 
+def forget(client: redis.Redis, scan_id: str) -> None:
+    """Take a scan out of the index (its raw data purged, its folder gone): no job finds it as a reference.
+    Raises redis.RedisError."""
+    pipe = client.pipeline(transaction=True)
+    _remove(pipe, scan_id, _digest_of(client.hget(SCANS_INDEXED, scan_id)))
+    pipe.execute()
+
+
 def newest(client: redis.Redis, patient_id: str, study_uid: str, protocol: str,
            exclude: str | None = None) -> Indexed | None:
     """The scan of this patient, study and protocol that completed last (not ``exclude``: the job's own scan);

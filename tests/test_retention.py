@@ -512,3 +512,39 @@ def test_records_without_a_patient_or_study_go_alone(settings, scans, store, cli
     add_job(store, scans, recent, ended_days_ago=1)
     run_purge(keep(settings, raw=7, results=7, jobs=7), client, dry_run=False)
     assert store.get(old_job.id) is None and scans.raw_path("S-qa-new").exists()
+
+
+def test_a_purge_and_a_retro_recon_each_wait_for_the_scans_guard(settings, scans, store, client):
+    """The guard orders them: while it is held, neither a purge's raw-data step nor a retro-recon's new job
+    goes ahead; each does once it is released."""
+    import threading
+
+    from reconq.core.celeryapp import make_celery
+    from reconq.core.constants import Queue
+    from reconq.core.sender import TaskSender
+    from reconq.recon.registry import pipeline_names
+    from reconq.scheduler.actions import Actions
+    from reconq.scheduler.retention import scan_guard
+
+    purged = add_scan(scans, client, "S-guard1")
+    add_job(store, scans, purged, ended_days_ago=10)
+    with scan_guard(client, "S-guard1"):
+        purge = threading.Thread(target=run_purge, args=(keep(settings, raw=7), client), kwargs={"dry_run": False})
+        purge.start()
+        purge.join(0.5)
+        assert purge.is_alive() and scans.raw_path("S-guard1").exists()  # it waits for the guard
+    purge.join(30)
+    assert not purge.is_alive() and not scans.raw_path("S-guard1").exists()
+
+    kept = add_scan(scans, client, "S-guard2")
+    add_job(store, scans, kept, ended_days_ago=1)
+    actions = Actions(store, TaskSender(make_celery(settings)), scans, pipeline_names())
+    made: list = []
+    with scan_guard(client, "S-guard2"):
+        retro = threading.Thread(target=lambda: made.extend(actions.retro_recon_many(
+            ["S-guard2"], "cartesian", None, Queue.BULK, who="test")))
+        retro.start()
+        retro.join(0.5)
+        assert retro.is_alive() and store.jobs_for_scan("S-guard2") == ["S-guard2-j1"]  # no job made yet
+    retro.join(30)
+    assert [j.id for j in made] == ["S-guard2-j2"] and store.get("S-guard2-j2").state is JobState.QUEUED
